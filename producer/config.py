@@ -1,0 +1,181 @@
+"""depthq's settings: one YAML file, overridden by DEPTHQ_<SECTION>_<KEY> env vars, then by CLI flags.
+
+Both the producer and the worker read their settings through `load_config`, so a key means the same
+thing on every host. Settings are read once at start-up; nothing re-reads them in the middle of a job.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "DEPTHQ_"
+CONFIG_ENV = "DEPTHQ_CONFIG"
+DEFAULT_CONFIG_NAME = "config.yaml"
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names the key and what it accepts."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos more often than not: refuse them instead of silently ignoring them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RedisConfig(_Section):
+    url: str | None = None
+    data_dir: Path = Path(".depthq/redis")
+    server_bin: Path | None = None
+    startup_timeout_s: float = Field(10.0, gt=0)
+
+
+class QueueConfig(_Section):
+    name: str = Field("depthq", min_length=1)
+    job_timeout_s: int = Field(600, gt=0)
+    result_ttl_s: int = Field(86400, ge=0)
+    failure_ttl_s: int = Field(7 * 86400, ge=0)
+
+
+class ProducerConfig(_Section):
+    watch: Path = Path("inbox")
+    polling: bool = False
+    poll_interval_s: float = Field(2.0, gt=0)
+    settle_ms: int = Field(1000, ge=0)
+    rescan_s: float = Field(300.0, gt=0)
+    extensions: list[str] = Field(
+        default_factory=lambda: ["jpg", "jpeg", "png", "heic", "heif", "tif", "tiff", "webp"], min_length=1
+    )
+    ignore: list[str] = Field(
+        default_factory=lambda: [".*", "._*", "~*", "*.part", "*.crdownload", "*.tmp", ".DS_Store"]
+    )
+
+
+class WorkerConfig(_Section):
+    backend: Literal["torch"] = "torch"
+    retries: int = Field(3, ge=0)
+    retry_backoff_s: list[int] = Field(default_factory=lambda: [10, 60, 300], min_length=1)
+    warmup: bool = True
+    max_image_pixels: int = Field(100_000_000, gt=0)
+    dequeue_timeout_s: int = Field(5, gt=0)
+
+
+class ModelConfig(_Section):
+    path: str = Field("apple/DepthPro-hf", min_length=1)
+    cache_dir: Path = Path("models")
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    dtype: Literal["auto", "float32", "float16"] = "auto"
+    offline: bool = False
+
+
+class OutputConfig(_Section):
+    dir: Path = Path("depth-out")
+    formats: list[Literal["tiff", "png16"]] = Field(default_factory=list)
+
+
+class UpConfig(_Section):
+    workers: int = Field(1, ge=1)
+
+
+class Config(_Section):
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    producer: ProducerConfig = Field(default_factory=ProducerConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    up: UpConfig = Field(default_factory=UpConfig)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Map DEPTHQ_<SECTION>_<KEY> to nested keys; values are YAML so lists and booleans work."""
+    out: dict[str, dict[str, Any]] = {}
+    sections = Config.model_fields
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        section = next((s for s in sections if rest.startswith(s + "_")), None)
+        if section is None:
+            raise ConfigError(
+                f"environment variable {name}: no config section matches; expected "
+                f"DEPTHQ_<SECTION>_<KEY> with SECTION one of {', '.join(s.upper() for s in sections)}"
+            )
+        key = rest[len(section) + 1 :]
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"environment variable {name}: not a valid value: {exc}") from exc
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(errors: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in errors.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against config.yaml)"
+        got = err.get("input")
+        shown = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f"; got {got!r}"
+        lines.append(f"  {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """The file named on the command line, else $DEPTHQ_CONFIG, else ./config.yaml if present."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing file to --config")
+        return path
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        path = Path(env)
+        if not path.is_file():
+            raise ConfigError(f"{CONFIG_ENV}={env} does not exist; point it at a config.yaml or unset it")
+        return path
+    local = Path(DEFAULT_CONFIG_NAME)
+    return local if local.is_file() else None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """File, then env vars, then `overrides` (CLI flags, as {section: {key: value}}), validated together."""
+    file = find_config_file(path)
+    data: dict[str, Any] = {}
+    if file is not None:
+        try:
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {file} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {file} must hold sections (redis:, producer:, ...) at top level")
+        data = loaded or {}
+    data = _merge(data, _env_overrides(os.environ if environ is None else environ))
+    if overrides:
+        data = _merge(data, {s: {k: v for k, v in kv.items() if v is not None} for s, kv in overrides.items()})
+    source = f"{file}" if file else "defaults"
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source + " + DEPTHQ_* env vars + flags")) from None

@@ -1,0 +1,144 @@
+"""The job contract between producer and worker: payload, job id, queue, and output file names.
+
+Both sides import this module, so the names a producer checks for ("is this photo done?") are the
+names a worker writes. Keep it free of numpy and friends: the producer imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from redis import Redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from producer.config import Config
+
+# The only function a depthq worker will run. Jobs naming anything else are refused unrun.
+JOB_FUNCTION = "worker.job.process"
+PAYLOAD_VERSION = 1
+SERIALIZER = JSONSerializer
+
+# Files every job writes; `output.formats` adds to these.
+BASE_OUTPUTS = ("npy", "preview", "json")
+OUTPUT_SUFFIXES = {
+    "npy": ".depth.npy",
+    "preview": ".preview.png",
+    "json": ".json",
+    "tiff": ".depth.tiff",
+    "png16": ".depth.png",
+}
+ERROR_SUFFIX = ".error.json"
+
+
+class PayloadError(ValueError):
+    """A job payload that does not follow the contract (hand-made, stale, or hostile)."""
+
+
+def safe_relative(source: str) -> PurePosixPath:
+    """Refuse absolute paths and `..`, so a payload can never point outside a root."""
+    if not isinstance(source, str) or not source or "\x00" in source or "\\" in source:
+        raise PayloadError(f"source {source!r} is not a relative POSIX path")
+    rel = PurePosixPath(source)
+    if rel.is_absolute() or any(part in ("..", "") for part in rel.parts) or rel.parts[0] == ".":
+        raise PayloadError(f"source {source!r} must be a plain relative path inside the watch root")
+    return rel
+
+
+@dataclass(frozen=True)
+class JobPayload:
+    """What a job carries. `source` is relative to the watch root; sizes in bytes, mtime in epoch seconds."""
+
+    source: str
+    size: int
+    mtime: float
+    sha256: str
+    model: str
+    outputs: list[str] = field(default_factory=lambda: list(BASE_OUTPUTS))
+    # Set when this photo is a byte-identical copy of one whose depth is already in the store:
+    # the worker copies that result instead of running the model again.
+    same_as: str | None = None
+    v: int = PAYLOAD_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> JobPayload:
+        if not isinstance(data, dict):
+            raise PayloadError(f"job payload must be a JSON object, got {type(data).__name__}")
+        if data.get("v") != PAYLOAD_VERSION:
+            raise PayloadError(
+                f"job payload version {data.get('v')!r} is not {PAYLOAD_VERSION}; "
+                "upgrade the worker or re-enqueue with this producer"
+            )
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise PayloadError(f"job payload has unknown fields {sorted(unknown)}")
+        try:
+            payload = cls(**data)
+        except TypeError as exc:
+            raise PayloadError(f"job payload is incomplete: {exc}") from None
+        safe_relative(payload.source)
+        if payload.same_as is not None:
+            safe_relative(payload.same_as)
+        bad = [o for o in payload.outputs if o not in OUTPUT_SUFFIXES]
+        if bad:
+            raise PayloadError(f"job payload asks for unknown outputs {bad}; known: {sorted(OUTPUT_SUFFIXES)}")
+        return payload
+
+
+def job_id(sha256: str, model: str) -> str:
+    """Same photo content + same model = same job, so copies, repeated events and restarts dedupe."""
+    model_tag = hashlib.sha256(model.encode("utf-8")).hexdigest()[:8]
+    return f"{sha256[:32]}-{model_tag}"
+
+
+def aliases_key(queue_name: str, jid: str) -> str:
+    """Set of other sources with the same content that arrived while `jid` was pending."""
+    return f"depthq:{queue_name}:aliases:{jid}"
+
+
+def done_key(queue_name: str, jid: str) -> str:
+    """Set by the worker when `jid`'s outputs are in the store; holds the source they were written for."""
+    return f"depthq:{queue_name}:done:{jid}"
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def requested_outputs(config: Config) -> list[str]:
+    return [*BASE_OUTPUTS, *(f for f in config.output.formats if f not in BASE_OUTPUTS)]
+
+
+def output_path(output_root: Path, source: str, kind: str) -> Path:
+    """`<output>/<rel dir>/<full input name><suffix>`: IMG_1.HEIC gives IMG_1.HEIC.json."""
+    rel = safe_relative(source)
+    suffix = ERROR_SUFFIX if kind == "error" else OUTPUT_SUFFIXES[kind]
+    return output_root.joinpath(*rel.parts[:-1], rel.name + suffix)
+
+
+def is_finished(output_root: Path, source: str, source_mtime: float) -> bool:
+    """Done, successfully or with a recorded error, and not older than the photo it describes."""
+    for kind in ("json", "error"):
+        try:
+            if output_path(output_root, source, kind).stat().st_mtime >= source_mtime:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def make_queue(connection: Redis, config: Config) -> Queue:
+    return Queue(
+        config.queue.name,
+        connection=connection,
+        serializer=SERIALIZER,
+        default_timeout=config.queue.job_timeout_s,
+    )

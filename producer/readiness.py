@@ -1,0 +1,105 @@
+"""Which files count as photos, and when a photo is completely written.
+
+macOS (FSEvents) and polling give no close event, so a file is ready once its size and mtime have
+not changed for `producer.settle_ms`. A close-after-write (inotify) or a rename into place says
+the writer is done, so those are ready at once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+
+
+class Eligibility:
+    """Photo extensions in, hidden and temporary files out, judged on every path component."""
+
+    def __init__(self, extensions: list[str], ignore: list[str]):
+        self.extensions = {e.lower().lstrip(".") for e in extensions}
+        self.ignore = list(ignore)
+
+    def ignored(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pat) for pat in self.ignore)
+
+    def __call__(self, rel: PurePath) -> bool:
+        if not rel.parts or any(self.ignored(part) for part in rel.parts):
+            return False
+        return rel.suffix.lower().lstrip(".") in self.extensions
+
+    def scan(self, root: Path) -> Iterator[Path]:
+        """Every eligible regular file under root, skipping ignored folders without descending."""
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not self.ignored(d))
+            for name in sorted(filenames):
+                path = Path(dirpath, name)
+                if self(path.relative_to(root)) and path.is_file():
+                    yield path
+
+
+@dataclass
+class _Pending:
+    size: int
+    mtime_ns: int
+    stable_since: float
+
+
+class SettleTracker:
+    """Files seen changing, released once they have stopped changing for `settle_s`."""
+
+    def __init__(self, settle_s: float, clock=time.monotonic):
+        self.settle_s = settle_s
+        self.clock = clock
+        self._pending: dict[Path, _Pending] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def saw_change(self, path: Path) -> None:
+        try:
+            st = path.stat()
+        except OSError:
+            self.forget(path)
+            return
+        with self._lock:
+            prev = self._pending.get(path)
+            if prev is None or (prev.size, prev.mtime_ns) != (st.st_size, st.st_mtime_ns):
+                self._pending[path] = _Pending(st.st_size, st.st_mtime_ns, self.clock())
+
+    def forget(self, path: Path) -> None:
+        with self._lock:
+            self._pending.pop(path, None)
+
+    def next_due_in(self) -> float | None:
+        """Seconds until the earliest pending file could be ready, for the poll loop's sleep."""
+        with self._lock:
+            if not self._pending:
+                return None
+            earliest = min(p.stable_since for p in self._pending.values())
+        return max(0.0, earliest + self.settle_s - self.clock())
+
+    def pop_ready(self) -> list[Path]:
+        """Re-stat pending files; return (and forget) those unchanged for the whole settle window."""
+        now = self.clock()
+        ready: list[Path] = []
+        with self._lock:
+            items = list(self._pending.items())
+        for path, pend in items:
+            try:
+                st = path.stat()
+            except OSError:
+                self.forget(path)  # deleted or renamed away before it settled
+                continue
+            with self._lock:
+                if (st.st_size, st.st_mtime_ns) != (pend.size, pend.mtime_ns):
+                    self._pending[path] = _Pending(st.st_size, st.st_mtime_ns, now)
+                elif now - pend.stable_since >= self.settle_s:
+                    self._pending.pop(path, None)
+                    ready.append(path)
+        return ready

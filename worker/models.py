@@ -1,0 +1,52 @@
+"""Where model weights come from: a local folder, or a hub repo fetched once into `model.cache_dir`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from producer.config import ModelConfig
+from worker.errors import ModelUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+def local_dir_for(repo_id: str, cache_dir: Path) -> Path:
+    """models/apple__DepthPro-hf: a plain folder people can see, copy to another host, or delete."""
+    return cache_dir / repo_id.replace("/", "__")
+
+
+def resolve_model_dir(model: ModelConfig) -> Path:
+    """A folder with the weights. Downloads (with a progress bar) only if not already present."""
+    as_path = Path(model.path).expanduser()
+    if as_path.is_dir():
+        return as_path
+    if as_path.is_absolute() or model.path.startswith((".", "~")) or model.path.count("/") != 1:
+        raise ModelUnavailableError(
+            f"model.path: {model.path} is neither a local folder nor a hub id like apple/DepthPro-hf"
+        )
+    target = local_dir_for(model.path, model.cache_dir)
+    if (target / "config.json").is_file():
+        return target
+    fetch_hint = (
+        f"on a machine with internet, run `hf download {model.path} --local-dir {target}` "
+        f"and copy {target} here, or set model.path to a local folder that holds the model"
+    )
+    if model.offline:
+        raise ModelUnavailableError(
+            f"model.path: {model.path} is not in {target} and model.offline is on; {fetch_hint}"
+        )
+    from huggingface_hub import snapshot_download
+
+    log.info("downloading %s into %s", model.path, target)
+    try:
+        snapshot_download(
+            repo_id=model.path,
+            local_dir=target,
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.md"],
+        )
+    except Exception as exc:
+        raise ModelUnavailableError(
+            f"model.path: could not fetch {model.path} into {target} ({type(exc).__name__}: {exc}); {fetch_hint}"
+        ) from None
+    return target

@@ -1,0 +1,170 @@
+"""The depthq worker: an rq SimpleWorker (no fork per job) that loads its backend once, warms it up, then serves.
+
+rq's forking worker crashes on macOS once Objective-C or Core ML is loaded, and a fork per job would
+reload the model anyway. So jobs run in this process, and nothing forks after the model is loaded:
+even rq's scheduler (for retry back-off) runs here as a thread instead of its usual forked process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import SimpleWorker
+from rq.job import Job
+from rq.scheduler import RQScheduler
+
+from producer.config import Config, ConfigError, load_config
+from producer.connection import connect, redact, resolve_url
+from producer.contract import JOB_FUNCTION, SERIALIZER, make_queue
+from producer.logs import configure_logging
+from worker import job as job_module
+from worker.backends import Backend, create_backend
+from worker.errors import ExpectedError, ModelUnavailableError, RefusedJobError
+from worker.store import OutputStore
+
+log = logging.getLogger(__name__)
+
+
+class DepthJob(Job):
+    """Refuses, unrun, any job that names a function other than depthq's."""
+
+    def perform(self) -> Any:
+        if self.func_name != JOB_FUNCTION:
+            raise RefusedJobError(f"job {self.id} names {self.func_name!r}; depthq workers run only {JOB_FUNCTION}")
+        return super().perform()
+
+
+def _no_retry_for_expected(job: Job, exc_type: type, exc_value: BaseException, tb: Any) -> bool:
+    """A bad photo stays bad: spend no retries on it (rq consults retries_left right after this)."""
+    if isinstance(exc_value, ExpectedError):
+        job.retries_left = 0
+    return True
+
+
+class DepthWorker(SimpleWorker):
+    job_class = DepthJob
+
+
+def short_hostname() -> str:
+    return socket.gethostname().split(".")[0] or "localhost"
+
+
+def worker_name(backend: str) -> str:
+    """<host>.<backend>.<pid>, so rq-dashboard shows which machine does what."""
+    return f"{short_hostname()}.{backend}.{os.getpid()}"
+
+
+class SchedulerThread(threading.Thread):
+    """rq's scheduler loop (it moves retries whose back-off has elapsed back to the queue), as a thread.
+
+    Every worker runs one; rq's per-queue lock lets only one of them act at a time.
+    """
+
+    def __init__(self, queue_name: str, connection: Redis, interval: int = 1):
+        super().__init__(name="rq-scheduler", daemon=True)
+        self.scheduler = RQScheduler([queue_name], connection=connection, interval=interval, serializer=SERIALIZER)
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        s = self.scheduler
+        while not self.stop_event.wait(s.interval):
+            try:
+                if s.should_reacquire_locks:
+                    s.acquire_locks()
+                if s.acquired_locks:
+                    s.heartbeat()
+                    s.enqueue_scheduled_jobs()
+            except RedisError as exc:
+                log.warning("scheduler: redis unavailable (%s); retrying", exc)
+        with contextlib.suppress(RedisError):
+            s.release_locks()
+
+
+def load_backend(config: Config) -> tuple[Backend, dict[str, float]]:
+    """Load, then one warm-up inference, so the first real job is not the slow one."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    backend = create_backend(config)
+    backend.load()
+    timings["load_s"] = time.perf_counter() - t0
+    if config.worker.warmup:
+        t1 = time.perf_counter()
+        backend.predict(np.zeros((backend.input_size, backend.input_size, 3), dtype=np.uint8))
+        timings["warmup_s"] = time.perf_counter() - t1
+    return backend, timings
+
+
+def build_worker(config: Config, connection: Redis, backend: Backend) -> DepthWorker:
+    name = worker_name(backend.name)
+    queue = make_queue(connection, config)
+    worker = DepthWorker(
+        [queue],
+        name=name,
+        connection=connection,
+        serializer=SERIALIZER,
+        exception_handlers=[_no_retry_for_expected],
+        default_result_ttl=config.queue.result_ttl_s,
+    )
+    job_module.install(
+        job_module.Runtime(
+            config=config,
+            backend=backend,
+            store=OutputStore(config.output.dir),
+            watch_root=Path(config.producer.watch),
+            host=short_hostname(),
+            worker_name=name,
+            connection=connection,
+        )
+    )
+    return worker
+
+
+def run(config: Config, burst: bool = False) -> int:
+    url = resolve_url(config)
+    connection = connect(url)
+    t0 = time.perf_counter()
+    backend, timings = load_backend(config)
+    worker = build_worker(config, connection, backend)
+    log.info(
+        "worker %s ready in %.2fs (load %.2fs, warm-up %.2fs), redis %s, queue %s",
+        worker.name,
+        time.perf_counter() - t0,
+        timings["load_s"],
+        timings.get("warmup_s", 0.0),
+        redact(url),
+        config.queue.name,
+    )
+    scheduler = SchedulerThread(config.queue.name, connection)
+    scheduler.start()
+    try:
+        worker.work(burst=burst, with_scheduler=False, logging_level=logging.getLogger().level)
+    finally:
+        scheduler.stop_event.set()
+        scheduler.join(timeout=5)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker", description="Run one depthq worker.")
+    parser.add_argument("--config", help="config file (default: $DEPTHQ_CONFIG or ./config.yaml)")
+    parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    parser.add_argument("--log-level", default=None)
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        config = load_config(args.config)
+        return run(config, burst=args.burst)
+    except (ConfigError, ModelUnavailableError) as exc:
+        log.error("%s", exc)
+        return 2
