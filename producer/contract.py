@@ -43,7 +43,8 @@ def safe_relative(source: str) -> PurePosixPath:
     if not isinstance(source, str) or not source or "\x00" in source or "\\" in source:
         raise PayloadError(f"source {source!r} is not a relative POSIX path")
     rel = PurePosixPath(source)
-    if rel.is_absolute() or any(part in ("..", "") for part in rel.parts) or rel.parts[0] == ".":
+    # Only the canonical spelling is accepted, so "a//b" or "./a" cannot alias another output.
+    if rel.is_absolute() or ".." in rel.parts or rel.as_posix() != source:
         raise PayloadError(f"source {source!r} must be a plain relative path inside the watch root")
     return rel
 

@@ -71,6 +71,10 @@ def load_image(data: bytes, name: str, max_pixels: int) -> LoadedImage:
         ) from None
     except Image.DecompressionBombError as exc:
         raise BadInputError(f"{name}: refused, {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise BadInputError(
+            f"{name}: the image header is damaged or incomplete ({exc}); copy the photo again"
+        ) from None
     with img:
         pixels = img.width * img.height
         # Checked on the header, before decoding, so a tiny file claiming 50k x 50k costs nothing.

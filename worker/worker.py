@@ -45,15 +45,17 @@ class DepthJob(Job):
         return super().perform()
 
 
-def _no_retry_for_expected(job: Job, exc_type: type, exc_value: BaseException, tb: Any) -> bool:
-    """A bad photo stays bad: spend no retries on it (rq consults retries_left right after this)."""
-    if isinstance(exc_value, ExpectedError):
-        job.retries_left = 0
-    return True
-
-
 class DepthWorker(SimpleWorker):
     job_class = DepthJob
+
+    def handle_exception(self, job: Job, *exc_info: Any) -> None:
+        """A bad photo stays bad: one log line, no retries (rq reads retries_left right after this)."""
+        exc = exc_info[1]
+        if isinstance(exc, ExpectedError):
+            job.retries_left = 0
+            self.log.warning("job %s refused: %s", job.id, exc)
+            return
+        super().handle_exception(job, *exc_info)
 
 
 def short_hostname() -> str:
@@ -113,7 +115,6 @@ def build_worker(config: Config, connection: Redis, backend: Backend) -> DepthWo
         name=name,
         connection=connection,
         serializer=SERIALIZER,
-        exception_handlers=[_no_retry_for_expected],
         default_result_ttl=config.queue.result_ttl_s,
     )
     job_module.install(

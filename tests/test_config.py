@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from producer.config import Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_config_yaml_is_valid_and_matches_the_defaults() -> None:
+    assert load_config(ROOT / "config.yaml", environ={}) == Config()
+
+
+def test_every_key_in_config_yaml_has_a_comment() -> None:
+    lines = (ROOT / "config.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("  ") and ":" in line and not line.strip().startswith("#"):
+            assert lines[i - 1].strip().startswith("#"), f"config.yaml key without a comment: {line.strip()}"
+
+
+def test_env_overrides_file_and_flags_override_env(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("producer:\n  settle_ms: 100\n  watch: from-file\n")
+    env = {"DEPTHQ_PRODUCER_SETTLE_MS": "250", "DEPTHQ_PRODUCER_WATCH": "from-env", "DEPTHQ_OUTPUT_FORMATS": "[tiff]"}
+    cfg = load_config(cfg_file, overrides={"producer": {"watch": "from-flag"}}, environ=env)
+    assert cfg.producer.settle_ms == 250
+    assert cfg.producer.watch == Path("from-flag")
+    assert cfg.output.formats == ["tiff"]
+
+
+def test_redis_url_from_env() -> None:
+    assert load_config(environ={"DEPTHQ_REDIS_URL": "redis://h:1/0"}).redis.url == "redis://h:1/0"
+
+
+def test_bad_value_names_key_and_allowed_values(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model:\n  device: gpu\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg_file, environ={})
+    msg = str(err.value)
+    assert "model.device" in msg
+    for allowed in ("auto", "cuda", "mps", "cpu"):
+        assert allowed in msg
+    assert "'gpu'" in msg
+
+
+def test_unknown_key_is_refused_by_name(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("producer:\n  setle_ms: 5\n")
+    with pytest.raises(ConfigError, match=r"producer\.setle_ms: unknown key"):
+        load_config(cfg_file, environ={})
+
+
+def test_unknown_env_section_is_refused() -> None:
+    with pytest.raises(ConfigError, match="DEPTHQ_WATCHER_PATH"):
+        load_config(environ={"DEPTHQ_WATCHER_PATH": "x"})
+
+
+def test_negative_number_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"producer\.settle_ms"):
+        load_config(environ={"DEPTHQ_PRODUCER_SETTLE_MS": "-5"})
+
+
+def test_missing_explicit_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.yaml"):
+        load_config(tmp_path / "nope.yaml", environ={})

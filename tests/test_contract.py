@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from producer.contract import JobPayload, PayloadError, is_finished, job_id, output_path, safe_relative
+
+
+@pytest.mark.parametrize("bad", ["../x.jpg", "/etc/passwd", "a/../../x.jpg", "", "./x.jpg", "a//b.jpg", "a\\b.jpg"])
+def test_sources_outside_the_root_are_refused(bad: str) -> None:
+    with pytest.raises(PayloadError):
+        safe_relative(bad)
+
+
+def test_output_names_keep_the_full_input_name(tmp_path: Path) -> None:
+    assert output_path(tmp_path, "trip/IMG_1.HEIC", "json") == tmp_path / "trip" / "IMG_1.HEIC.json"
+    assert output_path(tmp_path, "IMG_1.HEIC", "npy") == tmp_path / "IMG_1.HEIC.depth.npy"
+    assert output_path(tmp_path, "IMG_1.HEIC", "preview") == tmp_path / "IMG_1.HEIC.preview.png"
+    assert output_path(tmp_path, "IMG_1.HEIC", "error") == tmp_path / "IMG_1.HEIC.error.json"
+
+
+def test_job_id_depends_on_content_and_model_only() -> None:
+    sha = "ab" * 32
+    assert job_id(sha, "m1") == job_id(sha, "m1")
+    assert job_id(sha, "m1") != job_id(sha, "m2")
+    assert job_id(sha, "m1") != job_id("cd" * 32, "m1")
+
+
+def test_payload_round_trip_and_validation() -> None:
+    p = JobPayload(source="a/b.jpg", size=3, mtime=1.5, sha256="00", model="m")
+    assert JobPayload.from_dict(p.to_dict()) == p
+    with pytest.raises(PayloadError, match="version"):
+        JobPayload.from_dict({**p.to_dict(), "v": 99})
+    with pytest.raises(PayloadError, match="unknown fields"):
+        JobPayload.from_dict({**p.to_dict(), "cmd": "rm -rf"})
+    with pytest.raises(PayloadError):
+        JobPayload.from_dict({**p.to_dict(), "source": "../../etc/x.jpg"})
+    with pytest.raises(PayloadError, match="outputs"):
+        JobPayload.from_dict({**p.to_dict(), "outputs": ["exe"]})
+    with pytest.raises(PayloadError):
+        JobPayload.from_dict(["not", "a", "dict"])
+
+
+def test_is_finished_needs_an_output_newer_than_the_photo(tmp_path: Path) -> None:
+    assert not is_finished(tmp_path, "a.jpg", 100.0)
+    out = output_path(tmp_path, "a.jpg", "error")
+    out.write_text("{}")
+    st = out.stat().st_mtime
+    assert is_finished(tmp_path, "a.jpg", st - 1)
+    assert not is_finished(tmp_path, "a.jpg", st + 10)

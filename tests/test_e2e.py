@@ -1,0 +1,220 @@
+"""`depthq up` as a user runs it: a real subprocess with its own redis-server, photos dropped into the folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import unicodedata
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pillow_heif
+import pytest
+import yaml
+from PIL import Image
+from redis import Redis
+from rq import Worker
+
+from tests.photos import write_jpeg
+
+pillow_heif.register_heif_opener()  # to write the HEIC test photo
+
+INVERSE_DEPTH = 0.25
+FOV_DEG = 60.0
+DEADLINE_S = 60.0
+
+
+def expected_depth(width: int, height: int, focal_35mm: float | None = None) -> float:
+    if focal_35mm:
+        f_px = focal_35mm * math.hypot(width, height) / math.hypot(36, 24)
+    else:
+        f_px = 0.5 * width / math.tan(math.radians(FOV_DEG / 2))
+    return f_px / (INVERSE_DEPTH * width)
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:
+    """Poll until true; the deadline only bounds a failure, it is not a timing assertion."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class Service:
+    proc: subprocess.Popen[bytes]
+    root: Path
+    inbox: Path
+    out: Path
+    log: Path
+    redis: Redis
+
+    def sidecar(self, rel: str) -> dict:
+        path = self.out / (rel + ".json")
+        wait_for(path.exists, f"{path} (log: {self.log})")
+        return json.loads(path.read_text())
+
+    def depth(self, rel: str) -> np.ndarray:
+        self.sidecar(rel)  # written last: once it is there, the whole set is
+        return np.load(self.out / (rel + ".depth.npy"))
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Service]:
+    root = tmp_path_factory.mktemp("up")
+    inbox, out = root / "inbox", root / "depth-out"
+    (root / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "redis": {"data_dir": str(root / "redis-data")},
+                "producer": {"settle_ms": 300, "rescan_s": 3600},
+                "model": {"path": str(tiny_model), "device": "cpu"},
+            }
+        )
+    )
+    inbox.mkdir()
+    write_jpeg(inbox / "before-start.jpg", width=50, height=40, seed=99)
+    log = root / "up.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPTHQ_")}
+    depthq = Path(sys.executable).with_name("depthq")
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [str(depthq), "up", "--watch", "inbox", "--output", "depth-out"],
+            cwd=root,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    url_file = root / "redis-data" / "redis.url"
+    wait_for(lambda: url_file.exists() or proc.poll() is not None, "the embedded redis")
+    assert proc.poll() is None, log.read_text()
+    redis = Redis.from_url(url_file.read_text().strip())
+    wait_for(lambda: len(Worker.all(connection=redis)) == 1, f"a registered worker (log: {log})")
+    yield Service(proc, root, inbox, out, log, redis)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_photo_present_before_start_is_processed(service: Service) -> None:
+    meta = service.sidecar("before-start.jpg")
+    np.testing.assert_allclose(service.depth("before-start.jpg"), expected_depth(50, 40), rtol=1e-5)
+    assert meta["focal_length_source"] == "model"
+
+
+def test_worker_name_shows_host_backend_and_pid(service: Service) -> None:
+    (worker,) = Worker.all(connection=service.redis)
+    host, backend, pid = worker.name.rsplit(".", 2)
+    assert backend == "torch" and pid.isdigit() and host
+
+
+def test_dropped_photos_of_every_kind(service: Service) -> None:
+    inbox = service.inbox
+    write_jpeg(inbox / "exif.jpg", width=90, height=60, focal_35mm=26, seed=1)
+    write_jpeg(inbox / "rotated.jpg", width=64, height=48, orientation=6, seed=2)
+    heic = Image.fromarray(np.full((40, 56, 3), 120, np.uint8))
+    heic.save(inbox / "IMG_1.HEIC", format="HEIF")
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (30, 40, 4), dtype=np.uint8), "RGBA").save(
+        inbox / "alpha.png"
+    )
+    Image.fromarray(np.random.default_rng(4).integers(0, 255, (30, 20), dtype=np.uint8), "L").save(inbox / "grey.png")
+    nested = inbox / "2026" / "trip" / "day 1"
+    nested.mkdir(parents=True)
+    write_jpeg(nested / "deep.jpg", width=40, height=40, seed=5)
+    odd_name = unicodedata.normalize("NFC", "my photo é ü 日本.jpg")
+    write_jpeg(inbox / odd_name, width=48, height=32, seed=6)
+
+    meta = service.sidecar("exif.jpg")
+    assert meta["focal_length_source"] == "exif"
+    np.testing.assert_allclose(service.depth("exif.jpg"), expected_depth(90, 60, 26), rtol=1e-5)
+
+    meta = service.sidecar("rotated.jpg")  # orientation 6: stored 64x48, seen upright as 48x64
+    assert (meta["width"], meta["height"]) == (48, 64)
+    assert service.depth("rotated.jpg").shape == (64, 48)
+    np.testing.assert_allclose(service.depth("rotated.jpg"), expected_depth(48, 64), rtol=1e-5)
+
+    assert service.sidecar("IMG_1.HEIC")["width"] == 56
+    assert (service.out / "IMG_1.HEIC.preview.png").exists()
+    assert service.depth("IMG_1.HEIC").shape == (40, 56)
+    assert service.depth("alpha.png").shape == (30, 40)
+    assert service.depth("grey.png").shape == (30, 20)
+    assert service.sidecar("2026/trip/day 1/deep.jpg")["source"] == "2026/trip/day 1/deep.jpg"
+    assert service.sidecar(odd_name)["source"] == odd_name
+
+
+def test_slow_writer_is_enqueued_once_after_it_finishes(service: Service, tmp_path: Path) -> None:
+    data = write_jpeg(tmp_path / "slow.jpg", width=120, height=90, seed=7).read_bytes()
+    target = service.inbox / "slow.jpg"
+    chunks = [data[i : i + len(data) // 10 + 1] for i in range(0, len(data), len(data) // 10 + 1)]
+    with target.open("wb") as f:  # like a network copy: one open file, growing for a while
+        for chunk in chunks:
+            f.write(chunk)
+            f.flush()
+            time.sleep(0.25)  # the writer's pace; the producer must wait it out
+    meta = service.sidecar("slow.jpg")
+    assert meta["sha256"] == hashlib.sha256(data).hexdigest()
+    assert not (service.out / "slow.jpg.error.json").exists()
+
+
+def test_part_file_renamed_into_place(service: Service) -> None:
+    part = write_jpeg(service.inbox / "download.jpg.part", width=30, height=30, seed=8)
+    time.sleep(0.5)  # a browser finishing its download
+    assert not (service.out / "download.jpg.part.json").exists()
+    part.rename(service.inbox / "download.jpg")
+    assert service.sidecar("download.jpg")["source"] == "download.jpg"
+    assert not (service.out / "download.jpg.part.json").exists()
+
+
+def test_duplicate_copy_is_computed_once(service: Service) -> None:
+    original = write_jpeg(service.inbox / "orig.jpg", width=33, height=22, seed=9)
+    shutil.copyfile(original, service.inbox / "orig copy.jpg")
+    a, b = service.sidecar("orig.jpg"), service.sidecar("orig copy.jpg")
+    assert a["job_id"] == b["job_id"] or b.get("copied_from") == "orig.jpg" or a.get("copied_from") == "orig copy.jpg"
+    jobs_for_content = [k for k in service.redis.keys("rq:job:*") if a["sha256"][:32].encode() in k]
+    assert len(jobs_for_content) == 1, jobs_for_content
+
+
+def test_corrupt_file_gets_an_error_and_the_worker_keeps_serving(service: Service) -> None:
+    (service.inbox / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    error_file = service.out / "corrupt.jpg.error.json"
+    wait_for(error_file.exists, "corrupt.jpg.error.json")
+    error = json.loads(error_file.read_text())
+    assert error["error"]["type"] == "bad_input" and "corrupt.jpg" in error["error"]["message"]
+    write_jpeg(service.inbox / "after-corrupt.jpg", seed=10)
+    assert service.sidecar("after-corrupt.jpg")["source"] == "after-corrupt.jpg"
+    assert service.proc.poll() is None
+
+
+def test_twenty_photos_drop_to_json(service: Service, record_property: Callable[[str, object], None]) -> None:
+    dropped: dict[str, float] = {}
+    for i in range(20):
+        name = f"batch/{i:02d}.jpg"
+        write_jpeg(service.inbox / name, width=64, height=48, seed=100 + i)
+        dropped[name] = time.time()
+    latencies = []
+    for name, t in dropped.items():
+        service.sidecar(name)
+        latencies.append((service.out / (name + ".json")).stat().st_mtime - t)
+    record_property("drop_to_json_s", {"max": max(latencies), "median": float(np.median(latencies))})
+    assert len(latencies) == 20
+
+
+def test_sigterm_stops_everything_cleanly(service: Service) -> None:
+    service.proc.send_signal(signal.SIGTERM)
+    assert service.proc.wait(timeout=60) == 0, service.log.read_text()
+    assert not (service.root / "redis-data" / "redis.url").exists()
+    log = service.log.read_text()
+    assert "warm shut down requested" in log
+    assert "Traceback" not in log, log
+    assert (service.root / "redis-data" / "appendonlydir").is_dir() or list((service.root / "redis-data").glob("*.aof"))

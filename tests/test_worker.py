@@ -1,0 +1,234 @@
+"""The worker in this process, on a real Redis, with a tiny DepthPro whose output has a closed form."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from redis import Redis
+from rq.job import Job, JobStatus
+
+from producer.config import Config
+from producer.contract import SERIALIZER, JobPayload, file_sha256, make_queue
+from producer.enqueue import Enqueuer
+from tests.photos import write_jpeg
+from worker.backends import Backend
+from worker.backends.base import Prediction
+from worker.worker import DepthWorker, build_worker, load_backend
+
+INVERSE_DEPTH = 0.25  # the tiny model's constant head (tests/conftest.py)
+FOV_DEG = 60.0
+
+
+def expected_depth(width: int, height: int, focal_35mm: float | None = None) -> float:
+    if focal_35mm:
+        f_px = focal_35mm * math.hypot(width, height) / math.hypot(36, 24)
+    else:
+        f_px = 0.5 * width / math.tan(math.radians(FOV_DEG / 2))
+    return f_px / (INVERSE_DEPTH * width)
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model: Path) -> Backend:
+    from producer.config import load_config
+
+    config = load_config(environ={}, overrides={"model": {"path": str(tiny_model), "device": "cpu"}})
+    loaded, timings = load_backend(config)
+    assert timings["load_s"] > 0 and "warmup_s" in timings
+    return loaded
+
+
+@pytest.fixture
+def config(make_config: Callable[..., Config]) -> Config:
+    return make_config(worker={"retry_backoff_s": [0]})
+
+
+@pytest.fixture
+def run_worker(config: Config, redis_client: Redis, backend: Backend) -> Iterator[Callable[[], DepthWorker]]:
+    def run() -> DepthWorker:
+        worker = build_worker(config, redis_client, backend)
+        worker.work(burst=True, with_scheduler=False)
+        return worker
+
+    yield run
+
+
+def _sidecar(config: Config, rel: str) -> dict:
+    return json.loads((config.output.dir / (rel + ".json")).read_text())
+
+
+def test_photo_becomes_depth_preview_and_sidecar(config: Config, redis_client: Redis, run_worker) -> None:
+    photo = write_jpeg(config.producer.watch / "trip" / "a.jpg", width=80, height=60)
+    submitted = Enqueuer(config, redis_client).submit(photo)
+    run_worker()
+    out = config.output.dir / "trip"
+    depth = np.load(out / "a.jpg.depth.npy")
+    assert depth.dtype == np.float32 and depth.shape == (60, 80)
+    np.testing.assert_allclose(depth, expected_depth(80, 60), rtol=1e-5)
+    with Image.open(out / "a.jpg.preview.png") as preview:
+        assert preview.size == (80, 60) and preview.mode == "RGB"
+    meta = _sidecar(config, "trip/a.jpg")
+    assert meta["source"] == "trip/a.jpg"
+    assert meta["sha256"] == file_sha256(photo)
+    assert (meta["width"], meta["height"]) == (80, 60)
+    assert meta["fov_deg"] == pytest.approx(FOV_DEG)
+    assert meta["fov_model_deg"] == pytest.approx(FOV_DEG)
+    assert meta["focal_length_source"] == "model"
+    assert meta["focal_length_px"] == pytest.approx(40 / math.tan(math.radians(30)))
+    assert meta["fov_vertical_deg"] == pytest.approx(math.degrees(2 * math.atan(30 / meta["focal_length_px"])))
+    assert meta["depth"]["unit"] == "m" and meta["depth"]["file"] == "a.jpg.depth.npy"
+    assert meta["depth"]["median"] == pytest.approx(expected_depth(80, 60), rel=1e-5)
+    assert meta["model"] == {"name": config.model.path, "backend": "torch", "device": "cpu"}
+    assert set(meta["timings_ms"]) == {"queue_wait", "decode", "inference", "postprocess", "write", "total"}
+    assert meta["worker"]["name"].startswith(meta["worker"]["host"] + ".torch.")
+    assert meta["job_id"] == submitted.job_id
+    assert meta["created_at"].endswith("+00:00")
+    assert not list(out.glob(".*.tmp"))
+    job = Job.fetch(submitted.job_id, connection=redis_client, serializer=SERIALIZER)
+    assert job.get_status() == JobStatus.FINISHED
+
+
+def test_exif_focal_length_wins_over_the_model(config: Config, redis_client: Redis, run_worker) -> None:
+    photo = write_jpeg(config.producer.watch / "exif.jpg", width=90, height=60, focal_35mm=26)
+    Enqueuer(config, redis_client).submit(photo)
+    run_worker()
+    meta = _sidecar(config, "exif.jpg")
+    assert meta["focal_length_source"] == "exif"
+    assert meta["focal_length_px"] == pytest.approx(26 * math.hypot(90, 60) / math.hypot(36, 24))
+    assert meta["fov_model_deg"] == pytest.approx(FOV_DEG)
+    depth = np.load(config.output.dir / "exif.jpg.depth.npy")
+    np.testing.assert_allclose(depth, expected_depth(90, 60, 26), rtol=1e-5)
+
+
+def test_extra_formats(make_config: Callable[..., Config], redis_client: Redis, backend: Backend) -> None:
+    config = make_config(output={"formats": ["tiff", "png16"]})
+    photo = write_jpeg(config.producer.watch / "f.jpg", width=40, height=30)
+    Enqueuer(config, redis_client).submit(photo)
+    build_worker(config, redis_client, backend).work(burst=True)
+    depth = np.load(config.output.dir / "f.jpg.depth.npy")
+    with Image.open(config.output.dir / "f.jpg.depth.tiff") as tiff:
+        np.testing.assert_array_equal(np.asarray(tiff), depth)
+    with Image.open(config.output.dir / "f.jpg.depth.png") as png16:
+        mm = np.asarray(png16)
+        assert png16.mode.startswith("I")
+    np.testing.assert_allclose(mm, np.rint(depth * 1000), atol=1)
+
+
+def test_bad_photo_gets_an_error_file_no_retry_and_the_worker_goes_on(
+    config: Config, redis_client: Redis, run_worker
+) -> None:
+    broken = config.producer.watch / "broken.jpg"
+    broken.write_text("this is not a JPEG")
+    good = write_jpeg(config.producer.watch / "good.jpg")
+    enq = Enqueuer(config, redis_client)
+    bad_job = enq.submit(broken).job_id
+    enq.submit(good)
+    run_worker()
+    error = json.loads((config.output.dir / "broken.jpg.error.json").read_text())
+    assert error["source"] == "broken.jpg" and error["job_id"] == bad_job
+    assert error["error"]["type"] == "bad_input"
+    assert "broken.jpg" in error["error"]["message"]
+    assert not (config.output.dir / "broken.jpg.json").exists()
+    job = Job.fetch(bad_job, connection=redis_client, serializer=SERIALIZER)
+    assert job.get_status() == JobStatus.FAILED
+    assert job.retries_left == 0  # spent no retry on a bad photo
+    assert (config.output.dir / "good.jpg.json").exists()
+
+
+def test_unexpected_error_is_retried(config: Config, redis_client: Redis, backend: Backend) -> None:
+    class FlakyOnce:
+        """The real backend, with one transient failure in front (fault injection)."""
+
+        def __init__(self, inner: Backend):
+            self.inner, self.failed = inner, False
+            self.name, self.device, self.model_name = inner.name, inner.device, inner.model_name
+            self.input_size = inner.input_size
+
+        def load(self) -> None:
+            pass
+
+        def predict(self, rgb: np.ndarray) -> Prediction:
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("transient GPU hiccup")
+            return self.inner.predict(rgb)
+
+    photo = write_jpeg(config.producer.watch / "flaky.jpg")
+    jid = Enqueuer(config, redis_client).submit(photo).job_id
+    build_worker(config, redis_client, FlakyOnce(backend)).work(burst=True)
+    job = Job.fetch(jid, connection=redis_client, serializer=SERIALIZER)
+    assert job.get_status() == JobStatus.FINISHED
+    assert job.retries_left == config.worker.retries - 1
+    assert (config.output.dir / "flaky.jpg.json").exists()
+    assert not (config.output.dir / "flaky.jpg.error.json").exists()
+
+
+def test_foreign_function_is_refused_unrun(config: Config, redis_client: Redis, run_worker, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    queue = make_queue(redis_client, config)
+    job = queue.enqueue("pathlib.Path.touch", str(marker))
+    run_worker()
+    assert not marker.exists()
+    job.refresh()
+    assert job.get_status() == JobStatus.FAILED
+    assert "RefusedJobError" in (job.latest_result().exc_string or "")
+
+
+def test_payload_escaping_the_roots_is_refused(config: Config, redis_client: Redis, run_worker) -> None:
+    queue = make_queue(redis_client, config)
+    bad = JobPayload(source="x.jpg", size=1, mtime=0, sha256="0", model="m").to_dict()
+    bad["source"] = "../../outside.jpg"
+    job = queue.enqueue("worker.job.process", bad)
+    run_worker()
+    job.refresh()
+    assert job.get_status() == JobStatus.FAILED
+    assert "RefusedJobError" in (job.latest_result().exc_string or "")
+    assert not list(config.output.dir.parent.glob("outside*"))
+
+
+def test_copies_are_computed_once(config: Config, redis_client: Redis, run_worker) -> None:
+    a = write_jpeg(config.producer.watch / "a.jpg")
+    (config.producer.watch / "b.jpg").write_bytes(a.read_bytes())
+    enq = Enqueuer(config, redis_client)
+    assert enq.submit(a).outcome == "enqueued"
+    assert enq.submit(config.producer.watch / "b.jpg").outcome == "aliased"
+    run_worker()
+    assert make_queue(redis_client, config).finished_job_registry.count == 1
+    meta_b = _sidecar(config, "b.jpg")
+    assert meta_b["source"] == "b.jpg" and meta_b["copied_from"] == "a.jpg"
+    np.testing.assert_array_equal(
+        np.load(config.output.dir / "a.jpg.depth.npy"), np.load(config.output.dir / "b.jpg.depth.npy")
+    )
+    # A third copy after the job is done: copied from the store, not recomputed.
+    (config.producer.watch / "c.jpg").write_bytes(a.read_bytes())
+    assert enq.submit(config.producer.watch / "c.jpg").outcome == "copy"
+    run_worker()
+    meta_c = _sidecar(config, "c.jpg")
+    assert meta_c["copied_from"] == "a.jpg"
+    assert meta_c["timings_ms"]["inference"] == 0.0
+
+
+def test_force_recomputes(config: Config, redis_client: Redis, run_worker) -> None:
+    photo = write_jpeg(config.producer.watch / "a.jpg")
+    enq = Enqueuer(config, redis_client)
+    enq.submit(photo)
+    run_worker()
+    first = _sidecar(config, "a.jpg")["created_at"]
+    assert enq.submit(photo).outcome == "duplicate"
+    assert enq.submit(photo, force=True).outcome == "enqueued"
+    run_worker()
+    assert _sidecar(config, "a.jpg")["created_at"] > first
+
+
+def test_deleted_before_the_job_runs_is_an_error_not_a_crash(config: Config, redis_client: Redis, run_worker) -> None:
+    photo = write_jpeg(config.producer.watch / "gone.jpg")
+    Enqueuer(config, redis_client).submit(photo)
+    photo.unlink()
+    run_worker()
+    error = json.loads((config.output.dir / "gone.jpg.error.json").read_text())
+    assert "no longer exists" in error["error"]["message"]
