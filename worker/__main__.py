@@ -1,5 +1,5 @@
 import sys
 
-from worker.worker import main
+from producer.cli import main
 
-sys.exit(main())
+sys.exit(main(["work", *sys.argv[1:]]))

@@ -49,7 +49,7 @@ def metric_depth(
 
     The EXIF focal length wins over the model's FOV estimate, as in the reference.
     """
-    if focal_length_35mm:
+    if focal_length_35mm is not None and math.isfinite(focal_length_35mm) and focal_length_35mm > 0:
         f_px = focal_px_from_35mm(focal_length_35mm, width, height)
         source: Literal["exif", "model"] = "exif"
     elif fov_deg is not None and 0.0 < fov_deg < 180.0:

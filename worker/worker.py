@@ -7,7 +7,6 @@ even rq's scheduler (for retry back-off) runs here as a thread instead of its us
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -24,13 +23,12 @@ from rq import SimpleWorker
 from rq.job import Job
 from rq.scheduler import RQScheduler
 
-from producer.config import Config, ConfigError, load_config
+from producer.config import Config
 from producer.connection import connect, redact, resolve_url
 from producer.contract import JOB_FUNCTION, SERIALIZER, make_queue
-from producer.logs import configure_logging
 from worker import job as job_module
 from worker.backends import Backend, create_backend
-from worker.errors import ExpectedError, ModelUnavailableError, RefusedJobError
+from worker.errors import ExpectedError, RefusedJobError
 from worker.store import OutputStore
 
 log = logging.getLogger(__name__)
@@ -154,18 +152,3 @@ def run(config: Config, burst: bool = False) -> int:
         scheduler.stop_event.set()
         scheduler.join(timeout=5)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker", description="Run one depthq worker.")
-    parser.add_argument("--config", help="config file (default: $DEPTHQ_CONFIG or ./config.yaml)")
-    parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
-    parser.add_argument("--log-level", default=None)
-    args = parser.parse_args(argv)
-    configure_logging(args.log_level)
-    try:
-        config = load_config(args.config)
-        return run(config, burst=args.burst)
-    except (ConfigError, ModelUnavailableError) as exc:
-        log.error("%s", exc)
-        return 2

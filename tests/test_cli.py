@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from producer.cli import main
+from producer.config import Config
+from tests.photos import write_jpeg
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "c.yaml"
+    bad.write_text("worker:\n  backend: tensorflow\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "producer", "--config", str(bad)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "worker.backend" in result.stderr and "'torch'" in result.stderr
+
+
+def test_no_redis_configured_says_how_to_get_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "inbox").mkdir()
+    monkeypatch.delenv("DEPTHQ_REDIS_URL", raising=False)
+    assert main(["enqueue", "inbox"]) == 2
+
+
+def test_enqueue_folder(
+    make_config: Callable[..., Config],
+    redis_client: Redis,
+    redis_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = make_config()
+    inbox = config.producer.watch
+    write_jpeg(inbox / "a.jpg")
+    write_jpeg(inbox / "x" / "b.jpg", seed=1)
+    (inbox / "c.txt").write_text("skip me")
+    args = ["enqueue", str(inbox), "--watch", str(inbox), "--redis-url", redis_url]
+    assert main(args) == 0
+    assert "2 file(s): 2 enqueued" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "2 duplicate" in capsys.readouterr().out
+    outside = write_jpeg(tmp_path / "elsewhere.jpg")
+    assert main(["enqueue", str(outside), "--watch", str(inbox), "--redis-url", redis_url]) == 1
+    assert "outside the watch root" in capsys.readouterr().out
