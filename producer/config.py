@@ -62,7 +62,6 @@ class WorkerConfig(_Section):
     retry_backoff_s: list[int] = Field(default_factory=lambda: [10, 60, 300], min_length=1)
     warmup: bool = True
     max_image_pixels: int = Field(100_000_000, gt=0)
-    dequeue_timeout_s: int = Field(5, gt=0)
 
 
 class ModelConfig(_Section):

@@ -31,10 +31,12 @@ class Eligibility:
             return False
         return rel.suffix.lower().lstrip(".") in self.extensions
 
-    def scan(self, root: Path) -> Iterator[Path]:
-        """Every eligible regular file under root, skipping ignored folders without descending."""
+    def scan(self, root: Path, exclude: Path | None = None) -> Iterator[Path]:
+        """Every eligible regular file under root, skipping ignored folders (and `exclude`) without descending."""
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not self.ignored(d))
+            dirnames[:] = sorted(
+                d for d in dirnames if not self.ignored(d) and (exclude is None or Path(dirpath, d) != exclude)
+            )
             for name in sorted(filenames):
                 path = Path(dirpath, name)
                 if self(path.relative_to(root)) and path.is_file():

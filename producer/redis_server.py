@@ -126,9 +126,29 @@ class EmbeddedRedis:
             self.process.wait()
 
 
+def _already_running(url_file: Path) -> str | None:
+    if not url_file.is_file():
+        return None
+    url = url_file.read_text(encoding="utf-8").strip()
+    client = Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        return url if client.ping() else None
+    except Exception:
+        return None  # a stale file from a run that was killed
+    finally:
+        client.close()
+
+
 def start_for(config: Config) -> EmbeddedRedis:
     """Start the embedded server and advertise its URL to other depthq commands on this machine."""
+    url_file = embedded_url_file(config)
+    running = _already_running(url_file)
+    if running:
+        raise ConfigError(
+            f"redis.data_dir: another depthq up already runs a Redis on {running} with data in "
+            f"{config.redis.data_dir}; stop it first, or give this one its own redis.data_dir"
+        )
     server = EmbeddedRedis(config.redis.data_dir, config.redis.server_bin, config.redis.startup_timeout_s)
     server.start()
-    embedded_url_file(config).write_text(server.url + "\n", encoding="utf-8")
+    url_file.write_text(server.url + "\n", encoding="utf-8")
     return server

