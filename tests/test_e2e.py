@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import signal
@@ -25,20 +24,12 @@ from redis import Redis
 from rq import Worker
 
 from tests.photos import write_jpeg
+from tests.tiny_model import expected_depth
 
 pillow_heif.register_heif_opener()  # to write the HEIC test photo
 
-INVERSE_DEPTH = 0.25
-FOV_DEG = 60.0
+
 DEADLINE_S = 60.0
-
-
-def expected_depth(width: int, height: int, focal_35mm: float | None = None) -> float:
-    if focal_35mm:
-        f_px = focal_35mm * math.hypot(width, height) / math.hypot(36, 24)
-    else:
-        f_px = 0.5 * width / math.tan(math.radians(FOV_DEG / 2))
-    return f_px / (INVERSE_DEPTH * width)
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:

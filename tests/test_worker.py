@@ -17,20 +17,10 @@ from producer.config import Config
 from producer.contract import SERIALIZER, JobPayload, file_sha256, make_queue
 from producer.enqueue import Enqueuer
 from tests.photos import write_jpeg
+from tests.tiny_model import FOV_DEG, expected_depth
 from worker.backends import Backend
 from worker.backends.base import Prediction
 from worker.worker import DepthWorker, build_worker, load_backend
-
-INVERSE_DEPTH = 0.25  # the tiny model's constant head (tests/conftest.py)
-FOV_DEG = 60.0
-
-
-def expected_depth(width: int, height: int, focal_35mm: float | None = None) -> float:
-    if focal_35mm:
-        f_px = focal_35mm * math.hypot(width, height) / math.hypot(36, 24)
-    else:
-        f_px = 0.5 * width / math.tan(math.radians(FOV_DEG / 2))
-    return f_px / (INVERSE_DEPTH * width)
 
 
 @pytest.fixture(scope="module")

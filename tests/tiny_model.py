@@ -6,6 +6,7 @@ outputs `fov_deg`, so metric depth has a closed form: depth = f_px / (inverse_de
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -13,6 +14,18 @@ from transformers import DepthProConfig, DepthProForDepthEstimation
 
 # 32 / 0.25: the input side the model asks for, small enough for a fast CPU test.
 TINY_INPUT_SIZE = 128
+# What the constant head outputs by default.
+INVERSE_DEPTH = 0.25
+FOV_DEG = 60.0
+
+
+def expected_depth(width: int, height: int, focal_35mm: float | None = None) -> float:
+    """The closed form of metric depth (meters) for the constant head, as ml-depth-pro computes it."""
+    if focal_35mm:
+        f_px = focal_35mm * math.hypot(width, height) / math.hypot(36, 24)
+    else:
+        f_px = 0.5 * width / math.tan(math.radians(FOV_DEG / 2))
+    return f_px / (INVERSE_DEPTH * width)
 
 
 def tiny_config() -> DepthProConfig:
@@ -45,8 +58,8 @@ def tiny_config() -> DepthProConfig:
 def build_tiny_model(
     folder: Path,
     constant_head: bool = True,
-    inverse_depth: float = 0.25,
-    fov_deg: float = 60.0,
+    inverse_depth: float = INVERSE_DEPTH,
+    fov_deg: float = FOV_DEG,
     with_fov: bool = True,
 ) -> Path:
     torch.manual_seed(0)
