@@ -60,6 +60,9 @@ def load_image(data: bytes, name: str, max_pixels: int) -> LoadedImage:
     """Decode `data` (the bytes of the file called `name`). Raises BadInputError naming the file."""
     if not data:
         raise BadInputError(f"{name}: the file is empty (0 bytes); copy the photo again")
+    # Pillow refuses at 2 x MAX_IMAGE_PIXELS inside open(); tie that to our limit so the setting is the
+    # one ceiling (the check below covers 1x to 2x). The value is per process and never changes in one.
+    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -70,7 +73,10 @@ def load_image(data: bytes, name: str, max_pixels: int) -> LoadedImage:
             "check that the file is a photo and not renamed from something else"
         ) from None
     except Image.DecompressionBombError as exc:
-        raise BadInputError(f"{name}: refused, {exc}") from None
+        raise BadInputError(
+            f"{name}: refused before decoding ({exc}); worker.max_image_pixels is {max_pixels}: "
+            "downscale the photo or raise the limit"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadInputError(
             f"{name}: the image header is damaged or incomplete ({exc}); copy the photo again"
