@@ -108,12 +108,12 @@ def cmd_watch(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_work(config: Config, args: argparse.Namespace) -> int:
-    from worker.errors import ModelUnavailableError
+    from worker.errors import BackendUnavailableError, ModelUnavailableError
     from worker.worker import run
 
     try:
         return run(config, burst=args.burst)
-    except ModelUnavailableError as exc:
+    except (ModelUnavailableError, BackendUnavailableError) as exc:
         print(f"depthq: {exc}", file=sys.stderr)
         return 2
 

@@ -57,7 +57,7 @@ class ProducerConfig(_Section):
 
 
 class WorkerConfig(_Section):
-    backend: Literal["torch"] = "torch"
+    backend: Literal["auto", "torch", "coreml"] = "auto"
     retries: int = Field(3, ge=0)
     retry_backoff_s: list[int] = Field(default_factory=lambda: [10, 60, 300], min_length=1)
     warmup: bool = True
@@ -70,6 +70,9 @@ class ModelConfig(_Section):
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     dtype: Literal["auto", "float32", "float16"] = "auto"
     offline: bool = False
+    # Core ML (macOS): an .mlpackage; null picks the best metric model present in cache_dir.
+    coreml_path: Path | None = None
+    compute_units: Literal["all", "cpu_and_ne", "cpu_and_gpu", "cpu_only"] = "all"
 
 
 class OutputConfig(_Section):

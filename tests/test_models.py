@@ -49,9 +49,9 @@ def test_torch_backend_reads_input_size_and_fov_from_the_model(tiny_model: Path)
     assert backend.input_size == TINY_INPUT_SIZE == input_size_of(backend._model.config)
     assert backend.device == "cpu"
     pred = backend.predict(np.zeros((30, 50, 3), np.uint8))
-    assert pred.canonical_inverse_depth.shape == (TINY_INPUT_SIZE, TINY_INPUT_SIZE)
-    assert pred.canonical_inverse_depth.dtype == np.float32
-    np.testing.assert_allclose(pred.canonical_inverse_depth, 0.25, rtol=1e-6)
+    assert pred.inverse_depth.shape == (TINY_INPUT_SIZE, TINY_INPUT_SIZE)
+    assert pred.inverse_depth.dtype == np.float32
+    np.testing.assert_allclose(pred.inverse_depth, 0.25, rtol=1e-6)
     assert pred.fov_deg == pytest.approx(60.0)
 
 

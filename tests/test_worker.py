@@ -137,7 +137,7 @@ def test_unexpected_error_is_retried(config: Config, redis_client: Redis, backen
         def __init__(self, inner: Backend):
             self.inner, self.failed = inner, False
             self.name, self.device, self.model_name = inner.name, inner.device, inner.model_name
-            self.input_size = inner.input_size
+            self.input_size, self.warnings = inner.input_size, inner.warnings
 
         def load(self) -> None:
             pass

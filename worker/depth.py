@@ -18,16 +18,22 @@ _FULL_FRAME_DIAGONAL_MM = math.hypot(36.0, 24.0)
 MIN_INVERSE_DEPTH = 1e-4  # 1/m: depth is capped at 10 km
 MAX_INVERSE_DEPTH = 1e4  # 1/m: depth is floored at 0.1 mm
 
+FocalSource = Literal["exif", "model"]
+
 
 @dataclass(frozen=True)
 class MetricDepth:
-    """`depth` is float32 meters, (height, width). Focal length in pixels, angles in degrees."""
+    """`depth` is float32 meters, (height, width). Focal length in pixels, angles in degrees.
+
+    The focal length and FOVs are None only for a model that outputs meters and no FOV, on a photo
+    without an EXIF focal length: its depth is still metric, but nothing tells the camera's angle.
+    """
 
     depth: np.ndarray
-    focal_length_px: float
-    focal_length_source: Literal["exif", "model"]
-    fov_deg: float
-    fov_vertical_deg: float
+    focal_length_px: float | None
+    focal_length_source: FocalSource | None
+    fov_deg: float | None
+    fov_vertical_deg: float | None
 
 
 def focal_px_from_fov(fov_deg: float, width: int) -> float:
@@ -38,32 +44,46 @@ def focal_px_from_35mm(focal_35mm: float, width: int, height: int) -> float:
     return focal_35mm * math.hypot(width, height) / _FULL_FRAME_DIAGONAL_MM
 
 
+def _focal(
+    width: int, height: int, fov_deg: float | None, focal_35mm: float | None
+) -> tuple[float, FocalSource] | None:
+    """The EXIF focal length wins over the model's FOV estimate, as in the reference."""
+    if focal_35mm is not None and math.isfinite(focal_35mm) and focal_35mm > 0:
+        return focal_px_from_35mm(focal_35mm, width, height), "exif"
+    if fov_deg is not None and 0.0 < fov_deg < 180.0:
+        return focal_px_from_fov(fov_deg, width), "model"
+    return None
+
+
 def metric_depth(
-    canonical_inverse_depth: np.ndarray,
+    inverse_depth: np.ndarray,
     width: int,
     height: int,
     fov_deg: float | None,
     focal_length_35mm: float | None = None,
+    *,
+    already_metric: bool = False,
 ) -> MetricDepth:
-    """Canonical inverse depth (model resolution) -> meters at the photo's upright width x height.
+    """Model-resolution inverse depth -> meters at the photo's upright width x height.
 
-    The EXIF focal length wins over the model's FOV estimate, as in the reference.
+    `inverse_depth` is DepthPro's canonical inverse depth, scaled here by W / f_px. With
+    `already_metric`, it is 1/meters from a model that did that scaling itself (a meters-only Core ML
+    export); it then takes the same resize and clamp, and the focal length is reported, not used.
     """
-    if focal_length_35mm is not None and math.isfinite(focal_length_35mm) and focal_length_35mm > 0:
-        f_px = focal_px_from_35mm(focal_length_35mm, width, height)
-        source: Literal["exif", "model"] = "exif"
-    elif fov_deg is not None and 0.0 < fov_deg < 180.0:
-        f_px = focal_px_from_fov(fov_deg, width)
-        source = "model"
-    else:
-        raise ValueError(
-            f"no usable focal length: model FOV {fov_deg!r} and no EXIF FocalLengthIn35mmFilm; "
-            "use a model with a FOV head"
-        )
-    cid = np.asarray(canonical_inverse_depth, dtype=np.float32)
-    inverse = cid * np.float32(width / f_px)
+    focal = _focal(width, height, fov_deg, focal_length_35mm)
+    inverse = np.asarray(inverse_depth, dtype=np.float32)
+    if not already_metric:
+        if focal is None:
+            raise ValueError(
+                f"no usable focal length: model FOV {fov_deg!r} and no EXIF FocalLengthIn35mmFilm; "
+                "use a model with a FOV head"
+            )
+        inverse = inverse * np.float32(width / focal[0])
     inverse = resize_bilinear(inverse, width, height)
     depth = 1.0 / np.clip(inverse, MIN_INVERSE_DEPTH, MAX_INVERSE_DEPTH)
+    if focal is None:
+        return MetricDepth(depth.astype(np.float32, copy=False), None, None, None, None)
+    f_px, source = focal
     return MetricDepth(
         depth=depth.astype(np.float32, copy=False),
         focal_length_px=float(f_px),

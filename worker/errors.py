@@ -23,3 +23,7 @@ class RefusedJobError(ExpectedError):
 
 class ModelUnavailableError(RuntimeError):
     """The model cannot be loaded here; the message says how to fetch or point to it."""
+
+
+class BackendUnavailableError(RuntimeError):
+    """The configured backend cannot run on this machine; the message names the setting to change."""

@@ -147,11 +147,12 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
     t_inferred = time.perf_counter()
     try:
         md = metric_depth(
-            prediction.canonical_inverse_depth,
+            prediction.inverse_depth,
             image.width,
             image.height,
             prediction.fov_deg,
             image.focal_length_35mm,
+            already_metric=prediction.already_metric,
         )
     except ValueError as exc:
         raise BadInputError(f"{p.source}: {exc}") from None
@@ -188,9 +189,12 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
         "model": {"name": p.model, "backend": rt.backend.name, "device": rt.backend.device},
         "worker": {"host": rt.host, "name": rt.worker_name},
     }
+    warnings = list(rt.backend.warnings)
     if sha != p.sha256:
         # The file changed after it was enqueued; this describes what was actually read.
-        sidecar["warning"] = "the photo changed after it was enqueued; this result is for its current content"
+        warnings.append("the photo changed after it was enqueued; this result is for its current content")
+    if warnings:
+        sidecar["warnings"] = warnings
     rt.store.write_data(p.source, depth, preview, p.outputs)
     timings["write"] = _ms(time.perf_counter() - t_post)
     timings["total"] = _ms(time.perf_counter() - t0 + queue_wait)

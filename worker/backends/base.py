@@ -10,10 +10,16 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Prediction:
-    """`canonical_inverse_depth`: float32 (S, S) at the model's input size; `fov_deg`: horizontal, or None."""
+    """What a model says about one photo, at the model's input size (S, S).
 
-    canonical_inverse_depth: np.ndarray
+    `inverse_depth` is DepthPro's canonical inverse depth (float32), unless `already_metric`: then it
+    is 1/meters from a model that output meters itself. `fov_deg` is horizontal, or None if the model
+    gives none.
+    """
+
+    inverse_depth: np.ndarray
     fov_deg: float | None
+    already_metric: bool = False
 
 
 class Backend(Protocol):
@@ -21,6 +27,8 @@ class Backend(Protocol):
     device: str
     model_name: str
     input_size: int  # square side in pixels, read from the loaded model
+    # Caveats about this model's output that every sidecar should carry (e.g. "no FOV head").
+    warnings: tuple[str, ...]
 
     def load(self) -> None:
         """Load weights. Slow; called once per worker process, before it takes jobs."""

@@ -44,6 +44,7 @@ class TorchBackend:
         self._model: Any = None
         self._dtype: Any = None
         self._has_fov = False
+        self.warnings: tuple[str, ...] = ()
 
     def load(self) -> None:
         import torch
@@ -59,7 +60,11 @@ class TorchBackend:
         # A checkpoint without FOV weights would get a randomly initialised FOV head: never trust that.
         self._has_fov = not any("fov_model" in k for k in info.get("missing_keys", []))
         if not self._has_fov:
-            log.warning("%s has no FOV head weights; focal length will need EXIF", folder)
+            self.warnings = (
+                f"{folder} has no FOV head weights: the focal length comes from EXIF only, "
+                "and photos without it cannot be measured",
+            )
+            log.warning("%s", self.warnings[0])
         self._model = model.to(self.device, dtype=self._dtype).eval()
         self.input_size = input_size_of(model.config)
         log.info(
@@ -82,4 +87,4 @@ class TorchBackend:
         fov = None
         if self._has_fov and out.field_of_view is not None:
             fov = float(out.field_of_view.flatten()[0].float().cpu())
-        return Prediction(canonical_inverse_depth=cid, fov_deg=fov)
+        return Prediction(inverse_depth=cid, fov_deg=fov)

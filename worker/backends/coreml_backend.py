@@ -1,0 +1,271 @@
+"""DepthPro on Core ML (Apple Silicon Neural Engine / GPU), for the Mac minis.
+
+Core ML DepthPro exports differ in what they output, so the backend reads the model's spec and picks
+its contract from the I/O names and types:
+- canonical inverse depth + FOV (what `depthq models convert` makes): the full metric math, shared
+  with the torch backend;
+- depth in meters (the hub's DepthPro*.mlpackage): used as given; no FOV, so the focal length comes
+  from EXIF or stays unknown, and every sidecar says so;
+- normalized inverse depth: relative only, never meters, so refused for metric output.
+
+Reading the spec works anywhere; loading for prediction needs macOS. `MLModel(path)` compiles the
+model on every load (minutes for DepthPro on the Neural Engine), so the compiled form is kept under
+`models/.compiled/` and later starts load it with `CompiledMLModel`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from producer.config import ModelConfig
+from worker.backends.base import Prediction
+from worker.errors import BackendUnavailableError, ModelUnavailableError
+from worker.preprocess import model_input, resize_bilinear
+
+log = logging.getLogger(__name__)
+
+ContractKind = Literal["canonical", "meters", "normalized"]
+
+# Output names seen in Core ML DepthPro exports, compared lower-case without underscores.
+_CANONICAL_NAMES = {"canonicalinversedepth", "inversedepth"}
+_METERS_NAMES = {"depthmeters", "depth", "metricdepth"}
+_NORMALIZED_NAMES = {"normalizedinversedepth"}
+_FOV_NAMES = {"fovdeg", "fov", "fieldofview", "viewangle"}
+_WIDTH_INPUT_NAMES = {"originalwidth"}
+
+METERS_WARNING = (
+    "this Core ML model outputs meters but no field of view: depth is as the model gave it, "
+    "fov_model_deg is null, and the focal length comes from EXIF only"
+)
+
+COMPUTE_UNITS = {"all": "ALL", "cpu_and_ne": "CPU_AND_NE", "cpu_and_gpu": "CPU_AND_GPU", "cpu_only": "CPU_ONLY"}
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "").lower()
+
+
+@dataclass(frozen=True)
+class CoreMLContract:
+    """How to talk to one Core ML model: which input takes the picture, which outputs mean what."""
+
+    kind: ContractKind
+    image_input: str
+    input_is_image: bool
+    input_size: int
+    depth_output: str
+    fov_output: str | None
+    width_input: str | None
+    input_dtype: str
+
+    @property
+    def metric(self) -> bool:
+        return self.kind != "normalized"
+
+
+def _shape_of(feature: Any) -> list[int]:
+    kind = feature.type.WhichOneof("Type")
+    if kind == "imageType":
+        return [1, 3, int(feature.type.imageType.height), int(feature.type.imageType.width)]
+    if kind == "multiArrayType":
+        return [int(d) for d in feature.type.multiArrayType.shape]
+    return []
+
+
+def detect_contract(spec: Any, source: str) -> CoreMLContract:
+    """Read the I/O of a Core ML spec. Raises ModelUnavailableError naming `source` if it is no DepthPro."""
+    inputs = list(spec.description.input)
+    outputs = {_key(o.name): o.name for o in spec.description.output}
+    picture = None
+    width_input = None
+    for feature in inputs:
+        shape = _shape_of(feature)
+        if _key(feature.name) in _WIDTH_INPUT_NAMES:
+            width_input = feature.name
+        elif len(shape) == 4 and shape[1] == 3 and picture is None:
+            picture = feature
+    if picture is None:
+        names = [f.name for f in inputs]
+        raise ModelUnavailableError(f"{source}: no image input (3 x H x W) among inputs {names}; not a DepthPro model")
+    _, _, height, width = _shape_of(picture)
+    if height != width:
+        raise ModelUnavailableError(f"{source}: input {picture.name} is {width}x{height}; DepthPro takes a square")
+    fov = next((outputs[k] for k in outputs if k in _FOV_NAMES), None)
+    found = [
+        (k, kind)
+        for names, kind in (
+            (_CANONICAL_NAMES, "canonical"),
+            (_METERS_NAMES, "meters"),
+            (_NORMALIZED_NAMES, "normalized"),
+        )
+        for k in outputs
+        if k in names
+    ]
+    if not found:
+        raise ModelUnavailableError(
+            f"{source}: outputs {sorted(outputs.values())} name no depth "
+            "(expected canonical_inverse_depth, depthMeters or normalizedInverseDepth)"
+        )
+    key, kind = found[0]
+    input_is_image = picture.type.WhichOneof("Type") == "imageType"
+    dtype = "image" if input_is_image else _multiarray_dtype(picture)
+    return CoreMLContract(
+        kind=kind,  # type: ignore[arg-type]
+        image_input=picture.name,
+        input_is_image=input_is_image,
+        input_size=height,
+        depth_output=outputs[key],
+        fov_output=fov,
+        width_input=width_input,
+        input_dtype=dtype,
+    )
+
+
+def _multiarray_dtype(feature: Any) -> str:
+    from coremltools.proto import FeatureTypes_pb2
+
+    code = feature.type.multiArrayType.dataType
+    return "float16" if code == FeatureTypes_pb2.ArrayFeatureType.FLOAT16 else "float32"
+
+
+def read_contract(path: Path) -> CoreMLContract:
+    """The contract of an .mlpackage / .mlmodel, read from its spec (works on Linux too)."""
+    import coremltools as ct
+
+    if path.suffix == ".mlmodelc":
+        raise ModelUnavailableError(
+            f"model.coreml_path: {path} is compiled, so its I/O cannot be read; point it at the .mlpackage "
+            "(depthq keeps the compiled form in models/.compiled itself)"
+        )
+    if not path.exists():
+        raise ModelUnavailableError(
+            f"model.coreml_path: {path} does not exist; run `depthq models download` or `depthq models convert`"
+        )
+    try:
+        spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    except Exception as exc:
+        raise ModelUnavailableError(f"model.coreml_path: {path} is not a readable Core ML model ({exc})") from None
+    return detect_contract(spec, str(path))
+
+
+def find_coreml_model(model: ModelConfig) -> Path | None:
+    """`model.coreml_path`, else the best metric model in cache_dir: canonical+FOV first, then meters."""
+    if model.coreml_path is not None:
+        return model.coreml_path
+    if not model.cache_dir.is_dir():
+        return None
+    ranked: list[tuple[int, str, Path]] = []
+    for path in sorted(model.cache_dir.glob("*.mlpackage")):
+        try:
+            contract = read_contract(path)
+        except ModelUnavailableError as exc:
+            log.debug("skipping %s: %s", path, exc)
+            continue
+        if contract.metric:
+            rank = 0 if contract.kind == "canonical" and contract.fov_output else 1
+            ranked.append((rank, path.name, path))
+    return min(ranked)[2] if ranked else None
+
+
+def can_predict_here() -> bool:
+    return sys.platform == "darwin"
+
+
+def compiled_cache_path(package: Path, cache_root: Path) -> Path:
+    """One compiled copy per package version: keyed by its manifest and weights, not just its name."""
+    digest = hashlib.sha256(str(package.resolve()).encode())
+    for item in sorted(package.rglob("*")):
+        if item.is_file():
+            st = item.stat()
+            digest.update(f"{item.relative_to(package)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return cache_root / f"{package.stem}-{digest.hexdigest()[:12]}.mlmodelc"
+
+
+class CoreMLBackend:
+    name = "coreml"
+
+    def __init__(self, model: ModelConfig):
+        self.model_config = model
+        path = find_coreml_model(model)
+        if path is None:
+            raise ModelUnavailableError(
+                f"model.coreml_path: no Core ML DepthPro in {model.cache_dir}; run `depthq models convert` "
+                "(gives FOV and focal length) or `depthq models download DepthPro`, or set model.coreml_path"
+            )
+        self.path = path
+        self.contract = read_contract(path)
+        if not self.contract.metric:
+            raise ModelUnavailableError(
+                f"model.coreml_path: {path} outputs normalized inverse depth ({self.contract.depth_output}), "
+                "which is relative and never meters; use a meters model or `depthq models convert`"
+            )
+        self.model_name = path.stem
+        self.input_size = self.contract.input_size
+        self.device = f"coreml:{model.compute_units}"
+        self.warnings: tuple[str, ...] = (METERS_WARNING,) if self.contract.kind == "meters" else ()
+        self._model: Any = None
+
+    def load(self) -> None:
+        if not can_predict_here():
+            raise BackendUnavailableError(
+                f"worker.backend: coreml needs macOS (Core ML prediction is only supported on macOS; this is "
+                f"{platform.system()}); use worker.backend: torch here"
+            )
+        import coremltools as ct
+
+        units = getattr(ct.ComputeUnit, COMPUTE_UNITS[self.model_config.compute_units])
+        cache_root = self.model_config.cache_dir / ".compiled"
+        compiled = compiled_cache_path(self.path, cache_root)
+        if compiled.is_dir():
+            self._model = ct.models.CompiledMLModel(str(compiled), compute_units=units)
+            log.info("loaded compiled %s (%s)", compiled, self.device)
+            return
+        log.info("compiling %s for %s; later starts reuse %s", self.path, self.device, compiled)
+        model = ct.models.MLModel(str(self.path), compute_units=units)
+        cache_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache_root, prefix=".staging-"))
+        try:
+            shutil.copytree(model.get_compiled_model_path(), staging / "model.mlmodelc")
+            os.replace(staging / "model.mlmodelc", compiled)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._model = model
+
+    def inputs_for(self, rgb: np.ndarray) -> dict[str, Any]:
+        """The model's inputs for one photo; shared preprocessing, in the form this export takes."""
+        c = self.contract
+        feed: dict[str, Any] = {}
+        if c.input_is_image:
+            # The export's image input does the [-1, 1] rescale itself; only the resize is ours.
+            small = resize_bilinear(rgb, c.input_size, c.input_size)
+            feed[c.image_input] = Image.fromarray(np.ascontiguousarray(small), "RGB")
+        else:
+            feed[c.image_input] = model_input(rgb, c.input_size)[None].astype(c.input_dtype)
+        if c.width_input is not None:
+            feed[c.width_input] = np.full((1, 1, 1, 1), float(rgb.shape[1]), dtype=np.float32)
+        return feed
+
+    def predict(self, rgb: np.ndarray) -> Prediction:
+        out = self._model.predict(self.inputs_for(rgb))
+        return self.prediction_from(out)
+
+    def prediction_from(self, out: dict[str, Any]) -> Prediction:
+        c = self.contract
+        depth = np.asarray(out[c.depth_output], dtype=np.float32).reshape(c.input_size, c.input_size)
+        fov = float(np.asarray(out[c.fov_output]).reshape(-1)[0]) if c.fov_output else None
+        if c.kind == "meters":
+            inverse = 1.0 / np.maximum(depth, np.float32(1e-6))
+            return Prediction(inverse_depth=inverse, fov_deg=fov, already_metric=True)
+        return Prediction(inverse_depth=depth, fov_deg=fov)
