@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,16 @@ from redis import Redis
 
 from producer.config import Config, load_config
 from producer.redis_server import EmbeddedRedis
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Core ML prediction exists only on macOS: those tests run there and are skipped, not faked, elsewhere."""
+    if sys.platform == "darwin":
+        return
+    skip = pytest.mark.skip(reason="needs macOS: Core ML prediction is only supported on macOS")
+    for item in items:
+        if "macos" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

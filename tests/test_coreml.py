@@ -1,0 +1,215 @@
+"""The Core ML backend and converter. Contract, conversion and inputs are checked on any OS; prediction
+needs macOS, so those tests are marked `macos` and skipped elsewhere (never faked)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from producer.config import Config, ModelConfig, load_config
+from tests.coreml_models import SIZE, meters_model, normalized_model, older_export
+from tests.tiny_model import TINY_INPUT_SIZE, build_tiny_model, expected_depth
+from worker.backends import choose_backend
+from worker.backends.coreml_backend import (
+    METERS_WARNING,
+    CoreMLBackend,
+    compiled_cache_path,
+    find_coreml_model,
+    read_contract,
+)
+from worker.depth import metric_depth
+from worker.errors import BackendUnavailableError, ModelUnavailableError
+from worker.preprocess import model_input
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    from worker.convert import convert
+
+    return convert(ModelConfig(path=str(tiny_model)), tmp_path_factory.mktemp("coreml") / "Tiny.mlpackage")
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("exports")
+    return {
+        "meters": meters_model(folder / "DepthPro.mlpackage"),
+        "normalized": normalized_model(folder / "DepthProNormalizedInverseDepth.mlpackage"),
+        "older": older_export(folder / "Old.mlpackage"),
+    }
+
+
+def test_converted_model_outputs_canonical_inverse_depth_and_fov(converted: Path) -> None:
+    c = read_contract(converted)
+    assert c.kind == "canonical"
+    assert (c.image_input, c.input_is_image, c.input_size) == ("image", True, TINY_INPUT_SIZE)
+    assert (c.depth_output, c.fov_output, c.width_input) == ("canonical_inverse_depth", "fov_deg", None)
+
+
+def test_converted_model_records_where_it_came_from(converted: Path, tiny_model: Path) -> None:
+    import coremltools as ct
+
+    meta = ct.models.MLModel(str(converted), skip_model_load=True).user_defined_metadata
+    assert meta["depthq.source"] == str(tiny_model)
+    assert meta["depthq.compression"] == "none"
+
+
+def test_palettized_conversion_keeps_the_contract(tmp_path: Path, tiny_model: Path, converted: Path) -> None:
+    from worker.convert import convert
+
+    small = convert(ModelConfig(path=str(tiny_model)), tmp_path / "Tiny4.mlpackage", compression="palettize4")
+    assert read_contract(small) == read_contract(converted)
+    size = sum(f.stat().st_size for f in small.rglob("*") if f.is_file())
+    full = sum(f.stat().st_size for f in converted.rglob("*") if f.is_file())
+    assert size < full
+
+
+def test_checkpoint_without_fov_is_refused_for_conversion(tmp_path: Path) -> None:
+    from worker.convert import convert
+
+    nofov = build_tiny_model(tmp_path / "nofov", with_fov=False)
+    with pytest.raises(ModelUnavailableError, match="no FOV head"):
+        convert(ModelConfig(path=str(nofov)), tmp_path / "x.mlpackage")
+    assert not (tmp_path / "x.mlpackage").exists()
+
+
+def test_meters_export_contract_and_warning(exports: dict[str, Path]) -> None:
+    backend = CoreMLBackend(ModelConfig(coreml_path=exports["meters"]))
+    c = backend.contract
+    assert (c.kind, c.image_input, c.input_is_image, c.input_size) == ("meters", "image", True, SIZE)
+    assert (c.depth_output, c.fov_output, c.width_input) == ("depthMeters", None, "originalWidth")
+    assert backend.warnings == (METERS_WARNING,)
+    assert backend.model_name == "DepthPro"
+
+
+def test_older_export_contract(exports: dict[str, Path]) -> None:
+    c = read_contract(exports["older"])
+    assert (c.kind, c.image_input, c.input_is_image) == ("meters", "pixel_values", False)
+    assert (c.depth_output, c.fov_output) == ("depth_meters", "view_angle")
+
+
+def test_normalized_inverse_depth_is_refused_for_metric_output(exports: dict[str, Path]) -> None:
+    assert read_contract(exports["normalized"]).kind == "normalized"
+    with pytest.raises(ModelUnavailableError, match=r"normalized inverse depth.*never meters"):
+        CoreMLBackend(ModelConfig(coreml_path=exports["normalized"]))
+
+
+def test_inputs_follow_the_contract(exports: dict[str, Path]) -> None:
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 70, 3), dtype=np.uint8)
+    image_feed = CoreMLBackend(ModelConfig(coreml_path=exports["meters"])).inputs_for(rgb)
+    assert isinstance(image_feed["image"], Image.Image) and image_feed["image"].size == (SIZE, SIZE)
+    assert image_feed["originalWidth"].shape == (1, 1, 1, 1) and float(image_feed["originalWidth"][0, 0, 0, 0]) == 70
+    array_feed = CoreMLBackend(ModelConfig(coreml_path=exports["older"])).inputs_for(rgb)
+    np.testing.assert_array_equal(array_feed["pixel_values"], model_input(rgb, SIZE)[None])
+
+
+def test_meters_output_is_used_as_given(exports: dict[str, Path]) -> None:
+    backend = CoreMLBackend(ModelConfig(coreml_path=exports["meters"]))
+    pred = backend.prediction_from({"depthMeters": np.full((1, 1, SIZE, SIZE), 2.5, np.float16)})
+    assert pred.already_metric and pred.fov_deg is None
+    md = metric_depth(pred.inverse_depth, 90, 60, pred.fov_deg, None, already_metric=pred.already_metric)
+    np.testing.assert_allclose(md.depth, 2.5, rtol=1e-6)
+    assert md.depth.shape == (60, 90)
+    assert (md.focal_length_px, md.focal_length_source, md.fov_deg) == (None, None, None)
+    with_exif = metric_depth(pred.inverse_depth, 90, 60, None, 26.0, already_metric=True)
+    np.testing.assert_allclose(with_exif.depth, 2.5, rtol=1e-6)  # EXIF is reported, not applied twice
+    assert with_exif.focal_length_source == "exif"
+
+
+def test_canonical_output_gets_the_full_metric_math(converted: Path) -> None:
+    backend = CoreMLBackend(ModelConfig(coreml_path=converted))
+    cid = np.full((1, TINY_INPUT_SIZE, TINY_INPUT_SIZE), 0.25, np.float16)
+    pred = backend.prediction_from({"canonical_inverse_depth": cid, "fov_deg": np.array([60.0], np.float16)})
+    md = metric_depth(pred.inverse_depth, 80, 60, pred.fov_deg)
+    np.testing.assert_allclose(md.depth, expected_depth(80, 60), rtol=1e-5)
+
+
+def test_best_model_present_is_found(tmp_path: Path, exports: dict[str, Path], converted: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    cfg = ModelConfig(cache_dir=models)
+    assert find_coreml_model(cfg) is None
+    shutil.copytree(exports["normalized"], models / "A-NID.mlpackage")
+    assert find_coreml_model(cfg) is None  # never picked for metric output
+    shutil.copytree(exports["meters"], models / "B-meters.mlpackage")
+    assert find_coreml_model(cfg) == models / "B-meters.mlpackage"
+    shutil.copytree(converted, models / "C-converted.mlpackage")
+    assert find_coreml_model(cfg) == models / "C-converted.mlpackage"  # FOV beats meters-only
+
+
+def _config(tmp_path: Path, **model: object) -> Config:
+    return load_config(environ={}, overrides={"model": {"cache_dir": str(tmp_path), **model}})
+
+
+def test_auto_backend(tmp_path: Path, exports: dict[str, Path]) -> None:
+    cfg = _config(tmp_path)
+    assert choose_backend(cfg, system="linux", machine="x86_64") == "torch"
+    assert choose_backend(cfg, system="darwin", machine="arm64") == "torch"  # no Core ML model present
+    with_model = _config(tmp_path, coreml_path=str(exports["meters"]))
+    assert choose_backend(with_model, system="darwin", machine="arm64") == "coreml"
+    assert choose_backend(with_model, system="darwin", machine="x86_64") == "torch"
+    assert choose_backend(with_model, system="linux", machine="aarch64") == "torch"
+    forced = load_config(environ={}, overrides={"worker": {"backend": "torch"}, "model": {"coreml_path": "x"}})
+    assert choose_backend(forced, system="darwin", machine="arm64") == "torch"
+
+
+def test_compiled_cache_key_follows_the_package_content(tmp_path: Path, exports: dict[str, Path]) -> None:
+    pkg = tmp_path / "M.mlpackage"
+    shutil.copytree(exports["meters"], pkg)
+    first = compiled_cache_path(pkg, tmp_path / ".compiled")
+    assert first == compiled_cache_path(pkg, tmp_path / ".compiled")
+    assert first.parent == tmp_path / ".compiled" and first.name.startswith("M-") and first.suffix == ".mlmodelc"
+    manifest = pkg / "Manifest.json"
+    manifest.write_text(manifest.read_text() + " ")
+    assert compiled_cache_path(pkg, tmp_path / ".compiled") != first
+
+
+def test_missing_model_says_how_to_get_one(tmp_path: Path) -> None:
+    with pytest.raises(ModelUnavailableError, match="depthq models convert"):
+        CoreMLBackend(ModelConfig(cache_dir=tmp_path))
+    with pytest.raises(ModelUnavailableError, match="compiled"):
+        CoreMLBackend(ModelConfig(coreml_path=tmp_path / "x.mlmodelc"))
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="on macOS the backend loads; see the macos tests")
+def test_loading_for_prediction_off_macos_names_the_fix(converted: Path) -> None:
+    backend = CoreMLBackend(ModelConfig(coreml_path=converted))
+    with pytest.raises(BackendUnavailableError, match=r"worker\.backend: torch"):
+        backend.load()
+
+
+@pytest.mark.macos
+def test_converted_model_predicts_like_torch_on_macos(converted: Path, tmp_path: Path) -> None:
+    backend = CoreMLBackend(ModelConfig(coreml_path=converted, cache_dir=tmp_path, compute_units="cpu_only"))
+    backend.load()
+    rgb = np.random.default_rng(1).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    pred = backend.predict(rgb)
+    assert pred.fov_deg == pytest.approx(60.0, rel=1e-2)
+    md = metric_depth(pred.inverse_depth, 80, 60, pred.fov_deg)
+    np.testing.assert_allclose(md.depth, expected_depth(80, 60), rtol=1e-2)  # float16 model
+    assert list((tmp_path / ".compiled").glob("Tiny-*.mlmodelc"))
+
+
+@pytest.mark.macos
+def test_second_load_uses_the_compiled_cache_on_macos(converted: Path, tmp_path: Path) -> None:
+    cfg = ModelConfig(coreml_path=converted, cache_dir=tmp_path, compute_units="cpu_only")
+    CoreMLBackend(cfg).load()
+    (compiled,) = (tmp_path / ".compiled").glob("*.mlmodelc")
+    stamp = compiled.stat().st_mtime_ns
+    again = CoreMLBackend(cfg)
+    again.load()
+    assert compiled.stat().st_mtime_ns == stamp
+    assert type(again._model).__name__ == "CompiledMLModel"
+
+
+@pytest.mark.macos
+def test_meters_export_predicts_on_macos(exports: dict[str, Path], tmp_path: Path) -> None:
+    backend = CoreMLBackend(ModelConfig(coreml_path=exports["meters"], cache_dir=tmp_path, compute_units="cpu_only"))
+    backend.load()
+    pred = backend.predict(np.full((20, 30, 3), 128, np.uint8))
+    assert pred.already_metric and pred.inverse_depth.shape == (SIZE, SIZE)
