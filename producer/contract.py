@@ -7,6 +7,8 @@ names a worker writes. Keep it free of numpy and friends: the producer imports i
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -125,14 +127,26 @@ def output_path(output_root: Path, source: str, kind: str) -> Path:
     return output_root.joinpath(*rel.parts[:-1], rel.name + suffix)
 
 
-def is_finished(output_root: Path, source: str, source_mtime: float) -> bool:
-    """Done, successfully or with a recorded error, and not older than the photo it describes."""
+def source_stamp(st: os.stat_result) -> dict[str, int]:
+    """What a sidecar records of the photo it describes. Whole seconds, because shares (SMB, NFS)
+    report mtimes at different precisions on different hosts."""
+    return {"size": st.st_size, "mtime": int(st.st_mtime)}
+
+
+def is_finished(output_root: Path, source: str, st: os.stat_result) -> bool:
+    """Done, successfully or with a recorded error, for exactly this file (same size and mtime).
+
+    Comparing the recorded stamp, not "output newer than photo", catches a photo replaced by another
+    that keeps an older mtime (cp -p, rsync, Finder).
+    """
+    stamp = source_stamp(st)
     for kind in ("json", "error"):
         try:
-            if output_path(output_root, source, kind).stat().st_mtime >= source_mtime:
-                return True
-        except FileNotFoundError:
+            recorded = json.loads(output_path(output_root, source, kind).read_bytes()).get("source_stat")
+        except (OSError, ValueError, AttributeError):
             continue
+        if recorded == stamp:
+            return True
     return False
 
 

@@ -1,21 +1,25 @@
 """Turn a finished photo into exactly one job: hash it, name the job by content and model, enqueue it.
 
 A second event, a restart or a byte-identical copy maps to the same job id, and rq's `unique=True`
-refuses the duplicate. A copy under another name is recorded as an alias of the pending job (the
-worker writes its outputs too), or, if that job is already done, becomes a cheap copy job.
+refuses the duplicate. What happens then depends on the existing job:
+- pending: a copy under another name becomes an alias (the worker writes its outputs too);
+- finished for another name: a cheap copy job reuses the stored result;
+- over without a result for this photo (failed, stopped, or its output is gone): it runs again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from redis import Redis
 from rq import Retry
-from rq.exceptions import DuplicateJobError, NoSuchJobError
+from rq.exceptions import DeserializationError, DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 
 from producer.config import Config
@@ -26,6 +30,7 @@ from producer.contract import (
     aliases_key,
     done_key,
     file_sha256,
+    is_finished,
     job_id,
     make_queue,
     requested_outputs,
@@ -33,7 +38,7 @@ from producer.contract import (
 
 log = logging.getLogger(__name__)
 
-Outcome = Literal["enqueued", "duplicate", "aliased", "copy", "changed"]
+Outcome = Literal["enqueued", "requeued", "duplicate", "aliased", "copy", "changed", "done"]
 
 # Atomic with the worker's MULTI that reads the alias set and sets the done marker: an alias is
 # either seen by the worker, or the producer sees the marker. Never neither.
@@ -45,6 +50,9 @@ return false
 """
 
 _PENDING = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
+_OVER = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
+# Rescans hash only what changed: (source, size, mtime_ns) -> sha256, for this many photos.
+_HASH_CACHE_SIZE = 100_000
 
 
 class SourceError(ValueError):
@@ -68,6 +76,7 @@ class Enqueuer:
         retries = config.worker.retries
         self.retry = Retry(max=retries, interval=config.worker.retry_backoff_s) if retries else None
         self._add_alias = connection.register_script(_ADD_ALIAS)
+        self._hashes: OrderedDict[tuple[str, int, int], str] = OrderedDict()
 
     def relative(self, path: Path) -> str:
         try:
@@ -86,10 +95,12 @@ class Enqueuer:
         return rel.as_posix()
 
     def submit(self, path: Path, force: bool = False) -> Submitted:
-        """Enqueue one photo. Raises SourceError for paths that must not become jobs."""
+        """Enqueue one photo unless it is already done. Raises SourceError for paths that must not be jobs."""
         source = self.relative(path)
         before = path.stat()
-        sha = file_sha256(path)
+        if not force and is_finished(self.config.output.dir, source, before):
+            return Submitted("done", "", source)
+        sha = self._sha256(path, source, before)
         after = path.stat()
         if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
             return Submitted("changed", "", source)  # still being written: the watcher will see it again
@@ -104,12 +115,28 @@ class Enqueuer:
         jid = job_id(sha, payload.model)
         if force:
             self._forget(jid)
-        try:
-            self._enqueue(jid, payload)
-            log.info("enqueued %s as job %s", source, jid)
-            return Submitted("enqueued", jid, source)
-        except DuplicateJobError:
-            return self._duplicate(jid, payload)
+        for _ in range(2):  # a job can expire between the refusal and our look at it: then try again
+            try:
+                self._enqueue(jid, payload)
+                log.info("enqueued %s as job %s", source, jid)
+                return Submitted("enqueued", jid, source)
+            except DuplicateJobError:
+                handled = self._duplicate(jid, payload)
+                if handled is not None:
+                    return handled
+        return Submitted("duplicate", jid, source)
+
+    def _sha256(self, path: Path, source: str, st: os.stat_result) -> str:
+        key = (source, st.st_size, st.st_mtime_ns)
+        sha = self._hashes.get(key)
+        if sha is None:
+            sha = file_sha256(path)
+            self._hashes[key] = sha
+            if len(self._hashes) > _HASH_CACHE_SIZE:
+                self._hashes.popitem(last=False)
+        else:
+            self._hashes.move_to_end(key)
+        return sha
 
     def _enqueue(self, jid: str, payload: JobPayload) -> None:
         q = self.config.queue
@@ -125,37 +152,53 @@ class Enqueuer:
             description=payload.source,
         )
 
-    def _existing_source(self, jid: str) -> str | None:
+    def _duplicate(self, jid: str, payload: JobPayload) -> Submitted | None:
+        """The content already has a job. None: it vanished meanwhile, enqueue again."""
         try:
             job = Job.fetch(jid, connection=self.connection, serializer=SERIALIZER)
-            return job.args[0]["source"]
-        except (NoSuchJobError, LookupError, TypeError):
+        except NoSuchJobError:
             return None
-        except Exception:  # a foreign job under our id: not ours to interpret
-            return None
-
-    def _duplicate(self, jid: str, payload: JobPayload) -> Submitted:
-        existing = self._existing_source(jid)
-        if existing is None or existing == payload.source:
-            log.debug("%s: job %s already exists", payload.source, jid)
+        status = job.get_status(refresh=False)
+        try:
+            existing = job.args[0]["source"]
+        except (DeserializationError, LookupError, TypeError):
+            existing = None  # a foreign job under our id: never ours to reuse
+        # submit() found no result for this photo, so a job that is over must run again for it.
+        if status in _OVER and (existing == payload.source or status != JobStatus.FINISHED):
+            job.delete()
+            self._enqueue(jid, payload)
+            log.info("%s: job %s was %s without a result for it; enqueued again", payload.source, jid, status)
+            return Submitted("requeued", jid, payload.source)
+        if existing == payload.source:
+            log.debug("%s: job %s already %s", payload.source, jid, status)
             return Submitted("duplicate", jid, payload.source)
-        ttl = max(self.config.queue.result_ttl_s, 60)
+        if status == JobStatus.FINISHED:
+            done_for = self.connection.get(done_key(self.queue.name, jid))
+            return self._own_job(jid, payload, same_as=done_for.decode() if done_for else None)
         done_for = self._add_alias(
             keys=[done_key(self.queue.name, jid), aliases_key(self.queue.name, jid)],
-            args=[payload.source, ttl],
+            args=[payload.source, max(self.config.queue.result_ttl_s, 60)],
         )
         if done_for is None:
             log.info("%s: same content as %s (job %s); it will get the same depth", payload.source, existing, jid)
             return Submitted("aliased", jid, payload.source)
-        original = done_for.decode() if isinstance(done_for, bytes) else str(done_for)
-        copy = JobPayload(**{**payload.to_dict(), "same_as": original})
-        copy_id = f"{jid}-{hashlib.sha256(payload.source.encode()).hexdigest()[:8]}"
+        return self._own_job(jid, payload, same_as=done_for.decode())
+
+    def _own_job(self, jid: str, payload: JobPayload, same_as: str | None) -> Submitted:
+        """A job for this name alone: a copy of a stored result if there is one, else a computation."""
+        own = JobPayload(**{**payload.to_dict(), "same_as": same_as})
+        own_id = f"{jid}-{hashlib.sha256(payload.source.encode()).hexdigest()[:8]}"
         try:
-            self._enqueue(copy_id, copy)
+            self._enqueue(own_id, own)
         except DuplicateJobError:
-            return Submitted("duplicate", copy_id, payload.source)
-        log.info("%s: same content as %s, already done; copying its result", payload.source, original)
-        return Submitted("copy", copy_id, payload.source)
+            return Submitted("duplicate", own_id, payload.source)
+        log.info(
+            "%s: same content as %s, already done; %s",
+            payload.source,
+            same_as,
+            "copying its result" if same_as else "computing it for this name",
+        )
+        return Submitted("copy", own_id, payload.source)
 
     def _forget(self, jid: str) -> None:
         """For --force: drop a finished or failed job so the same id can run again."""

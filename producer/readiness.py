@@ -59,10 +59,6 @@ class SettleTracker:
         self._pending: dict[Path, _Pending] = {}
         self._lock = threading.Lock()
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._pending)
-
     def saw_change(self, path: Path) -> None:
         try:
             st = path.stat()

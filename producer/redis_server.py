@@ -89,7 +89,8 @@ class EmbeddedRedis:
             "--logfile",
             str(self.data_dir / "redis.log"),
         ]
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        # Its own session, so a terminal's Ctrl-C cannot stop Redis before the workers have finished.
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout_s
         client = Redis(port=self.port, socket_connect_timeout=1)
         while True:

@@ -57,7 +57,10 @@ class _Child:
         self.started_at = 0.0
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker"], env=self.env, stdin=subprocess.DEVNULL)
+        # Its own session: a terminal's Ctrl-C reaches only the supervisor, which stops things in order.
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker"], env=self.env, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         self.started_at = time.monotonic()
         log.info("worker %d started (pid %d)", self.index, self.proc.pid)
 

@@ -64,9 +64,8 @@ class Watcher:
         self.config = config
         self.enqueuer = enqueuer
         self.root = config.producer.watch.resolve()
-        self.output_root = config.output.dir
         # An output folder inside the watched one must not feed its previews back in as photos.
-        self._output_resolved = config.output.dir.resolve()
+        self.output_root = config.output.dir.resolve()
         self.eligible = Eligibility(config.producer.extensions, config.producer.ignore)
         self.tracker = SettleTracker(config.producer.settle_ms / 1000.0)
         self._ready: queue.SimpleQueue[Path] = queue.SimpleQueue()
@@ -76,7 +75,7 @@ class Watcher:
             rel = path.relative_to(self.root)
         except ValueError:
             return
-        if path.is_relative_to(self._output_resolved):
+        if path.is_relative_to(self.output_root):
             return
         if not self.eligible(rel):
             return
@@ -94,12 +93,12 @@ class Watcher:
     def rescan(self) -> int:
         """Queue every eligible photo with no finished output; they still pass the settle check."""
         found = 0
-        for path in self.eligible.scan(self.root, exclude=self._output_resolved):
+        for path in self.eligible.scan(self.root, exclude=self.output_root):
             try:
-                mtime = path.stat().st_mtime
+                st = path.stat()
             except OSError:
                 continue
-            if not is_finished(self.output_root, path.relative_to(self.root).as_posix(), mtime):
+            if not is_finished(self.output_root, path.relative_to(self.root).as_posix(), st):
                 self.tracker.saw_change(path)
                 found += 1
         if found:
@@ -108,9 +107,6 @@ class Watcher:
 
     def submit(self, path: Path) -> None:
         try:
-            rel = path.relative_to(self.root).as_posix()
-            if is_finished(self.output_root, rel, path.stat().st_mtime):
-                return
             result = self.enqueuer.submit(path)
         except FileNotFoundError:
             return  # gone before we got to it; nothing to do

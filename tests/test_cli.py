@@ -23,11 +23,15 @@ def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     assert "worker.backend" in result.stderr and "'torch'" in result.stderr
 
 
-def test_no_redis_configured_says_how_to_get_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_redis_configured_says_how_to_get_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "inbox").mkdir()
     monkeypatch.delenv("DEPTHQ_REDIS_URL", raising=False)
     assert main(["enqueue", "inbox"]) == 2
+    err = capsys.readouterr().err
+    assert "redis.url" in err and "DEPTHQ_REDIS_URL" in err and "depthq up" in err
 
 
 def test_enqueue_folder(

@@ -1,10 +1,20 @@
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
 
-from producer.contract import JobPayload, PayloadError, is_finished, job_id, output_path, safe_relative
+from producer.contract import (
+    JobPayload,
+    PayloadError,
+    is_finished,
+    job_id,
+    output_path,
+    safe_relative,
+    source_stamp,
+)
 
 
 @pytest.mark.parametrize("bad", ["../x.jpg", "/etc/passwd", "a/../../x.jpg", "", "./x.jpg", "a//b.jpg", "a\\b.jpg"])
@@ -42,10 +52,21 @@ def test_payload_round_trip_and_validation() -> None:
         JobPayload.from_dict(["not", "a", "dict"])
 
 
-def test_is_finished_needs_an_output_newer_than_the_photo(tmp_path: Path) -> None:
-    assert not is_finished(tmp_path, "a.jpg", 100.0)
-    out = output_path(tmp_path, "a.jpg", "error")
-    out.write_text("{}")
-    st = out.stat().st_mtime
-    assert is_finished(tmp_path, "a.jpg", st - 1)
-    assert not is_finished(tmp_path, "a.jpg", st + 10)
+def test_is_finished_means_a_result_recorded_for_exactly_this_file(tmp_path: Path) -> None:
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(b"first photo")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert not is_finished(out, "a.jpg", photo.stat())
+    output_path(out, "a.jpg", "json").write_text(json.dumps({"source_stat": source_stamp(photo.stat())}))
+    assert is_finished(out, "a.jpg", photo.stat())
+    # Replaced by another photo that keeps an older mtime (cp -p, rsync): not done.
+    old = photo.stat().st_mtime - 3600
+    photo.write_bytes(b"another photo!")
+    os.utime(photo, (old, old))
+    assert not is_finished(out, "a.jpg", photo.stat())
+    # A recorded error for this exact file counts as done too (it is not retried on every rescan).
+    output_path(out, "a.jpg", "error").write_text(json.dumps({"source_stat": source_stamp(photo.stat())}))
+    assert is_finished(out, "a.jpg", photo.stat())
+    output_path(out, "a.jpg", "error").write_text("{not json")
+    assert not is_finished(out, "a.jpg", photo.stat())

@@ -86,6 +86,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Itera
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a terminal would give it
         )
     url_file = root / "redis-data" / "redis.url"
     wait_for(lambda: url_file.exists() or proc.poll() is not None, "the embedded redis")
@@ -93,9 +94,13 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Itera
     redis = Redis.from_url(url_file.read_text().strip())
     wait_for(lambda: len(Worker.all(connection=redis)) == 1, f"a registered worker (log: {log})")
     yield Service(proc, root, inbox, out, log, redis)
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    if proc.poll() is None:  # a test failed before the shutdown test: still stop it all cleanly
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def test_photo_present_before_start_is_processed(service: Service) -> None:
@@ -160,8 +165,6 @@ def test_slow_writer_is_enqueued_once_after_it_finishes(service: Service, tmp_pa
 
 def test_part_file_renamed_into_place(service: Service) -> None:
     part = write_jpeg(service.inbox / "download.jpg.part", width=30, height=30, seed=8)
-    time.sleep(0.5)  # a browser finishing its download
-    assert not (service.out / "download.jpg.part.json").exists()
     part.rename(service.inbox / "download.jpg")
     assert service.sidecar("download.jpg")["source"] == "download.jpg"
     assert not (service.out / "download.jpg.part.json").exists()
@@ -171,9 +174,14 @@ def test_duplicate_copy_is_computed_once(service: Service) -> None:
     original = write_jpeg(service.inbox / "orig.jpg", width=33, height=22, seed=9)
     shutil.copyfile(original, service.inbox / "orig copy.jpg")
     a, b = service.sidecar("orig.jpg"), service.sidecar("orig copy.jpg")
-    assert a["job_id"] == b["job_id"] or b.get("copied_from") == "orig.jpg" or a.get("copied_from") == "orig copy.jpg"
-    jobs_for_content = [k for k in service.redis.keys("rq:job:*") if a["sha256"][:32].encode() in k]
-    assert len(jobs_for_content) == 1, jobs_for_content
+    # Whichever way the copy was seen (an alias of the pending job, or a copy of the stored result),
+    # one of the two was computed and the other copied from it.
+    computed = [m for m in (a, b) if "copied_from" not in m]
+    copied = [m for m in (a, b) if "copied_from" in m]
+    assert len(computed) == 1 and len(copied) == 1
+    assert copied[0]["copied_from"] == computed[0]["source"]
+    assert copied[0]["timings_ms"]["inference"] == 0.0 or copied[0]["job_id"] == computed[0]["job_id"]
+    np.testing.assert_array_equal(service.depth("orig.jpg"), service.depth("orig copy.jpg"))
 
 
 def test_corrupt_file_gets_an_error_and_the_worker_keeps_serving(service: Service) -> None:
@@ -212,8 +220,8 @@ def test_a_worker_that_dies_is_restarted(service: Service) -> None:
     assert service.sidecar("after-restart.jpg")["worker"]["name"] != old.name
 
 
-def test_sigterm_stops_everything_cleanly(service: Service) -> None:
-    service.proc.send_signal(signal.SIGTERM)
+def test_ctrl_c_stops_everything_cleanly(service: Service) -> None:
+    os.killpg(service.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
     assert service.proc.wait(timeout=60) == 0, service.log.read_text()
     assert not (service.root / "redis-data" / "redis.url").exists()
     log = service.log.read_text()

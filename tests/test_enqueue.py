@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 from redis import Redis
+from rq.job import JobStatus
 
 from producer.config import Config
-from producer.contract import JOB_FUNCTION, aliases_key, done_key, file_sha256, job_id
+from producer.contract import JOB_FUNCTION, aliases_key, done_key, file_sha256, job_id, source_stamp
 from producer.enqueue import Enqueuer, SourceError
 from tests.photos import write_jpeg
 
@@ -94,3 +95,38 @@ def test_directory_named_like_a_photo_is_refused(enqueuer: Enqueuer) -> None:
     folder.mkdir()
     with pytest.raises(SourceError, match="not a regular file"):
         enqueuer.submit(folder)
+
+
+def test_photo_with_a_result_for_exactly_this_file_is_done(enqueuer: Enqueuer) -> None:
+    photo = write_jpeg(enqueuer.watch_root / "a.jpg")
+    sidecar = enqueuer.config.output.dir / "a.jpg.json"
+    sidecar.parent.mkdir(parents=True)
+    sidecar.write_text(json.dumps({"source_stat": source_stamp(photo.stat())}))
+    assert enqueuer.submit(photo).outcome == "done"
+    assert enqueuer.submit(photo, force=True).outcome == "enqueued"
+
+
+@pytest.mark.parametrize("status", [JobStatus.FAILED, JobStatus.STOPPED, JobStatus.FINISHED])
+def test_job_that_is_over_without_a_result_runs_again(enqueuer: Enqueuer, status: JobStatus) -> None:
+    photo = write_jpeg(enqueuer.watch_root / "a.jpg")
+    jid = enqueuer.submit(photo).job_id
+    job = enqueuer.queue.fetch_job(jid)
+    enqueuer.queue.remove(job)
+    job.set_status(status)  # e.g. the worker was killed with no retry left, or the output was deleted
+    assert enqueuer.submit(photo).outcome == "requeued"
+    assert enqueuer.queue.job_ids == [jid]
+
+
+def test_unchanged_photo_is_hashed_once(enqueuer: Enqueuer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import producer.enqueue as module
+
+    calls: list[Path] = []
+    real = module.file_sha256
+    monkeypatch.setattr(module, "file_sha256", lambda p: calls.append(p) or real(p))
+    photo = write_jpeg(enqueuer.watch_root / "a.jpg")
+    for _ in range(3):  # events and rescans while the job waits
+        enqueuer.submit(photo)
+    assert calls == [photo]
+    write_jpeg(photo, seed=9)
+    enqueuer.submit(photo)
+    assert len(calls) == 2

@@ -77,4 +77,4 @@ def test_settle_forgets_deleted_files(tmp_path: Path) -> None:
     photo.unlink()
     clock.now = 5
     assert tracker.pop_ready() == []
-    assert len(tracker) == 0
+    assert tracker.next_due_in() is None  # nothing left pending

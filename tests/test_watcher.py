@@ -9,10 +9,11 @@ from contextlib import contextmanager
 
 import pytest
 from redis import Redis
+from watchdog.events import FileClosedEvent, FileCreatedEvent, FileModifiedEvent, FileMovedEvent
 
 from producer.config import Config
 from producer.enqueue import Enqueuer
-from producer.watcher import Watcher
+from producer.watcher import Watcher, _Handler
 from tests.photos import write_jpeg
 
 
@@ -49,10 +50,6 @@ def test_new_photos_are_enqueued_once(make_config: Callable[..., Config], redis_
         (config.producer.watch / "notes.txt").write_text("not a photo")
         (config.producer.watch / ".hidden.jpg").write_bytes(b"x")
         wait_count(enqueuer, 2)
-        # Touching a photo again (same content) must not enqueue it a second time.
-        (config.producer.watch / "a.jpg").touch()
-        time.sleep(0.6)  # longer than settle + poll: gives a wrong second enqueue the chance to show up
-        assert enqueuer.queue.count == 2
 
 
 def test_missing_watch_folder_is_a_clear_error(make_config: Callable[..., Config], redis_client: Redis) -> None:
@@ -65,13 +62,37 @@ def test_missing_watch_folder_is_a_clear_error(make_config: Callable[..., Config
 def test_output_inside_the_watched_folder_is_not_fed_back(
     make_config: Callable[..., Config], redis_client: Redis
 ) -> None:
-    config = make_config(producer={"settle_ms": 100})
+    config = make_config()
     config.output.dir = config.producer.watch / "depth-out"
-    (config.output.dir).mkdir(parents=True)
-    write_jpeg(config.output.dir / "old.jpg.preview.png.jpg")  # would be eligible anywhere else
-    with running(config, redis_client) as enqueuer:
-        write_jpeg(config.output.dir / "x.preview.jpg", seed=3)
-        write_jpeg(config.producer.watch / "real.jpg", seed=4)
-        wait_count(enqueuer, 1)
-        time.sleep(0.5)  # settle window x5: time for a wrong enqueue to show
-        assert enqueuer.queue.count == 1
+    watcher = Watcher(config, Enqueuer(config, redis_client))
+    preview = write_jpeg(config.output.dir / "x.jpg.preview.jpg")  # eligible anywhere else
+    real = write_jpeg(config.producer.watch / "real.jpg", seed=4)
+    watcher.consider(preview, finished=True)
+    watcher.consider(preview, finished=False)
+    assert watcher.rescan() == 1
+    assert watcher._ready.empty()
+    watcher.tracker.settle_s = 0
+    assert watcher.tracker.pop_ready() == [real]
+
+
+def test_events_mark_files_ready_only_when_written(make_config: Callable[..., Config], redis_client: Redis) -> None:
+    """created/modified wait for the settle window; close-after-write and renames into place do not."""
+    config = make_config()
+    watcher = Watcher(config, Enqueuer(config, redis_client))
+    handler = _Handler(watcher)
+    inbox = config.producer.watch
+    growing = write_jpeg(inbox / "growing.jpg")
+    handler.on_any_event(FileCreatedEvent(str(growing)))
+    handler.on_any_event(FileModifiedEvent(str(growing)))
+    assert watcher._ready.empty() and watcher.tracker.next_due_in() is not None
+    handler.on_any_event(FileClosedEvent(str(growing)))
+    assert watcher._ready.get_nowait() == growing
+    assert watcher.tracker.next_due_in() is None  # not enqueued a second time after it settles
+    done = write_jpeg(inbox / "done.jpg", seed=1)
+    handler.on_any_event(FileMovedEvent(str(inbox / "done.jpg.part"), str(done)))
+    assert watcher._ready.get_nowait() == done
+    for ignored in (inbox / ".x.jpg", inbox / "x.jpg.part", inbox / "notes.txt"):
+        ignored.write_bytes(b"x")
+        handler.on_any_event(FileClosedEvent(str(ignored)))
+        handler.on_any_event(FileCreatedEvent(str(ignored)))
+    assert watcher._ready.empty() and watcher.tracker.next_due_in() is None

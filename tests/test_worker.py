@@ -110,8 +110,13 @@ def test_extra_formats(make_config: Callable[..., Config], redis_client: Redis, 
 
 
 def test_bad_photo_gets_an_error_file_no_retry_and_the_worker_goes_on(
-    config: Config, redis_client: Redis, run_worker
+    config: Config, redis_client: Redis, run_worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import worker.job as job_module
+
+    attempts: list[str] = []
+    real = job_module.process
+    monkeypatch.setattr(job_module, "process", lambda payload: attempts.append(payload["source"]) or real(payload))
     broken = config.producer.watch / "broken.jpg"
     broken.write_text("this is not a JPEG")
     good = write_jpeg(config.producer.watch / "good.jpg")
@@ -126,7 +131,7 @@ def test_bad_photo_gets_an_error_file_no_retry_and_the_worker_goes_on(
     assert not (config.output.dir / "broken.jpg.json").exists()
     job = Job.fetch(bad_job, connection=redis_client, serializer=SERIALIZER)
     assert job.get_status() == JobStatus.FAILED
-    assert job.retries_left == 0  # spent no retry on a bad photo
+    assert attempts.count("broken.jpg") == 1  # no retry spent on a bad photo
     assert (config.output.dir / "good.jpg.json").exists()
 
 
@@ -209,7 +214,7 @@ def test_force_recomputes(config: Config, redis_client: Redis, run_worker) -> No
     enq.submit(photo)
     run_worker()
     first = _sidecar(config, "a.jpg")["created_at"]
-    assert enq.submit(photo).outcome == "duplicate"
+    assert enq.submit(photo).outcome == "done"
     assert enq.submit(photo, force=True).outcome == "enqueued"
     run_worker()
     assert _sidecar(config, "a.jpg")["created_at"] > first
@@ -222,3 +227,37 @@ def test_deleted_before_the_job_runs_is_an_error_not_a_crash(config: Config, red
     run_worker()
     error = json.loads((config.output.dir / "gone.jpg.error.json").read_text())
     assert "no longer exists" in error["error"]["message"]
+
+
+def test_photo_moved_inside_the_folder_while_queued(config: Config, redis_client: Redis, run_worker) -> None:
+    enq = Enqueuer(config, redis_client)
+    photo = write_jpeg(config.producer.watch / "a.jpg")
+    enq.submit(photo)
+    moved = config.producer.watch / "sorted" / "a.jpg"
+    moved.parent.mkdir()
+    photo.rename(moved)
+    assert enq.submit(moved).outcome == "aliased"  # the rename event, while the job waits
+    run_worker()
+    assert "no longer exists" in json.loads((config.output.dir / "a.jpg.error.json").read_text())["error"]["message"]
+    assert not (config.output.dir / "sorted" / "a.jpg.error.json").exists()  # the failure is not the copy's
+    assert enq.submit(moved).outcome == "requeued"  # the producer's next look
+    run_worker()
+    assert _sidecar(config, "sorted/a.jpg")["source"] == "sorted/a.jpg"
+
+
+def test_copy_never_gets_another_photos_depth(config: Config, redis_client: Redis, run_worker) -> None:
+    enq = Enqueuer(config, redis_client)
+    a = write_jpeg(config.producer.watch / "a.jpg", width=64, height=48)
+    b = config.producer.watch / "b.jpg"
+    b.write_bytes(a.read_bytes())
+    enq.submit(a)
+    assert enq.submit(b).outcome == "aliased"
+    write_jpeg(a, width=100, height=30, seed=5)  # a is overwritten before its job runs
+    run_worker()
+    assert _sidecar(config, "a.jpg")["width"] == 100
+    assert not (config.output.dir / "b.jpg.json").exists()
+    assert enq.submit(b).outcome == "copy"  # its own job, since no result of its content exists
+    run_worker()
+    meta = _sidecar(config, "b.jpg")
+    assert (meta["width"], meta["height"]) == (64, 48)
+    assert meta["sha256"] == file_sha256(b)

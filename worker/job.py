@@ -6,8 +6,10 @@ installs a `Runtime` (loaded backend, store, settings) once at start; every job 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,7 +22,7 @@ from rq import get_current_job
 from rq.job import Job
 
 from producer.config import Config
-from producer.contract import JobPayload, PayloadError, aliases_key, done_key, safe_relative
+from producer.contract import JobPayload, PayloadError, aliases_key, done_key, safe_relative, source_stamp
 from worker.backends.base import Backend
 from worker.depth import metric_depth
 from worker.errors import BadInputError, ExpectedError, RefusedJobError
@@ -82,9 +84,13 @@ def source_path(watch_root: Path, source: str) -> Path:
     return resolved
 
 
-def _read(path: Path, source: str) -> bytes:
+def _read(path: Path, source: str) -> tuple[bytes, os.stat_result]:
+    """The bytes and the stat of one open file, so the recorded stamp is that of what was read."""
     try:
-        return path.read_bytes()
+        with path.open("rb") as f:
+            return f.read(), os.fstat(f.fileno())
+    except FileNotFoundError:
+        raise BadInputError(f"{source}: the file no longer exists (moved or deleted)") from None
     except PermissionError:
         raise BadInputError(f"{source}: permission denied; make the file readable by the worker's user") from None
     except IsADirectoryError:
@@ -114,7 +120,9 @@ def _sidecar_for(sidecar: dict[str, Any], source: str, job_id: str, timings: dic
     }
 
 
-def _try_copy(rt: Runtime, p: JobPayload, job_id: str, data: bytes, t0: float) -> dict[str, Any] | None:
+def _try_copy(
+    rt: Runtime, p: JobPayload, job_id: str, data: bytes, st: os.stat_result, t0: float
+) -> dict[str, Any] | None:
     """A byte-identical photo was already computed: reuse its stored result instead of the model."""
     assert p.same_as is not None
     stored = rt.store.read_result(p.same_as)
@@ -127,7 +135,8 @@ def _try_copy(rt: Runtime, p: JobPayload, job_id: str, data: bytes, t0: float) -
     rt.store.write_data(p.source, depth, preview, p.outputs)
     timings["write"] = _ms(time.perf_counter() - t_write)
     timings["total"] = _ms(time.perf_counter() - t0)
-    rt.store.write_sidecar(p.source, {**_sidecar_for(sidecar, p.source, job_id, timings), "copied_from": p.same_as})
+    copied = {**_sidecar_for(sidecar, p.source, job_id, timings), "copied_from": p.same_as}
+    rt.store.write_sidecar(p.source, {**copied, "source_stat": source_stamp(st)})
     return {"source": p.source, "copied_from": p.same_as}
 
 
@@ -135,9 +144,9 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     job_id = job.id if job else "local"
     path = source_path(rt.watch_root, p.source)
-    data = _read(path, p.source)
+    data, st = _read(path, p.source)
     if p.same_as is not None:
-        copied = _try_copy(rt, p, job_id, data, t0)
+        copied = _try_copy(rt, p, job_id, data, st, t0)
         if copied is not None:
             return copied
     sha = hashlib.sha256(data).hexdigest()
@@ -177,6 +186,7 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
     sidecar: dict[str, Any] = {
         "source": p.source,
         "sha256": sha,
+        "source_stat": source_stamp(st),
         "width": image.width,
         "height": image.height,
         "fov_deg": md.fov_deg,
@@ -199,30 +209,44 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
     timings["write"] = _ms(time.perf_counter() - t_post)
     timings["total"] = _ms(time.perf_counter() - t0 + queue_wait)
     rt.store.write_sidecar(p.source, _sidecar_for(sidecar, p.source, job_id, timings))
-    aliases = _drain_aliases(rt, job_id, p.source) if job else []
+    # Copies queued as aliases get this result only if it is of the content they were queued with;
+    # otherwise they stay in the set and the producer gives them their own job on its next look.
+    aliases = _drain_aliases(rt, job_id, p.source) if job and sha == p.sha256 else []
     for alias in aliases:
-        alias_sidecar = {**_sidecar_for(sidecar, alias, job_id, timings), "copied_from": p.source}
-        rt.store.write_result(alias, depth, preview, alias_sidecar, p.outputs)
+        _write_alias(rt, alias, sha, depth, preview, {**_sidecar_for(sidecar, alias, job_id, timings)}, p)
     log.info("%s: depth %.2f-%.2f m, %s ms", p.source, stats["min"], stats["max"], timings)
     return {"source": p.source, "aliases": aliases, "timings_ms": timings}
 
 
-def _error_record(p: JobPayload, job_id: str, exc: BaseException) -> dict[str, Any]:
-    return {
-        "source": p.source,
-        "job_id": job_id,
-        "error": {"type": getattr(exc, "kind", type(exc).__name__), "message": str(exc)},
-        "created_at": datetime.now(UTC).isoformat(),
-    }
+def _write_alias(
+    rt: Runtime, alias: str, sha: str, depth: np.ndarray, preview: bytes, sidecar: dict[str, Any], p: JobPayload
+) -> None:
+    """Outputs for a byte-identical copy, stamped with the copy's own stat, if it still holds that content."""
+    try:
+        data, st = _read(source_path(rt.watch_root, alias), alias)
+    except BadInputError as exc:
+        log.warning("not writing the copy's result: %s", exc)
+        return
+    if hashlib.sha256(data).hexdigest() != sha:
+        log.info("%s changed since it was queued as a copy of %s; it gets its own job", alias, p.source)
+        return
+    sidecar.update(copied_from=p.source, source_stat=source_stamp(st))
+    rt.store.write_result(alias, depth, preview, sidecar, p.outputs)
 
 
 def _record_failure(rt: Runtime, p: JobPayload, job: Job | None, exc: BaseException) -> None:
-    job_id = job.id if job else "local"
-    rt.store.write_error(p.source, _error_record(p, job_id, exc))
-    if job is None:
-        return
-    for alias in _drain_aliases(rt, job_id, p.source):
-        rt.store.write_error(alias, _error_record(JobPayload(**{**p.to_dict(), "source": alias}), job_id, exc))
+    """An error file for this source only: copies queued as aliases may well be fine (a photo moved
+    inside the folder leaves its old name failing), so the producer gives them their own job."""
+    record: dict[str, Any] = {
+        "source": p.source,
+        "job_id": job.id if job else "local",
+        "error": {"type": getattr(exc, "kind", type(exc).__name__), "message": str(exc)},
+        "created_at": datetime.now(UTC).isoformat(),
+    }
+    # A photo that is gone has nothing to stamp, and leaves nothing for the producer to look at.
+    with contextlib.suppress(BadInputError, OSError):
+        record["source_stat"] = source_stamp(source_path(rt.watch_root, p.source).stat())
+    rt.store.write_error(p.source, record)
 
 
 def process(payload: dict[str, Any]) -> dict[str, Any]:
