@@ -80,6 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(enq, "watch", "output", "redis_url")
     enq.add_argument("paths", nargs="+", type=Path, help="files or folders")
     enq.add_argument("--force", action="store_true", help="recompute even if already done")
+
+    models = sub.add_parser("models", help="Core ML models for Mac workers: download, list, convert")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    dl = msub.add_parser("download", help="fetch a Core ML DepthPro into model.cache_dir (idempotent)")
+    _add_common(dl)
+    dl.add_argument("name", nargs="?", help="catalog name (default DepthPro; `depthq models list --known`)")
+    dl.add_argument("--from", dest="from_dir", type=Path, help="copy from a local folder laid out as the hub repo")
+    dl.add_argument("--offline", action="store_true", help="never touch the network")
+    ls = msub.add_parser("list", help="Core ML models present, with their I/O contract")
+    _add_common(ls)
+    ls.add_argument("--known", action="store_true", help="list the catalog's names instead")
+    cv = msub.add_parser("convert", help="DepthPro weights -> Core ML with canonical inverse depth and FOV")
+    _add_common(cv, "model")
+    cv.add_argument("--output", type=Path, help="the .mlpackage to write (default models/DepthPro-FOV[-X].mlpackage)")
+    cv.add_argument("--compression", default="none", choices=["none", "int8", "palettize8", "palettize6", "palettize4"])
+    cv.add_argument("--precision", default="float16", choices=["float16", "float32"])
     return parser
 
 
@@ -153,7 +169,19 @@ def cmd_enqueue(config: Config, args: argparse.Namespace) -> int:
     return 1 if refused else 0
 
 
-_COMMANDS = {"up": cmd_up, "watch": cmd_watch, "work": cmd_work, "enqueue": cmd_enqueue}
+def cmd_models(config: Config, args: argparse.Namespace) -> int:
+    from worker.errors import ModelUnavailableError
+    from worker.model_commands import convert_command, download_command, list_command
+
+    commands = {"download": download_command, "list": list_command, "convert": convert_command}
+    try:
+        return commands[args.models_command](config, args)
+    except ModelUnavailableError as exc:
+        print(f"depthq: {exc}", file=sys.stderr)
+        return 2
+
+
+_COMMANDS = {"up": cmd_up, "watch": cmd_watch, "work": cmd_work, "enqueue": cmd_enqueue, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,3 +54,36 @@ def test_enqueue_folder(
     outside = write_jpeg(tmp_path / "elsewhere.jpg")
     assert main(["enqueue", str(outside), "--watch", str(inbox), "--redis-url", redis_url]) == 1
     assert "outside the watch root" in capsys.readouterr().out
+
+
+def test_models_download_from_a_local_copy_then_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.coreml_models import meters_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "usb" / "DepthPro-CoreML"
+    repo.mkdir(parents=True)
+    meters_model(repo / "depthpro_pruned_quantized.mlpackage")
+    assert main(["models", "download", "DepthProMetersPrunedQuantized", "--from", str(repo)]) == 0
+    assert (tmp_path / "models" / "DepthProMetersPrunedQuantized.mlpackage" / "Manifest.json").is_file()
+    assert main(["models", "download", "DepthProMetersPrunedQuantized"]) == 0  # present: no network needed
+    capsys.readouterr()
+    assert main(["models", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "meters, no FOV" in listing and "depthMeters" in listing
+    assert main(["models", "download", "DepthPro"]) == 2
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="Core ML runs on macOS")
+def test_coreml_worker_off_macos_exits_with_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], redis_url: str
+) -> None:
+    from tests.coreml_models import meters_model
+
+    monkeypatch.chdir(tmp_path)
+    meters_model(tmp_path / "models" / "DepthPro.mlpackage")
+    assert main(["work", "--backend", "coreml", "--redis-url", redis_url]) == 2
+    assert "coreml needs macOS" in capsys.readouterr().err

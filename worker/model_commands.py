@@ -1,0 +1,76 @@
+"""`depthq models download | list | convert`: the model management a Mac mini owner needs, as commands."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from producer.config import Config
+from worker import catalog
+from worker.errors import ModelUnavailableError
+
+
+def download_command(config: Config, args: argparse.Namespace) -> int:
+    name = args.name or catalog.DEFAULT_MODEL
+    path = catalog.download(
+        name, config.model.cache_dir, offline=args.offline or config.model.offline, from_dir=args.from_dir
+    )
+    entry = catalog.get_entry(name)
+    print(f"{entry.name}: {path}")
+    if not entry.metric:
+        print("note: this model outputs normalized inverse depth (relative only); workers refuse it for meters")
+    return 0
+
+
+def _contract_label(path: Path) -> str:
+    from worker.backends.coreml_backend import read_contract
+
+    try:
+        c = read_contract(path)
+    except ModelUnavailableError as exc:
+        return f"unusable: {exc}"
+    if c.kind == "canonical":
+        return "canonical inverse depth + FOV: full metric" if c.fov_output else "canonical inverse depth, no FOV"
+    if c.kind == "meters":
+        return "meters, no FOV" if not c.fov_output else "meters + FOV"
+    return "normalized inverse depth: relative only, refused for meters"
+
+
+def list_command(config: Config, args: argparse.Namespace) -> int:
+    console = Console()
+    if args.known:
+        table = Table("name", "output", "about")
+        for name in catalog.known_names():
+            entry = catalog.get_entry(name)
+            table.add_row(name, entry.kind, f"~{entry.approx_size_mb} MB. {entry.description}")
+        console.print(table)
+        return 0
+    models = catalog.list_models(config.model.cache_dir)
+    if not models:
+        console.print(
+            f"no Core ML models in {config.model.cache_dir}; `depthq models convert` or `depthq models download`"
+        )
+        return 0
+    table = Table("model", "size", "contract", "inputs", "outputs")
+    for info in models:
+        contract = _contract_label(info.path) if info.format != "mlmodelc" else "compiled: I/O unknown"
+        io_in = "\n".join(str(f) for f in info.inputs or ()) or (info.io_error or "")
+        io_out = "\n".join(str(f) for f in info.outputs or ())
+        table.add_row(str(info.path), catalog.format_size(info.size_bytes), contract, io_in, io_out)
+    console.print(table)
+    return 0
+
+
+def convert_command(config: Config, args: argparse.Namespace) -> int:
+    from worker.convert import convert
+
+    suffix = "" if args.compression == "none" else f"-{args.compression}"
+    output = args.output or config.model.cache_dir / f"DepthPro-FOV{suffix}.mlpackage"
+    started = time.perf_counter()
+    path = convert(config.model, output, compression=args.compression, precision=args.precision)
+    print(f"wrote {path} in {time.perf_counter() - started:.0f}s: outputs canonical_inverse_depth and fov_deg")
+    return 0
