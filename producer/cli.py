@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--output", type=Path, help="the .mlpackage to write (default models/DepthPro-FOV[-X].mlpackage)")
     cv.add_argument("--compression", default="none", choices=["none", "int8", "palettize8", "palettize6", "palettize4"])
     cv.add_argument("--precision", default="float16", choices=["float16", "float32"])
+    cv.add_argument(
+        "--contract",
+        default="canonical",
+        choices=["canonical", "meters"],
+        help="canonical: inverse depth + FOV (EXIF-aware, the default); meters: the hub exports' I/O",
+    )
     return parser
 
 

@@ -35,6 +35,14 @@ def converted(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Pat
 
 
 @pytest.fixture(scope="module")
+def converted_meters(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    from worker.convert import convert
+
+    folder = tmp_path_factory.mktemp("coreml-meters")
+    return convert(ModelConfig(path=str(tiny_model)), folder / "TinyMeters.mlpackage", contract="meters")
+
+
+@pytest.fixture(scope="module")
 def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("exports")
     return {
@@ -49,6 +57,12 @@ def test_converted_model_outputs_canonical_inverse_depth_and_fov(converted: Path
     assert c.kind == "canonical"
     assert (c.image_input, c.input_is_image, c.input_size) == ("image", True, TINY_INPUT_SIZE)
     assert (c.depth_output, c.fov_output, c.width_input) == ("canonical_inverse_depth", "fov_deg", None)
+
+
+def test_meters_conversion_has_the_hub_exports_interface(converted_meters: Path) -> None:
+    c = read_contract(converted_meters)
+    assert (c.kind, c.image_input, c.input_is_image, c.input_size) == ("meters", "image", True, TINY_INPUT_SIZE)
+    assert (c.depth_output, c.fov_output, c.width_input) == ("depthMeters", None, "originalWidth")
 
 
 def test_converted_model_records_where_it_came_from(converted: Path, tiny_model: Path) -> None:
@@ -205,6 +219,15 @@ def test_second_load_uses_the_compiled_cache_on_macos(converted: Path, tmp_path:
     again.load()
     assert compiled.stat().st_mtime_ns == stamp
     assert type(again._model).__name__ == "CompiledMLModel"
+
+
+@pytest.mark.macos
+def test_converted_meters_model_predicts_the_closed_form_on_macos(converted_meters: Path, tmp_path: Path) -> None:
+    backend = CoreMLBackend(ModelConfig(coreml_path=converted_meters, cache_dir=tmp_path, compute_units="cpu_only"))
+    backend.load()
+    pred = backend.predict(np.random.default_rng(2).integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    md = metric_depth(pred.inverse_depth, 80, 60, pred.fov_deg, already_metric=pred.already_metric)
+    np.testing.assert_allclose(md.depth, expected_depth(80, 60), rtol=1e-2)  # width cancels out
 
 
 @pytest.mark.macos

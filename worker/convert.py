@@ -8,6 +8,7 @@ outputs, so the Core ML backend runs the same metric math as torch. It runs on L
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -25,12 +26,16 @@ log = logging.getLogger(__name__)
 Compression = Literal["none", "int8", "palettize8", "palettize6", "palettize4"]
 COMPRESSIONS: tuple[str, ...] = ("none", "int8", "palettize8", "palettize6", "palettize4")
 
+Contract = Literal["canonical", "meters"]
 IMAGE_INPUT = "image"
 DEPTH_OUTPUT = "canonical_inverse_depth"
 FOV_OUTPUT = "fov_deg"
+# The hub exports' interface, for apps written against it (e.g. the DepthProSample app).
+WIDTH_INPUT = "originalWidth"
+METERS_OUTPUT = "depthMeters"
 
 
-def freeze_position_embeddings(model: Any, example: Any) -> None:
+def freeze_position_embeddings(model: Any, examples: tuple[Any, ...]) -> None:
     """Hold every Dinov2 position-embedding interpolation at the traced input size.
 
     Dinov2 always interpolates its position embeddings while tracing, bicubically, and Core ML has no
@@ -56,7 +61,7 @@ def freeze_position_embeddings(model: Any, example: Any) -> None:
 
         module.interpolate_pos_encoding = types.MethodType(fixed, module)
     with torch.no_grad():
-        model(example)
+        model(*examples)
 
 
 def _compress(mlmodel: Any, compression: Compression) -> Any:
@@ -78,8 +83,13 @@ def convert(
     output: Path,
     compression: Compression = "none",
     precision: Literal["float16", "float32"] = "float16",
+    contract: Contract = "canonical",
 ) -> Path:
-    """Convert `model.path` (hub id or local checkpoint) to `output` (.mlpackage), atomically."""
+    """Convert `model.path` (hub id or local checkpoint) to `output` (.mlpackage), atomically.
+
+    `canonical` (the default) outputs canonical inverse depth and FOV, so workers can use EXIF focal
+    lengths. `meters` reproduces the hub exports' I/O (`image`, `originalWidth` -> `depthMeters`).
+    """
     import coremltools as ct
     import torch
     from transformers import DepthProForDepthEstimation
@@ -105,36 +115,59 @@ def convert(
             out = self.inner(pixel_values=pixel_values)
             return out.predicted_depth, out.field_of_view
 
-    wrapped = DepthAndFov(net).eval()
+    class Meters(DepthAndFov):
+        """ml-depth-pro's infer() at model resolution; the width cancels out, as in the hub exports."""
+
+        def forward(self, pixel_values: torch.Tensor, width: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            cid, fov = super().forward(pixel_values)
+            f_px = 0.5 * width.reshape(1) / torch.tan(fov * (math.pi / 360.0))  # Core ML has no deg2rad
+            inverse = cid * (width.reshape(1, 1, 1) / f_px.reshape(1, 1, 1))
+            return (1.0 / torch.clamp(inverse, min=1e-4, max=1e4)).unsqueeze(1)
+
     example = torch.zeros(1, 3, size, size)
-    freeze_position_embeddings(wrapped, example)
+    image = ct.ImageType(
+        name=IMAGE_INPUT,
+        shape=example.shape,
+        # The reference's rescale to [-1, 1], done inside the model: x * 2/255 - 1.
+        scale=2.0 / 255.0,
+        bias=[-1.0, -1.0, -1.0],
+        color_layout=ct.colorlayout.RGB,
+    )
+    if contract == "canonical":
+        wrapped: torch.nn.Module = DepthAndFov(net).eval()
+        examples: tuple[torch.Tensor, ...] = (example,)
+        inputs = [image]
+        outputs = [ct.TensorType(name=DEPTH_OUTPUT), ct.TensorType(name=FOV_OUTPUT)]
+    else:
+        wrapped = Meters(net).eval()
+        examples = (example, torch.full((1, 1, 1, 1), float(size)))
+        inputs = [image, ct.TensorType(name=WIDTH_INPUT, shape=(1, 1, 1, 1))]
+        outputs = [ct.TensorType(name=METERS_OUTPUT)]
+    freeze_position_embeddings(wrapped, examples)
     with torch.no_grad():
-        traced = torch.jit.trace(wrapped, example, strict=False)
+        traced = torch.jit.trace(wrapped, examples, strict=False)
     log.info("traced %s at %dx%d; converting", folder, size, size)
     mlmodel = ct.convert(
         traced,
-        # The image input does the reference's rescale to [-1, 1] inside the model: x * 2/255 - 1.
-        inputs=[
-            ct.ImageType(
-                name=IMAGE_INPUT,
-                shape=example.shape,
-                scale=2.0 / 255.0,
-                bias=[-1.0, -1.0, -1.0],
-                color_layout=ct.colorlayout.RGB,
-            )
-        ],
-        outputs=[ct.TensorType(name=DEPTH_OUTPUT), ct.TensorType(name=FOV_OUTPUT)],
+        inputs=inputs,
+        outputs=outputs,
         convert_to="mlprogram",
         compute_precision=ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32,
         minimum_deployment_target=ct.target.macOS13,
     )
     mlmodel = _compress(mlmodel, compression)
-    mlmodel.short_description = "DepthPro: canonical inverse depth and horizontal FOV (degrees), made by depthq"
     mlmodel.user_defined_metadata["depthq.source"] = str(model.path)
     mlmodel.user_defined_metadata["depthq.compression"] = compression
+    mlmodel.user_defined_metadata["depthq.contract"] = contract
     mlmodel.input_description[IMAGE_INPUT] = f"RGB photo resized to {size}x{size}"
-    mlmodel.output_description[DEPTH_OUTPUT] = "canonical inverse depth; meters need W / f_px"
-    mlmodel.output_description[FOV_OUTPUT] = "horizontal field of view, degrees"
+    if contract == "canonical":
+        mlmodel.short_description = "DepthPro: canonical inverse depth and horizontal FOV (degrees), made by depthq"
+        mlmodel.output_description[DEPTH_OUTPUT] = "canonical inverse depth; meters need W / f_px"
+        mlmodel.output_description[FOV_OUTPUT] = "horizontal field of view, degrees"
+    else:
+        mlmodel.short_description = "DepthPro: depth in meters at model resolution, made by depthq"
+        mlmodel.input_description[WIDTH_INPUT] = "the photo's width in pixels (cancels out; kept for the interface)"
+        mlmodel.output_description[METERS_OUTPUT] = "depth, meters"
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
     try:

@@ -68,9 +68,10 @@ def list_command(config: Config, args: argparse.Namespace) -> int:
 def convert_command(config: Config, args: argparse.Namespace) -> int:
     from worker.convert import convert
 
+    stem = "DepthPro-FOV" if args.contract == "canonical" else "DepthPro-Meters"
     suffix = "" if args.compression == "none" else f"-{args.compression}"
-    output = args.output or config.model.cache_dir / f"DepthPro-FOV{suffix}.mlpackage"
+    output = args.output or config.model.cache_dir / f"{stem}{suffix}.mlpackage"
     started = time.perf_counter()
-    path = convert(config.model, output, compression=args.compression, precision=args.precision)
-    print(f"wrote {path} in {time.perf_counter() - started:.0f}s: outputs canonical_inverse_depth and fov_deg")
+    path = convert(config.model, output, compression=args.compression, precision=args.precision, contract=args.contract)
+    print(f"wrote {path} in {time.perf_counter() - started:.0f}s: {_contract_label(path)}")
     return 0
