@@ -78,7 +78,20 @@ class CatalogEntry:
 
 _CP = "coreml-projects"
 _KB = "KeighBee/coreml-DepthPro"
-_SEED = "KeighBee/DepthPro-CoreML"  # named by huggingface/coreml-examples' DepthProSample; empty since
+_SEED = "KeighBee/DepthPro-CoreML"  # named by huggingface/coreml-examples' DepthProSample; now empty
+
+# The seed app's names are these models under other names: same sources, after the seed repo itself.
+_PRUNED_METERS = (
+    Source.of(f"{_CP}/DepthPro-coreml-pruned-10-quantized-linear", "DepthProPruned10QuantizedLinear.mlpackage"),
+    Source.of(_KB, "DepthProPruned10QuantizedLinear.mlpackage"),
+)
+_PRUNED_NID = (
+    Source.of(
+        f"{_CP}/DepthPro-coreml-normalized-inverse-depth-pruned-10-quantized-linear",
+        "DepthProNormalizedInverseDepthPruned10QuantizedLinear.mlpackage",
+    ),
+    Source.of(_KB, "DepthProNormalizedInverseDepthPruned10QuantizedLinear.mlpackage"),
+)
 
 CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry(
@@ -92,21 +105,14 @@ CATALOG: tuple[CatalogEntry, ...] = (
         name="DepthProPruned10QuantizedLinear",
         kind="meters",
         approx_size_mb=1100,
-        sources=(
-            Source.of(f"{_CP}/DepthPro-coreml-pruned-10-quantized-linear", "DepthProPruned10QuantizedLinear.mlpackage"),
-            Source.of(_KB, "DepthProPruned10QuantizedLinear.mlpackage"),
-        ),
+        sources=_PRUNED_METERS,
         description="10% pruned, then linearly quantized weights; depth in meters",
     ),
     CatalogEntry(
         name="DepthProMetersPrunedQuantized",
         kind="meters",
         approx_size_mb=1100,
-        sources=(
-            Source.of(_SEED, "depthpro_pruned_quantized.mlpackage"),
-            Source.of(f"{_CP}/DepthPro-coreml-pruned-10-quantized-linear", "DepthProPruned10QuantizedLinear.mlpackage"),
-            Source.of(_KB, "DepthProPruned10QuantizedLinear.mlpackage"),
-        ),
+        sources=(Source.of(_SEED, "depthpro_pruned_quantized.mlpackage"), *_PRUNED_METERS),
         description="the DepthProSample app's name for the pruned + quantized meters model",
     ),
     CatalogEntry(
@@ -123,27 +129,14 @@ CATALOG: tuple[CatalogEntry, ...] = (
         name="DepthProNormalizedInverseDepthPruned10QuantizedLinear",
         kind="normalized_inverse_depth",
         approx_size_mb=745,
-        sources=(
-            Source.of(
-                f"{_CP}/DepthPro-coreml-normalized-inverse-depth-pruned-10-quantized-linear",
-                "DepthProNormalizedInverseDepthPruned10QuantizedLinear.mlpackage",
-            ),
-            Source.of(_KB, "DepthProNormalizedInverseDepthPruned10QuantizedLinear.mlpackage"),
-        ),
+        sources=_PRUNED_NID,
         description="relative depth only, pruned + quantized",
     ),
     CatalogEntry(
         name="DepthProNIDPrunedQuantized",
         kind="normalized_inverse_depth",
         approx_size_mb=745,
-        sources=(
-            Source.of(_SEED, "depthpro_pruned_quantized_inverse_depth_normalized.mlpackage"),
-            Source.of(
-                f"{_CP}/DepthPro-coreml-normalized-inverse-depth-pruned-10-quantized-linear",
-                "DepthProNormalizedInverseDepthPruned10QuantizedLinear.mlpackage",
-            ),
-            Source.of(_KB, "DepthProNormalizedInverseDepthPruned10QuantizedLinear.mlpackage"),
-        ),
+        sources=(Source.of(_SEED, "depthpro_pruned_quantized_inverse_depth_normalized.mlpackage"), *_PRUNED_NID),
         description="the DepthProSample app's name for the pruned + quantized relative model",
     ),
 )
