@@ -62,6 +62,8 @@ class WorkerConfig(_Section):
     retry_backoff_s: list[int] = Field(default_factory=lambda: [10, 60, 300], min_length=1)
     warmup: bool = True
     max_image_pixels: int = Field(100_000_000, gt=0)
+    # A worker silent this long is dead: its job goes back to the queue (heartbeats every third of it).
+    dead_after_s: int = Field(30, ge=10)
 
 
 class ModelConfig(_Section):

@@ -20,8 +20,12 @@ import numpy as np
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import SimpleWorker
+from rq.exceptions import DeserializationError
+from rq.executions import Execution
 from rq.job import Job
+from rq.queue import Queue
 from rq.scheduler import RQScheduler
+from rq.worker import WorkerStatus
 
 from producer.config import Config
 from producer.connection import connect, redact, resolve_url
@@ -44,11 +48,49 @@ class DepthJob(Job):
 
 
 class DepthWorker(SimpleWorker):
+    """rq's in-process worker, plus heartbeats while a job runs.
+
+    SimpleWorker heartbeats only when a job starts, with a TTL of the job timeout plus a minute, so a
+    killed worker's job would look alive for 11 minutes. Here a thread renews a short TTL
+    (`worker.dead_after_s`) while the job runs; once it lapses, any worker's maintenance pass hands
+    the job to the next worker.
+    """
+
     job_class = DepthJob
+
+    def __init__(self, *args: Any, dead_after_s: int = 30, **kwargs: Any):
+        # worker_ttl bounds the idle BLPOP (ttl - 15 s), hence how often idle workers run maintenance.
+        super().__init__(*args, worker_ttl=dead_after_s, maintenance_interval=dead_after_s // 2, **kwargs)
+        self.dead_after_s = dead_after_s
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return self.dead_after_s
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        execution = self.prepare_execution(job)
+        stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat_while, args=(job, execution, stop), daemon=True)
+        beat.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            stop.set()
+            beat.join()
+        self.set_state(WorkerStatus.IDLE)
+
+    def _heartbeat_while(self, job: Job, execution: Execution, stop: threading.Event) -> None:
+        while not stop.wait(self.dead_after_s / 3):
+            try:
+                self.maintain_heartbeats(job, execution)
+            except RedisError as exc:
+                self.log.warning("heartbeat for job %s failed (%s); retrying", job.id, exc)
 
     def handle_exception(self, job: Job, *exc_info: Any) -> None:
         """A bad photo stays bad: one log line, no retries (rq reads retries_left right after this)."""
         exc = exc_info[1]
+        if isinstance(exc, DeserializationError):
+            # rq decodes the job before running it: a pickled or foreign job fails here, unrun.
+            exc = RefusedJobError(f"job {job.id} is not JSON (pickled or foreign); depthq workers refuse it unrun")
         if isinstance(exc, ExpectedError):
             job.retries_left = 0
             self.log.warning("job %s refused: %s", job.id, exc)
@@ -113,6 +155,7 @@ def build_worker(config: Config, connection: Redis, backend: Backend) -> DepthWo
         name=name,
         connection=connection,
         serializer=SERIALIZER,
+        dead_after_s=config.worker.dead_after_s,
         default_result_ttl=config.queue.result_ttl_s,
     )
     job_module.install(
