@@ -124,7 +124,7 @@ def cmd_watch(config: Config, args: argparse.Namespace) -> int:
     from producer.enqueue import Enqueuer
     from producer.watcher import Watcher
 
-    connection = connect(resolve_url(config))
+    connection = connect(resolve_url(config), config.redis)
     Watcher(config, Enqueuer(config, connection)).run(_stop_event())
     return 0
 
@@ -147,7 +147,7 @@ def cmd_enqueue(config: Config, args: argparse.Namespace) -> int:
     from producer.enqueue import Enqueuer, SourceError
     from producer.readiness import Eligibility
 
-    enqueuer = Enqueuer(config, connect(resolve_url(config)))
+    enqueuer = Enqueuer(config, connect(resolve_url(config), config.redis))
     eligible = Eligibility(config.producer.extensions, config.producer.ignore)
     files: list[Path] = []
     for path in args.paths:

@@ -30,6 +30,11 @@ class _Section(BaseModel):
 
 class RedisConfig(_Section):
     url: str | None = None
+    # Credentials kept out of the URL (and so out of `ps` and shell history).
+    username: str | None = None
+    password_file: Path | None = None
+    # For rediss:// (TLS): the CA that signed the server's certificate.
+    ca_file: Path | None = None
     data_dir: Path = Path(".depthq/redis")
     server_bin: Path | None = None
     startup_timeout_s: float = Field(10.0, gt=0)

@@ -6,12 +6,13 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from redis import Redis
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from producer.config import Config, ConfigError
+from producer.config import Config, ConfigError, RedisConfig
 
 # Written by `depthq up` next to the embedded server's data, so `depthq enqueue` finds it.
 URL_FILE = "redis.url"
@@ -47,13 +48,61 @@ def resolve_url(config: Config) -> str:
     )
 
 
-def connect(url: str) -> Redis:
-    """A client that retries with jittered backoff, so a Redis restart is a pause, not a crash."""
-    return Redis.from_url(
+def _credentials(settings: RedisConfig) -> dict[str, str]:
+    extra: dict[str, str] = {}
+    if settings.username:
+        extra["username"] = settings.username
+    if settings.password_file is not None:
+        try:
+            lines = settings.password_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(f"redis.password_file: cannot read {settings.password_file} ({exc.strerror})") from None
+        if not lines or not lines[0]:
+            raise ConfigError(f"redis.password_file: {settings.password_file} is empty; put the password on line 1")
+        extra["password"] = lines[0]
+    if settings.ca_file is not None:
+        if not settings.ca_file.is_file():
+            raise ConfigError(f"redis.ca_file: {settings.ca_file} does not exist; point it at the CA's PEM file")
+        extra["ssl_ca_certs"] = str(settings.ca_file)
+    return extra
+
+
+def connect(url: str, settings: RedisConfig | None = None) -> Redis:
+    """A client that retries with jittered backoff, so a Redis restart is a pause, not a crash.
+
+    Fails at once, naming the fix, if the server is unreachable or refuses the credentials.
+    """
+    extra = _credentials(settings) if settings is not None else {}
+    if "ssl_ca_certs" in extra and not url.startswith("rediss://"):
+        raise ConfigError(f"redis.ca_file is set but redis.url {redact(url)} is not rediss:// (TLS)")
+    # One plain attempt first: redis-py counts refused credentials as a connection error, and the
+    # retrying client below would back off on them for minutes instead of saying what is wrong.
+    probe = Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=5, **extra)
+    try:
+        probe.ping()
+    except AuthenticationError:
+        raise ConfigError(
+            f"redis: {redact(url)} refused the credentials; check the password in redis.url or "
+            "redis.password_file (and redis.username for an ACL user)"
+        ) from None
+    except ResponseError as exc:
+        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc) or "NOPERM" in str(exc):
+            raise ConfigError(
+                f"redis: {redact(url)} needs a password or an allowed ACL user ({exc}); set redis.password_file "
+                "or put it in redis.url"
+            ) from None
+        raise
+    except RedisConnectionError as exc:
+        raise ConfigError(f"redis.url: cannot reach {redact(url)} ({exc}); is Redis running there?") from None
+    finally:
+        probe.close()
+    client = Redis.from_url(
         url,
         retry=Retry(ExponentialWithJitterBackoff(base=0.2, cap=10.0), retries=8),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=30,
         socket_connect_timeout=5,
         socket_keepalive=True,
+        **extra,
     )
+    return client

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from redis import Redis
+from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from producer.config import Config, ConfigError
@@ -53,8 +54,15 @@ def free_port() -> int:
 class EmbeddedRedis:
     """One redis-server child process bound to 127.0.0.1 on a free port."""
 
-    def __init__(self, data_dir: Path, server_bin: Path | None = None, startup_timeout_s: float = 10.0):
+    def __init__(
+        self,
+        data_dir: Path,
+        server_bin: Path | None = None,
+        startup_timeout_s: float = 10.0,
+        extra_args: tuple[str, ...] = (),
+    ):
         self.data_dir = data_dir.resolve()
+        self.extra_args = extra_args
         self.binary = find_server_binary(server_bin)
         self.startup_timeout_s = startup_timeout_s
         self.port = 0
@@ -88,6 +96,7 @@ class EmbeddedRedis:
             "noeviction",
             "--logfile",
             str(self.data_dir / "redis.log"),
+            *self.extra_args,
         ]
         # Its own session, so a terminal's Ctrl-C cannot stop Redis before the workers have finished.
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -103,6 +112,8 @@ class EmbeddedRedis:
                 # Loading a large AOF answers LOADING errors until done; wait for a real PONG.
                 if client.ping():
                     break
+            except AuthenticationError:
+                break  # up, and asking for a password: that is ready
             except RedisConnectionError:
                 pass
             except Exception as exc:  # BusyLoadingError and friends

@@ -130,7 +130,7 @@ def run_up(
     try:
         for child in children:
             child.start()
-        connection = connect(url)
+        connection = connect(url, config.redis)
         watcher = Watcher(config, Enqueuer(config, connection))
 
         def watch() -> None:

@@ -1,0 +1,86 @@
+"""Credentials and reachability against real redis-servers: a password, an ACL user, a password file."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from producer.config import ConfigError, RedisConfig
+from producer.connection import connect, redact
+from producer.redis_server import EmbeddedRedis, free_port
+
+SECRET = "s3cret-pass"
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(
+        tmp_path_factory.mktemp("secured"),
+        extra_args=("--requirepass", SECRET, "--user", "depthq", "on", ">worker-pass", "~*", "&*", "+@all"),
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_password_in_the_url(secured: EmbeddedRedis) -> None:
+    client = connect(f"redis://:{SECRET}@127.0.0.1:{secured.port}/0")
+    assert client.ping()
+
+
+def test_password_from_a_file(secured: EmbeddedRedis, tmp_path: Path) -> None:
+    secret_file = tmp_path / "redis.pass"
+    secret_file.write_text(SECRET + "\n")
+    client = connect(secured.url, RedisConfig(password_file=secret_file))
+    assert client.set("k", "v") and client.get("k") == b"v"
+
+
+def test_acl_user(secured: EmbeddedRedis, tmp_path: Path) -> None:
+    secret_file = tmp_path / "worker.pass"
+    secret_file.write_text("worker-pass")
+    client = connect(secured.url, RedisConfig(username="depthq", password_file=secret_file))
+    assert client.acl_whoami() == "depthq"
+
+
+def test_missing_password_fails_at_start_naming_the_fix(secured: EmbeddedRedis) -> None:
+    with pytest.raises(ConfigError, match="password_file"):
+        connect(secured.url)
+
+
+def test_wrong_password_fails_fast_without_echoing_it(secured: EmbeddedRedis) -> None:
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        connect(f"redis://:not-the-password@127.0.0.1:{secured.port}/0")
+    assert time.monotonic() - started < 5  # refused credentials are final, not retried with back-off
+    assert "not-the-password" not in str(err.value) and "***" in str(err.value)
+
+
+def test_unreachable_redis_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"cannot reach redis://127\.0\.0\.1"):
+        connect(f"redis://127.0.0.1:{free_port()}/0", RedisConfig())
+
+
+def test_bad_password_file_and_ca_file_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"redis\.password_file"):
+        connect("redis://127.0.0.1:1/0", RedisConfig(password_file=tmp_path / "nope"))
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(ConfigError, match="is empty"):
+        connect("redis://127.0.0.1:1/0", RedisConfig(password_file=tmp_path / "empty"))
+    with pytest.raises(ConfigError, match=r"redis\.ca_file"):
+        connect("rediss://127.0.0.1:1/0", RedisConfig(ca_file=tmp_path / "nope.pem"))
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    with pytest.raises(ConfigError, match="not rediss://"):
+        connect("redis://127.0.0.1:1/0", RedisConfig(ca_file=tmp_path / "ca.pem"))
+
+
+def test_urls_in_logs_never_carry_the_password(secured: EmbeddedRedis, caplog: pytest.LogCaptureFixture) -> None:
+    assert redact(f"redis://user:{SECRET}@host:6379/0") == "redis://user:***@host:6379/0"
+    assert redact(f"rediss://:{SECRET}@host/0") == "rediss://:***@host/0"
+    assert redact("redis://host:6379/0") == "redis://host:6379/0"
+    caplog.set_level(logging.DEBUG)
+    connect(f"redis://:{SECRET}@127.0.0.1:{secured.port}/0").ping()
+    assert SECRET not in caplog.text
