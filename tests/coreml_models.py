@@ -54,3 +54,13 @@ def older_export(path: Path, size: int = SIZE) -> Path:
         return depth, angle
 
     return _save(prog, [ct.TensorType(name="pixel_values", shape=(1, 3, size, size))], path)
+
+
+def canonical_without_fov(path: Path, size: int = SIZE) -> Path:
+    """Canonical inverse depth and no FOV: usable only with EXIF, so never picked automatically."""
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 3, size, size))])
+    def prog(image):
+        return mb.reduce_mean(x=image, axes=[1], keep_dims=False, name="canonical_inverse_depth")
+
+    return _save(prog, [ct.ImageType(name="image", shape=(1, 3, size, size))], path)

@@ -3,6 +3,7 @@ needs macOS, so those tests are marked `macos` and skipped elsewhere (never fake
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -12,11 +13,12 @@ import pytest
 from PIL import Image
 
 from producer.config import Config, ModelConfig, load_config
-from tests.coreml_models import SIZE, meters_model, normalized_model, older_export
+from tests.coreml_models import SIZE, canonical_without_fov, meters_model, normalized_model, older_export
 from tests.tiny_model import TINY_INPUT_SIZE, build_tiny_model, expected_depth
 from worker.backends import choose_backend
 from worker.backends.coreml_backend import (
     METERS_WARNING,
+    NO_FOV_WARNING,
     CoreMLBackend,
     compiled_cache_path,
     find_coreml_model,
@@ -49,6 +51,7 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "meters": meters_model(folder / "DepthPro.mlpackage"),
         "normalized": normalized_model(folder / "DepthProNormalizedInverseDepth.mlpackage"),
         "older": older_export(folder / "Old.mlpackage"),
+        "no_fov": canonical_without_fov(folder / "NoFov.mlpackage"),
     }
 
 
@@ -101,10 +104,17 @@ def test_meters_export_contract_and_warning(exports: dict[str, Path]) -> None:
     assert backend.model_name == "DepthPro"
 
 
-def test_older_export_contract(exports: dict[str, Path]) -> None:
-    c = read_contract(exports["older"])
-    assert (c.kind, c.image_input, c.input_is_image) == ("meters", "pixel_values", False)
+def test_older_export_is_canonical_inverse_depth_and_fov(exports: dict[str, Path]) -> None:
+    # ml-depth-pro's export scripts name DepthPro's raw outputs depth_meters and view_angle: the
+    # "depth" is canonical inverse depth, still to be scaled with the FOV.
+    backend = CoreMLBackend(ModelConfig(coreml_path=exports["older"]))
+    c = backend.contract
+    assert (c.kind, c.image_input, c.input_is_image) == ("canonical", "pixel_values", False)
     assert (c.depth_output, c.fov_output) == ("depth_meters", "view_angle")
+    assert backend.warnings == ()
+    pred = backend.prediction_from({"depth_meters": np.full((1, SIZE, SIZE), 0.25), "view_angle": np.array([60.0])})
+    md = metric_depth(pred.inverse_depth, 4000, 3000, pred.fov_deg)
+    np.testing.assert_allclose(md.depth, expected_depth(4000, 3000), rtol=1e-5)
 
 
 def test_normalized_inverse_depth_is_refused_for_metric_output(exports: dict[str, Path]) -> None:
@@ -143,6 +153,12 @@ def test_canonical_output_gets_the_full_metric_math(converted: Path) -> None:
     np.testing.assert_allclose(md.depth, expected_depth(80, 60), rtol=1e-5)
 
 
+def test_canonical_without_fov_is_usable_with_a_warning(exports: dict[str, Path]) -> None:
+    backend = CoreMLBackend(ModelConfig(coreml_path=exports["no_fov"]))
+    assert backend.contract.kind == "canonical" and backend.contract.fov_output is None
+    assert backend.warnings == (NO_FOV_WARNING,)
+
+
 def test_best_model_present_is_found(tmp_path: Path, exports: dict[str, Path], converted: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()
@@ -154,6 +170,9 @@ def test_best_model_present_is_found(tmp_path: Path, exports: dict[str, Path], c
     assert find_coreml_model(cfg) == models / "B-meters.mlpackage"
     shutil.copytree(converted, models / "C-converted.mlpackage")
     assert find_coreml_model(cfg) == models / "C-converted.mlpackage"  # FOV beats meters-only
+    shutil.rmtree(models / "B-meters.mlpackage")
+    shutil.copytree(exports["no_fov"], models / "A-canonical-no-fov.mlpackage")
+    assert find_coreml_model(cfg) == models / "C-converted.mlpackage"  # never auto-picks a model without FOV
 
 
 def _config(tmp_path: Path, **model: object) -> Config:
@@ -170,6 +189,20 @@ def test_auto_backend(tmp_path: Path, exports: dict[str, Path]) -> None:
     assert choose_backend(with_model, system="linux", machine="aarch64") == "torch"
     forced = load_config(environ={}, overrides={"worker": {"backend": "torch"}, "model": {"coreml_path": "x"}})
     assert choose_backend(forced, system="darwin", machine="arm64") == "torch"
+
+
+def test_compiled_copy_survives_workers_compiling_at_once(tmp_path: Path) -> None:
+    compiled_by_core_ml = tmp_path / "tmp-compiled.mlmodelc"
+    (compiled_by_core_ml / "weights").mkdir(parents=True)
+    (compiled_by_core_ml / "weights" / "weight.bin").write_bytes(b"w" * 100)
+    target = tmp_path / ".compiled" / "M-abc.mlmodelc"
+    stale = tmp_path / ".compiled" / ".staging-old"
+    stale.mkdir(parents=True)
+    os.utime(stale, (0, 0))  # left by a crash long ago
+    CoreMLBackend._keep_compiled(compiled_by_core_ml, target)
+    CoreMLBackend._keep_compiled(compiled_by_core_ml, target)  # a second worker, finishing later
+    assert (target / "weights" / "weight.bin").read_bytes() == b"w" * 100
+    assert sorted(p.name for p in target.parent.iterdir()) == ["M-abc.mlmodelc"]
 
 
 def test_compiled_cache_key_follows_the_package_content(tmp_path: Path, exports: dict[str, Path]) -> None:
@@ -207,6 +240,24 @@ def test_converted_model_predicts_like_torch_on_macos(converted: Path, tmp_path:
     md = metric_depth(pred.inverse_depth, 80, 60, pred.fov_deg)
     np.testing.assert_allclose(md.depth, expected_depth(80, 60), rtol=1e-2)  # float16 model
     assert list((tmp_path / ".compiled").glob("Tiny-*.mlmodelc"))
+
+
+@pytest.mark.macos
+def test_core_ml_sees_what_torch_sees_on_macos(tmp_path: Path) -> None:
+    """Random weights, so preprocessing (ImageType scale/bias, channel order, resize) shows in the output."""
+    from worker.backends.torch_backend import TorchBackend
+    from worker.convert import convert
+
+    weights = build_tiny_model(tmp_path / "random", constant_head=False)
+    package = convert(ModelConfig(path=str(weights)), tmp_path / "Random.mlpackage", precision="float32")
+    rgb = np.random.default_rng(3).integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    torch_backend = TorchBackend(ModelConfig(path=str(weights), device="cpu"))
+    torch_backend.load()
+    core_ml = CoreMLBackend(ModelConfig(coreml_path=package, cache_dir=tmp_path, compute_units="cpu_only"))
+    core_ml.load()
+    expected, got = torch_backend.predict(rgb), core_ml.predict(rgb)
+    np.testing.assert_allclose(got.inverse_depth, expected.inverse_depth, rtol=1e-2, atol=1e-3)
+    assert got.fov_deg == pytest.approx(expected.fov_deg, rel=1e-2)
 
 
 @pytest.mark.macos

@@ -95,7 +95,7 @@ def convert(
     from transformers import DepthProForDepthEstimation
 
     if output.suffix != ".mlpackage":
-        raise ValueError(f"{output}: the Core ML output must end in .mlpackage")
+        raise ModelUnavailableError(f"--output {output}: a Core ML mlprogram is saved as a folder ending in .mlpackage")
     folder = resolve_model_dir(model)
     net, info = DepthProForDepthEstimation.from_pretrained(folder, use_fov_model=True, output_loading_info=True)
     if any("fov_model" in k for k in info.get("missing_keys", [])):
@@ -172,8 +172,8 @@ def convert(
     staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
     try:
         mlmodel.save(str(staging / output.name))
-        if output.exists():
-            shutil.rmtree(output)
+        if output.exists():  # set the old one aside first: a worker never finds no model there
+            os.replace(output, staging / "previous.mlpackage")
         os.replace(staging / output.name, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

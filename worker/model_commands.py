@@ -72,6 +72,14 @@ def convert_command(config: Config, args: argparse.Namespace) -> int:
     suffix = "" if args.compression == "none" else f"-{args.compression}"
     output = args.output or config.model.cache_dir / f"{stem}{suffix}.mlpackage"
     started = time.perf_counter()
-    path = convert(config.model, output, compression=args.compression, precision=args.precision, contract=args.contract)
+    try:
+        path = convert(
+            config.model, output, compression=args.compression, precision=args.precision, contract=args.contract
+        )
+    except ImportError as exc:  # torch and transformers are imported only when converting
+        raise ModelUnavailableError(
+            f"converting needs PyTorch and transformers ({exc}); pip install -e '.[torch]' on any machine, "
+            "then copy the .mlpackage to the Mac"
+        ) from None
     print(f"wrote {path} in {time.perf_counter() - started:.0f}s: {_contract_label(path)}")
     return 0

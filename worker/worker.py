@@ -174,7 +174,7 @@ def build_worker(config: Config, connection: Redis, backend: Backend) -> DepthWo
 
 def run(config: Config, burst: bool = False) -> int:
     url = resolve_url(config)
-    connection = connect(url)
+    connection = connect(url, config.redis)
     t0 = time.perf_counter()
     backend, timings = load_backend(config)
     worker = build_worker(config, connection, backend)

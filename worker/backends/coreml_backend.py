@@ -22,6 +22,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -46,9 +47,10 @@ _FOV_NAMES = {"fovdeg", "fov", "fieldofview", "viewangle"}
 _WIDTH_INPUT_NAMES = {"originalwidth"}
 
 METERS_WARNING = (
-    "this Core ML model outputs meters but no field of view: depth is as the model gave it, "
-    "fov_model_deg is null, and the focal length comes from EXIF only"
+    "this Core ML model outputs meters but no field of view: depth is as the model scaled it with its "
+    "own FOV estimate; fov_model_deg is null, and an EXIF focal length is reported, not applied"
 )
+NO_FOV_WARNING = "this Core ML model gives no field of view: photos without an EXIF focal length cannot be measured"
 
 COMPUTE_UNITS = {"all": "ALL", "cpu_and_ne": "CPU_AND_NE", "cpu_and_gpu": "CPU_AND_GPU", "cpu_only": "CPU_ONLY"}
 
@@ -68,7 +70,6 @@ class CoreMLContract:
     depth_output: str
     fov_output: str | None
     width_input: str | None
-    input_dtype: str
 
     @property
     def metric(self) -> bool:
@@ -119,8 +120,12 @@ def detect_contract(spec: Any, source: str) -> CoreMLContract:
             "(expected canonical_inverse_depth, depthMeters or normalizedInverseDepth)"
         )
     key, kind = found[0]
+    if kind == "meters" and fov is not None:
+        # Older exports (ml-depth-pro's export scripts) call DepthPro's raw outputs depth_meters and
+        # view_angle: a depth output that comes with a FOV is canonical inverse depth, still to be
+        # scaled by W / f_px. A model that really outputs meters has no use for a FOV output.
+        kind = "canonical"
     input_is_image = picture.type.WhichOneof("Type") == "imageType"
-    dtype = "image" if input_is_image else _multiarray_dtype(picture)
     return CoreMLContract(
         kind=kind,  # type: ignore[arg-type]
         image_input=picture.name,
@@ -129,15 +134,7 @@ def detect_contract(spec: Any, source: str) -> CoreMLContract:
         depth_output=outputs[key],
         fov_output=fov,
         width_input=width_input,
-        input_dtype=dtype,
     )
-
-
-def _multiarray_dtype(feature: Any) -> str:
-    from coremltools.proto import FeatureTypes_pb2
-
-    code = feature.type.multiArrayType.dataType
-    return "float16" if code == FeatureTypes_pb2.ArrayFeatureType.FLOAT16 else "float32"
 
 
 def read_contract(path: Path) -> CoreMLContract:
@@ -173,8 +170,9 @@ def find_coreml_model(model: ModelConfig) -> Path | None:
         except ModelUnavailableError as exc:
             log.debug("skipping %s: %s", path, exc)
             continue
-        if contract.metric:
-            rank = 0 if contract.kind == "canonical" and contract.fov_output else 1
+        # Auto-picked only if it can measure every photo: canonical needs its FOV output.
+        if contract.kind == "meters" or (contract.kind == "canonical" and contract.fov_output):
+            rank = 0 if contract.kind == "canonical" else 1
             ranked.append((rank, path.name, path))
     return min(ranked)[2] if ranked else None
 
@@ -214,7 +212,11 @@ class CoreMLBackend:
         self.model_name = path.stem
         self.input_size = self.contract.input_size
         self.device = f"coreml:{model.compute_units}"
-        self.warnings: tuple[str, ...] = (METERS_WARNING,) if self.contract.kind == "meters" else ()
+        self.warnings: tuple[str, ...] = ()
+        if self.contract.kind == "meters":
+            self.warnings = (METERS_WARNING,)
+        elif self.contract.fov_output is None:
+            self.warnings = (NO_FOV_WARNING,)
         self._model: Any = None
 
     def load(self) -> None:
@@ -229,19 +231,44 @@ class CoreMLBackend:
         cache_root = self.model_config.cache_dir / ".compiled"
         compiled = compiled_cache_path(self.path, cache_root)
         if compiled.is_dir():
-            self._model = ct.models.CompiledMLModel(str(compiled), compute_units=units)
-            log.info("loaded compiled %s (%s)", compiled, self.device)
-            return
+            try:
+                self._model = ct.models.CompiledMLModel(str(compiled), compute_units=units)
+                log.info("loaded compiled %s (%s)", compiled, self.device)
+                return
+            except Exception as exc:  # stale or damaged: set it aside and compile again
+                log.warning("compiled cache %s unusable (%s); recompiling", compiled, exc)
+                shutil.rmtree(compiled, ignore_errors=True)
         log.info("compiling %s for %s; later starts reuse %s", self.path, self.device, compiled)
         model = ct.models.MLModel(str(self.path), compute_units=units)
-        cache_root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=cache_root, prefix=".staging-"))
+        if getattr(model, "__proxy__", None) is None:
+            # coremltools only warns when Core ML cannot load a model; say why, and stop here.
+            raise BackendUnavailableError(
+                f"model.coreml_path: Core ML could not load {self.path}: "
+                f"{getattr(model, '_framework_error', 'unknown error')}"
+            )
+        self._model = model
         try:
-            shutil.copytree(model.get_compiled_model_path(), staging / "model.mlmodelc")
-            os.replace(staging / "model.mlmodelc", compiled)
+            self._keep_compiled(Path(model.get_compiled_model_path()), compiled)
+        except OSError as exc:  # a full or read-only disk costs the next start time, not this one
+            log.warning("could not keep the compiled model in %s (%s); the next start compiles again", compiled, exc)
+
+    @staticmethod
+    def _keep_compiled(source: Path, compiled: Path) -> None:
+        """Copy, then rename into place; several workers compiling at once all end up with one copy."""
+        compiled.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in compiled.parent.glob(".staging-*"):
+            if leftover.stat().st_mtime < time.time() - 3600:  # from a crash, not a compile under way
+                shutil.rmtree(leftover, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(dir=compiled.parent, prefix=".staging-"))
+        try:
+            shutil.copytree(source, staging / "model.mlmodelc")
+            try:
+                os.replace(staging / "model.mlmodelc", compiled)
+            except OSError:
+                if not compiled.is_dir():
+                    raise  # another worker got there first otherwise, and its copy is as good
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        self._model = model
 
     def inputs_for(self, rgb: np.ndarray) -> dict[str, Any]:
         """The model's inputs for one photo; shared preprocessing, in the form this export takes."""
@@ -252,7 +279,7 @@ class CoreMLBackend:
             small = resize_bilinear(rgb, c.input_size, c.input_size)
             feed[c.image_input] = Image.fromarray(np.ascontiguousarray(small), "RGB")
         else:
-            feed[c.image_input] = model_input(rgb, c.input_size)[None].astype(c.input_dtype)
+            feed[c.image_input] = model_input(rgb, c.input_size)[None]
         if c.width_input is not None:
             feed[c.width_input] = np.full((1, 1, 1, 1), float(rgb.shape[1]), dtype=np.float32)
         return feed
@@ -263,7 +290,9 @@ class CoreMLBackend:
 
     def prediction_from(self, out: dict[str, Any]) -> Prediction:
         c = self.contract
-        depth = np.asarray(out[c.depth_output], dtype=np.float32).reshape(c.input_size, c.input_size)
+        depth = np.squeeze(np.asarray(out[c.depth_output], dtype=np.float32))  # metric_depth resizes it anyway
+        if depth.ndim != 2:
+            raise RuntimeError(f"{self.path}: output {c.depth_output} has shape {depth.shape}, not a depth map")
         fov = float(np.asarray(out[c.fov_output]).reshape(-1)[0]) if c.fov_output else None
         if c.kind == "meters":
             inverse = 1.0 / np.maximum(depth, np.float32(1e-6))
