@@ -69,6 +69,7 @@ class Watcher:
         self.eligible = Eligibility(config.producer.extensions, config.producer.ignore)
         self.tracker = SettleTracker(config.producer.settle_ms / 1000.0)
         self._ready: queue.SimpleQueue[Path] = queue.SimpleQueue()
+        self.armed = False  # whether an observer is watching the folder right now
 
     def consider(self, path: Path, finished: bool) -> None:
         try:
@@ -120,20 +121,36 @@ class Watcher:
         if result.outcome == "changed":
             self.tracker.saw_change(path)
 
+    def _arm(self) -> BaseObserver:
+        observer = self.make_observer()
+        observer.schedule(_Handler(self), str(self.root), recursive=True)
+        observer.start()
+        kind = "polling" if self.config.producer.polling else type(observer).__name__
+        log.info("watching %s (%s), output in %s", self.root, kind, self.output_root)
+        return observer
+
+    def _healthy(self, observer: BaseObserver) -> bool:
+        """watchdog's emitters stop silently when their folder vanishes (an SMB/NFS share going away)."""
+        return self.root.is_dir() and all(emitter.is_alive() for emitter in observer.emitters)
+
     def run(self, stop: threading.Event) -> None:
         if not self.root.is_dir():
             raise FileNotFoundError(
                 f"producer.watch: {self.root} is not a folder; create it or point producer.watch elsewhere"
             )
-        observer = self.make_observer()
-        observer.schedule(_Handler(self), str(self.root), recursive=True)
-        observer.start()
-        kind = "polling" if self.config.producer.polling else type(observer).__name__
-        log.info("watching %s (%s), output in %s", self.root, kind, self.output_root.resolve())
+        observer: BaseObserver | None = self._arm()
+        self.armed = True
         try:
             self.rescan()
             next_rescan = time.monotonic() + self.config.producer.rescan_s
+            next_health = time.monotonic() + self.config.producer.poll_interval_s
             while not stop.is_set():
+                if time.monotonic() >= next_health:
+                    observer = self._check_health(observer)
+                    next_health = time.monotonic() + self.config.producer.poll_interval_s
+                    if observer is None:
+                        stop.wait(_IDLE_TICK_S)
+                        continue
                 self._drain_ready()
                 for path in self.tracker.pop_ready():
                     self.submit(path)
@@ -145,8 +162,24 @@ class Watcher:
                 with contextlib.suppress(queue.Empty):
                     self.submit(self._ready.get(timeout=wait))
         finally:
+            if observer is not None:
+                observer.stop()
+                observer.join(timeout=5)
+
+    def _check_health(self, observer: BaseObserver | None) -> BaseObserver | None:
+        """Stand down while the watched folder is gone; re-arm and rescan once it is back."""
+        if observer is not None and not self._healthy(observer):
+            log.warning("%s is gone or no longer watched (unmounted share?); waiting for it to come back", self.root)
             observer.stop()
             observer.join(timeout=5)
+            observer = None
+            self.armed = False
+        if observer is None and self.root.is_dir():
+            observer = self._arm()
+            self.armed = True
+            log.info("%s is back; rescanning for what arrived meanwhile", self.root)
+            self.rescan()
+        return observer
 
     def _drain_ready(self) -> None:
         while True:

@@ -96,3 +96,40 @@ def test_events_mark_files_ready_only_when_written(make_config: Callable[..., Co
         handler.on_any_event(FileClosedEvent(str(ignored)))
         handler.on_any_event(FileCreatedEvent(str(ignored)))
     assert watcher._ready.empty() and watcher.tracker.next_due_in() is None
+
+
+@pytest.mark.parametrize("polling", [True, False], ids=["polling", "native"])
+def test_watched_share_going_away_and_back_is_rearmed(
+    make_config: Callable[..., Config], redis_client: Redis, tmp_path, polling: bool
+) -> None:
+    config = make_config(producer={"polling": polling, "poll_interval_s": 0.2, "settle_ms": 100})
+    enqueuer = Enqueuer(config, redis_client)
+    watcher = Watcher(config, enqueuer)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        inbox = config.producer.watch
+        write_jpeg(inbox / "before.jpg")
+        wait_count(enqueuer, 1)
+        parked = tmp_path / "unmounted"
+        inbox.rename(parked)  # the share goes away
+        wait_until(lambda: not watcher.armed, "the watcher to notice")
+        write_jpeg(parked / "during.jpg", seed=1)  # arrives where no watcher sees it
+        parked.rename(inbox)  # the share comes back: the re-arm's rescan must find it
+        wait_count(enqueuer, 2)
+        write_jpeg(inbox / "after.jpg", seed=2)  # and events flow again
+        wait_count(enqueuer, 3)
+        assert watcher.armed
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
