@@ -9,6 +9,7 @@ refuses the duplicate. What happens then depends on the existing job:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -78,28 +79,39 @@ class Enqueuer:
         self._add_alias = connection.register_script(_ADD_ALIAS)
         self._hashes: OrderedDict[tuple[str, int, int], str] = OrderedDict()
 
-    def relative(self, path: Path) -> str:
+    def relative(self, path: Path) -> tuple[str, str | None]:
+        """The photo's name under the watch root, and why the producer must not read it (or None).
+
+        The name is the link's own, not its target's. A symlink out of the root is still named, so
+        that it becomes a job the worker refuses, with an error file the user can see.
+        """
         try:
             resolved = path.resolve(strict=True)
         except OSError as exc:
             raise SourceError(f"{path}: cannot be read ({exc.strerror})") from None
-        try:
-            rel = resolved.relative_to(self.watch_root)
-        except ValueError:
-            raise SourceError(
-                f"{path}: resolves to {resolved}, outside the watch root {self.watch_root}; "
-                "move the photo into the watched folder (symlinks out of it are refused)"
-            ) from None
         if not resolved.is_file():
             raise SourceError(f"{path}: not a regular file")
-        return rel.as_posix()
+        for candidate in (Path(os.path.abspath(path)), resolved):
+            with contextlib.suppress(ValueError):
+                rel = candidate.relative_to(self.watch_root).as_posix()
+                if resolved.is_relative_to(self.watch_root):
+                    return rel, None
+                return rel, f"resolves to {resolved}, outside the watch root"
+        raise SourceError(f"{path}: outside the watch root {self.watch_root}; move the photo into the watched folder")
 
     def submit(self, path: Path, force: bool = False) -> Submitted:
         """Enqueue one photo unless it is already done. Raises SourceError for paths that must not be jobs."""
-        source = self.relative(path)
+        source, unreadable = self.relative(path)
         before = path.stat()
         if not force and is_finished(self.config.output.dir, source, before):
             return Submitted("done", "", source)
+        if unreadable is None:
+            try:
+                sha = self._sha256(path, source, before)
+            except PermissionError:
+                unreadable = "permission denied"
+        if unreadable is not None:
+            return self._refusal(path, source, before, unreadable)
         sha = self._sha256(path, source, before)
         after = path.stat()
         if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
@@ -125,6 +137,25 @@ class Enqueuer:
                 if handled is not None:
                     return handled
         return Submitted("duplicate", jid, source)
+
+    def _refusal(self, path: Path, source: str, st: os.stat_result, why: str) -> Submitted:
+        """A file the producer will not read still becomes a job, keyed by its name: the worker, which
+        decides what it may read, computes it or writes the error file the user needs to see."""
+        log.warning("%s: %s; the worker will decide and record it", path, why)
+        payload = JobPayload(
+            source=source,
+            size=st.st_size,
+            mtime=st.st_mtime,
+            sha256="",
+            model=self.config.model.path,
+            outputs=list(self.outputs),
+        )
+        jid = "unread-" + hashlib.sha256(f"{source}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:32]
+        try:
+            self._enqueue(jid, payload)
+        except DuplicateJobError:
+            return self._duplicate(jid, payload) or Submitted("duplicate", jid, source)
+        return Submitted("enqueued", jid, source)
 
     def _sha256(self, path: Path, source: str, st: os.stat_result) -> str:
         key = (source, st.st_size, st.st_mtime_ns)

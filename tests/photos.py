@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,3 +33,14 @@ def write_jpeg(
 
 def jpeg_bytes(tmp: Path, **kwargs: int) -> bytes:
     return write_jpeg(tmp, **kwargs).read_bytes()
+
+
+def png_with_size(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose IHDR is patched (CRC included) to claim width x height: a decompression bomb."""
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    assert data[12:16] == b"IHDR"
+    struct.pack_into(">II", data, 16, width, height)
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    return bytes(data)

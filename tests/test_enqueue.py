@@ -81,13 +81,19 @@ def test_copy_after_the_original_is_done_becomes_a_copy_job(enqueuer: Enqueuer, 
     assert json.loads(zlib.decompress(raw))[2][0]["same_as"] == "a.jpg"
 
 
-def test_symlink_out_of_the_watch_root_is_refused(enqueuer: Enqueuer, tmp_path: Path) -> None:
+def test_symlink_out_of_the_watch_root_is_not_read_but_queued_for_refusal(
+    enqueuer: Enqueuer, tmp_path: Path, redis_client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import producer.enqueue as module
+
     outside = write_jpeg(tmp_path / "elsewhere" / "secret.jpg")
     link = enqueuer.watch_root / "link.jpg"
     link.symlink_to(outside)
-    with pytest.raises(SourceError, match="outside the watch root"):
-        enqueuer.submit(link)
-    assert enqueuer.queue.count == 0
+    monkeypatch.setattr(module, "file_sha256", lambda p: pytest.fail(f"the producer read {p}"))
+    result = enqueuer.submit(link)
+    assert result.outcome == "enqueued" and result.job_id.startswith("unread-")
+    payload = json.loads(zlib.decompress(redis_client.hget(f"rq:job:{result.job_id}", "data")))[2][0]
+    assert (payload["source"], payload["sha256"]) == ("link.jpg", "")
 
 
 def test_directory_named_like_a_photo_is_refused(enqueuer: Enqueuer) -> None:

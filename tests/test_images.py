@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from typing import Any
 
 import numpy as np
@@ -12,6 +10,7 @@ import pillow_heif
 import pytest
 from PIL import ExifTags, Image, ImageOps
 
+from tests.photos import png_with_size
 from worker.errors import BadInputError
 from worker.images import LoadedImage, load_image
 
@@ -50,15 +49,6 @@ def _exif(orientation: int | None = None, focal_35mm: int | None = None) -> byte
     if focal_35mm is not None:
         exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.FocalLengthIn35mmFilm] = focal_35mm
     return exif.tobytes()
-
-
-def _png_with_size(width: int, height: int) -> bytes:
-    """A valid 1x1 PNG whose IHDR is patched (CRC included) to claim width x height: a decompression bomb."""
-    data = bytearray(_encode(Image.new("L", (1, 1)), "PNG"))
-    assert data[12:16] == b"IHDR"
-    struct.pack_into(">II", data, 16, width, height)
-    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
 
 
 # Orientation -> (transposed?, corner the top-left marker lands in), per the EXIF spec.
@@ -285,7 +275,7 @@ def test_text_file_named_jpg_is_refused() -> None:
 
 
 def test_decompression_bomb_is_refused_before_decoding() -> None:
-    bomb = _png_with_size(50_000, 50_000)
+    bomb = png_with_size(50_000, 50_000)
     assert len(bomb) < 100
 
     message = _refusal(bomb, "bomb.png", max_pixels=100_000_000)
@@ -295,7 +285,7 @@ def test_decompression_bomb_is_refused_before_decoding() -> None:
 
 def test_image_over_max_pixels_is_refused_from_the_header() -> None:
     # 12000 x 12000 = 144 M pixels: under Pillow's own ceiling, over the configured limit.
-    message = _refusal(_png_with_size(12_000, 12_000), "big.png", max_pixels=100_000_000)
+    message = _refusal(png_with_size(12_000, 12_000), "big.png", max_pixels=100_000_000)
 
     assert "worker.max_image_pixels" in message
     assert "12000x12000" in message
@@ -311,7 +301,7 @@ def test_max_pixels_is_inclusive() -> None:
 def test_raising_the_limit_above_pillows_default_ceiling_takes_effect() -> None:
     # 15000 x 15000 = 225 M pixels: over Pillow's default 2 x 89.5 M, under a configured 300 M. The
     # header passes; the (empty) pixel data then fails as damaged, not as too big.
-    message = _refusal(_png_with_size(15_000, 15_000), "huge.png", max_pixels=300_000_000)
+    message = _refusal(png_with_size(15_000, 15_000), "huge.png", max_pixels=300_000_000)
 
     assert "worker.max_image_pixels" not in message
     assert "damaged or incomplete" in message

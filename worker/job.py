@@ -200,7 +200,7 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
         "worker": {"host": rt.host, "name": rt.worker_name},
     }
     warnings = list(rt.backend.warnings)
-    if sha != p.sha256:
+    if p.sha256 and sha != p.sha256:
         # The file changed after it was enqueued; this describes what was actually read.
         warnings.append("the photo changed after it was enqueued; this result is for its current content")
     if warnings:
@@ -243,9 +243,10 @@ def _record_failure(rt: Runtime, p: JobPayload, job: Job | None, exc: BaseExcept
         "error": {"type": getattr(exc, "kind", type(exc).__name__), "message": str(exc)},
         "created_at": datetime.now(UTC).isoformat(),
     }
+    # Stamped like the producer sees it (following links, even out of the root: stat reads no content).
     # A photo that is gone has nothing to stamp, and leaves nothing for the producer to look at.
-    with contextlib.suppress(BadInputError, OSError):
-        record["source_stat"] = source_stamp(source_path(rt.watch_root, p.source).stat())
+    with contextlib.suppress(OSError):
+        record["source_stat"] = source_stamp(rt.watch_root.joinpath(*safe_relative(p.source).parts).stat())
     rt.store.write_error(p.source, record)
 
 
