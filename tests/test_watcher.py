@@ -133,3 +133,59 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) 
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_photos_that_arrived_while_the_producer_was_down(
+    make_config: Callable[..., Config], redis_client: Redis, tiny_model
+) -> None:
+    """100 photos arrive with no producer running; 10 of them were already done before. On start, the
+    90 new ones are enqueued and nothing done is computed again."""
+    from producer.config import load_config
+    from worker.worker import build_worker, load_backend
+
+    config = make_config(producer={"settle_ms": 0})
+    backend = load_backend(load_config(environ={}, overrides={"model": {"path": str(tiny_model)}}))[0]
+    inbox = config.producer.watch
+    for i in range(10):
+        write_jpeg(inbox / "old" / f"{i}.jpg", seed=i)
+    with running(config, redis_client) as enqueuer:
+        wait_count(enqueuer, 10)
+    build_worker(config, redis_client, backend).work(burst=True)
+    done_before = {p: p.stat().st_mtime_ns for p in (config.output.dir / "old").glob("*.json")}
+    assert len(done_before) == 10
+    for i in range(90):  # the producer is down
+        write_jpeg(inbox / "new" / f"{i}.jpg", seed=100 + i)
+    with running(config, redis_client) as enqueuer:
+        wait_count(enqueuer, 90)
+        assert enqueuer.queue.count == 90
+    build_worker(config, redis_client, backend).work(burst=True)
+    assert len(list((config.output.dir / "new").glob("*.json"))) == 90
+    assert {p: p.stat().st_mtime_ns for p in (config.output.dir / "old").glob("*.json")} == done_before
+
+
+def test_periodic_rescan_finds_what_events_missed(make_config: Callable[..., Config], redis_client: Redis) -> None:
+    # A polling observer that never polls again stands in for an inotify queue overflow: no events.
+    config = make_config(producer={"polling": True, "poll_interval_s": 3600, "rescan_s": 0.3, "settle_ms": 0})
+    enqueuer = Enqueuer(config, redis_client)
+    watcher = Watcher(config, enqueuer)
+    scans: list[int] = []
+    start_up_scan = watcher.rescan
+
+    def rescan() -> int:
+        found = start_up_scan()
+        scans.append(found)
+        if len(scans) == 1:  # photos land right after the start-up scan, and no event reports them
+            for i in range(5):
+                write_jpeg(config.producer.watch / f"missed-{i}.jpg", seed=i)
+        return found
+
+    watcher.rescan = rescan  # type: ignore[method-assign]
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_count(enqueuer, 5)
+        assert scans[0] == 0 and sum(scans[1:]) >= 5
+    finally:
+        stop.set()
+        thread.join(10)
