@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from redis import Redis
@@ -13,6 +15,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from producer.config import Config, ConfigError, RedisConfig
+
+log = logging.getLogger(__name__)
 
 # Written by `depthq up` next to the embedded server's data, so `depthq enqueue` finds it.
 URL_FILE = "redis.url"
@@ -46,6 +50,24 @@ def resolve_url(config: Config) -> str:
         f"(no {marker}); set redis.url in config.yaml or DEPTHQ_REDIS_URL=redis://host:6379/0, "
         "or start `depthq up`, which runs its own Redis"
     )
+
+
+class LoggedRetry(Retry):
+    """redis-py's retry with back-off, saying so: an outage and the recovery each get one log line."""
+
+    def call_with_retry(self, do: Any, fail: Any, is_retryable: Any = None, with_failure_count: bool = False) -> Any:
+        failed: list[Exception] = []
+
+        def note_failure(error: Exception, *count: int) -> Any:
+            if not failed:
+                log.warning("redis unavailable (%s); retrying with back-off", error)
+            failed.append(error)
+            return fail(error, *count)
+
+        result = super().call_with_retry(do, note_failure, is_retryable, with_failure_count)
+        if failed:
+            log.warning("redis reachable again after %d failed attempt(s)", len(failed))
+        return result
 
 
 def _credentials(settings: RedisConfig) -> dict[str, str]:
@@ -98,7 +120,7 @@ def connect(url: str, settings: RedisConfig | None = None) -> Redis:
         probe.close()
     client = Redis.from_url(
         url,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.2, cap=10.0), retries=8),
+        retry=LoggedRetry(ExponentialWithJitterBackoff(base=0.2, cap=10.0), retries=8),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=30,
         socket_connect_timeout=5,

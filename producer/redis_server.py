@@ -60,9 +60,11 @@ class EmbeddedRedis:
         server_bin: Path | None = None,
         startup_timeout_s: float = 10.0,
         extra_args: tuple[str, ...] = (),
+        port: int = 0,
     ):
         self.data_dir = data_dir.resolve()
         self.extra_args = extra_args
+        self.fixed_port = port
         self.binary = find_server_binary(server_bin)
         self.startup_timeout_s = startup_timeout_s
         self.port = 0
@@ -74,7 +76,7 @@ class EmbeddedRedis:
 
     def start(self) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = self.fixed_port or free_port()
         args = [
             str(self.binary),
             "--port",
@@ -87,8 +89,10 @@ class EmbeddedRedis:
             str(self.data_dir),
             "--appendonly",
             "yes",
+            # Every acknowledged write survives even a SIGKILL of Redis: a finished job is never
+            # forgotten and computed again. depthq writes a few keys a second, so this costs nothing.
             "--appendfsync",
-            "everysec",
+            "always",
             "--save",
             "",
             # Eviction would silently drop queued jobs.

@@ -1,0 +1,98 @@
+"""Redis SIGKILLed and restarted on the same data in the middle of a stream of photos: every photo is
+done exactly once, and the producer and workers ride it out by themselves."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from producer.redis_server import EmbeddedRedis, free_port
+from tests.photos import write_jpeg
+
+PHOTOS = 200
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_redis_killed_and_restarted_mid_stream(
+    tmp_path: Path, tiny_model: Path, record_property: Callable[[str, object], None]
+) -> None:
+    data, inbox, out = tmp_path / "redis-data", tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    port = free_port()
+    redis = EmbeddedRedis(data, port=port)
+    redis.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPTHQ_")}
+    env.update(
+        DEPTHQ_REDIS_URL=redis.url,
+        DEPTHQ_PRODUCER_WATCH=str(inbox),
+        DEPTHQ_PRODUCER_SETTLE_MS="100",
+        DEPTHQ_PRODUCER_RESCAN_S="5",
+        DEPTHQ_OUTPUT_DIR=str(out),
+        DEPTHQ_MODEL_PATH=str(tiny_model),
+        DEPTHQ_MODEL_DEVICE="cpu",
+        DEPTHQ_WORKER_DEAD_AFTER_S="10",
+        DEPTHQ_WORKER_RETRY_BACKOFF_S="[1]",
+    )
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    for name, module in (("producer", "producer"), ("worker-a", "worker"), ("worker-b", "worker")):
+        log = (tmp_path / f"{name}.log").open("wb")
+        procs.append((name, subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=log)))
+    try:
+        wait_for(
+            lambda: all("Listening on" in (tmp_path / f"{w}.log").read_text() for w in ("worker-a", "worker-b")),
+            "both workers",
+            120,
+        )
+        done = lambda: len(list(out.glob("*.json")))  # noqa: E731
+        half = PHOTOS // 2
+        for i in range(half):
+            write_jpeg(inbox / f"{i:03d}.jpg", width=48, height=32, seed=i)
+        wait_for(lambda: done() >= 20, "the stream to be under way", 120)
+        redis.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+        redis.process.wait()  # type: ignore[union-attr]
+        assert done() < PHOTOS  # mid-stream: photos are queued, and more are coming
+        for i in range(half, PHOTOS):  # they keep arriving while Redis is down
+            write_jpeg(inbox / f"{i:03d}.jpg", width=48, height=32, seed=i)
+        time.sleep(1)  # an outage of some length: the time Redis takes to come back is the point
+        redis.start()  # same port, same append-only file
+        wait_for(lambda: done() == PHOTOS, f"{PHOTOS} results (have {done()})", 240)
+    finally:
+        for _, proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for _, proc in procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        redis.stop()
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name, _ in procs}
+    computed = Counter(re.findall(r"worker\.job: (\d{3}\.jpg): depth", logs["worker-a"] + logs["worker-b"]))
+    assert set(computed) == {f"{i:03d}.jpg" for i in range(PHOTOS)}
+    twice = {name: n for name, n in computed.items() if n > 1}
+    assert not twice, f"computed more than once: {twice}"
+    assert not list(out.glob(".*.tmp"))
+    # Every process noticed the outage, said so, and came back without a restart.
+    assert all(proc.returncode == 0 for _, proc in procs), {n: p.returncode for n, p in procs}
+    for name, text in logs.items():
+        assert "redis unavailable" in text or "could not connect to Redis" in text, f"{name} never noticed"
+    record_property("computed_per_worker", {n: logs[n].count(": depth ") for n in ("worker-a", "worker-b")})
+
+
+pytestmark = pytest.mark.timeout(600)
