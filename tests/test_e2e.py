@@ -25,21 +25,9 @@ from rq import Worker
 
 from tests.photos import write_jpeg
 from tests.tiny_model import expected_depth
+from tests.waiting import wait_for
 
 pillow_heif.register_heif_opener()  # to write the HEIC test photo
-
-
-DEADLINE_S = 60.0
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:
-    """Poll until true; the deadline only bounds a failure, it is not a timing assertion."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @dataclass

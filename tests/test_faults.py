@@ -23,6 +23,7 @@ from producer.config import Config
 from producer.contract import SERIALIZER, make_queue
 from producer.enqueue import Enqueuer
 from tests.photos import write_jpeg
+from tests.waiting import wait_for
 from worker.backends import Backend
 from worker.worker import build_worker
 
@@ -34,15 +35,6 @@ def big_photo(path: Path) -> Path:
     small = np.random.default_rng(0).integers(0, 255, (750, 1000, 3), dtype=np.uint8)
     Image.fromarray(small).resize((8000, 6000), Image.BILINEAR).save(path, quality=90)
     return path
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture

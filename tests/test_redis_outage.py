@@ -17,17 +17,9 @@ import pytest
 
 from producer.redis_server import EmbeddedRedis, free_port
 from tests.photos import write_jpeg
+from tests.waiting import wait_for
 
 PHOTOS = 200
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_redis_killed_and_restarted_mid_stream(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -15,6 +14,7 @@ from producer.config import Config
 from producer.enqueue import Enqueuer
 from producer.watcher import Watcher, _Handler
 from tests.photos import write_jpeg
+from tests.waiting import wait_for
 
 
 @contextmanager
@@ -31,13 +31,8 @@ def running(config: Config, redis_client: Redis) -> Iterator[Enqueuer]:
     assert not thread.is_alive()
 
 
-def wait_count(enqueuer: Enqueuer, n: int, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if enqueuer.queue.count >= n:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"expected {n} jobs, have {enqueuer.queue.count}")
+def wait_count(enqueuer: Enqueuer, n: int) -> None:
+    wait_for(lambda: enqueuer.queue.count >= n, f"{n} jobs (have {enqueuer.queue.count})", 30)
 
 
 @pytest.mark.parametrize("polling", [False, True], ids=["native", "polling"])
@@ -114,7 +109,7 @@ def test_watched_share_going_away_and_back_is_rearmed(
         wait_count(enqueuer, 1)
         parked = tmp_path / "unmounted"
         inbox.rename(parked)  # the share goes away
-        wait_until(lambda: not watcher.armed, "the watcher to notice")
+        wait_for(lambda: not watcher.armed, "the watcher to notice")
         write_jpeg(parked / "during.jpg", seed=1)  # arrives where no watcher sees it
         parked.rename(inbox)  # the share comes back: the re-arm's rescan must find it
         wait_count(enqueuer, 2)
@@ -124,15 +119,6 @@ def test_watched_share_going_away_and_back_is_rearmed(
     finally:
         stop.set()
         thread.join(10)
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_photos_that_arrived_while_the_producer_was_down(
