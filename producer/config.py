@@ -59,6 +59,8 @@ class ProducerConfig(_Section):
     ignore: list[str] = Field(
         default_factory=lambda: [".*", "._*", "~*", "*.part", "*.crdownload", "*.tmp", ".DS_Store"]
     )
+    # Prometheus /metrics on this port (all interfaces, for a remote scraper); null: off.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
 
 
 class WorkerConfig(_Section):
@@ -69,6 +71,8 @@ class WorkerConfig(_Section):
     max_image_pixels: int = Field(100_000_000, gt=0)
     # A worker silent this long is dead: its job goes back to the queue (heartbeats every third of it).
     dead_after_s: int = Field(30, ge=10)
+    # Prometheus /metrics on this port; `depthq up` gives its Nth worker this port + N. null: off.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
 
 
 class ModelConfig(_Section):
@@ -87,6 +91,18 @@ class OutputConfig(_Section):
     formats: list[Literal["tiff", "png16"]] = Field(default_factory=list)
 
 
+class DashboardConfig(_Section):
+    # Loopback unless asked: the dashboard can delete and requeue jobs.
+    bind: str = "127.0.0.1"
+    port: int = Field(9181, ge=1, le=65535)
+    # HTTP basic auth; required to bind anywhere but loopback.
+    username: str | None = None
+    password_file: Path | None = None
+    # Results the gallery page shows, newest first, and how often it looks for new ones.
+    gallery_size: int = Field(48, ge=1, le=500)
+    refresh_s: float = Field(5.0, gt=0)
+
+
 class UpConfig(_Section):
     workers: int = Field(1, ge=1)
 
@@ -98,6 +114,7 @@ class Config(_Section):
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
     up: UpConfig = Field(default_factory=UpConfig)
 
 
