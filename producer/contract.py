@@ -111,6 +111,46 @@ def done_key(queue_name: str, jid: str) -> str:
     return f"depthq:{queue_name}:done:{jid}"
 
 
+# Fields a depthq worker adds to rq's worker record (rq:worker:<name>), read back by `depthq status`.
+WORKER_FIELDS = {"backend": "depthq_backend", "device": "depthq_device", "model": "depthq_model"}
+
+
+def completions_key(queue_name: str) -> str:
+    """Sorted set of recent completions, scored by end time, that `depthq status` summarizes."""
+    return f"depthq:{queue_name}:completions"
+
+
+# How far back `depthq status` looks; workers trim older completions as they add new ones.
+COMPLETIONS_WINDOW_S = 3600
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished photo, as `depthq status` needs it. Times in seconds; `ended_at` is epoch seconds."""
+
+    job_id: str
+    host: str
+    backend: str
+    ended_at: float
+    queue_wait_s: float
+    total_s: float
+
+    def member(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_member(cls, raw: bytes | str) -> Completion:
+        return cls(**json.loads(raw))
+
+
+def record_completion(pipe: Any, queue_name: str, completion: Completion) -> None:
+    """Add to the window and drop what fell out of it, so the set stays bounded by an hour's throughput."""
+    key = completions_key(queue_name)
+    pipe.zadd(key, {completion.member(): completion.ended_at})
+    pipe.zremrangebyscore(key, "-inf", completion.ended_at - COMPLETIONS_WINDOW_S)
+    pipe.expire(key, COMPLETIONS_WINDOW_S)
+
+
 def file_sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()

@@ -21,9 +21,8 @@ from typing import Any
 
 from producer.config import CONFIG_ENV, Config
 from producer.connection import connect, embedded_url_file, redact
-from producer.enqueue import Enqueuer
 from producer.redis_server import EmbeddedRedis, start_for
-from producer.watcher import Watcher
+from producer.watcher import build_watcher
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +44,14 @@ def child_env(config_file: Path | None, overrides: Mapping[str, Mapping[str, Any
             env[f"DEPTHQ_{section.upper()}_{key.upper()}"] = json.dumps(value)
     env["DEPTHQ_REDIS_URL"] = redis_url
     return env
+
+
+def _worker_env(env: dict[str, str], config: Config, index: int) -> dict[str, str]:
+    """Worker N serves /metrics on worker.metrics_port + N: processes on one host cannot share a port."""
+    port = config.worker.metrics_port
+    if port is None:
+        return env
+    return {**env, "DEPTHQ_WORKER_METRICS_PORT": str(port + index)}
 
 
 class _Child:
@@ -125,13 +132,13 @@ def run_up(
         url = server.url
     log.info("redis %s", redact(url))
     env = child_env(config_file, overrides, url)
-    children = [_Child(i, env) for i in range(config.up.workers)]
+    children = [_Child(i, _worker_env(env, config, i)) for i in range(config.up.workers)]
     watcher_error: list[BaseException] = []
     try:
         for child in children:
             child.start()
         connection = connect(url, config.redis)
-        watcher = Watcher(config, Enqueuer(config, connection))
+        watcher = build_watcher(config, connection)
 
         def watch() -> None:
             try:

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from redis import Redis
 from redis.exceptions import RedisError
 from watchdog.events import (
     FileClosedEvent,
@@ -31,6 +32,7 @@ from watchdog.observers.polling import PollingObserver
 from producer.config import Config
 from producer.contract import is_finished
 from producer.enqueue import Enqueuer, SourceError
+from producer.metrics import ProducerMetrics, serve
 from producer.readiness import Eligibility, SettleTracker
 
 log = logging.getLogger(__name__)
@@ -60,16 +62,32 @@ class _Handler(FileSystemEventHandler):
 
 
 class Watcher:
-    def __init__(self, config: Config, enqueuer: Enqueuer):
+    def __init__(self, config: Config, enqueuer: Enqueuer, metrics: ProducerMetrics | None = None):
         self.config = config
         self.enqueuer = enqueuer
+        self.metrics = metrics
         self.root = config.producer.watch.resolve()
         # An output folder inside the watched one must not feed its previews back in as photos.
         self.output_root = config.output.dir.resolve()
         self.eligible = Eligibility(config.producer.extensions, config.producer.ignore)
         self.tracker = SettleTracker(config.producer.settle_ms / 1000.0)
         self._ready: queue.SimpleQueue[Path] = queue.SimpleQueue()
-        self.armed = False  # whether an observer is watching the folder right now
+        self._armed = False
+
+    @property
+    def armed(self) -> bool:
+        """Whether an observer is watching the folder right now."""
+        return self._armed
+
+    @armed.setter
+    def armed(self, value: bool) -> None:
+        self._armed = value
+        if self.metrics is not None:
+            self.metrics.watching.set(1 if value else 0)
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.files.labels(outcome).inc()
 
     def consider(self, path: Path, finished: bool) -> None:
         try:
@@ -113,11 +131,14 @@ class Watcher:
             return  # gone before we got to it; nothing to do
         except SourceError as exc:
             log.warning("not enqueued: %s", exc)
+            self._count("refused")
             return
         except (RedisError, OSError) as exc:
             log.warning("could not enqueue %s yet (%s); will retry", path, exc)
+            self._count("retry_later")
             self.tracker.saw_change(path)
             return
+        self._count(result.outcome)
         if result.outcome == "changed":
             self.tracker.saw_change(path)
 
@@ -188,3 +209,13 @@ class Watcher:
             except queue.Empty:
                 return
             self.submit(path)
+
+
+def build_watcher(config: Config, connection: Redis) -> Watcher:
+    """The watcher as `depthq watch` and `depthq up` run it, serving /metrics when a port is configured."""
+    enqueuer = Enqueuer(config, connection)
+    metrics = None
+    if config.producer.metrics_port is not None:
+        metrics = ProducerMetrics(enqueuer.queue)
+        serve(metrics.registry, config.producer.metrics_port)
+    return Watcher(config, enqueuer, metrics)

@@ -56,6 +56,17 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-depthpro"))
 
 
+@pytest.fixture(scope="session")
+def tiny_backend(tiny_model: Path) -> Any:
+    """The tiny model loaded and warmed once, as a worker would: for tests that run a worker in-process."""
+    from worker.worker import load_backend
+
+    config = load_config(environ={}, overrides={"model": {"path": str(tiny_model), "device": "cpu"}})
+    loaded, timings = load_backend(config)
+    assert timings["load_s"] > 0 and "warmup_s" in timings
+    return loaded
+
+
 @pytest.fixture
 def make_config(tmp_path: Path, redis_url: str, tiny_model: Path) -> Callable[..., Config]:
     """Config for a test: inbox/ and out/ under tmp_path, the test Redis, the tiny model, no config file."""

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import unicodedata
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,11 @@ import pillow_heif
 import pytest
 import yaml
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 from rq import Worker
 
+from producer.redis_server import free_port
 from tests.photos import write_jpeg
 from tests.tiny_model import expected_depth
 from tests.waiting import wait_for
@@ -38,6 +41,8 @@ class Service:
     out: Path
     log: Path
     redis: Redis
+    producer_metrics: int
+    worker_metrics: int
 
     def sidecar(self, rel: str) -> dict:
         path = self.out / (rel + ".json")
@@ -53,11 +58,13 @@ class Service:
 def service(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Service]:
     root = tmp_path_factory.mktemp("up")
     inbox, out = root / "inbox", root / "depth-out"
+    producer_metrics, worker_metrics = free_port(), free_port()
     (root / "config.yaml").write_text(
         yaml.safe_dump(
             {
                 "redis": {"data_dir": str(root / "redis-data")},
-                "producer": {"settle_ms": 300, "rescan_s": 3600},
+                "producer": {"settle_ms": 300, "rescan_s": 3600, "metrics_port": producer_metrics},
+                "worker": {"metrics_port": worker_metrics},
                 "model": {"path": str(tiny_model), "device": "cpu"},
             }
         )
@@ -81,7 +88,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Itera
     assert proc.poll() is None, log.read_text()
     redis = Redis.from_url(url_file.read_text().strip())
     wait_for(lambda: len(Worker.all(connection=redis)) == 1, f"a registered worker (log: {log})")
-    yield Service(proc, root, inbox, out, log, redis)
+    yield Service(proc, root, inbox, out, log, redis, producer_metrics, worker_metrics)
     if proc.poll() is None:  # a test failed before the shutdown test: still stop it all cleanly
         proc.terminate()
         try:
@@ -195,6 +202,46 @@ def test_twenty_photos_drop_to_json(service: Service, record_property: Callable[
         latencies.append((service.out / (name + ".json")).stat().st_mtime - t)
     record_property("drop_to_json_s", {"max": max(latencies), "median": float(np.median(latencies))})
     assert len(latencies) == 20
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """Every sample on a /metrics page, keyed like `name{label="value",...}`."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def test_status_and_metrics_of_the_running_service(service: Service) -> None:
+    """After the photos above: `depthq status` (finding the embedded Redis itself) and both /metrics pages."""
+    depthq = Path(sys.executable).with_name("depthq")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPTHQ_")}
+    run = subprocess.run([str(depthq), "status", "--json"], cwd=service.root, env=env, capture_output=True, check=True)
+    status = json.loads(run.stdout)
+    (worker,) = status["workers"]
+    assert worker["backend"] == "torch" and worker["device"] == "cpu" and worker["state"] == "idle"
+    last_hour = status["windows"][1]
+    assert last_hour["minutes"] == 60 and last_hour["done"] >= 20 and last_hour["total_p95_s"] > 0
+    assert status["queued"] == 0 and status["failed"] >= 1  # the corrupt file
+    table = subprocess.run([str(depthq), "status"], cwd=service.root, env=env, capture_output=True, check=True)
+    assert "throughput and latency" in table.stdout.decode() and "torch" in table.stdout.decode()
+
+    host = worker["host"]
+    w = _scrape(service.worker_metrics)
+    labels = f'backend="torch",host="{host}"'
+    assert w[f"depthq_jobs_done_total{{{labels}}}"] == last_hour["done"]
+    assert w[f"depthq_total_seconds_count{{{labels}}}"] == last_hour["done"]
+    assert w[f"depthq_jobs_failed_total{{{labels}}}"] >= 1
+    assert w[f'depthq_model_loaded{{{labels},model="{worker["model"]}"}}'] == 1
+    assert w['depthq_queue_depth{queue="depthq"}'] == 0
+    p = _scrape(service.producer_metrics)
+    assert p['depthq_producer_files_total{outcome="enqueued"}'] >= 20
+    assert p["depthq_producer_watching{}"] == 1
+    assert p['depthq_queue_depth{queue="depthq"}'] == 0
 
 
 def test_a_worker_that_dies_is_restarted(service: Service) -> None:

@@ -20,17 +20,12 @@ from tests.photos import write_jpeg
 from tests.tiny_model import FOV_DEG, expected_depth
 from worker.backends import Backend
 from worker.backends.base import Prediction
-from worker.worker import DepthWorker, build_worker, load_backend
+from worker.worker import DepthWorker, build_worker
 
 
-@pytest.fixture(scope="module")
-def backend(tiny_model: Path) -> Backend:
-    from producer.config import load_config
-
-    config = load_config(environ={}, overrides={"model": {"path": str(tiny_model), "device": "cpu"}})
-    loaded, timings = load_backend(config)
-    assert timings["load_s"] > 0 and "warmup_s" in timings
-    return loaded
+@pytest.fixture
+def backend(tiny_backend: Backend) -> Backend:
+    return tiny_backend
 
 
 @pytest.fixture

@@ -18,15 +18,26 @@ from typing import Any
 
 import numpy as np
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.job import Job
 
 from producer.config import Config
-from producer.contract import JobPayload, PayloadError, aliases_key, done_key, safe_relative, source_stamp
+from producer.contract import (
+    Completion,
+    JobPayload,
+    PayloadError,
+    aliases_key,
+    done_key,
+    record_completion,
+    safe_relative,
+    source_stamp,
+)
 from worker.backends.base import Backend
 from worker.depth import metric_depth
 from worker.errors import BadInputError, ExpectedError, RefusedJobError
 from worker.images import load_image
+from worker.metrics import WorkerMetrics
 from worker.preview import preview_png
 from worker.store import OutputStore
 
@@ -42,6 +53,7 @@ class Runtime:
     host: str
     worker_name: str
     connection: Redis
+    metrics: WorkerMetrics | None = None
 
 
 _runtime: Runtime | None = None
@@ -66,6 +78,26 @@ def _utc(dt: datetime | None) -> datetime | None:
     if dt is None:
         return None
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def _stage(rt: Runtime, job: Job | None, stage: str, timings: dict[str, float] | None = None) -> None:
+    """Say in job.meta what a running job is doing, so rq-dashboard's job page explains a slow one."""
+    if job is None:
+        return
+    job.meta.update(stage=stage, host=rt.host, worker=rt.worker_name, backend=rt.backend.name)
+    if timings is not None:
+        job.meta["timings_ms"] = timings
+    try:
+        job.save_meta()
+    except RedisError as exc:
+        # Progress is a courtesy: it must not cost the photo. The job's own end needs Redis anyway.
+        log.warning("job %s: could not record stage %r (%s)", job.id, stage, exc)
+
+
+def _queue_wait_s(job: Job | None) -> float:
+    started = _utc(job.started_at) if job else None
+    enqueued = _utc(job.enqueued_at) if job else None
+    return max((started - enqueued).total_seconds(), 0.0) if started and enqueued else 0.0
 
 
 def source_path(watch_root: Path, source: str) -> Path:
@@ -121,7 +153,7 @@ def _sidecar_for(sidecar: dict[str, Any], source: str, job_id: str, timings: dic
 
 
 def _try_copy(
-    rt: Runtime, p: JobPayload, job_id: str, data: bytes, st: os.stat_result, t0: float
+    rt: Runtime, p: JobPayload, job_id: str, data: bytes, st: os.stat_result, t0: float, queue_wait: float
 ) -> dict[str, Any] | None:
     """A byte-identical photo was already computed: reuse its stored result instead of the model."""
     assert p.same_as is not None
@@ -131,29 +163,38 @@ def _try_copy(
         return None
     depth, preview, sidecar = stored
     t_write = time.perf_counter()
-    timings = {"queue_wait": 0.0, "decode": 0.0, "inference": 0.0, "postprocess": 0.0}
+    timings = {"queue_wait": _ms(queue_wait), "decode": 0.0, "inference": 0.0, "postprocess": 0.0}
     rt.store.write_data(p.source, depth, preview, p.outputs)
     timings["write"] = _ms(time.perf_counter() - t_write)
-    timings["total"] = _ms(time.perf_counter() - t0)
+    timings["total"] = _ms(time.perf_counter() - t0 + queue_wait)
     copied = {**_sidecar_for(sidecar, p.source, job_id, timings), "copied_from": p.same_as}
     rt.store.write_sidecar(p.source, {**copied, "source_stat": source_stamp(st)})
-    return {"source": p.source, "copied_from": p.same_as}
+    return {"source": p.source, "copied_from": p.same_as, "timings_ms": timings}
 
 
 def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
     t0 = time.perf_counter()
+    queue_wait = _queue_wait_s(job)
     job_id = job.id if job else "local"
+    _stage(rt, job, "decoding")
     path = source_path(rt.watch_root, p.source)
     data, st = _read(path, p.source)
     if p.same_as is not None:
-        copied = _try_copy(rt, p, job_id, data, st, t0)
+        copied = _try_copy(rt, p, job_id, data, st, t0, queue_wait)
         if copied is not None:
             return copied
     sha = hashlib.sha256(data).hexdigest()
     image = load_image(data, p.source, rt.config.worker.max_image_pixels)
     t_decoded = time.perf_counter()
+    _stage(rt, job, "inferring", {"queue_wait": _ms(queue_wait), "decode": _ms(t_decoded - t0)})
     prediction = rt.backend.predict(image.rgb)
     t_inferred = time.perf_counter()
+    _stage(
+        rt,
+        job,
+        "writing",
+        {"queue_wait": _ms(queue_wait), "decode": _ms(t_decoded - t0), "inference": _ms(t_inferred - t_decoded)},
+    )
     try:
         md = metric_depth(
             prediction.inverse_depth,
@@ -174,11 +215,8 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
         "median": float(np.median(depth)),
     }
     t_post = time.perf_counter()
-    started = _utc(job.started_at) if job else None
-    enqueued = _utc(job.enqueued_at) if job else None
-    queue_wait = (started - enqueued).total_seconds() if started and enqueued else 0.0
     timings = {
-        "queue_wait": _ms(max(queue_wait, 0.0)),
+        "queue_wait": _ms(queue_wait),
         "decode": _ms(t_decoded - t0),
         "inference": _ms(t_inferred - t_decoded),
         "postprocess": _ms(t_post - t_inferred),
@@ -250,21 +288,54 @@ def _record_failure(rt: Runtime, p: JobPayload, job: Job | None, exc: BaseExcept
     rt.store.write_error(p.source, record)
 
 
+def _finish(rt: Runtime, job: Job | None, timings: dict[str, float]) -> None:
+    """Final timings on the job, a completion for `depthq status`, and the Prometheus figures."""
+    _stage(rt, job, "done", timings)
+    if rt.metrics is not None:
+        rt.metrics.observe_done(timings)
+    if job is None:
+        return
+    completion = Completion(
+        job_id=job.id,
+        host=rt.host,
+        backend=rt.backend.name,
+        ended_at=time.time(),
+        queue_wait_s=timings.get("queue_wait", 0.0) / 1000.0,
+        total_s=timings.get("total", 0.0) / 1000.0,
+    )
+    try:
+        with rt.connection.pipeline(transaction=False) as pipe:
+            record_completion(pipe, rt.config.queue.name, completion)
+            pipe.execute()
+    except RedisError as exc:
+        log.warning("job %s: could not record its completion for `depthq status` (%s)", job.id, exc)
+
+
+def _failed(rt: Runtime) -> None:
+    if rt.metrics is not None:
+        rt.metrics.observe_failed()
+
+
 def process(payload: dict[str, Any]) -> dict[str, Any]:
     rt = _current_runtime()
     job = get_current_job()
     try:
         p = JobPayload.from_dict(payload)
     except PayloadError as exc:
+        _failed(rt)
         raise RefusedJobError(f"job {job.id if job else '?'}: {exc}") from None
     try:
-        return _compute(rt, p, job)
+        result = _compute(rt, p, job)
     except ExpectedError as exc:
+        _failed(rt)
         _record_failure(rt, p, job, exc)
         log.warning("%s", exc)
         raise
     except Exception as exc:
+        _failed(rt)
         # Unexpected: rq retries with backoff. Only the last attempt leaves an error file behind.
         if job is None or not job.retries_left:
             _record_failure(rt, p, job, exc)
         raise
+    _finish(rt, job, result["timings_ms"])
+    return result

@@ -29,10 +29,12 @@ from rq.worker import WorkerStatus
 
 from producer.config import Config
 from producer.connection import connect, redact, resolve_url
-from producer.contract import JOB_FUNCTION, SERIALIZER, make_queue
+from producer.contract import JOB_FUNCTION, SERIALIZER, WORKER_FIELDS, make_queue
+from producer.metrics import serve
 from worker import job as job_module
 from worker.backends import Backend, create_backend
 from worker.errors import ExpectedError, RefusedJobError
+from worker.metrics import WorkerMetrics
 from worker.store import OutputStore
 
 log = logging.getLogger(__name__)
@@ -58,10 +60,24 @@ class DepthWorker(SimpleWorker):
 
     job_class = DepthJob
 
-    def __init__(self, *args: Any, dead_after_s: int = 30, **kwargs: Any):
+    def __init__(self, *args: Any, dead_after_s: int = 30, backend: Backend | None = None, **kwargs: Any):
         # worker_ttl bounds the idle BLPOP (ttl - 15 s), hence how often idle workers run maintenance.
         super().__init__(*args, worker_ttl=dead_after_s, maintenance_interval=dead_after_s // 2, **kwargs)
         self.dead_after_s = dead_after_s
+        self.backend = backend
+
+    def serialize(self) -> dict:
+        """rq's worker record plus what `depthq status` shows per worker: backend, device and model."""
+        record = super().serialize()
+        if self.backend is not None:
+            record.update(
+                {
+                    WORKER_FIELDS["backend"]: self.backend.name,
+                    WORKER_FIELDS["device"]: self.backend.device,
+                    WORKER_FIELDS["model"]: self.backend.model_name,
+                }
+            )
+        return record
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.dead_after_s
@@ -133,11 +149,11 @@ class SchedulerThread(threading.Thread):
             s.release_locks()
 
 
-def load_backend(config: Config) -> tuple[Backend, dict[str, float]]:
+def load_backend(config: Config, backend: Backend | None = None) -> tuple[Backend, dict[str, float]]:
     """Load, then one warm-up inference, so the first real job is not the slow one."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    backend = create_backend(config)
+    backend = backend or create_backend(config)
     backend.load()
     timings["load_s"] = time.perf_counter() - t0
     if config.worker.warmup:
@@ -147,7 +163,9 @@ def load_backend(config: Config) -> tuple[Backend, dict[str, float]]:
     return backend, timings
 
 
-def build_worker(config: Config, connection: Redis, backend: Backend) -> DepthWorker:
+def build_worker(
+    config: Config, connection: Redis, backend: Backend, metrics: WorkerMetrics | None = None
+) -> DepthWorker:
     name = worker_name(backend.name)
     queue = make_queue(connection, config)
     worker = DepthWorker(
@@ -157,6 +175,7 @@ def build_worker(config: Config, connection: Redis, backend: Backend) -> DepthWo
         serializer=SERIALIZER,
         dead_after_s=config.worker.dead_after_s,
         default_result_ttl=config.queue.result_ttl_s,
+        backend=backend,
     )
     job_module.install(
         job_module.Runtime(
@@ -167,6 +186,7 @@ def build_worker(config: Config, connection: Redis, backend: Backend) -> DepthWo
             host=short_hostname(),
             worker_name=name,
             connection=connection,
+            metrics=metrics,
         )
     )
     return worker
@@ -176,8 +196,16 @@ def run(config: Config, burst: bool = False) -> int:
     url = resolve_url(config)
     connection = connect(url, config.redis)
     t0 = time.perf_counter()
-    backend, timings = load_backend(config)
-    worker = build_worker(config, connection, backend)
+    backend = create_backend(config)
+    metrics = None
+    if config.worker.metrics_port is not None:
+        # Served before the model loads, so a slow first load (a Core ML compile) shows as model_loaded 0.
+        metrics = WorkerMetrics(make_queue(connection, config), short_hostname(), backend.name, backend.model_name)
+        serve(metrics.registry, config.worker.metrics_port)
+    backend, timings = load_backend(config, backend)
+    if metrics is not None:
+        metrics.model_loaded.set(1)
+    worker = build_worker(config, connection, backend, metrics)
     log.info(
         "worker %s ready in %.2fs (load %.2fs, warm-up %.2fs), redis %s, queue %s",
         worker.name,

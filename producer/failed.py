@@ -1,0 +1,97 @@
+"""`depthq failed list|retry|purge`: the failed registry, by photo rather than by job id.
+
+A retried job runs again with its original payload. A bad photo fails again unless it was fixed;
+a photo that failed for a passing reason (a model file missing, a full disk) then succeeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from redis import Redis
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+from rq.registry import FailedJobRegistry
+
+from producer.config import Config
+from producer.contract import SERIALIZER, make_queue
+from producer.status import job_source
+
+
+@dataclass(frozen=True)
+class FailedJob:
+    job_id: str
+    source: str | None
+    failed_at: str | None
+    # The exception's last line: "BadInputError: x.jpg: cannot be decoded ..."
+    error: str
+
+
+def _registry(connection: Redis, config: Config) -> FailedJobRegistry:
+    return make_queue(connection, config).failed_job_registry
+
+
+def _last_line(text: str | None) -> str:
+    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def list_failed(connection: Redis, config: Config) -> list[FailedJob]:
+    registry = _registry(connection, config)
+    rows = []
+    for jid in registry.get_job_ids():
+        try:
+            job = Job.fetch(jid, connection=connection, serializer=SERIALIZER)
+        except NoSuchJobError:
+            continue  # expired between the two reads
+        result = job.latest_result()
+        ended = job.ended_at
+        if ended is not None and ended.tzinfo is None:
+            ended = ended.replace(tzinfo=UTC)
+        rows.append(
+            FailedJob(
+                job_id=jid,
+                source=job_source(job),
+                failed_at=ended.isoformat() if isinstance(ended, datetime) else None,
+                error=_last_line(result.exc_string if result else None),
+            )
+        )
+    return rows
+
+
+def _select(connection: Redis, config: Config, ids: list[str], everything: bool) -> list[str]:
+    """Job ids to act on; a source path selects the failed jobs of that photo."""
+    if everything:
+        return _registry(connection, config).get_job_ids()
+    failed = list_failed(connection, config)
+    by_source = {f.source: f.job_id for f in failed if f.source}
+    known = {f.job_id for f in failed}
+    chosen = []
+    for item in ids:
+        jid = item if item in known else by_source.get(item)
+        if jid is None:
+            raise LookupError(f"{item}: no failed job with this id or photo; see `depthq failed list`")
+        chosen.append(jid)
+    return chosen
+
+
+def retry(connection: Redis, config: Config, ids: list[str], everything: bool = False) -> list[str]:
+    registry = _registry(connection, config)
+    chosen = _select(connection, config, ids, everything)
+    for jid in chosen:
+        registry.requeue(jid)
+    return chosen
+
+
+def purge(connection: Redis, config: Config, ids: list[str], everything: bool = False) -> list[str]:
+    registry = _registry(connection, config)
+    chosen = _select(connection, config, ids, everything)
+    for jid in chosen:
+        registry.remove(jid, delete_job=True)
+    return chosen
+
+
+def as_dicts(rows: list[FailedJob]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in rows]

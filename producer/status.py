@@ -1,0 +1,221 @@
+"""`depthq status`: the queue, the workers and recent throughput, from Redis alone.
+
+Everything comes from what rq already keeps (queue, registries, worker records) plus the completions
+workers record (`contract.record_completion`), so any host that reaches Redis can ask, and nothing
+has to be running besides Redis.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from redis import Redis
+from rich.console import Console
+from rich.table import Table
+from rq import Worker
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+
+from producer.config import Config
+from producer.contract import (
+    COMPLETIONS_WINDOW_S,
+    SERIALIZER,
+    WORKER_FIELDS,
+    Completion,
+    completions_key,
+    make_queue,
+)
+
+WINDOWS_MIN = (5, 60)
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    host: str
+    name: str
+    backend: str
+    device: str
+    model: str
+    state: str
+    # The photo in hand and its stage (job.meta), when busy.
+    source: str | None
+    stage: str | None
+    heartbeat_age_s: float | None
+
+
+@dataclass(frozen=True)
+class Window:
+    minutes: int
+    done: int
+    jobs_per_min: float
+    queue_wait_p50_s: float | None
+    queue_wait_p95_s: float | None
+    total_p50_s: float | None
+    total_p95_s: float | None
+
+
+@dataclass(frozen=True)
+class Status:
+    queue: str
+    queued: int
+    running: int
+    scheduled: int
+    failed: int
+    oldest_queued_age_s: float | None
+    workers: list[WorkerRow] = field(default_factory=list)
+    windows: list[Window] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _percentile(values: list[float], q: int) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def _window(completions: list[Completion], now: float, minutes: int) -> Window:
+    recent = [c for c in completions if c.ended_at >= now - minutes * 60]
+    waits = [c.queue_wait_s for c in recent]
+    totals = [c.total_s for c in recent]
+    return Window(
+        minutes=minutes,
+        done=len(recent),
+        jobs_per_min=len(recent) / minutes,
+        queue_wait_p50_s=_percentile(waits, 50),
+        queue_wait_p95_s=_percentile(waits, 95),
+        total_p50_s=_percentile(totals, 50),
+        total_p95_s=_percentile(totals, 95),
+    )
+
+
+def _age(dt: datetime | None, now: float) -> float | None:
+    if dt is None:
+        return None
+    aware = dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+    return max(now - aware.timestamp(), 0.0)
+
+
+def _fetch(connection: Redis, job_id: str | None) -> Job | None:
+    if not job_id:
+        return None
+    try:
+        return Job.fetch(job_id, connection=connection, serializer=SERIALIZER)
+    except NoSuchJobError:
+        return None
+
+
+def job_source(job: Job) -> str | None:
+    """The photo a depthq job is for; None for a job that is not ours or cannot be decoded."""
+    try:
+        payload = job.args[0] if job.args else None
+    except Exception:  # rq decodes lazily: a pickled or foreign job fails here
+        return None
+    return payload.get("source") if isinstance(payload, dict) else None
+
+
+def _workers(connection: Redis, config: Config, now: float) -> list[WorkerRow]:
+    queue = make_queue(connection, config)
+    workers = Worker.all(connection=connection, queue=queue, serializer=SERIALIZER)
+    extra: dict[str, list[Any]] = {}
+    with connection.pipeline(transaction=False) as pipe:
+        for w in workers:
+            pipe.hmget(w.key, list(WORKER_FIELDS.values()))
+        for w, values in zip(workers, pipe.execute(), strict=True):
+            extra[w.name] = [v.decode() if isinstance(v, bytes) else v for v in values]
+    rows = []
+    for w in workers:
+        backend, device, model = extra.get(w.name) or [None, None, None]
+        job = _fetch(connection, w.get_current_job_id())
+        rows.append(
+            WorkerRow(
+                host=w.hostname or "?",
+                name=w.name,
+                backend=backend or "?",
+                device=device or "?",
+                model=model or "?",
+                state=str(w.get_state()),
+                source=job_source(job) if job else None,
+                stage=job.meta.get("stage") if job else None,
+                heartbeat_age_s=_age(w.last_heartbeat, now),
+            )
+        )
+    return sorted(rows, key=lambda r: (r.host, r.name))
+
+
+def gather(connection: Redis, config: Config, now: float | None = None) -> Status:
+    now = time.time() if now is None else now
+    queue = make_queue(connection, config)
+    raw = connection.zrangebyscore(completions_key(queue.name), now - COMPLETIONS_WINDOW_S, "+inf")
+    completions = [Completion.from_member(m) for m in raw]
+    head = queue.get_job_ids(0, 1)
+    oldest = _fetch(connection, head[0] if head else None)
+    return Status(
+        queue=queue.name,
+        queued=queue.count,
+        running=queue.started_job_registry.count,
+        scheduled=queue.scheduled_job_registry.count,
+        failed=queue.failed_job_registry.count,
+        oldest_queued_age_s=_age(oldest.enqueued_at, now) if oldest else None,
+        workers=_workers(connection, config, now),
+        windows=[_window(completions, now, m) for m in WINDOWS_MIN],
+    )
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 120:
+        return f"{value:.2f} s"
+    return f"{value / 60:.1f} min"
+
+
+def render(status: Status, console: Console) -> None:
+    summary = Table(title=f"queue {status.queue}", show_header=False, title_justify="left")
+    summary.add_column(style="bold")
+    summary.add_column(justify="right")
+    summary.add_row("queued", str(status.queued))
+    summary.add_row("running", str(status.running))
+    summary.add_row("waiting to retry", str(status.scheduled))
+    summary.add_row("failed", f"[red]{status.failed}[/red]" if status.failed else "0")
+    summary.add_row("oldest queued", _seconds(status.oldest_queued_age_s))
+    console.print(summary)
+
+    hosts = sorted({w.host for w in status.workers})
+    workers = Table(title=f"{len(status.workers)} worker(s) on {len(hosts)} host(s)", title_justify="left")
+    for column in ("host", "worker", "backend", "device", "state", "photo", "stage", "heartbeat"):
+        workers.add_column(column)
+    for w in status.workers:
+        workers.add_row(
+            w.host,
+            w.name,
+            w.backend,
+            w.device,
+            w.state,
+            w.source or "",
+            w.stage or "",
+            _seconds(w.heartbeat_age_s) + " ago" if w.heartbeat_age_s is not None else "-",
+        )
+    console.print(workers)
+
+    rates = Table(title="throughput and latency", title_justify="left")
+    for column in ("window", "done", "jobs/min", "wait p50", "wait p95", "total p50", "total p95"):
+        rates.add_column(column, justify="right")
+    for win in status.windows:
+        rates.add_row(
+            f"last {win.minutes} min",
+            str(win.done),
+            f"{win.jobs_per_min:.1f}",
+            _seconds(win.queue_wait_p50_s),
+            _seconds(win.queue_wait_p95_s),
+            _seconds(win.total_p50_s),
+            _seconds(win.total_p95_s),
+        )
+    console.print(rates)

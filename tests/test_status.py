@@ -1,0 +1,110 @@
+"""`depthq status` and the job stages behind it, read from a real Redis while a real worker runs a job."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from redis import Redis
+from rq.job import Job
+
+from producer.cli import main
+from producer.config import Config
+from producer.contract import SERIALIZER, Completion, completions_key, record_completion
+from producer.enqueue import Enqueuer
+from producer.status import Status, gather
+from tests.photos import write_jpeg
+from worker.backends import Backend, Prediction
+from worker.store import OutputStore
+from worker.worker import build_worker
+
+
+class WatchedBackend:
+    """The tiny model, calling back in the middle of its forward pass: that is when a user would look."""
+
+    def __init__(self, inner: Backend, during: Callable[[], None]):
+        self.inner = inner
+        self.during = during
+        self.name, self.device, self.model_name = inner.name, inner.device, inner.model_name
+        self.input_size, self.warnings = inner.input_size, inner.warnings
+
+    def load(self) -> None:
+        pass
+
+    def predict(self, rgb: np.ndarray) -> Prediction:
+        self.during()
+        return self.inner.predict(rgb)
+
+
+@pytest.fixture
+def config(make_config: Callable[..., Config]) -> Config:
+    return make_config()
+
+
+def test_a_running_job_shows_its_stage_and_worker(
+    config: Config, redis_client: Redis, tiny_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[Status] = []
+    stages: list[str] = []
+    backend = WatchedBackend(tiny_backend, lambda: seen.append(gather(redis_client, config)))
+    submitted = Enqueuer(config, redis_client).submit(write_jpeg(config.producer.watch / "a.jpg", width=64, height=48))
+
+    def meta() -> dict[str, Any]:
+        return Job.fetch(submitted.job_id, connection=redis_client, serializer=SERIALIZER).get_meta(refresh=True)
+
+    write_data = OutputStore.write_data
+
+    def spying_write_data(self: OutputStore, *args: Any, **kwargs: Any) -> Any:
+        stages.append(meta()["stage"])
+        return write_data(self, *args, **kwargs)
+
+    monkeypatch.setattr(OutputStore, "write_data", spying_write_data)
+    build_worker(config, redis_client, backend).work(burst=True, with_scheduler=False)
+
+    (during,) = seen
+    (row,) = during.workers
+    assert (row.state, row.source, row.stage, row.backend, row.device) == ("busy", "a.jpg", "inferring", "torch", "cpu")
+    assert during.running == 1 and during.queued == 0
+    assert stages == ["writing"]
+    final = meta()
+    assert final["stage"] == "done" and final["backend"] == "torch"
+    assert set(final["timings_ms"]) >= {"queue_wait", "decode", "inference", "write", "total"}
+
+    after = gather(redis_client, config)
+    assert after.workers == []  # a burst worker leaves when the queue is empty
+    assert [w.done for w in after.windows] == [1, 1]
+    assert after.windows[0].total_p50_s == pytest.approx(final["timings_ms"]["total"] / 1000.0)
+
+
+def test_throughput_and_percentiles_over_each_window(config: Config, redis_client: Redis) -> None:
+    now = 1_800_000_000.0
+    with redis_client.pipeline() as pipe:
+        # 100 completions a minute apart, oldest first (99 minutes ago): the trim keeps the last hour.
+        for i in reversed(range(100)):
+            c = Completion(f"j{i}", "mini-1", "coreml", now - 60 * i, queue_wait_s=i, total_s=i + 3.0)
+            record_completion(pipe, config.queue.name, c)
+        pipe.execute()
+    assert redis_client.zcard(completions_key(config.queue.name)) == 60
+    status = gather(redis_client, config, now=now)
+    five, hour = status.windows
+    assert (five.minutes, five.done, five.jobs_per_min) == (5, 6, 6 / 5)  # ended 0..5 minutes ago
+    assert (hour.done, hour.jobs_per_min) == (60, 1.0)
+    assert five.queue_wait_p50_s == pytest.approx(2.5) and five.total_p50_s == pytest.approx(5.5)
+    assert hour.queue_wait_p95_s == pytest.approx(0.95 * 59)
+    assert status.oldest_queued_age_s is None and status.failed == 0
+
+
+def test_oldest_queued_age_and_json_output(
+    config: Config, redis_client: Redis, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    Enqueuer(config, redis_client).submit(write_jpeg(config.producer.watch / "waiting.jpg"))
+    assert main(["status", "--json", "--redis-url", redis_url]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["queued"] == 1 and status["oldest_queued_age_s"] >= 0
+    assert [w["minutes"] for w in status["windows"]] == [5, 60]
+    assert main(["status", "--redis-url", redis_url]) == 0
+    table = capsys.readouterr().out
+    assert "queue depthq" in table and "oldest queued" in table and "0 worker(s) on 0 host(s)" in table
