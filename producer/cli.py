@@ -1,4 +1,4 @@
-"""The `depthq` command: up, watch, work, enqueue.
+"""The `depthq` command: up, watch, work, enqueue, models, and the operations commands.
 
 Lives in the producer package so `depthq watch` and `depthq enqueue` never import numpy or torch;
 `depthq work` imports the worker only when asked for.
@@ -28,6 +28,8 @@ _FLAG_KEYS: dict[str, tuple[str, str]] = {
     "backend": ("worker", "backend"),
     "device": ("model", "device"),
     "model": ("model", "path"),
+    "bind": ("dashboard", "bind"),
+    "port": ("dashboard", "port"),
 }
 
 
@@ -102,6 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["canonical", "meters"],
         help="canonical: inverse depth + FOV (EXIF-aware, the default); meters: the hub exports' I/O",
     )
+
+    dash = sub.add_parser("dashboard", help="rq-dashboard and the results gallery (/gallery) for the configured Redis")
+    _add_common(dash, "watch", "output", "redis_url")
+    dash.add_argument("--bind", help="address to listen on (dashboard.bind, default 127.0.0.1)")
+    dash.add_argument("--port", type=int, help="port (dashboard.port, default 9181)")
+    dash.add_argument("--no-auth", action="store_true", help="allow a non-loopback --bind without basic auth")
+
+    status = sub.add_parser("status", help="queue depth, workers per host, throughput and latency")
+    _add_common(status, "redis_url")
+    status.add_argument("--json", action="store_true", help="the same figures as JSON, for scripts")
+
+    failed = sub.add_parser("failed", help="the failed jobs: list, retry or purge them")
+    fsub = failed.add_subparsers(dest="failed_command", required=True)
+    fl = fsub.add_parser("list", help="failed jobs with their photo and error")
+    _add_common(fl, "redis_url")
+    fl.add_argument("--json", action="store_true", help="as JSON, for scripts")
+    for name, verb in (("retry", "put back on the queue"), ("purge", "delete for good")):
+        fp = fsub.add_parser(name, help=f"{verb}: the given job ids or photos, or --all")
+        _add_common(fp, "redis_url")
+        fp.add_argument("jobs", nargs="*", help="job ids or photo paths (relative to the watch root)")
+        fp.add_argument("--all", action="store_true", help="every failed job")
     return parser
 
 
@@ -120,12 +143,9 @@ def cmd_up(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_watch(config: Config, args: argparse.Namespace) -> int:
-    from producer.connection import connect, resolve_url
-    from producer.enqueue import Enqueuer
-    from producer.watcher import Watcher
+    from producer.watcher import build_watcher
 
-    connection = connect(resolve_url(config), config.redis)
-    Watcher(config, Enqueuer(config, connection)).run(_stop_event())
+    build_watcher(config, _connect(config)).run(_stop_event())
     return 0
 
 
@@ -143,11 +163,10 @@ def cmd_work(config: Config, args: argparse.Namespace) -> int:
 def cmd_enqueue(config: Config, args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from producer.connection import connect, resolve_url
     from producer.enqueue import Enqueuer, SourceError
     from producer.readiness import Eligibility
 
-    enqueuer = Enqueuer(config, connect(resolve_url(config), config.redis))
+    enqueuer = Enqueuer(config, _connect(config))
     eligible = Eligibility(config.producer.extensions, config.producer.ignore)
     files: list[Path] = []
     for path in args.paths:
@@ -187,7 +206,82 @@ def cmd_models(config: Config, args: argparse.Namespace) -> int:
         return 2
 
 
-_COMMANDS = {"up": cmd_up, "watch": cmd_watch, "work": cmd_work, "enqueue": cmd_enqueue, "models": cmd_models}
+def _connect(config: Config) -> Any:
+    from producer.connection import connect, resolve_url
+
+    return connect(resolve_url(config), config.redis)
+
+
+def cmd_dashboard(config: Config, args: argparse.Namespace) -> int:
+    from producer.connection import resolve_url
+    from producer.dashboard import create_app, serve
+
+    url = resolve_url(config)
+    _connect(config).close()  # fail at start, naming the setting, if Redis is unreachable
+    serve(create_app(config, url, allow_no_auth=args.no_auth), config.dashboard.bind, config.dashboard.port)
+    return 0
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from producer.status import gather, render
+
+    status = gather(_connect(config), config)
+    if args.json:
+        print(json.dumps(status.to_dict(), indent=2))
+    else:
+        render(status, Console())
+    return 0
+
+
+def cmd_failed(config: Config, args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from producer import failed
+
+    connection = _connect(config)
+    if args.failed_command == "list":
+        rows = failed.list_failed(connection, config)
+        if args.json:
+            print(json.dumps(failed.as_dicts(rows), indent=2))
+            return 0
+        table = Table(title=f"{len(rows)} failed job(s)", title_justify="left")
+        for column in ("job", "photo", "failed at", "error"):
+            table.add_column(column, overflow="fold")
+        for r in rows:
+            table.add_row(r.job_id, r.source or "?", r.failed_at or "?", r.error)
+        Console().print(table)
+        return 0
+    if not args.jobs and not args.all:
+        print(f"depthq failed {args.failed_command}: name job ids or photos, or pass --all", file=sys.stderr)
+        return 2
+    action = failed.retry if args.failed_command == "retry" else failed.purge
+    try:
+        done = action(connection, config, args.jobs, everything=args.all)
+    except LookupError as exc:
+        print(f"depthq: {exc}", file=sys.stderr)
+        return 1
+    verb = "requeued" if args.failed_command == "retry" else "purged"
+    print(f"{verb} {len(done)} job(s)")
+    return 0
+
+
+_COMMANDS = {
+    "up": cmd_up,
+    "watch": cmd_watch,
+    "work": cmd_work,
+    "enqueue": cmd_enqueue,
+    "models": cmd_models,
+    "dashboard": cmd_dashboard,
+    "status": cmd_status,
+    "failed": cmd_failed,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -164,6 +164,17 @@ def _describe(errors: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def read_password_file(path: Path, key: str) -> str:
+    """The first line of a secret file, so passwords stay out of config files, URLs and `ps`."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path} ({exc.strerror})") from None
+    if not lines or not lines[0]:
+        raise ConfigError(f"{key}: {path} is empty; put the password on line 1")
+    return lines[0]
+
+
 def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:
     """The file named on the command line, else $DEPTHQ_CONFIG, else ./config.yaml if present."""
     if explicit is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from redis import Redis
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
@@ -14,7 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from producer.config import Config, ConfigError, RedisConfig
+from producer.config import Config, ConfigError, RedisConfig, read_password_file
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +75,31 @@ def _credentials(settings: RedisConfig) -> dict[str, str]:
     if settings.username:
         extra["username"] = settings.username
     if settings.password_file is not None:
-        try:
-            lines = settings.password_file.read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise ConfigError(f"redis.password_file: cannot read {settings.password_file} ({exc.strerror})") from None
-        if not lines or not lines[0]:
-            raise ConfigError(f"redis.password_file: {settings.password_file} is empty; put the password on line 1")
-        extra["password"] = lines[0]
+        extra["password"] = read_password_file(settings.password_file, "redis.password_file")
     if settings.ca_file is not None:
         if not settings.ca_file.is_file():
             raise ConfigError(f"redis.ca_file: {settings.ca_file} does not exist; point it at the CA's PEM file")
         extra["ssl_ca_certs"] = str(settings.ca_file)
     return extra
+
+
+def url_with_credentials(url: str, settings: RedisConfig) -> str:
+    """One URL carrying redis.username, redis.password_file and redis.ca_file, for tools that take
+    only a URL (rq-dashboard). It holds the password: keep it in memory, never log it unredacted."""
+    extra = _credentials(settings)
+    parts = urlsplit(url)
+    user = quote(extra.get("username", parts.username or ""), safe="")
+    password = extra.get("password", parts.password)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    auth = f"{user}:{quote(password, safe='')}@" if password else (f"{user}@" if user else "")
+    query = parse_qsl(parts.query)
+    if "ssl_ca_certs" in extra:
+        query.append(("ssl_ca_certs", extra["ssl_ca_certs"]))
+    return urlunsplit((parts.scheme, auth + host, parts.path, urlencode(query), parts.fragment))
 
 
 def connect(url: str, settings: RedisConfig | None = None) -> Redis:

@@ -1,0 +1,95 @@
+"""`depthq dashboard`: rq-dashboard on the configured Redis, plus the results gallery at /gallery.
+
+rq-dashboard decodes jobs with pickle unless told otherwise; depthq jobs are JSON, so it gets our
+serializer. Its own basic auth compares passwords with `!=` and covers only its pages, so auth is
+applied here, to the whole app, with a constant-time comparison. waitress serves it: rq-dashboard's
+own runner is Flask's development server, not meant to run for weeks.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+from pathlib import Path
+
+from flask import Flask, Response, request
+
+from producer.config import Config, ConfigError, read_password_file
+from producer.connection import redact, url_with_credentials
+from producer.contract import SERIALIZER
+
+log = logging.getLogger(__name__)
+
+# rq-dashboard's default poll interval is 2.5 s per open tab; a few seconds is plenty for photos.
+_POLL_MS = 3000
+
+
+def is_loopback(bind: str) -> bool:
+    if bind == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        return False
+
+
+def _basic_auth(app: Flask, username: str, password: str) -> None:
+    expected_user = username.encode()
+    expected_password = password.encode()
+
+    @app.before_request
+    def require_auth() -> Response | None:
+        auth = request.authorization
+        given_user = (auth.username or "").encode() if auth else b""
+        given_password = (auth.password or "").encode() if auth else b""
+        # Both compared every time, so the response time tells nothing about which one was wrong.
+        user_ok = hmac.compare_digest(given_user, expected_user)
+        password_ok = hmac.compare_digest(given_password, expected_password)
+        if auth is not None and user_ok and password_ok:
+            return None
+        return Response("depthq dashboard: log in", 401, {"WWW-Authenticate": 'Basic realm="depthq"'})
+
+
+def create_app(config: Config, redis_url: str, allow_no_auth: bool = False) -> Flask:
+    """The WSGI app. Refuses to face a network without a password unless told to (`--no-auth`)."""
+    from rq_dashboard.cli import make_flask_app
+    from rq_dashboard.web import config as rq_dashboard_config
+    from rq_dashboard.web import setup_rq_connection
+
+    from producer.gallery import gallery_blueprint
+
+    settings = config.dashboard
+    if (settings.username is None) != (settings.password_file is None):
+        raise ConfigError("dashboard.username and dashboard.password_file: set both for basic auth, or neither")
+    if settings.username is None and not is_loopback(settings.bind) and not allow_no_auth:
+        raise ConfigError(
+            f"dashboard.bind {settings.bind} is reachable from other machines, and the dashboard can delete "
+            "and requeue jobs: set dashboard.username and dashboard.password_file, or pass --no-auth"
+        )
+    rq_dashboard_config.serializer = SERIALIZER
+    app = make_flask_app(None, None, None, url_prefix="")
+    app.config["RQ_DASHBOARD_REDIS_URL"] = url_with_credentials(redis_url, config.redis)
+    app.config["RQ_DASHBOARD_POLL_INTERVAL"] = _POLL_MS
+    setup_rq_connection(app)
+    app.register_blueprint(
+        gallery_blueprint(
+            output_dir=Path(config.output.dir),
+            watch_root=Path(config.producer.watch),
+            size=settings.gallery_size,
+            refresh_s=settings.refresh_s,
+        ),
+        url_prefix="/gallery",
+    )
+    if settings.username is not None and settings.password_file is not None:
+        _basic_auth(app, settings.username, read_password_file(settings.password_file, "dashboard.password_file"))
+    log.info("dashboard for redis %s, queue %s", redact(redis_url), config.queue.name)
+    return app
+
+
+def serve(app: Flask, bind: str, port: int) -> None:
+    from waitress import create_server
+
+    server = create_server(app, host=bind, port=port, threads=8)
+    log.info("dashboard on http://%s:%d/ (results gallery: /gallery/)", bind, port)
+    server.run()

@@ -1,0 +1,346 @@
+"""The results gallery: the latest depth results as cards, beside rq-dashboard in `depthq dashboard`.
+
+It reads only the output folder and the watch root, never Redis, so it shows what the store holds, not
+what the queue believes. It runs on the producer side: Pillow and pillow_heif, never numpy or torch.
+"""
+
+from __future__ import annotations
+
+import heapq
+import io
+import json
+import logging
+import math
+import os
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pillow_heif
+from flask import Blueprint, Response, abort, jsonify, render_template, url_for
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from producer.contract import ERROR_SUFFIX, OUTPUT_SUFFIXES, PayloadError, output_path, safe_relative
+
+log = logging.getLogger(__name__)
+
+pillow_heif.register_heif_opener()
+
+# Long side of a thumbnail, in pixels: a card is about this wide on a laptop screen.
+THUMB_PX = 320
+_THUMB_QUALITY = 80
+# About 1,500 thumbnails of ~20 KB: a few screens of gallery for every open tab, in a bounded footprint.
+_THUMB_CACHE_BYTES = 32 * 1024 * 1024
+# Full decodes at once (a 48 MP preview PNG is ~150 MB decoded and takes ~2 s; it has no draft mode),
+# so a first look at a gallery of big photos bounds memory and leaves threads for the page's polls.
+_DECODE_SLOTS = 4
+# Corrupt sidecars are warned about once per version, not on every refresh of every open tab.
+_WARNED_MAX = 1024
+
+_SIDECAR_SUFFIX = OUTPUT_SUFFIXES["json"]
+_DECODE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError)
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A sidecar or error file seen by the scan; `mtime_ns` orders results and versions their URLs."""
+
+    mtime_ns: int
+    path: Path
+    source: str
+    kind: str  # "result" or "error"
+
+
+class _ThumbCache:
+    """LRU of encoded JPEGs. Keys carry the file's mtime and size, so a replaced photo misses by itself."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._items: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int, int]) -> bytes | None:
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+            return data
+
+    def put(self, key: tuple[str, int, int], data: bytes) -> None:
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old)
+            self._items[key] = data
+            self._bytes += len(data)
+            while self._bytes > self._max_bytes and len(self._items) > 1:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
+def _scan(output_dir: Path) -> Iterator[_Found]:
+    """Sidecars and error files with their mtimes, lazily, so `heapq.nlargest` keeps only `2 x size` of them.
+
+    Cost: one directory read per folder plus one stat per `*.json`; the depth maps and previews are
+    listed but never stat'ed, and no file is opened. On a local disk that is well under a second for
+    100,000 results; on a network share it is one round trip per stat, which is why the listing is
+    cached (see `gallery_blueprint`). Hidden names (the store's temporary files) and symlinked folders
+    are skipped: the store never makes either, and following links could leave the root or loop.
+    """
+    stack = [output_dir]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            continue  # no result written yet, or a folder removed while we looked
+        except OSError as exc:
+            log.warning("gallery: cannot list %s (%s)", folder, exc.strerror)
+            continue
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                    continue
+                if not name.endswith(_SIDECAR_SUFFIX) or not entry.is_file(follow_symlinks=False):
+                    continue
+                mtime_ns = entry.stat(follow_symlinks=False).st_mtime_ns
+            except OSError:
+                continue  # gone between the listing and the stat: a rewrite in progress
+            kind, suffix = ("error", ERROR_SUFFIX) if name.endswith(ERROR_SUFFIX) else ("result", _SIDECAR_SUFFIX)
+            path = Path(entry.path)
+            rel = path.relative_to(output_dir).as_posix()
+            yield _Found(mtime_ns=mtime_ns, path=path, source=rel[: -len(suffix)], kind=kind)
+
+
+def _number(value: Any) -> float | None:
+    """Finite JSON numbers only: a hand-edited sidecar must not break the page's formatting, and a NaN
+    (which Python's json reads) would make the whole results.json invalid JSON for the browser."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _section(record: dict[str, Any], key: str) -> dict[str, Any]:
+    value = record.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _card(found: _Found, record: dict[str, Any]) -> dict[str, Any]:
+    """What the page shows of one record: typed fields only, so nothing else from the file reaches it."""
+    card: dict[str, Any] = {
+        "source": found.source,
+        "kind": found.kind,
+        "version": found.mtime_ns,
+        "modified_at": datetime.fromtimestamp(found.mtime_ns / 1e9, UTC).isoformat(),
+        "created_at": _text(record.get("created_at")),
+        "thumb_url": url_for(".thumb", source=found.source, v=found.mtime_ns),
+    }
+    if found.kind == "error":
+        error = _section(record, "error")
+        card["error"] = {"type": _text(error.get("type")), "message": _text(error.get("message"))}
+        return card
+    depth, worker, model = _section(record, "depth"), _section(record, "worker"), _section(record, "model")
+    card.update(
+        preview_url=url_for(".preview", source=found.source, v=found.mtime_ns),
+        width=_number(record.get("width")),
+        height=_number(record.get("height")),
+        fov_deg=_number(record.get("fov_deg")),
+        focal_length_px=_number(record.get("focal_length_px")),
+        focal_length_source=_text(record.get("focal_length_source")),
+        depth={
+            "min": _number(depth.get("min")),
+            "max": _number(depth.get("max")),
+            "median": _number(depth.get("median")),
+            "unit": _text(depth.get("unit")),
+        },
+        host=_text(worker.get("host")),
+        worker=_text(worker.get("name")),
+        model={key: _text(model.get(key)) for key in ("name", "backend", "device")},
+        copied_from=_text(record.get("copied_from")),
+        warnings=[w for w in _list(record.get("warnings")) if isinstance(w, str)],
+    )
+    return card
+
+
+class _Listing:
+    """The latest results, rescanned at most every `ttl_s` however many tabs poll.
+
+    One lock makes it single-flight: while one request scans, the others wait for its answer instead of
+    starting scans of their own. Fewer than `size` cards are shown when some of the newest files are
+    unreadable: the rest of the archive is not opened to make up for them.
+    """
+
+    def __init__(self, output_dir: Path, size: int, ttl_s: float) -> None:
+        self.output_dir = output_dir
+        self.size = size
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._at = -float("inf")
+        self._cards: list[dict[str, Any]] = []
+        self._warned: set[tuple[str, int]] = set()
+
+    def latest(self) -> list[dict[str, Any]]:
+        with self._lock:
+            if time.monotonic() - self._at >= self.ttl_s:
+                self._cards = self._collect()
+                self._at = time.monotonic()
+            return self._cards
+
+    def _collect(self) -> list[dict[str, Any]]:
+        # A photo has at most two records (a result and a newer failure of a replaced photo), so the
+        # newest 2 x size files name at least `size` photos; only those are opened.
+        newest = heapq.nlargest(2 * self.size, _scan(self.output_dir), key=lambda f: f.mtime_ns)
+        cards: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for found in newest:
+            if found.source in seen:
+                continue  # an older record of a photo already shown
+            record = self._read(found)
+            if record is None:
+                continue
+            seen.add(found.source)
+            cards.append(_card(found, record))
+            if len(cards) == self.size:
+                break
+        return cards
+
+    def _read(self, found: _Found) -> dict[str, Any] | None:
+        try:
+            found.source.encode("utf-8")
+            safe_relative(found.source)
+            record = json.loads(found.path.read_bytes())
+        except (OSError, ValueError, PayloadError) as exc:
+            self._warn_once(found, f"gallery: skipping {found.path}: {exc}")
+            return None
+        if not isinstance(record, dict):
+            self._warn_once(found, f"gallery: skipping {found.path}: not a JSON object")
+            return None
+        return record
+
+    def _warn_once(self, found: _Found, message: str) -> None:
+        key = (str(found.path), found.mtime_ns)
+        if key in self._warned:
+            return
+        if len(self._warned) >= _WARNED_MAX:
+            self._warned.clear()
+        self._warned.add(key)
+        log.warning("%s", message)
+
+
+def _inside(root: Path, path: Path) -> Path:
+    """Resolved before the check, so a symlink inside the root that points out of it is refused too."""
+    try:
+        resolved = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        abort(404)
+    if not resolved.is_relative_to(root.resolve()) or not resolved.is_file():
+        abort(404)
+    return resolved
+
+
+def _jpeg_thumbnail(path: Path) -> bytes:
+    """Upright JPEG, long side at most THUMB_PX.
+
+    `draft` lets libjpeg decode at 1/2 to 1/8 scale and pillow_heif pick an embedded HEIC thumbnail,
+    so a 48 MP JPEG costs about 0.1 s instead of a full decode (PNG has no such shortcut).
+    """
+    with warnings.catch_warnings():
+        # Pillow still refuses real bombs (DecompressionBombError); the warning band is a camera's range.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.draft("RGB", (THUMB_PX, THUMB_PX))
+            upright = ImageOps.exif_transpose(img)
+            if upright.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+                # 16-bit and float images would clip to white in a plain convert; scale them to 8 bits.
+                upright = upright.convert("I").point(lambda v: v / 257).convert("L")
+            upright.thumbnail((THUMB_PX, THUMB_PX))
+            rgb = upright.convert("RGB")
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=_THUMB_QUALITY, optimize=True)
+    return buf.getvalue()
+
+
+def gallery_blueprint(output_dir: Path, watch_root: Path, size: int, refresh_s: float) -> Blueprint:
+    """The gallery's routes, to mount at `/gallery`. `refresh_s` is how often an open page polls for
+    new results; the folder listing is cached for half of it, so any number of tabs cost one scan."""
+    listing = _Listing(output_dir, size, refresh_s / 2)
+    cache = _ThumbCache(_THUMB_CACHE_BYTES)
+    decode_slots = threading.BoundedSemaphore(_DECODE_SLOTS)
+    bp = Blueprint("gallery", __name__, template_folder="templates")
+
+    def payload() -> dict[str, Any]:
+        return {
+            "generated_at": datetime.now(UTC).isoformat(),
+            "refresh_s": refresh_s,
+            "size": size,
+            "results": listing.latest(),
+        }
+
+    def thumbnail_response(root: Path, path: Path) -> Response:
+        real = _inside(root, path)
+        try:
+            st = real.stat()
+        except OSError:
+            abort(404)
+        key = (str(real), st.st_mtime_ns, st.st_size)
+        data = cache.get(key)
+        if data is None:
+            try:
+                with decode_slots:
+                    data = _jpeg_thumbnail(real)
+            except (FileNotFoundError, PermissionError):
+                abort(404)
+            except _DECODE_ERRORS as exc:
+                log.info("gallery: no thumbnail for %s (%s)", real, exc)
+                return Response("cannot decode this image", 415, mimetype="text/plain")
+            cache.put(key, data)
+        response = Response(data, mimetype="image/jpeg")
+        # URLs carry the record's version (?v=mtime), so a browser may keep what it fetched.
+        response.headers["Cache-Control"] = "private, max-age=86400"
+        return response
+
+    def relative(source: str) -> tuple[str, ...]:
+        try:
+            return safe_relative(source).parts
+        except PayloadError:
+            abort(404)
+
+    @bp.get("/")
+    def page() -> str:
+        return render_template("gallery.html", initial=payload(), results_url=url_for(".results"))
+
+    @bp.get("/results.json")
+    def results() -> Response:
+        response = jsonify(payload())
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @bp.get("/thumb/<path:source>")
+    def thumb(source: str) -> Response:
+        return thumbnail_response(watch_root, watch_root.joinpath(*relative(source)))
+
+    @bp.get("/preview/<path:source>")
+    def preview(source: str) -> Response:
+        relative(source)
+        return thumbnail_response(output_dir, output_path(output_dir, source, "preview"))
+
+    return bp

@@ -1,0 +1,115 @@
+"""`depthq dashboard`: rq-dashboard with our JSON serializer, served for real, and its guard rails."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from redis import Redis
+
+from producer.cli import main
+from producer.config import Config
+from producer.dashboard import create_app
+from producer.enqueue import Enqueuer
+from producer.redis_server import free_port
+from tests.photos import write_jpeg
+from tests.waiting import wait_for
+from worker.backends import Backend
+from worker.worker import build_worker
+
+
+def _get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url)
+    if auth is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except OSError:
+        return 0, b""
+
+
+def test_queue_and_job_pages_show_a_jobs_meta(
+    make_config: Callable[..., Config], redis_client: Redis, redis_url: str, tiny_backend: Backend, tmp_path: Path
+) -> None:
+    config = make_config()
+    done = Enqueuer(config, redis_client).submit(write_jpeg(config.producer.watch / "a.jpg", width=48, height=32))
+    build_worker(config, redis_client, tiny_backend).work(burst=True, with_scheduler=False)
+    waiting = Enqueuer(config, redis_client).submit(write_jpeg(config.producer.watch / "b.jpg", seed=3))
+
+    port = free_port()
+    config_file = tmp_path / "dashboard.yaml"
+    config_file.write_text(
+        yaml.safe_dump(
+            {
+                "redis": {"url": redis_url},
+                "producer": {"watch": str(config.producer.watch)},
+                "output": {"dir": str(config.output.dir)},
+                "dashboard": {"port": port},
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPTHQ_")}
+    depthq = Path(sys.executable).with_name("depthq")
+    log = tmp_path / "dashboard.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([str(depthq), "dashboard", "--config", str(config_file)], env=env, stdout=out, stderr=out)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _get(base + "/")[0] == 200 or proc.poll() is not None, f"the dashboard (log: {log})")
+        assert proc.poll() is None, log.read_text()
+        status, body = _get(base + "/0/data/queues.json")
+        assert status == 200
+        queues = {q["name"]: q for q in json.loads(body)["queues"]}
+        assert queues["depthq"]["count"] == 1
+        status, body = _get(f"{base}/0/data/job/{done.job_id}.json")
+        assert status == 200, body
+        job = json.loads(body)
+        meta = json.loads(job["metadata"])
+        assert job["status"] == "finished" and meta["stage"] == "done" and meta["timings_ms"]["total"] > 0
+        assert "a.jpg" in job["description"]
+        status, body = _get(f"{base}/0/data/job/{waiting.job_id}.json")
+        assert status == 200 and json.loads(body)["status"] == "queued"
+        assert _get(f"{base}/0/view/job/{done.job_id}")[0] == 200
+        assert _get(base + "/0/view/workers")[0] == 200
+        assert _get(base + "/gallery/")[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def test_basic_auth_guards_every_page(make_config: Callable[..., Config], redis_url: str, tmp_path: Path) -> None:
+    secret = tmp_path / "dashboard.password"
+    secret.write_text("s3cret\n")
+    config = make_config(dashboard={"username": "ops", "password_file": str(secret)})
+    client = create_app(config, redis_url).test_client()
+    good = "Basic " + base64.b64encode(b"ops:s3cret").decode()
+    wrong = "Basic " + base64.b64encode(b"ops:guess").decode()
+    for page in ("/", "/0/data/queues.json", "/gallery/"):
+        assert client.get(page).status_code == 401
+        assert client.get(page, headers={"Authorization": wrong}).status_code == 401
+        assert client.get(page, headers={"Authorization": good}).status_code == 200
+
+
+def test_refuses_to_face_the_network_without_a_password(
+    make_config: Callable[..., Config], redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["dashboard", "--bind", "0.0.0.0", "--redis-url", redis_url]) == 2
+    assert "dashboard.username and dashboard.password_file" in capsys.readouterr().err
+    config = make_config(dashboard={"username": "ops"})
+    with pytest.raises(Exception, match="set both"):
+        create_app(config, redis_url)
+    # Deliberately opened up: allowed, on the user's word.
+    assert create_app(make_config(dashboard={"bind": "0.0.0.0"}), redis_url, allow_no_auth=True) is not None

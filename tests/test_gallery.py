@@ -1,0 +1,357 @@
+"""The results gallery: its JSON, thumbnails and path checks through Flask's test client, then the page in
+headless Chromium while the real worker (tiny DepthPro, real Redis) lands results next to it."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from PIL import Image
+from redis import Redis
+from werkzeug.serving import make_server
+
+import producer.gallery as gallery
+from producer.config import Config
+from producer.enqueue import Enqueuer
+from tests.photos import write_jpeg
+from worker.backends import Backend
+from worker.worker import build_worker, load_backend
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Chromium's own background connections are refused on these machines; these keep it from trying.
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model: Path) -> Backend:
+    from producer.config import load_config
+
+    config = load_config(environ={}, overrides={"model": {"path": str(tiny_model), "device": "cpu"}})
+    loaded, _ = load_backend(config)
+    return loaded
+
+
+@pytest.fixture
+def config(make_config: Callable[..., Config]) -> Config:
+    return make_config(worker={"retry_backoff_s": [0]})
+
+
+@pytest.fixture
+def compute(config: Config, redis_client: Redis, backend: Backend) -> Callable[..., None]:
+    """Photos through the real producer and worker, as `depthq up` would run them."""
+
+    def run(*photos: Path) -> None:
+        enqueuer = Enqueuer(config, redis_client)
+        for photo in photos:
+            enqueuer.submit(photo)
+        build_worker(config, redis_client, backend).work(burst=True, with_scheduler=False)
+
+    return run
+
+
+def make_app(config: Config, size: int = 48, refresh_s: float = 5.0) -> Flask:
+    app = Flask("test-gallery")
+    bp = gallery.gallery_blueprint(
+        output_dir=config.output.dir, watch_root=config.producer.watch, size=size, refresh_s=refresh_s
+    )
+    app.register_blueprint(bp, url_prefix="/gallery")
+    return app
+
+
+def client_for(config: Config, **kwargs: Any) -> FlaskClient:
+    return make_app(config, **kwargs).test_client()
+
+
+def sidecar(config: Config, source: str) -> dict[str, Any]:
+    return json.loads((config.output.dir / (source + ".json")).read_text())
+
+
+def set_mtime(path: Path, seconds: int) -> None:
+    os.utime(path, (seconds, seconds))
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.format == "JPEG"
+        return img.size
+
+
+def test_results_are_the_newest_sidecars_first_limited_to_size(config: Config, compute) -> None:
+    watch = config.producer.watch
+    compute(
+        write_jpeg(watch / "a.jpg", seed=1), write_jpeg(watch / "trip" / "b.jpg", seed=2), write_jpeg(watch / "c.jpg")
+    )
+    # The order is set here, not left to how fast the worker wrote them.
+    for source, t in (("a.jpg", 1_700_000_200), ("trip/b.jpg", 1_700_000_300), ("c.jpg", 1_700_000_100)):
+        set_mtime(config.output.dir / (source + ".json"), t)
+    body = client_for(config, size=2, refresh_s=2.0).get("/gallery/results.json").get_json()
+    assert [r["source"] for r in body["results"]] == ["trip/b.jpg", "a.jpg"]
+    assert body["refresh_s"] == 2.0 and body["size"] == 2 and body["generated_at"].endswith("+00:00")
+    shown, meta = body["results"][0], sidecar(config, "trip/b.jpg")
+    assert shown["kind"] == "result"
+    assert shown["fov_deg"] == meta["fov_deg"] and shown["focal_length_px"] == meta["focal_length_px"]
+    assert shown["depth"] == {k: meta["depth"][k] for k in ("min", "max", "median", "unit")}
+    assert (shown["width"], shown["height"]) == (meta["width"], meta["height"])
+    assert shown["host"] == meta["worker"]["host"] and shown["created_at"] == meta["created_at"]
+    assert shown["model"] == meta["model"]
+    assert shown["thumb_url"].startswith("/gallery/thumb/trip/b.jpg?v=")
+    assert shown["preview_url"].startswith("/gallery/preview/trip/b.jpg?v=")
+
+
+def test_a_failed_photo_is_a_card_with_its_error(config: Config, compute) -> None:
+    broken = config.producer.watch / "broken.jpg"
+    broken.write_text("this is not a JPEG")
+    compute(broken)
+    [card] = client_for(config).get("/gallery/results.json").get_json()["results"]
+    error = json.loads((config.output.dir / "broken.jpg.error.json").read_text())["error"]
+    assert card["source"] == "broken.jpg" and card["kind"] == "error"
+    assert card["error"] == {"type": error["type"], "message": error["message"]}
+    assert "preview_url" not in card
+
+
+def test_a_corrupt_sidecar_is_skipped_and_warned_about_once(
+    config: Config, compute, caplog: pytest.LogCaptureFixture
+) -> None:
+    compute(write_jpeg(config.producer.watch / "good.jpg"))
+    (config.output.dir / "torn.jpg.json").write_text('{"source": "torn.jpg", "width": ')
+    (config.output.dir / "list.jpg.json").write_text("[1, 2, 3]\n")
+    client = client_for(config, refresh_s=1e-9)  # every request rescans
+    with caplog.at_level(logging.WARNING, logger="producer.gallery"):
+        for _ in range(2):
+            results = client.get("/gallery/results.json").get_json()["results"]
+            assert [r["source"] for r in results] == ["good.jpg"]
+        assert client.get("/gallery/").status_code == 200
+    warned = [r.getMessage() for r in caplog.records if r.name == "producer.gallery" and r.levelno == logging.WARNING]
+    assert len(warned) == 2, warned
+    assert any("torn.jpg.json" in w for w in warned) and any("list.jpg.json" in w for w in warned)
+
+
+def test_odd_values_in_a_sidecar_reach_the_page_as_null(config: Config) -> None:
+    config.output.dir.mkdir(parents=True)
+    odd = '{"fov_deg": NaN, "focal_length_px": Infinity, "width": "wide", "height": true, "depth": [1], "worker": 3}'
+    (config.output.dir / "odd.jpg.json").write_text(odd)
+    response = client_for(config).get("/gallery/results.json")
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    [card] = json.loads(response.data, parse_constant=refuse)["results"]
+    assert card["source"] == "odd.jpg"
+    assert card["fov_deg"] is card["focal_length_px"] is card["width"] is card["height"] is card["host"] is None
+    assert card["depth"] == {"min": None, "max": None, "median": None, "unit": None}
+
+
+def test_the_listing_is_cached_between_refreshes(config: Config, compute) -> None:
+    client = client_for(config, refresh_s=3600)
+    assert client.get("/gallery/results.json").get_json()["results"] == []
+    compute(write_jpeg(config.producer.watch / "late.jpg"))
+    assert client.get("/gallery/results.json").get_json()["results"] == []
+    assert [r["source"] for r in client_for(config).get("/gallery/results.json").get_json()["results"]] == ["late.jpg"]
+
+
+def test_thumbnails_are_small_upright_jpegs(config: Config, compute) -> None:
+    # Orientation 6: stored landscape, seen portrait.
+    photo = write_jpeg(config.producer.watch / "big.jpg", width=1200, height=800, orientation=6)
+    compute(photo)
+    client = client_for(config)
+    thumb = client.get("/gallery/thumb/big.jpg")
+    assert thumb.status_code == 200 and thumb.mimetype == "image/jpeg"
+    assert jpeg_size(thumb.data) == (213, 320)
+    preview = client.get("/gallery/preview/big.jpg")
+    assert preview.status_code == 200 and preview.mimetype == "image/jpeg"
+    assert jpeg_size(preview.data) == (213, 320)  # the preview is of the upright photo already
+    with Image.open(config.output.dir / "big.jpg.preview.png") as full:
+        assert full.size == (800, 1200)
+
+
+def test_thumbnails_are_cached_until_the_photo_changes(config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[Path] = []
+    real = gallery._jpeg_thumbnail
+    monkeypatch.setattr(gallery, "_jpeg_thumbnail", lambda path: made.append(path) or real(path))
+    photo = write_jpeg(config.producer.watch / "p.jpg", seed=1)
+    client = client_for(config)
+    first = client.get("/gallery/thumb/p.jpg").data
+    assert client.get("/gallery/thumb/p.jpg").data == first and len(made) == 1
+    write_jpeg(photo, seed=2)
+    set_mtime(photo, 1_700_000_000)
+    assert client.get("/gallery/thumb/p.jpg").data != first and len(made) == 2
+
+
+def test_heic_thumbnail(config: Config) -> None:
+    import pillow_heif
+
+    if not pillow_heif.libheif_info()["HEIF"]:
+        pytest.skip("this pillow_heif build has no HEIC encoder to make a test photo with")
+    Image.new("RGB", (640, 480), (200, 40, 40)).save(config.producer.watch / "IMG_1.HEIC", format="HEIF")
+    response = client_for(config).get("/gallery/thumb/IMG_1.HEIC")
+    assert response.status_code == 200 and jpeg_size(response.data) == (320, 240)
+
+
+def test_an_undecodable_photo_is_415_and_a_missing_one_404(config: Config) -> None:
+    (config.producer.watch / "junk.jpg").write_text("not a photo")
+    client = client_for(config)
+    assert client.get("/gallery/thumb/junk.jpg").status_code == 415
+    assert client.get("/gallery/thumb/gone.jpg").status_code == 404
+    assert client.get("/gallery/preview/junk.jpg").status_code == 404
+
+
+def test_paths_out_of_the_roots_are_404(config: Config, compute, tmp_path: Path) -> None:
+    watch, out = config.producer.watch, config.output.dir
+    outside = write_jpeg(tmp_path / "secret.jpg")
+    write_jpeg(watch / "sub" / "ok.jpg")
+    compute(write_jpeg(watch / "inside.jpg"))
+    (watch / "link-out.jpg").symlink_to(outside)
+    (watch / "dir-out").symlink_to(tmp_path)
+    (watch / "link-in.jpg").symlink_to(watch / "sub" / "ok.jpg")
+    (out / "escape.jpg.preview.png").symlink_to(outside)
+    client = client_for(config)
+    for url in (
+        "/gallery/thumb/../secret.jpg",
+        "/gallery/thumb/%2E%2E/secret.jpg",
+        "/gallery/thumb/sub/../../secret.jpg",
+        "/gallery/thumb/%2F" + str(outside).lstrip("/"),
+        "/gallery/thumb/" + str(outside),
+        "/gallery/thumb/sub//../secret.jpg",
+        "/gallery/thumb/./sub/ok.jpg",
+        "/gallery/thumb/link-out.jpg",
+        "/gallery/thumb/dir-out/secret.jpg",
+        "/gallery/preview/escape.jpg",
+        "/gallery/preview/../inbox/inside.jpg",
+        "/gallery/thumb/sub",
+    ):
+        # Doubled slashes are merged by a redirect first; wherever it leads must be refused too.
+        assert client.get(url, follow_redirects=True).status_code == 404, url
+    # Links that stay inside the root are fine.
+    assert client.get("/gallery/thumb/link-in.jpg").status_code == 200
+    assert client.get("/gallery/preview/inside.jpg").status_code == 200
+
+
+def test_importing_the_gallery_keeps_numpy_out() -> None:
+    subprocess.run(
+        [sys.executable, "-c", "import producer.gallery, sys; assert 'numpy' not in sys.modules, 'numpy imported'"],
+        cwd=REPO,
+        check=True,
+    )
+
+
+# --- in a browser ---------------------------------------------------------------------------------
+
+
+def _no_browser(reason: str) -> None:
+    if os.environ.get("TEST_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"TEST_REQUIRE_BROWSER=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _no_browser("playwright is not installed (pip install -e '.[test]')")
+    if not CHROMIUM.exists():
+        _no_browser(f"{CHROMIUM} is missing (apt-get install chromium)")
+    with sync_playwright() as pw:
+        launched = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def served(config: Config) -> Iterator[str]:
+    """The gallery on a real socket, polling fast so a new result shows within a second."""
+    server = make_server("127.0.0.1", 0, make_app(config, refresh_s=0.5), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="gallery-http", daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/gallery/"
+    server.shutdown()
+    thread.join(timeout=10)
+    server.server_close()
+
+
+def test_the_page_shows_results_as_they_land(
+    config: Config, compute, browser: Any, served: str, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    watch = config.producer.watch
+    compute(write_jpeg(watch / "trip" / "first.jpg", width=400, height=300, seed=3, focal_35mm=28))
+    first = sidecar(config, "trip/first.jpg")
+    zone = "Pacific/Auckland"
+    context = browser.new_context(timezone_id=zone, locale="en-GB", viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    crashes: list[str] = []
+    page.on("pageerror", lambda exc: crashes.append(str(exc)))
+    page.on("dialog", lambda dialog: crashes.append(f"a dialog opened: {dialog.message}") or dialog.dismiss())
+    page.goto(served)
+
+    card = page.locator("article.card").first
+    expect(card.locator(".name")).to_have_text("trip/first.jpg")
+    expect(card.locator(".fov")).to_have_text(f"{first['fov_deg']:.1f}°")
+    expect(card.locator(".focal")).to_have_text(f"{first['focal_length_px']:.0f} px (exif)")
+    expect(card.locator(".host")).to_have_text(first["worker"]["host"])
+    local = datetime.fromisoformat(first["created_at"]).astimezone(ZoneInfo(zone))
+    expect(card.locator("time")).to_have_text(local.strftime("%d/%m/%Y, %H:%M:%S"))
+    page.wait_for_function(
+        "() => { const imgs = [...document.querySelectorAll('article.card img')];"
+        " return imgs.length === 2 && imgs.every(i => i.complete && i.naturalWidth > 0); }",
+        timeout=10_000,
+    )
+
+    # New results appear in the open page, with no reload: the marker would not survive one.
+    page.evaluate("window.__sameDocument = true")
+    odd = '<img src=x onerror=alert(1)> "quoted" 😀.jpg'
+    broken = watch / "broken.jpg"
+    broken.write_text("not a photo")
+    compute(write_jpeg(watch / odd, width=300, height=400, seed=4))
+    compute(broken)
+    cards = page.locator("article.card")
+    expect(cards).to_have_count(3, timeout=10_000)
+    expect(cards.nth(0)).to_contain_text("broken.jpg")
+    expect(cards.nth(0).locator(".badge")).to_have_text("failed")
+    expect(cards.nth(0).locator(".message")).to_contain_text("broken.jpg")
+    expect(cards.nth(1).locator(".name")).to_have_text(odd)
+    assert cards.nth(1).locator(".name img").count() == 0  # the name stayed text
+    expect(cards.nth(2).locator(".name")).to_have_text("trip/first.jpg")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('article.card.result img')].every(i => i.complete && i.naturalWidth > 0)",
+        timeout=10_000,
+    )
+    assert page.evaluate("window.__sameDocument") is True
+    assert not crashes
+
+    shot = tmp_path / "gallery.png"
+    page.screenshot(path=str(shot), full_page=True)
+    context.close()
+    with Image.open(shot) as img:
+        assert img.format == "PNG" and img.width >= 1000 and img.height >= 300
+        colors = img.convert("RGB").getcolors(maxcolors=100_000)
+        assert colors is None or len(colors) > 50, "the screenshot is blank"
+    if os.environ.get("TEST_ARTIFACTS"):
+        artifacts = Path(os.environ["TEST_ARTIFACTS"])
+        artifacts.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, artifacts / "gallery.png")
