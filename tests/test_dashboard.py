@@ -64,7 +64,8 @@ def test_queue_and_job_pages_show_a_jobs_meta(
     depthq = Path(sys.executable).with_name("depthq")
     log = tmp_path / "dashboard.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([str(depthq), "dashboard", "--config", str(config_file)], env=env, stdout=out, stderr=out)
+        command = [str(depthq), "dashboard", "--config", str(config_file)]
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=out)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _get(base + "/")[0] == 200 or proc.poll() is not None, f"the dashboard (log: {log})")
