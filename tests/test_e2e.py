@@ -227,8 +227,14 @@ def test_status_and_metrics_of_the_running_service(service: Service) -> None:
     last_hour = status["windows"][1]
     assert last_hour["minutes"] == 60 and last_hour["done"] >= 20 and last_hour["total_p95_s"] > 0
     assert status["queued"] == 0 and status["failed"] >= 1  # the corrupt file
-    table = subprocess.run([str(depthq), "status"], cwd=service.root, env=env, capture_output=True, check=True)
-    assert "throughput and latency" in table.stdout.decode() and "torch" in table.stdout.decode()
+    table = subprocess.run(
+        [str(depthq), "status"], cwd=service.root, env={**env, "COLUMNS": "120"}, capture_output=True, check=True
+    ).stdout.decode()
+    assert "throughput and latency" in table and "torch" in table
+    if os.environ.get("TEST_ARTIFACTS"):
+        artifacts = Path(os.environ["TEST_ARTIFACTS"])
+        artifacts.mkdir(parents=True, exist_ok=True)
+        (artifacts / "status.txt").write_text(table)
 
     host = worker["host"]
     w = _scrape(service.worker_metrics)
