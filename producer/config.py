@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ENV_PREFIX = "DEPTHQ_"
 CONFIG_ENV = "DEPTHQ_CONFIG"
+LOG_LEVEL_ENV = "DEPTHQ_LOG_LEVEL"
+# DEPTHQ_ variables that are not DEPTHQ_<SECTION>_<KEY> settings.
+_NOT_SETTINGS = {CONFIG_ENV, LOG_LEVEL_ENV}
 DEFAULT_CONFIG_NAME = "config.yaml"
 
 
@@ -123,7 +126,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     sections = Config.model_fields
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+        if not name.startswith(ENV_PREFIX) or name in _NOT_SETTINGS:
             continue
         rest = name[len(ENV_PREFIX) :].lower()
         section = next((s for s in sections if rest.startswith(s + "_")), None)

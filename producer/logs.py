@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 
+from producer.config import LOG_LEVEL_ENV
+
 
 def configure_logging(level: str | None = None) -> None:
     logging.basicConfig(
-        level=(level or os.environ.get("DEPTHQ_LOG_LEVEL") or "INFO").upper(),
+        level=(level or os.environ.get(LOG_LEVEL_ENV) or "INFO").upper(),
         format="%(asctime)s %(levelname)-7s %(processName)s[%(process)d] %(name)s: %(message)s",
     )

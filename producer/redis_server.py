@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 
 from redis import Redis
+from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry
 
 from producer.config import Config, ConfigError
 from producer.connection import embedded_url_file
@@ -105,7 +107,9 @@ class EmbeddedRedis:
         # Its own session, so a terminal's Ctrl-C cannot stop Redis before the workers have finished.
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout_s
-        client = Redis(port=self.port, socket_connect_timeout=1)
+        # No retries of its own: this loop is the retry, and redis-py would back off for seconds on
+        # a password prompt, which already means "ready".
+        client = Redis(port=self.port, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
         while True:
             if self.process.poll() is not None:
                 raise RuntimeError(

@@ -66,3 +66,9 @@ def test_negative_number_is_refused() -> None:
 def test_missing_explicit_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"nope\.yaml"):
         load_config(tmp_path / "nope.yaml", environ={})
+
+
+def test_log_level_and_config_variables_are_not_taken_for_settings() -> None:
+    """DEPTHQ_LOG_LEVEL belongs to logging (launchd and systemd set it): it must not stop depthq at start."""
+    environ = {"DEPTHQ_LOG_LEVEL": "DEBUG", "DEPTHQ_WORKER_RETRIES": "1"}
+    assert load_config(environ=environ).worker.retries == 1
