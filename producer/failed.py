@@ -6,6 +6,7 @@ a photo that failed for a passing reason (a model file missing, a full disk) the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -77,20 +78,22 @@ def _select(connection: Redis, config: Config, ids: list[str], everything: bool)
     return chosen
 
 
-def retry(connection: Redis, config: Config, ids: list[str], everything: bool = False) -> list[str]:
+def _each(
+    connection: Redis, config: Config, ids: list[str], everything: bool, act: Callable[[FailedJobRegistry, str], Any]
+) -> list[str]:
     registry = _registry(connection, config)
     chosen = _select(connection, config, ids, everything)
     for jid in chosen:
-        registry.requeue(jid)
+        act(registry, jid)
     return chosen
+
+
+def retry(connection: Redis, config: Config, ids: list[str], everything: bool = False) -> list[str]:
+    return _each(connection, config, ids, everything, lambda registry, jid: registry.requeue(jid))
 
 
 def purge(connection: Redis, config: Config, ids: list[str], everything: bool = False) -> list[str]:
-    registry = _registry(connection, config)
-    chosen = _select(connection, config, ids, everything)
-    for jid in chosen:
-        registry.remove(jid, delete_job=True)
-    return chosen
+    return _each(connection, config, ids, everything, lambda registry, jid: registry.remove(jid, delete_job=True))
 
 
 def as_dicts(rows: list[FailedJob]) -> list[dict[str, Any]]:

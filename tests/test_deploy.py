@@ -232,7 +232,7 @@ def test_script_parses(script: Path) -> None:
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_script_passes_shellcheck(script: Path) -> None:
     shellcheck = need_tool("shellcheck", "shellcheck")
-    result = subprocess.run([shellcheck, "--shell=bash", str(script)], capture_output=True, text=True)
+    result = subprocess.run([shellcheck, "--shell=bash", "--external-sources", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
 
@@ -273,6 +273,16 @@ def conf_for_test(data: Path, text: str | None = None) -> str:
     return text.replace(shipped, f"\ndir {data}\n")
 
 
+def pings(client: Redis) -> bool:
+    """Whether a server answers yet; closes the client either way."""
+    try:
+        return bool(client.ping())
+    except (RedisConnectionError, ResponseError):
+        return False
+    finally:
+        client.close()
+
+
 @contextmanager
 def redis_on(
     binary: Path, conf: str, tmp: Path, *overrides: str, ready: Callable[[int], bool] | None = None
@@ -293,13 +303,7 @@ def redis_on(
                 raise AssertionError(f"redis-server exited with {proc.returncode}:\n{log.read_text()}")
             if ready is not None:
                 return ready(port)
-            client = Redis(port=port, password=PASSWORD, socket_connect_timeout=1)
-            try:
-                return bool(client.ping())
-            except (RedisConnectionError, ResponseError):
-                return False
-            finally:
-                client.close()
+            return pings(Redis(port=port, password=PASSWORD, socket_connect_timeout=1))
 
         wait_for(answers, "redis-server to answer PING", timeout=20)
         yield port
@@ -394,13 +398,9 @@ def test_redis_conf_tls_block_serves_rediss(tmp_path: Path, tls_pki: Path) -> No
     password_file.write_text(PASSWORD)
 
     def answers_tls(port: int) -> bool:
-        client = Redis("127.0.0.1", port, password=PASSWORD, ssl=True, ssl_ca_certs=str(ca), socket_connect_timeout=1)
-        try:
-            return bool(client.ping())
-        except (RedisConnectionError, ResponseError):
-            return False
-        finally:
-            client.close()
+        return pings(
+            Redis("127.0.0.1", port, password=PASSWORD, ssl=True, ssl_ca_certs=str(ca), socket_connect_timeout=1)
+        )
 
     tls_port = free_port()
     # --port 0 again after the harness's --port N: the plain-text port stays off, as the block says.

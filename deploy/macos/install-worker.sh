@@ -5,12 +5,10 @@
 # Safe to re-run: it updates the venv from this checkout, re-renders the agent and restarts it. It
 # never overwrites an existing config file. Written for macOS's own bash 3.2.
 set -euo pipefail
-
-LABEL=com.depthq.worker
+# shellcheck source=SCRIPTDIR/common.sh
+. "$(dirname "$0")/common.sh"
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 TEMPLATE="$REPO/deploy/macos/$LABEL.plist"
-# Seconds to wait for a running worker to stop: the plist's ExitTimeOut plus a margin.
-STOP_WAIT_S=700
 
 usage() {
   cat <<EOF
@@ -40,20 +38,6 @@ Options:
                          no venv, pip, model download or launchctl; works on any OS
   -h, --help             this text
 EOF
-}
-
-die() {
-  printf 'install-worker: error: %s\n' "$*" >&2
-  exit 1
-}
-say() { printf 'install-worker: %s\n' "$*"; }
-
-# An absolute path, without requiring it to exist: launchd has no current directory to resolve against.
-absolute() {
-  case $1 in
-    /*) printf '%s' "$1" ;;
-    *) printf '%s/%s' "$PWD" "$1" ;;
-  esac
 }
 
 PREFIX="$HOME/depthq"
@@ -282,16 +266,7 @@ fi
 
 render_plist
 
-if launchctl print "$SERVICE" >/dev/null 2>&1; then
-  say "stopping the running worker (it finishes the photo in hand first; up to ${STOP_WAIT_S}s)"
-  launchctl bootout "$SERVICE" 2>/dev/null || true
-  waited=0
-  while launchctl print "$SERVICE" >/dev/null 2>&1; do
-    [ "$waited" -lt "$STOP_WAIT_S" ] || die "$SERVICE did not stop within ${STOP_WAIT_S}s; see $LOG_DIR/worker.log"
-    sleep 1
-    waited=$((waited + 1))
-  done
-fi
+stop_agent "$SERVICE" || true
 # A service disabled earlier (launchctl disable) refuses to bootstrap.
 launchctl enable "$SERVICE"
 launchctl bootstrap "$DOMAIN" "$PLIST" || die "launchctl bootstrap $DOMAIN $PLIST failed (above)"

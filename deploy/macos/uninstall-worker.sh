@@ -2,10 +2,8 @@
 # Stop the depthq worker LaunchAgent and remove it. The venv, config, models and logs stay unless
 # --purge. Safe to re-run. Written for macOS's own bash 3.2.
 set -euo pipefail
-
-LABEL=com.depthq.worker
-# The plist's ExitTimeOut plus a margin: a stopping worker finishes the photo in hand first.
-STOP_WAIT_S=700
+# shellcheck source=SCRIPTDIR/common.sh
+. "$(dirname "$0")/common.sh"
 
 usage() {
   cat <<EOF
@@ -22,19 +20,6 @@ Options (give the same values as to install-worker.sh):
   --log-dir DIR     default: ~/Library/Logs/depthq
   -h, --help        this text
 EOF
-}
-
-die() {
-  printf 'uninstall-worker: error: %s\n' "$*" >&2
-  exit 1
-}
-say() { printf 'uninstall-worker: %s\n' "$*"; }
-
-absolute() {
-  case $1 in
-    /*) printf '%s' "$1" ;;
-    *) printf '%s/%s' "$PWD" "$1" ;;
-  esac
 }
 
 PREFIX="$HOME/depthq"
@@ -74,18 +59,7 @@ DOMAIN="gui/$(id -u)"
 SERVICE="$DOMAIN/$LABEL"
 PLIST="$HOME/Library/LaunchAgents/$LABEL.plist"
 
-if launchctl print "$SERVICE" >/dev/null 2>&1; then
-  say "stopping $SERVICE (it finishes the photo in hand first; up to ${STOP_WAIT_S}s)"
-  launchctl bootout "$SERVICE" 2>/dev/null || true
-  waited=0
-  while launchctl print "$SERVICE" >/dev/null 2>&1; do
-    [ "$waited" -lt "$STOP_WAIT_S" ] || die "$SERVICE did not stop within ${STOP_WAIT_S}s; try: launchctl bootout $SERVICE"
-    sleep 1
-    waited=$((waited + 1))
-  done
-else
-  say "$SERVICE is not loaded"
-fi
+stop_agent "$SERVICE" || say "$SERVICE is not loaded"
 
 if [ -e "$PLIST" ]; then
   rm -f "$PLIST"
