@@ -17,6 +17,8 @@ from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 from rq import Queue
 
+from producer.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 # All interfaces: Prometheus scrapes from another machine. The figures carry no secrets.
@@ -43,12 +45,12 @@ class QueueCollector(Collector):
         yield failed
 
 
-def serve(registry: CollectorRegistry, port: int) -> Any:
-    """Start the /metrics server on a daemon thread; a taken port stops start-up with the key to change."""
+def serve(registry: CollectorRegistry, port: int, key: str) -> Any:
+    """Start the /metrics server on a daemon thread; a taken port stops start-up naming the setting."""
     try:
         server, _thread = start_http_server(port, addr=METRICS_BIND, registry=registry)
     except OSError as exc:
-        raise OSError(f"metrics_port {port}: cannot listen ({exc.strerror}); pick a free port") from None
+        raise ConfigError(f"{key}: cannot listen on port {port} ({exc.strerror}); pick a free port") from None
     log.info("metrics on http://%s:%d/metrics", METRICS_BIND, port)
     return server
 

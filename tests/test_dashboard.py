@@ -84,6 +84,7 @@ def test_queue_and_job_pages_show_a_jobs_meta(
         assert status == 200 and json.loads(body)["status"] == "queued"
         assert _get(f"{base}/0/view/job/{done.job_id}")[0] == 200
         assert _get(base + "/0/view/workers")[0] == 200
+        assert _get(base + "/0/data/workers.json")[0] == 200
         assert _get(base + "/gallery/")[0] == 200
     finally:
         proc.terminate()

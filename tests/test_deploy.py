@@ -232,7 +232,9 @@ def test_script_parses(script: Path) -> None:
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_script_passes_shellcheck(script: Path) -> None:
     shellcheck = need_tool("shellcheck", "shellcheck")
-    result = subprocess.run([shellcheck, "--shell=bash", "--external-sources", str(script)], capture_output=True, text=True)
+    result = subprocess.run(
+        [shellcheck, "--shell=bash", "--external-sources", str(script)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout
 
 

@@ -1,0 +1,44 @@
+"""The /metrics plumbing that the end-to-end test does not reach: ports per worker, outages, taken ports."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from redis import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from producer.config import Config, ConfigError
+from producer.contract import make_queue
+from producer.metrics import QueueCollector, serve
+from producer.redis_server import free_port
+from producer.supervisor import _worker_env
+
+
+def test_each_worker_of_depthq_up_gets_its_own_port(make_config: Callable[..., Config]) -> None:
+    config = make_config(worker={"metrics_port": 9200})
+    ports = [_worker_env({}, config, i)["DEPTHQ_WORKER_METRICS_PORT"] for i in range(3)]
+    assert ports == ["9200", "9201", "9202"]
+    assert "DEPTHQ_WORKER_METRICS_PORT" not in _worker_env({}, make_config(), 1)
+
+
+def test_queue_figures_go_missing_while_redis_is_down_and_the_page_still_answers(
+    make_config: Callable[..., Config], caplog: pytest.LogCaptureFixture
+) -> None:
+    down = Redis(port=free_port(), socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+    registry = CollectorRegistry()
+    registry.register(QueueCollector(make_queue(down, make_config())))
+    assert b"depthq_queue_depth" not in generate_latest(registry)
+    assert "queue figures unavailable" in caplog.text
+
+
+def test_a_taken_port_is_named(make_config: Callable[..., Config]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"worker.metrics_port: cannot listen on port {port}"):
+            serve(CollectorRegistry(), port, "worker.metrics_port")
