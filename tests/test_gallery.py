@@ -29,7 +29,7 @@ from producer.config import Config
 from producer.enqueue import Enqueuer
 from tests.photos import write_jpeg
 from worker.backends import Backend
-from worker.worker import build_worker, load_backend
+from worker.worker import build_worker
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Chromium's own background connections are refused on these machines; these keep it from trying.
@@ -46,29 +46,20 @@ CHROMIUM_ARGS = [
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def backend(tiny_model: Path) -> Backend:
-    from producer.config import load_config
-
-    config = load_config(environ={}, overrides={"model": {"path": str(tiny_model), "device": "cpu"}})
-    loaded, _ = load_backend(config)
-    return loaded
-
-
 @pytest.fixture
 def config(make_config: Callable[..., Config]) -> Config:
     return make_config(worker={"retry_backoff_s": [0]})
 
 
 @pytest.fixture
-def compute(config: Config, redis_client: Redis, backend: Backend) -> Callable[..., None]:
+def compute(config: Config, redis_client: Redis, tiny_backend: Backend) -> Callable[..., None]:
     """Photos through the real producer and worker, as `depthq up` would run them."""
 
     def run(*photos: Path) -> None:
         enqueuer = Enqueuer(config, redis_client)
         for photo in photos:
             enqueuer.submit(photo)
-        build_worker(config, redis_client, backend).work(burst=True, with_scheduler=False)
+        build_worker(config, redis_client, tiny_backend).work(burst=True, with_scheduler=False)
 
     return run
 
