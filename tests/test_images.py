@@ -305,3 +305,44 @@ def test_raising_the_limit_above_pillows_default_ceiling_takes_effect() -> None:
 
     assert "worker.max_image_pixels" not in message
     assert "damaged or incomplete" in message
+
+
+# --- reduced decoding for the model ------------------------------------------------------------------------------
+
+
+def _big_marked(width: int, height: int) -> np.ndarray:
+    """A smooth gradient with a red block in the top-left eighth, so a reduced decode is recognisable."""
+    ramp = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    arr = np.broadcast_to(ramp, (height, width, 3)).astype(np.uint8).copy()
+    arr[: height // 8, : width // 8] = RED
+    return arr
+
+
+def test_a_large_jpeg_is_decoded_reduced_but_never_below_the_models_side() -> None:
+    data = _encode(Image.fromarray(_big_marked(1000, 800)), "JPEG", quality=95)
+    loaded = load_image(data, "big.jpg", MAX_PIXELS, min_side=128)
+    # 1/4 gives 250 x 200; 1/8 would give 125 x 100, under the model's 128.
+    assert loaded.rgb.shape == (200, 250, 3)
+    assert (loaded.width, loaded.height) == (1000, 800)
+    full = load_image(data, "big.jpg", MAX_PIXELS)
+    assert full.rgb.shape == (800, 1000, 3) and (full.width, full.height) == (1000, 800)
+    # The same picture, only smaller: compare with the full decode shrunk by area averaging.
+    shrunk = np.asarray(Image.fromarray(full.rgb).resize((250, 200), Image.Resampling.BOX), dtype=np.float32)
+    assert np.abs(loaded.rgb.astype(np.float32) - shrunk).mean() < 2.0
+
+
+def test_a_reduced_decode_keeps_the_orientation_and_the_upright_size() -> None:
+    stored = Image.fromarray(_big_marked(1000, 800))  # orientation 6: seen upright as 800 x 1000
+    data = _encode(stored, "JPEG", quality=95, exif=_exif(orientation=6, focal_35mm=26))
+    loaded = load_image(data, "turned.jpg", MAX_PIXELS, min_side=128)
+    assert loaded.rgb.shape == (250, 200, 3)
+    assert (loaded.width, loaded.height) == (800, 1000)
+    assert loaded.focal_length_35mm == 26
+    assert tuple(loaded.rgb[2, -3]) == pytest.approx(RED, abs=12)  # the red corner turned to the top right
+
+
+@pytest.mark.parametrize(("fmt", "size"), [("JPEG", (250, 200)), ("PNG", (1000, 800))])
+def test_only_jpegs_at_least_twice_the_models_side_are_reduced(fmt: str, size: tuple[int, int]) -> None:
+    data = _encode(Image.fromarray(_big_marked(*size)), fmt)
+    loaded = load_image(data, "photo", MAX_PIXELS, min_side=128)
+    assert loaded.rgb.shape == (size[1], size[0], 3)

@@ -19,18 +19,13 @@ _SIXTEEN_BIT_GREY = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 @dataclass(frozen=True)
 class LoadedImage:
-    """`rgb` is uint8 (H, W, 3), upright. `focal_length_35mm` is in millimetres (35 mm equivalent)."""
+    """`rgb` is uint8, upright. `width` x `height` is the photo's upright size, which `rgb` has too
+    unless it was decoded reduced (`load_image`'s `min_side`). `focal_length_35mm` is 35 mm equivalent."""
 
     rgb: np.ndarray
     focal_length_35mm: float | None
-
-    @property
-    def width(self) -> int:
-        return int(self.rgb.shape[1])
-
-    @property
-    def height(self) -> int:
-        return int(self.rgb.shape[0])
+    width: int
+    height: int
 
 
 def _focal_35mm(img: Image.Image) -> float | None:
@@ -46,6 +41,15 @@ def _focal_35mm(img: Image.Image) -> float | None:
     return focal if focal > 0 else None
 
 
+def _orientation(img: Image.Image) -> int:
+    """EXIF orientation 1 to 8; 1 (as stored) when absent or malformed, as exif_transpose treats it."""
+    try:
+        value = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # malformed EXIF is common and never worth failing a photo over
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
 def _to_rgb(img: Image.Image) -> np.ndarray:
     if img.mode in _SIXTEEN_BIT_GREY:
         grey = np.asarray(img, dtype=np.uint32)
@@ -56,8 +60,15 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_image(data: bytes, name: str, max_pixels: int) -> LoadedImage:
-    """Decode `data` (the bytes of the file called `name`). Raises BadInputError naming the file."""
+def load_image(data: bytes, name: str, max_pixels: int, min_side: int | None = None) -> LoadedImage:
+    """Decode `data` (the bytes of the file called `name`). Raises BadInputError naming the file.
+
+    With `min_side` (the model's input side), a JPEG at least twice that size on both sides is
+    decoded at 1/2, 1/4 or 1/8 scale in libjpeg's DCT, never below `min_side`. The model's resize
+    then still only shrinks, from a properly filtered image instead of one 4 to 8 times larger; the
+    photo's size, the focal length and the depth map's resolution stay those of the full photo.
+    bench/overhead.py measures what this costs in the model's input and what it saves.
+    """
     if not data:
         raise BadInputError(f"{name}: the file is empty (0 bytes); copy the photo again")
     # Pillow refuses at 2 x MAX_IMAGE_PIXELS inside open(); tie that to our limit so the setting is the
@@ -90,14 +101,19 @@ def load_image(data: bytes, name: str, max_pixels: int) -> LoadedImage:
                 f"({max_pixels}); downscale the photo or raise the limit"
             )
         focal = _focal_35mm(img)
+        orientation = _orientation(img)
+        # Orientations 5 to 8 turn the photo a quarter: its upright size is the stored one swapped.
+        width, height = (img.height, img.width) if orientation in (5, 6, 7, 8) else (img.width, img.height)
         try:
             img.seek(0)  # animated GIF/WebP: the first frame
-            upright = ImageOps.exif_transpose(img)
-            rgb = _to_rgb(upright)
+            if min_side is not None and img.format == "JPEG":
+                img.draft("RGB", (min_side, min_side))
+            # exif_transpose copies even an upright photo (36 MB for 12 MP); only turn what needs it.
+            rgb = _to_rgb(ImageOps.exif_transpose(img) if orientation != 1 else img)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise BadInputError(
                 f"{name}: the image data is damaged or incomplete ({exc}); copy the photo again"
             ) from None
     if rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise BadInputError(f"{name}: the image has no pixels")
-    return LoadedImage(rgb=np.ascontiguousarray(rgb), focal_length_35mm=focal)
+    return LoadedImage(rgb=np.ascontiguousarray(rgb), focal_length_35mm=focal, width=width, height=height)

@@ -140,6 +140,19 @@ def _drain_aliases(rt: Runtime, jid: str, source: str) -> list[str]:
     return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members if m)
 
 
+def depth_stats(depth: np.ndarray) -> dict[str, Any]:
+    """Min, max and the exact median, in meters. The median partitions a copy (np.median would also
+    copy, then scan for NaNs that 1/clamp cannot produce)."""
+    flat = depth.ravel().copy()
+    mid = flat.size // 2
+    if flat.size % 2:
+        median = float(np.partition(flat, mid)[mid])
+    else:
+        part = np.partition(flat, (mid - 1, mid))
+        median = float((part[mid - 1] + part[mid]) / 2)
+    return {"unit": "m", "min": float(depth.min()), "max": float(depth.max()), "median": median}
+
+
 def _sidecar_for(sidecar: dict[str, Any], source: str, job_id: str, timings: dict[str, float]) -> dict[str, Any]:
     npy_name = Path(source).name + ".depth.npy"
     return {
@@ -184,7 +197,7 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
         if copied is not None:
             return copied
     sha = hashlib.sha256(data).hexdigest()
-    image = load_image(data, p.source, rt.config.worker.max_image_pixels)
+    image = load_image(data, p.source, rt.config.worker.max_image_pixels, min_side=rt.backend.input_size)
     t_decoded = time.perf_counter()
     _stage(rt, job, "inferring", {"queue_wait": _ms(queue_wait), "decode": _ms(t_decoded - t0)})
     prediction = rt.backend.predict(image.rgb)
@@ -206,14 +219,9 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
         )
     except ValueError as exc:
         raise BadInputError(f"{p.source}: {exc}") from None
-    preview = preview_png(md.depth)
+    preview = preview_png(md.depth, rt.backend.input_size)
     depth = md.depth
-    stats = {
-        "unit": "m",
-        "min": float(depth.min()),
-        "max": float(depth.max()),
-        "median": float(np.median(depth)),
-    }
+    stats = depth_stats(depth)
     t_post = time.perf_counter()
     timings = {
         "queue_wait": _ms(queue_wait),

@@ -1,0 +1,32 @@
+"""The preview PNG: the turbo colormap of inverse depth, never larger than the model's resolution."""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from worker.preview import preview_png
+
+
+def _decoded(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.format == "PNG" and img.mode == "RGB"
+        return np.asarray(img)
+
+
+def test_a_large_map_is_previewed_at_the_models_side_keeping_its_shape() -> None:
+    depth = np.full((300, 400), 5.0, np.float32)
+    assert _decoded(preview_png(depth, 128)).shape == (96, 128, 3)
+    assert _decoded(preview_png(depth.T.copy(), 128)).shape == (128, 96, 3)
+    assert _decoded(preview_png(depth[:60, :80], 128)).shape == (60, 80, 3)  # smaller: as is
+
+
+def test_near_is_warm_and_far_is_cold_as_turbo_says() -> None:
+    depth = np.tile(np.linspace(1.0, 50.0, 256, dtype=np.float32), (16, 1))  # near on the left
+    rgb = _decoded(preview_png(depth, 128))
+    turbo = cv2.applyColorMap(np.array([[255, 0]], np.uint8), cv2.COLORMAP_TURBO)[0, :, ::-1]
+    np.testing.assert_allclose(rgb[4, 0], turbo[0], atol=40)  # nearest: the top of the map (dark red)
+    np.testing.assert_allclose(rgb[4, -1], turbo[1], atol=40)  # farthest: its bottom (dark blue)
