@@ -91,10 +91,12 @@ class EmbeddedRedis:
             str(self.data_dir),
             "--appendonly",
             "yes",
-            # Every acknowledged write survives even a SIGKILL of Redis: a finished job is never
-            # forgotten and computed again. depthq writes a few keys a second, so this costs nothing.
+            # Redis writes each command to the AOF before it replies, so a killed redis-server loses
+            # nothing acknowledged; only a machine crash can lose the last second, which the start-up
+            # scan repairs (photos without output are enqueued again; outputs are fsynced). `always`
+            # made every job wait ~45 ms on disk flushes (bench/coordination.py).
             "--appendfsync",
-            "always",
+            "everysec",
             "--save",
             "",
             # Eviction would silently drop queued jobs.

@@ -192,11 +192,12 @@ def build_worker(
     return worker
 
 
-def run(config: Config, burst: bool = False) -> int:
+def run(config: Config, burst: bool = False, backend: Backend | None = None) -> int:
+    """`depthq work`. `backend` replaces the configured one (the benchmarks' stand-in model)."""
     url = resolve_url(config)
     connection = connect(url, config.redis)
     t0 = time.perf_counter()
-    backend = create_backend(config)
+    backend = backend or create_backend(config)
     metrics = None
     if config.worker.metrics_port is not None:
         # Served before the model loads, so a slow first load (a Core ML compile) shows as model_loaded 0.
