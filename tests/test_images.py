@@ -346,3 +346,23 @@ def test_only_jpegs_at_least_twice_the_models_side_are_reduced(fmt: str, size: t
     data = _encode(Image.fromarray(_big_marked(*size)), fmt)
     loaded = load_image(data, "photo", MAX_PIXELS, min_side=128)
     assert loaded.rgb.shape == (size[1], size[0], 3)
+
+
+def test_a_jpeg_libjpeg_warns_about_is_left_to_pillow() -> None:
+    """Stray bytes before a marker: most viewers show the photo, so it must not fail here either."""
+    clean = _encode(Image.fromarray(_big_marked(80, 60)), "JPEG", quality=95)
+    at = clean.index(b"\xff\xda")  # start of scan
+    stray = clean[:at] + b"\x00\x00\x00" + clean[at:]
+    loaded = _load(stray)
+    np.testing.assert_array_equal(loaded.rgb, _load(clean).rgb)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_jpegs_are_turned_upright_exactly_as_pillow_turns_them(orientation: int) -> None:
+    """JPEGs take the fast decoder and a numpy turn; every orientation must match Pillow's own."""
+    data = _encode(Image.fromarray(_big_marked(64, 40)), "JPEG", quality=95, exif=_exif(orientation=orientation))
+    with Image.open(io.BytesIO(data)) as reference:
+        expected = np.asarray(ImageOps.exif_transpose(reference).convert("RGB"))
+    loaded = _load(data)
+    np.testing.assert_array_equal(loaded.rgb, expected)
+    assert (loaded.width, loaded.height) == (expected.shape[1], expected.shape[0])

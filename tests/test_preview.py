@@ -30,3 +30,18 @@ def test_near_is_warm_and_far_is_cold_as_turbo_says() -> None:
     turbo = cv2.applyColorMap(np.array([[255, 0]], np.uint8), cv2.COLORMAP_TURBO)[0, :, ::-1]
     np.testing.assert_allclose(rgb[4, 0], turbo[0], atol=40)  # nearest: the top of the map (dark red)
     np.testing.assert_allclose(rgb[4, -1], turbo[1], atol=40)  # farthest: its bottom (dark blue)
+
+
+def test_depth_stats_median_is_exact_on_small_maps_and_close_on_large_ones() -> None:
+    from worker.job import depth_stats
+
+    small = np.arange(1, 8, dtype=np.float32).reshape(1, 7)
+    assert depth_stats(small, 128) == {"unit": "m", "min": 1.0, "max": 7.0, "median": 4.0}
+    assert depth_stats(small[:, :6], 128)["median"] == 3.5
+    # A 12 MP map made like the worker makes it: a model-sized map resized up.
+    coarse = np.random.default_rng(0).uniform(0.5, 50.0, (48, 48)).astype(np.float32)
+    model = cv2.resize(coarse, (256, 256), interpolation=cv2.INTER_CUBIC)
+    full = cv2.resize(model, (4032, 3024), interpolation=cv2.INTER_LINEAR)
+    stats = depth_stats(full, 256)
+    assert (stats["min"], stats["max"]) == (float(full.min()), float(full.max()))
+    assert abs(stats["median"] - float(np.median(full))) / float(np.median(full)) < 1e-3

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -140,15 +141,20 @@ def _drain_aliases(rt: Runtime, jid: str, source: str) -> list[str]:
     return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members if m)
 
 
-def depth_stats(depth: np.ndarray) -> dict[str, Any]:
-    """Min, max and the exact median, in meters. The median partitions a copy (np.median would also
-    copy, then scan for NaNs that 1/clamp cannot produce)."""
-    flat = depth.ravel().copy()
-    mid = flat.size // 2
-    if flat.size % 2:
-        median = float(np.partition(flat, mid)[mid])
+def depth_stats(depth: np.ndarray, model_side: int) -> dict[str, Any]:
+    """Min and max of the map, and its median over a grid no coarser than the model's output.
+
+    The full-resolution map is the model's output resized, so it holds no more values than that grid;
+    an exact median of all 12 M pixels cost ~90 ms, the grid's ~15 ms, and they differ by about 1e-4
+    (relative; measured in bench/overhead.py).
+    """
+    step = max(1, int(math.sqrt(depth.size) / model_side))
+    sample = depth[::step, ::step].ravel().copy()
+    mid = sample.size // 2
+    if sample.size % 2:
+        median = float(np.partition(sample, mid)[mid])
     else:
-        part = np.partition(flat, (mid - 1, mid))
+        part = np.partition(sample, (mid - 1, mid))
         median = float((part[mid - 1] + part[mid]) / 2)
     return {"unit": "m", "min": float(depth.min()), "max": float(depth.max()), "median": median}
 
@@ -221,7 +227,7 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
         raise BadInputError(f"{p.source}: {exc}") from None
     preview = preview_png(md.depth, rt.backend.input_size)
     depth = md.depth
-    stats = depth_stats(depth)
+    stats = depth_stats(depth, rt.backend.input_size)
     t_post = time.perf_counter()
     timings = {
         "queue_wait": _ms(queue_wait),

@@ -25,7 +25,9 @@ def preview_png(depth: np.ndarray, max_side: int) -> bytes:
     scale = max_side / max(height, width)
     if scale < 1.0:
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        depth = cv2.resize(depth, size, interpolation=cv2.INTER_AREA)
+        # Bilinear is enough: the map is the model's output resized up, with no detail finer than the
+        # model's grid to alias. Area averaging cost 20 ms more on a 12 MP map.
+        depth = cv2.resize(depth, size, interpolation=cv2.INTER_LINEAR)
     inverse = 1.0 / depth
     hi = min(float(inverse.max()), 1.0 / _NEAR_M)
     lo = max(float(inverse.min()), 1.0 / _FAR_M)
