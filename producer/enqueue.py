@@ -5,6 +5,10 @@ refuses the duplicate. What happens then depends on the existing job:
 - pending: a copy under another name becomes an alias (the worker writes its outputs too);
 - finished for another name: a cheap copy job reuses the stored result;
 - over without a result for this photo (failed, stopped, or its output is gone): it runs again.
+
+A burst (a rescan, a folder dropped in) goes through `submit_many`, which enqueues the common case,
+new content with no job yet, a few hundred at a time in one transaction, and leaves everything else
+to `submit`, one by one.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import hashlib
 import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from redis import Redis
-from rq import Retry
+from redis.exceptions import WatchError
+from rq import Queue, Retry
 from rq.exceptions import DeserializationError, DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 
@@ -65,6 +71,26 @@ class Submitted:
     outcome: Outcome
     job_id: str
     source: str
+    # The photo's (size, mtime_ns) as read, when it now has a job: this version needs no other.
+    version: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class _Photo:
+    """A photo read and hashed: its job id, its payload, and the (size, mtime_ns) it was read at."""
+
+    jid: str
+    payload: JobPayload
+    version: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class _Unread:
+    """A photo the producer must not read (a symlink out of the root, no permission): a refusal job."""
+
+    source: str
+    st: os.stat_result
+    why: str
 
 
 class Enqueuer:
@@ -101,18 +127,76 @@ class Enqueuer:
 
     def submit(self, path: Path, force: bool = False) -> Submitted:
         """Enqueue one photo unless it is already done. Raises SourceError for paths that must not be jobs."""
+        read = self._read(path, force)
+        if isinstance(read, Submitted):
+            return read
+        if isinstance(read, _Unread):
+            refused = self._refusal(path, read.source, read.st, read.why)
+            return replace(refused, version=(read.st.st_size, read.st.st_mtime_ns))
+        if force:
+            self._forget(read.jid)
+        return replace(self._enqueue_once(read.jid, read.payload), version=read.version)
+
+    def _enqueue_once(self, jid: str, payload: JobPayload) -> Submitted:
+        """rq refuses a second job under an id; what then depends on the job that holds it."""
+        for _ in range(2):  # a job can expire between the refusal and our look at it: then try again
+            try:
+                self._enqueue(jid, payload)
+                log.info("enqueued %s as job %s", payload.source, jid)
+                return Submitted("enqueued", jid, payload.source)
+            except DuplicateJobError:
+                handled = self._duplicate(jid, payload)
+                if handled is not None:
+                    return handled
+        return Submitted("duplicate", jid, payload.source)
+
+    def submit_many(self, paths: Sequence[Path]) -> list[tuple[Path, Submitted | None]]:
+        """Enqueue a burst of photos in one transaction; None for each one left to `submit`.
+
+        One by one, each photo costs two round trips to Redis (four when its job exists), which caps a
+        burst at a few hundred photos a second. Here the common case, new content with no job yet, is
+        enqueued in one MULTI/EXEC, and a photo whose job is still pending for it (an event and a
+        rescan both saw it) is a duplicate found by one bulk read. Anything else is left to `submit`,
+        which knows what to do with it: a refusal, a job that is over or another name's (alias,
+        copy, requeue), a path that cannot be read or is not ours, and a photo with the same content
+        as one earlier in the batch (an alias, once the first is enqueued). Call `submit` on those
+        after this returns, in order.
+        """
+        out: list[tuple[Path, Submitted | None]] = []
+        fresh: dict[str, tuple[int, _Photo]] = {}  # job id -> (its place in out, the photo)
+        for path in paths:
+            try:
+                read = self._read(path)
+            except (SourceError, OSError):
+                read = None  # submit() raises it again, to a caller that decides what it means
+            if isinstance(read, _Photo) and read.jid not in fresh:
+                fresh[read.jid] = (len(out), read)
+            out.append((path, read if isinstance(read, Submitted) else None))
+        enqueued, taken = self._enqueue_new({jid: photo.payload for jid, (_, photo) in fresh.items()})
+        for jid in enqueued:
+            place, photo = fresh[jid]
+            log.info("enqueued %s as job %s", photo.payload.source, jid)
+            out[place] = (out[place][0], Submitted("enqueued", jid, photo.payload.source, photo.version))
+        for jid in self._still_pending({jid: fresh[jid][1].payload for jid in taken}):
+            place, photo = fresh[jid]
+            log.debug("%s: job %s already pending", photo.payload.source, jid)
+            out[place] = (out[place][0], Submitted("duplicate", jid, photo.payload.source, photo.version))
+        return out
+
+    def _read(self, path: Path, force: bool = False) -> Submitted | _Unread | _Photo:
+        """What the disk says about a photo: done already, still changing, not ours to read, or its job."""
         source, unreadable = self.relative(path)
         before = path.stat()
         if not force and is_finished(self.config.output.dir, source, before):
             return Submitted("done", "", source)
+        sha = ""
         if unreadable is None:
             try:
                 sha = self._sha256(path, source, before)
             except PermissionError:
                 unreadable = "permission denied"
         if unreadable is not None:
-            return self._refusal(path, source, before, unreadable)
-        sha = self._sha256(path, source, before)
+            return _Unread(source, before, unreadable)
         after = path.stat()
         if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
             return Submitted("changed", "", source)  # still being written: the watcher will see it again
@@ -124,19 +208,7 @@ class Enqueuer:
             model=self.config.model.path,
             outputs=list(self.outputs),
         )
-        jid = job_id(sha, payload.model)
-        if force:
-            self._forget(jid)
-        for _ in range(2):  # a job can expire between the refusal and our look at it: then try again
-            try:
-                self._enqueue(jid, payload)
-                log.info("enqueued %s as job %s", source, jid)
-                return Submitted("enqueued", jid, source)
-            except DuplicateJobError:
-                handled = self._duplicate(jid, payload)
-                if handled is not None:
-                    return handled
-        return Submitted("duplicate", jid, source)
+        return _Photo(job_id(sha, payload.model), payload, (after.st_size, after.st_mtime_ns))
 
     def _refusal(self, path: Path, source: str, st: os.stat_result, why: str) -> Submitted:
         """A file the producer will not read still becomes a job, keyed by its name: the worker, which
@@ -182,6 +254,70 @@ class Enqueuer:
             job_timeout=q.job_timeout_s,
             description=payload.source,
         )
+
+    def _enqueue_new(self, payloads: dict[str, JobPayload]) -> tuple[list[str], list[str]]:
+        """Enqueue, in one transaction, those of these jobs whose id is not taken: (enqueued, taken).
+
+        As safe as `unique=True`: the ids are WATCHed before we look, so if one appears before the
+        EXEC (another producer, `depthq enqueue`), nothing is written, and every photo of the batch
+        goes one by one (neither list names it). A job that exists is never overwritten.
+        """
+        if not payloads:
+            return [], []
+        q = self.config.queue
+        keys = [Job.key_for(jid) for jid in payloads]
+        with self.connection.pipeline(transaction=True) as tx:
+            try:
+                tx.watch(*keys)
+                with self.connection.pipeline(transaction=False) as look:
+                    for key in keys:
+                        look.exists(key)
+                    exists = look.execute()
+                new = [jid for jid, found in zip(payloads, exists, strict=True) if not found]
+                taken = [jid for jid, found in zip(payloads, exists, strict=True) if found]
+                if not new:
+                    return [], taken
+                tx.multi()
+                self.queue.enqueue_many(
+                    [
+                        Queue.prepare_data(
+                            JOB_FUNCTION,
+                            args=(payloads[jid].to_dict(),),
+                            job_id=jid,
+                            retry=self.retry,
+                            result_ttl=q.result_ttl_s,
+                            failure_ttl=q.failure_ttl_s,
+                            timeout=q.job_timeout_s,
+                            description=payloads[jid].source,
+                        )
+                        for jid in new
+                    ],
+                    pipeline=tx,
+                )
+                tx.execute()
+            except WatchError:
+                return [], []
+        return new, taken
+
+    def _still_pending(self, payloads: dict[str, JobPayload]) -> list[str]:
+        """Of these existing jobs, those still pending for the very same photo: nothing to do.
+
+        What `_duplicate` decides first, for many jobs in one read. The others (over, another name's,
+        not ours) need its judgement, one by one.
+        """
+        if not payloads:
+            return []
+        try:
+            jobs = Job.fetch_many(list(payloads), connection=self.connection, serializer=SERIALIZER)
+            return [
+                jid
+                for (jid, payload), job in zip(payloads.items(), jobs, strict=True)
+                if job is not None
+                and job.get_status(refresh=False) in _PENDING
+                and job.args[0]["source"] == payload.source
+            ]
+        except (DeserializationError, LookupError, TypeError):
+            return []  # a job that is not ours among them: submit() judges each
 
     def _duplicate(self, jid: str, payload: JobPayload) -> Submitted | None:
         """The content already has a job. None: it vanished meanwhile, enqueue again."""

@@ -74,6 +74,14 @@ class SettleTracker:
         with self._lock:
             self._pending.pop(path, None)
 
+    def forget_version(self, path: Path, size: int, mtime_ns: int) -> None:
+        """Forget a pending file if it is still at this (size, mtime_ns): it was dealt with meanwhile (a
+        rename event while a rescan waited on it). A newer version stays pending."""
+        with self._lock:
+            pend = self._pending.get(path)
+            if pend is not None and (pend.size, pend.mtime_ns) == (size, mtime_ns):
+                del self._pending[path]
+
     def next_due_in(self) -> float | None:
         """Seconds until the earliest pending file could be ready, for the poll loop's sleep."""
         with self._lock:

@@ -2,7 +2,9 @@
 
 Events only say "look at this file"; nothing is enqueued from the watchdog thread itself. The main
 loop decides when a file is finished, and a rescan (`producer.rescan_s`) catches whatever events were
-dropped (inotify overflow, a producer that was down).
+dropped (inotify overflow, a producer that was down); an inotify overflow also triggers one at once.
+Whatever is ready at once is enqueued together (`Enqueuer.submit_many`), so a burst of thousands of
+photos costs a few round trips per few hundred.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from watchdog.observers.polling import PollingObserver
 
 from producer.config import Config
 from producer.contract import is_finished
-from producer.enqueue import Enqueuer, SourceError
+from producer.enqueue import Enqueuer, SourceError, Submitted
 from producer.metrics import ProducerMetrics, serve
 from producer.readiness import Eligibility, SettleTracker
 
@@ -39,6 +41,33 @@ log = logging.getLogger(__name__)
 
 # How often the loop wakes when nothing is pending: bounds shutdown latency, costs nothing.
 _IDLE_TICK_S = 0.25
+# Photos per Redis transaction in a burst: large enough that round trips stop mattering, small
+# enough that one transaction never holds Redis for long.
+_BATCH = 500
+# A burst (more ready at once than one) is gathered in ticks while it keeps coming, for at most this
+# long: a lone photo is never held back.
+_GATHER_TICK_S = 0.02
+_GATHER_MAX_S = 0.5
+# Bounds the memory of what was enqueued since the last full rescan (past it, a rescan after lost
+# events just submits more duplicates, which cost time, not correctness).
+_QUEUED_MAX = 100_000
+# watchdog tells no handler when the kernel's inotify queue overflows and events are lost; it only
+# logs a warning on this logger. 10,000 renames at once overflow it here (bench/burst.py), and
+# without a rescan at once the lost photos would wait for `producer.rescan_s`. With the log level
+# above WARNING the warning is never made, and the periodic rescan is all that is left.
+_INOTIFY_LOGGER = "watchdog.observers.inotify_c"
+
+
+class _OverflowAlarm(logging.Handler):
+    """Raised by watchdog's warning that inotify dropped events, so the main loop rescans now."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.raised = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self.raised.set()
 
 
 class _Handler(FileSystemEventHandler):
@@ -73,6 +102,10 @@ class Watcher:
         self.tracker = SettleTracker(config.producer.settle_ms / 1000.0)
         self._ready: queue.SimpleQueue[Path] = queue.SimpleQueue()
         self._armed = False
+        self._overflow = _OverflowAlarm()
+        # Photos given a job since the last full rescan, with their (size, mtime_ns) then: what a
+        # rescan after lost events need not submit again (thousands of duplicates, after a burst).
+        self._queued: dict[Path, tuple[int, int]] = {}
 
     @property
     def armed(self) -> bool:
@@ -111,11 +144,22 @@ class Watcher:
 
     def rescan(self) -> int:
         """Queue every eligible photo with no finished output; they still pass the settle check."""
+        self._queued.clear()
+        return self._scan(skip_queued=False)
+
+    def _rescan_lost(self) -> int:
+        """After inotify lost events: the same scan, less the photos given a job since the last one
+        and unchanged since. A job already exists for each; what is missing is what the events lost."""
+        return self._scan(skip_queued=True)
+
+    def _scan(self, skip_queued: bool) -> int:
         found = 0
         for path in self.eligible.scan(self.root, exclude=self.output_root):
             try:
                 st = path.stat()
             except OSError:
+                continue
+            if skip_queued and self._queued.get(path) == (st.st_size, st.st_mtime_ns):
                 continue
             if not is_finished(self.output_root, path.relative_to(self.root).as_posix(), st):
                 self.tracker.saw_change(path)
@@ -138,9 +182,39 @@ class Watcher:
             self._count("retry_later")
             self.tracker.saw_change(path)
             return
+        self._record(path, result)
+
+    def submit_many(self, paths: list[Path]) -> None:
+        """Enqueue what is ready, a batch at a time; anything unusual goes through `submit` one by one."""
+        paths = list(dict.fromkeys(paths))  # an event and a rescan can both name a photo
+        for start in range(0, len(paths), _BATCH):
+            chunk = paths[start : start + _BATCH]
+            if len(chunk) == 1:
+                self.submit(chunk[0])
+                continue
+            try:
+                results = self.enqueuer.submit_many(chunk)
+            except RedisError as exc:
+                log.warning("could not enqueue %d photo(s) yet (%s); will retry", len(chunk), exc)
+                for path in chunk:
+                    self._count("retry_later")
+                    self.tracker.saw_change(path)
+                continue
+            for path, result in results:
+                if result is None:
+                    self.submit(path)
+                else:
+                    self._record(path, result)
+
+    def _record(self, path: Path, result: Submitted) -> None:
         self._count(result.outcome)
         if result.outcome == "changed":
             self.tracker.saw_change(path)
+        elif result.version is not None:
+            # This version has a job: a rescan that found it meanwhile need not submit it again.
+            self.tracker.forget_version(path, *result.version)
+            if len(self._queued) < _QUEUED_MAX:
+                self._queued[path] = result.version
 
     def _arm(self) -> BaseObserver:
         observer = self.make_observer()
@@ -159,9 +233,12 @@ class Watcher:
             raise FileNotFoundError(
                 f"producer.watch: {self.root} is not a folder; create it or point producer.watch elsewhere"
             )
-        observer: BaseObserver | None = self._arm()
-        self.armed = True
+        inotify_log = logging.getLogger(_INOTIFY_LOGGER)
+        inotify_log.addHandler(self._overflow)
+        observer: BaseObserver | None = None
         try:
+            observer = self._arm()
+            self.armed = True
             self.rescan()
             next_rescan = time.monotonic() + self.config.producer.rescan_s
             next_health = time.monotonic() + self.config.producer.poll_interval_s
@@ -172,17 +249,21 @@ class Watcher:
                     if observer is None:
                         stop.wait(_IDLE_TICK_S)
                         continue
-                self._drain_ready()
-                for path in self.tracker.pop_ready():
-                    self.submit(path)
+                self.submit_many(self._take_ready() + self.tracker.pop_ready())
+                if self._overflow.raised.is_set():
+                    self._overflow.raised.clear()
+                    log.warning("inotify dropped events (queue overflow); rescanning %s now", self.root)
+                    self._rescan_lost()
                 if time.monotonic() >= next_rescan:
                     self.rescan()
                     next_rescan = time.monotonic() + self.config.producer.rescan_s
                 due = self.tracker.next_due_in()
                 wait = _IDLE_TICK_S if due is None else min(_IDLE_TICK_S, max(due, 0.01))
                 with contextlib.suppress(queue.Empty):
-                    self.submit(self._ready.get(timeout=wait))
+                    first = self._ready.get(timeout=wait)
+                    self.submit_many([first, *self._gather_burst()])
         finally:
+            inotify_log.removeHandler(self._overflow)
             if observer is not None:
                 observer.stop()
                 observer.join(timeout=5)
@@ -202,13 +283,30 @@ class Watcher:
             self.rescan()
         return observer
 
-    def _drain_ready(self) -> None:
+    def _gather_burst(self) -> list[Path]:
+        """More ready paths, for as long as they keep coming (up to `_GATHER_MAX_S`); none for a lone photo.
+
+        While a burst arrives, watchdog's threads need the interpreter to read the kernel's inotify
+        queue before it overflows; enqueueing at the same time would compete with them for it.
+        """
+        gathered = self._take_ready()
+        deadline = time.monotonic() + _GATHER_MAX_S
+        while gathered and time.monotonic() < deadline:
+            time.sleep(_GATHER_TICK_S)
+            more = self._take_ready()
+            if not more:
+                break
+            gathered += more
+        return gathered
+
+    def _take_ready(self) -> list[Path]:
+        """Every path the event handler has marked finished so far, without waiting."""
+        ready: list[Path] = []
         while True:
             try:
-                path = self._ready.get_nowait()
+                ready.append(self._ready.get_nowait())
             except queue.Empty:
-                return
-            self.submit(path)
+                return ready
 
 
 def build_watcher(config: Config, connection: Redis) -> Watcher:

@@ -136,3 +136,90 @@ def test_unchanged_photo_is_hashed_once(enqueuer: Enqueuer, monkeypatch: pytest.
     write_jpeg(photo, seed=9)
     enqueuer.submit(photo)
     assert len(calls) == 2
+
+
+def _stored(redis_client: Redis, jid: str) -> dict[bytes, bytes]:
+    """A job's hash without the fields that differ from one enqueue to the next (times)."""
+    fields = redis_client.hgetall(f"rq:job:{jid}")
+    return {k: v for k, v in fields.items() if k not in (b"created_at", b"enqueued_at")}
+
+
+def test_a_burst_stores_the_jobs_one_by_one_would(enqueuer: Enqueuer, redis_client: Redis) -> None:
+    photos = [write_jpeg(enqueuer.watch_root / f"{i}.jpg", seed=i) for i in range(5)]
+    results = enqueuer.submit_many(photos)
+    assert [(path, r.outcome if r else None) for path, r in results] == [(p, "enqueued") for p in photos]
+    jids = [r.job_id for _, r in results if r]
+    assert enqueuer.queue.job_ids == jids
+    batched = {jid: _stored(redis_client, jid) for jid in jids}
+    redis_client.flushall()
+    for photo in photos:
+        assert enqueuer.submit(photo).outcome == "enqueued"
+    assert {jid: _stored(redis_client, jid) for jid in jids} == batched
+    assert enqueuer.queue.job_ids == jids
+
+
+def test_a_burst_leaves_the_unusual_to_submit(enqueuer: Enqueuer, redis_client: Redis, tmp_path: Path) -> None:
+    """Only new content and jobs still pending for the same photo are settled in bulk; submit() gets the rest."""
+    root = enqueuer.watch_root
+    new = write_jpeg(root / "new.jpg", seed=1)
+    copy = root / "copy.jpg"
+    copy.write_bytes(new.read_bytes())
+    queued = write_jpeg(root / "queued.jpg", seed=2)
+    failed = write_jpeg(root / "failed.jpg", seed=3)
+    done = write_jpeg(root / "done.jpg", seed=4)
+    (enqueuer.config.output.dir).mkdir(parents=True)
+    (enqueuer.config.output.dir / "done.jpg.json").write_text(json.dumps({"source_stat": source_stamp(done.stat())}))
+    link = root / "link.jpg"
+    link.symlink_to(write_jpeg(tmp_path / "elsewhere" / "secret.jpg", seed=5))
+    gone = root / "gone.jpg"
+    assert enqueuer.submit(queued).outcome == "enqueued"
+    failed_id = enqueuer.submit(failed).job_id
+    job = enqueuer.queue.fetch_job(failed_id)
+    enqueuer.queue.remove(job)
+    job.set_status(JobStatus.FAILED)
+
+    results = dict(enqueuer.submit_many([new, copy, queued, failed, done, link, gone]))
+    assert {path.name: r.outcome if r else None for path, r in results.items()} == {
+        "new.jpg": "enqueued",
+        "copy.jpg": None,  # same content as new.jpg, earlier in the batch: an alias, by submit()
+        "queued.jpg": "duplicate",
+        "failed.jpg": None,  # over without a result: submit() runs it again
+        "done.jpg": "done",
+        "link.jpg": None,  # not to be read: submit() queues it for the worker to refuse
+        "gone.jpg": None,  # submit() raises, to a caller that decides what a missing file means
+    }
+    assert enqueuer.submit(copy).outcome == "aliased"
+    assert enqueuer.submit(failed).outcome == "requeued"
+    assert enqueuer.submit(link).job_id.startswith("unread-")
+    with pytest.raises(SourceError, match="cannot be read"):
+        enqueuer.submit(gone)
+    new_id = results[new].job_id  # type: ignore[union-attr]
+    assert redis_client.smembers(aliases_key(enqueuer.queue.name, new_id)) == {b"copy.jpg"}
+    assert len(enqueuer.queue.job_ids) == len(set(enqueuer.queue.job_ids)) == 4  # new, queued, failed, link
+
+
+def test_a_job_that_appears_during_a_burst_is_not_overwritten(
+    enqueuer: Enqueuer, redis_client: Redis, make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another producer enqueues the same content between our look and our write: its job stays as it is."""
+    a = write_jpeg(enqueuer.watch_root / "a.jpg", seed=1)
+    b = write_jpeg(enqueuer.watch_root / "b.jpg", seed=2)
+    elsewhere = enqueuer.watch_root / "elsewhere.jpg"
+    elsewhere.write_bytes(a.read_bytes())
+    other = Enqueuer(make_config(), redis_client)
+    real = enqueuer.queue.enqueue_many
+
+    def racing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        assert other.submit(elsewhere).outcome == "enqueued"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(enqueuer.queue, "enqueue_many", racing)
+    results = enqueuer.submit_many([a, b])
+    assert [r for _, r in results] == [None, None]  # nothing written: both go one by one
+    monkeypatch.undo()
+    assert enqueuer.submit(a).outcome == "aliased"
+    assert enqueuer.submit(b).outcome == "enqueued"
+    jid = job_id(file_sha256(a), enqueuer.config.model.path)
+    raw = redis_client.hget(f"rq:job:{jid}", "data")
+    assert json.loads(zlib.decompress(raw))[2][0]["source"] == "elsewhere.jpg"
+    assert sorted(enqueuer.queue.job_ids) == sorted([jid, job_id(file_sha256(b), enqueuer.config.model.path)])

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -12,6 +15,7 @@ from watchdog.events import FileClosedEvent, FileCreatedEvent, FileModifiedEvent
 
 from producer.config import Config
 from producer.enqueue import Enqueuer
+from producer.metrics import ProducerMetrics
 from producer.watcher import Watcher, _Handler
 from tests.photos import write_jpeg
 from tests.waiting import wait_for
@@ -175,3 +179,91 @@ def test_periodic_rescan_finds_what_events_missed(make_config: Callable[..., Con
     finally:
         stop.set()
         thread.join(10)
+
+
+def test_a_burst_seen_by_events_and_the_start_up_scan_is_enqueued_once(
+    make_config: Callable[..., Config], redis_client: Redis
+) -> None:
+    """Photos renamed into place while the watcher starts: many are seen twice, each becomes one job."""
+    config = make_config(producer={"settle_ms": 100})
+    inbox = config.producer.watch
+    count = 300
+    for i in range(count):
+        (inbox / f"{i:03d}.jpg.part").write_bytes(b"\xff\xd8\xff" + i.to_bytes(2, "big") * 100)
+    enqueuer = Enqueuer(config, redis_client)
+    metrics = ProducerMetrics(enqueuer.queue)
+
+    def outcome(name: str) -> float:
+        return metrics.registry.get_sample_value("depthq_producer_files_total", {"outcome": name}) or 0
+
+    stop = threading.Event()
+    thread = threading.Thread(target=Watcher(config, enqueuer, metrics).run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        for i in range(count):
+            os.replace(inbox / f"{i:03d}.jpg.part", inbox / f"{i:03d}.jpg")
+        wait_count(enqueuer, count)
+        time.sleep(0.5)  # what the start-up scan also found comes due after settle_ms, to be turned away
+    finally:
+        stop.set()
+        thread.join(10)
+    ids = enqueuer.queue.job_ids
+    assert len(ids) == len(set(ids)) == count
+    assert len(list(redis_client.scan_iter(match="rq:job:*"))) == count
+    assert outcome("enqueued") == count
+
+
+def test_an_inotify_overflow_rescans_at_once(make_config: Callable[..., Config], redis_client: Redis) -> None:
+    """watchdog only logs that the kernel dropped events; the watcher rescans then, not after rescan_s."""
+    # A polling observer that never polls: photos written after the start-up scan make no event.
+    config = make_config(producer={"polling": True, "poll_interval_s": 3600, "rescan_s": 3600, "settle_ms": 0})
+    enqueuer = Enqueuer(config, redis_client)
+    watcher = Watcher(config, enqueuer)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: watcher.armed, "the watcher to start")
+        time.sleep(0.3)  # past the start-up scan
+        for i in range(3):
+            write_jpeg(config.producer.watch / f"lost-{i}.jpg", seed=i)
+        assert enqueuer.queue.count == 0
+        logging.getLogger("watchdog.observers.inotify_c").warning(
+            "Inotify queue overflowed; filesystem events were lost"
+        )
+        wait_count(enqueuer, 3)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not logging.getLogger("watchdog.observers.inotify_c").handlers  # the watcher's alarm left with it
+
+
+def test_a_photo_with_a_job_is_not_submitted_again_by_a_rescan_that_also_saw_it(
+    make_config: Callable[..., Config], redis_client: Redis
+) -> None:
+    """An event queued a photo, a rescan found it too, then the event's submit gave it a job: the
+    rescan's copy is dropped instead of coming due as a duplicate."""
+    config = make_config()
+    watcher = Watcher(config, Enqueuer(config, redis_client))
+    photo = write_jpeg(config.producer.watch / "a.jpg")
+    _Handler(watcher).on_any_event(FileClosedEvent(str(photo)))
+    assert watcher.rescan() == 1
+    watcher.submit_many(watcher._take_ready())
+    assert watcher.enqueuer.queue.count == 1
+    assert watcher.tracker.next_due_in() is None
+
+
+def test_a_rescan_after_lost_events_skips_what_has_a_job(
+    make_config: Callable[..., Config], redis_client: Redis
+) -> None:
+    config = make_config()
+    watcher = Watcher(config, Enqueuer(config, redis_client))
+    queued = write_jpeg(config.producer.watch / "queued.jpg", seed=1)
+    changed = write_jpeg(config.producer.watch / "changed.jpg", seed=2)
+    watcher.submit_many([queued, changed])
+    write_jpeg(changed, seed=3)  # a new version after its job: it needs one of its own
+    lost = write_jpeg(config.producer.watch / "lost.jpg", seed=4)  # its events were lost
+    assert watcher._rescan_lost() == 2
+    watcher.tracker.settle_s = 0
+    assert sorted(watcher.tracker.pop_ready()) == [changed, lost]
+    assert watcher.rescan() == 3  # the periodic rescan still looks at everything without output
