@@ -106,6 +106,35 @@ class DashboardConfig(_Section):
     refresh_s: float = Field(5.0, gt=0)
 
 
+class TransportConfig(_Section):
+    """How a photo reaches a worker, and its outputs come back.
+
+    shared: jobs name a photo by a root name and a path under it, and each host maps root names to
+    its own mount of the same share. redis: the photo's bytes travel through Redis, and a collector
+    on the producer's host writes the outputs that come back.
+    """
+
+    mode: Literal["shared", "redis"] = "shared"
+    # The name the watched folder (producer.watch) goes by in jobs.
+    root: str = Field("inbox", pattern=r"^[A-Za-z0-9_.-]+$")
+    # Root name -> this host's folder for it. A root not listed here is producer.watch.
+    roots: dict[str, Path] = Field(default_factory=dict)
+    # redis: the largest photo sent; a bigger one gets an error file saying so.
+    max_photo_bytes: int = Field(64 * 2**20, gt=0)
+    # redis: photos and results in Redis at once, in jobs and in bytes; beyond either, the producer
+    # holds new photos back (on disk) until the collector has taken results out.
+    max_inflight_jobs: int = Field(32, ge=1)
+    max_inflight_bytes: int = Field(2**30, gt=0)
+    # redis: a photo or result nobody collects is dropped after this long; the producer's rescan
+    # then sends the photo again.
+    blob_ttl_s: int = Field(7 * 86400, ge=60)
+    # redis: a result a collector read but did not finish writing is taken by another after this long.
+    claim_after_s: int = Field(60, ge=1)
+    # redis: zstd level for the depth map (lossless). A float32 map gains little past 1: a 12 MP map
+    # compresses to 0.84 of its size in 0.13 s at level 1, and 0.83 in 0.34 s at level 3.
+    zstd_level: int = Field(1, ge=1, le=19)
+
+
 class UpConfig(_Section):
     workers: int = Field(1, ge=1)
 
@@ -118,6 +147,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
+    transport: TransportConfig = Field(default_factory=TransportConfig)
     up: UpConfig = Field(default_factory=UpConfig)
 
 

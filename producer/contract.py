@@ -21,7 +21,9 @@ from producer.config import Config
 
 # The only function a depthq worker will run. Jobs naming anything else are refused unrun.
 JOB_FUNCTION = "worker.job.process"
-PAYLOAD_VERSION = 1
+PAYLOAD_VERSION = 2
+# Payloads a worker still takes: version 1 (before transports) named a path under the watch root.
+_ACCEPTED_VERSIONS = {1, PAYLOAD_VERSION}
 SERIALIZER = JSONSerializer
 
 # Files every job writes; `output.formats` adds to these.
@@ -64,6 +66,11 @@ class JobPayload:
     # Set when this photo is a byte-identical copy of one whose depth is already in the store:
     # the worker copies that result instead of running the model again.
     same_as: str | None = None
+    # The named root `source` is under (transport.roots maps it to a folder on each host).
+    root: str = "inbox"
+    # shared: the worker reads the photo from its mount of `root` and writes to output.dir.
+    # redis: the photo's bytes are in Redis (photo_key), and the outputs go back through Redis.
+    transport: str = "shared"
     v: int = PAYLOAD_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,9 +80,9 @@ class JobPayload:
     def from_dict(cls, data: Any) -> JobPayload:
         if not isinstance(data, dict):
             raise PayloadError(f"job payload must be a JSON object, got {type(data).__name__}")
-        if data.get("v") != PAYLOAD_VERSION:
+        if data.get("v") not in _ACCEPTED_VERSIONS:
             raise PayloadError(
-                f"job payload version {data.get('v')!r} is not {PAYLOAD_VERSION}; "
+                f"job payload version {data.get('v')!r} is not one of {sorted(_ACCEPTED_VERSIONS)}; "
                 "upgrade the worker or re-enqueue with this producer"
             )
         known = set(cls.__dataclass_fields__)
@@ -89,10 +96,30 @@ class JobPayload:
         safe_relative(payload.source)
         if payload.same_as is not None:
             safe_relative(payload.same_as)
+        if payload.transport not in TRANSPORTS:
+            raise PayloadError(f"job payload names transport {payload.transport!r}; known: {list(TRANSPORTS)}")
+        if payload.transport == "redis" and payload.same_as is not None:
+            raise PayloadError("job payload copies a stored result (same_as), which the redis transport has not")
         bad = [o for o in payload.outputs if o not in OUTPUT_SUFFIXES]
         if bad:
             raise PayloadError(f"job payload asks for unknown outputs {bad}; known: {sorted(OUTPUT_SUFFIXES)}")
         return payload
+
+
+TRANSPORTS = ("shared", "redis")
+
+
+def root_folder(config: Config, name: str) -> Path:
+    """This host's folder for a named root: transport.roots, else producer.watch for the watched root."""
+    folder = config.transport.roots.get(name)
+    if folder is not None:
+        return folder
+    if name == config.transport.root:
+        return config.producer.watch
+    raise PayloadError(
+        f"the job's photo is under root {name!r}, which this host does not map; "
+        f"add transport.roots.{name}: <this host's mount of it> to its config"
+    )
 
 
 def job_id(sha256: str, model: str) -> str:
@@ -109,6 +136,36 @@ def aliases_key(queue_name: str, jid: str) -> str:
 def done_key(queue_name: str, jid: str) -> str:
     """Set by the worker when `jid`'s outputs are in the store; holds the source they were written for."""
     return f"depthq:{queue_name}:done:{jid}"
+
+
+def photo_key(queue_name: str, jid: str) -> str:
+    """redis transport: the photo's bytes, put by the producer, deleted once its result is collected."""
+    return f"depthq:{queue_name}:photo:{jid}"
+
+
+def result_key(queue_name: str, jid: str) -> str:
+    """redis transport: a hash of the job's output files (kind -> bytes), put by the worker."""
+    return f"depthq:{queue_name}:result:{jid}"
+
+
+def results_stream(queue_name: str) -> str:
+    """redis transport: one entry per result waiting for a collector (fields: job, source)."""
+    return f"depthq:{queue_name}:results"
+
+
+def inflight_key(queue_name: str) -> str:
+    """redis transport: job id -> bytes it holds in Redis (photo, then result), until collected.
+
+    The producer reads it to hold new photos back once Redis holds enough, which bounds its memory.
+    """
+    return f"depthq:{queue_name}:inflight"
+
+
+COLLECTOR_GROUP = "collectors"
+# Output kinds a result carries zstd-compressed (raw float32 maps); the others are PNG or JSON.
+COMPRESSED_KINDS = frozenset({"npy", "tiff"})
+# The hash field of a result that failed: its error record, written as <photo>.error.json.
+ERROR_KIND = "error"
 
 
 # Fields a depthq worker adds to rq's worker record (rq:worker:<name>), read back by `depthq status`.
