@@ -36,6 +36,7 @@ from producer.config import load_config
 from producer.contract import BASE_OUTPUTS, JobPayload
 from worker.preprocess import model_input
 from worker.store import OutputStore
+from worker.transport import SharedTransport
 
 # DepthPro's input side; the stand-in reports it as the real backend would read it from the model.
 MODEL_SIDE = 1536
@@ -87,8 +88,7 @@ def _ours(folder: Path, name: str) -> Any:
     runtime = job_module.Runtime(
         config=config,
         backend=StandInBackend(sleep_s=0.0, input_size=MODEL_SIDE),
-        store=OutputStore(config.output.dir),
-        watch_root=folder,
+        transports={"shared": SharedTransport(config, OutputStore(config.output.dir))},
         host="bench",
         worker_name="bench",
         connection=None,  # type: ignore[arg-type]  # only used with a real job, never with job=None

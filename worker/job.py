@@ -6,16 +6,14 @@ installs a `Runtime` (loaded backend, store, settings) once at start; every job 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from redis import Redis
@@ -31,8 +29,6 @@ from producer.contract import (
     aliases_key,
     done_key,
     record_completion,
-    safe_relative,
-    source_stamp,
 )
 from worker.backends.base import Backend
 from worker.depth import metric_depth
@@ -40,7 +36,7 @@ from worker.errors import BadInputError, ExpectedError, RefusedJobError
 from worker.images import load_image
 from worker.metrics import WorkerMetrics
 from worker.preview import preview_png
-from worker.store import OutputStore
+from worker.transport import Photo, PhotoGoneError, SharedTransport, Transport
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +45,8 @@ log = logging.getLogger(__name__)
 class Runtime:
     config: Config
     backend: Backend
-    store: OutputStore
-    watch_root: Path
+    # By payload.transport: "shared" and "redis".
+    transports: dict[str, Transport]
     host: str
     worker_name: str
     connection: Redis
@@ -101,35 +97,6 @@ def _queue_wait_s(job: Job | None) -> float:
     return max((started - enqueued).total_seconds(), 0.0) if started and enqueued else 0.0
 
 
-def source_path(watch_root: Path, source: str) -> Path:
-    """The photo on this host's disk; refuses anything that resolves outside the watch root."""
-    path = watch_root.joinpath(*safe_relative(source).parts)
-    try:
-        resolved = path.resolve(strict=True)
-    except FileNotFoundError:
-        raise BadInputError(f"{source}: the file no longer exists in {watch_root} (moved or deleted)") from None
-    except OSError as exc:
-        raise BadInputError(f"{source}: cannot be read ({exc.strerror})") from None
-    if not resolved.is_relative_to(watch_root.resolve()):
-        raise BadInputError(f"{source}: resolves outside the watch root {watch_root}; symlinks out of it are refused")
-    if not resolved.is_file():
-        raise BadInputError(f"{source}: not a regular file")
-    return resolved
-
-
-def _read(path: Path, source: str) -> tuple[bytes, os.stat_result]:
-    """The bytes and the stat of one open file, so the recorded stamp is that of what was read."""
-    try:
-        with path.open("rb") as f:
-            return f.read(), os.fstat(f.fileno())
-    except FileNotFoundError:
-        raise BadInputError(f"{source}: the file no longer exists (moved or deleted)") from None
-    except PermissionError:
-        raise BadInputError(f"{source}: permission denied; make the file readable by the worker's user") from None
-    except IsADirectoryError:
-        raise BadInputError(f"{source}: is a folder, not a photo") from None
-
-
 def _drain_aliases(rt: Runtime, jid: str, source: str) -> list[str]:
     """Take the copies that arrived while this job was pending, and mark the job done, in one step."""
     q = rt.config.queue
@@ -172,22 +139,22 @@ def _sidecar_for(sidecar: dict[str, Any], source: str, job_id: str, timings: dic
 
 
 def _try_copy(
-    rt: Runtime, p: JobPayload, job_id: str, data: bytes, st: os.stat_result, t0: float, queue_wait: float
+    io: SharedTransport, p: JobPayload, job_id: str, photo: Photo, t0: float, queue_wait: float
 ) -> dict[str, Any] | None:
     """A byte-identical photo was already computed: reuse its stored result instead of the model."""
     assert p.same_as is not None
-    stored = rt.store.read_result(p.same_as)
-    sha = hashlib.sha256(data).hexdigest()
+    stored = io.output.read_result(p.same_as)
+    sha = hashlib.sha256(photo.data).hexdigest()
     if stored is None or stored[2].get("sha256") != sha or stored[2].get("model", {}).get("name") != p.model:
         return None
     depth, preview, sidecar = stored
     t_write = time.perf_counter()
     timings = {"queue_wait": _ms(queue_wait), "decode": 0.0, "inference": 0.0, "postprocess": 0.0}
-    rt.store.write_data(p.source, depth, preview, p.outputs)
+    io.output.write_data(p.source, depth, preview, p.outputs)
     timings["write"] = _ms(time.perf_counter() - t_write)
     timings["total"] = _ms(time.perf_counter() - t0 + queue_wait)
     copied = {**_sidecar_for(sidecar, p.source, job_id, timings), "copied_from": p.same_as}
-    rt.store.write_sidecar(p.source, {**copied, "source_stat": source_stamp(st)})
+    io.output.write_sidecar(p.source, {**copied, "source_stat": photo.stamp})
     return {"source": p.source, "copied_from": p.same_as, "timings_ms": timings}
 
 
@@ -196,14 +163,14 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
     queue_wait = _queue_wait_s(job)
     job_id = job.id if job else "local"
     _stage(rt, job, "decoding")
-    path = source_path(rt.watch_root, p.source)
-    data, st = _read(path, p.source)
-    if p.same_as is not None:
-        copied = _try_copy(rt, p, job_id, data, st, t0, queue_wait)
+    io = rt.transports[p.transport]
+    photo = io.read(p, job_id)
+    if p.same_as is not None and isinstance(io, SharedTransport):
+        copied = _try_copy(io, p, job_id, photo, t0, queue_wait)
         if copied is not None:
             return copied
-    sha = hashlib.sha256(data).hexdigest()
-    image = load_image(data, p.source, rt.config.worker.max_image_pixels, min_side=rt.backend.input_size)
+    sha = hashlib.sha256(photo.data).hexdigest()
+    image = load_image(photo.data, p.source, rt.config.worker.max_image_pixels, min_side=rt.backend.input_size)
     t_decoded = time.perf_counter()
     _stage(rt, job, "inferring", {"queue_wait": _ms(queue_wait), "decode": _ms(t_decoded - t0)})
     prediction = rt.backend.predict(image.rgb)
@@ -238,7 +205,7 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
     sidecar: dict[str, Any] = {
         "source": p.source,
         "sha256": sha,
-        "source_stat": source_stamp(st),
+        "source_stat": photo.stamp,
         "width": image.width,
         "height": image.height,
         "fov_deg": md.fov_deg,
@@ -257,33 +224,42 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
         warnings.append("the photo changed after it was enqueued; this result is for its current content")
     if warnings:
         sidecar["warnings"] = warnings
-    rt.store.write_data(p.source, depth, preview, p.outputs)
+    store = io.store(job_id)
+    store.write_data(p.source, depth, preview, p.outputs)
     timings["write"] = _ms(time.perf_counter() - t_post)
     timings["total"] = _ms(time.perf_counter() - t0 + queue_wait)
-    rt.store.write_sidecar(p.source, _sidecar_for(sidecar, p.source, job_id, timings))
+    store.write_sidecar(p.source, _sidecar_for(sidecar, p.source, job_id, timings))
     # Copies queued as aliases get this result only if it is of the content they were queued with;
     # otherwise they stay in the set and the producer gives them their own job on its next look.
+    # (The redis transport queues none: a worker there cannot read a copy's file.)
     aliases = _drain_aliases(rt, job_id, p.source) if job and sha == p.sha256 else []
     for alias in aliases:
-        _write_alias(rt, alias, sha, depth, preview, {**_sidecar_for(sidecar, alias, job_id, timings)}, p)
+        sidecar_alias = _sidecar_for(sidecar, alias, job_id, timings)
+        _write_alias(cast(SharedTransport, io), alias, sha, depth, preview, sidecar_alias, p)
     log.info("%s: depth %.2f-%.2f m, %s ms", p.source, stats["min"], stats["max"], timings)
     return {"source": p.source, "aliases": aliases, "timings_ms": timings}
 
 
 def _write_alias(
-    rt: Runtime, alias: str, sha: str, depth: np.ndarray, preview: bytes, sidecar: dict[str, Any], p: JobPayload
+    io: SharedTransport,
+    alias: str,
+    sha: str,
+    depth: np.ndarray,
+    preview: bytes,
+    sidecar: dict[str, Any],
+    p: JobPayload,
 ) -> None:
     """Outputs for a byte-identical copy, stamped with the copy's own stat, if it still holds that content."""
     try:
-        data, st = _read(source_path(rt.watch_root, alias), alias)
+        photo = io.read_source(p.root, alias)
     except BadInputError as exc:
         log.warning("not writing the copy's result: %s", exc)
         return
-    if hashlib.sha256(data).hexdigest() != sha:
+    if hashlib.sha256(photo.data).hexdigest() != sha:
         log.info("%s changed since it was queued as a copy of %s; it gets its own job", alias, p.source)
         return
-    sidecar.update(copied_from=p.source, source_stat=source_stamp(st))
-    rt.store.write_result(alias, depth, preview, sidecar, p.outputs)
+    sidecar.update(copied_from=p.source, source_stat=photo.stamp)
+    io.output.write_result(alias, depth, preview, sidecar, p.outputs)
 
 
 def _record_failure(rt: Runtime, p: JobPayload, job: Job | None, exc: BaseException) -> None:
@@ -295,11 +271,11 @@ def _record_failure(rt: Runtime, p: JobPayload, job: Job | None, exc: BaseExcept
         "error": {"type": getattr(exc, "kind", type(exc).__name__), "message": str(exc)},
         "created_at": datetime.now(UTC).isoformat(),
     }
-    # Stamped like the producer sees it (following links, even out of the root: stat reads no content).
-    # A photo that is gone has nothing to stamp, and leaves nothing for the producer to look at.
-    with contextlib.suppress(OSError):
-        record["source_stat"] = source_stamp(rt.watch_root.joinpath(*safe_relative(p.source).parts).stat())
-    rt.store.write_error(p.source, record)
+    io = rt.transports[p.transport]
+    stamp = io.stamp(p)
+    if stamp is not None:
+        record["source_stat"] = stamp
+    io.store(record["job_id"]).write_error(p.source, record)
 
 
 def _finish(rt: Runtime, job: Job | None, timings: dict[str, float]) -> None:
@@ -340,6 +316,11 @@ def process(payload: dict[str, Any]) -> dict[str, Any]:
         raise RefusedJobError(f"job {job.id if job else '?'}: {exc}") from None
     try:
         result = _compute(rt, p, job)
+    except PhotoGoneError as exc:
+        # Not the photo's fault: no error file, so the producer's next look gives it a new job.
+        _failed(rt)
+        log.warning("%s", exc)
+        raise
     except ExpectedError as exc:
         _failed(rt)
         _record_failure(rt, p, job, exc)

@@ -1,49 +1,33 @@
-"""The output store: every file atomic (temp file in the same folder, then rename), the JSON last.
+"""Where a job's outputs go: a folder (`OutputStore`), or back through Redis to a collector
+(`RedisResultStore`). Both take the same calls from the job, data first and the sidecar last.
 
-Readers, and the producer's "is it done?" check, see either nothing or a whole file. The sidecar JSON
-is written after the data files, so its presence means the whole set is there.
+In a folder, every file is atomic (temp file in the same folder, then rename) and the sidecar JSON is
+written after the data files, so its presence means the whole set is there. Through Redis, the set
+travels as one hash and one stream entry, written in one transaction: the collector sees all or none.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, Protocol
 
 import numpy as np
+import zstandard
 from PIL import Image
+from redis import Redis
 
-from producer.contract import output_path
-
-_PNG16_MAX_M = 65.535
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
-
-
-def json_bytes(obj: dict[str, Any]) -> bytes:
-    return (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+from producer.contract import (
+    COMPRESSED_KINDS,
+    ERROR_KIND,
+    inflight_key,
+    output_path,
+    result_key,
+    results_stream,
+)
+from producer.files import atomic_bytes, atomic_write, json_bytes, write_outputs
 
 
 def _tiff(depth: np.ndarray) -> bytes:
@@ -60,7 +44,31 @@ def _png16(depth: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _npy(depth: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, depth.astype(np.float32, copy=False))
+    return buf.getvalue()
+
+
+def _extra_formats(depth: np.ndarray, formats: Iterable[str]) -> dict[str, bytes]:
+    wanted = set(formats)
+    encoders = {"tiff": _tiff, "png16": _png16}
+    return {kind: encode(depth) for kind, encode in encoders.items() if kind in wanted}
+
+
+class Store(Protocol):
+    """What a job writes, in this order: write_data, then write_sidecar; or write_error alone."""
+
+    def write_data(self, source: str, depth: np.ndarray, preview: bytes, formats: Iterable[str]) -> None: ...
+
+    def write_sidecar(self, source: str, sidecar: dict[str, Any]) -> None: ...
+
+    def write_error(self, source: str, error: dict[str, Any]) -> None: ...
+
+
 class OutputStore:
+    """The output folder on this host (the shared transport, and every single-machine setup)."""
+
     def __init__(self, root: Path):
         self.root = root
 
@@ -69,19 +77,13 @@ class OutputStore:
 
     def write_data(self, source: str, depth: np.ndarray, preview: bytes, formats: Iterable[str]) -> None:
         """Everything but the sidecar. Callers write the sidecar after, so it can carry the write time."""
-        wanted = set(formats)
+        # np.save streams into the file: no second copy of a 48 MB map in memory.
         atomic_write(self.path(source, "npy"), lambda f: np.save(f, depth.astype(np.float32, copy=False)))
-        atomic_bytes(self.path(source, "preview"), preview)
-        if "tiff" in wanted:
-            atomic_bytes(self.path(source, "tiff"), _tiff(depth))
-        if "png16" in wanted:
-            atomic_bytes(self.path(source, "png16"), _png16(depth))
+        write_outputs(self.root, source, {"preview": preview, **_extra_formats(depth, formats)})
 
     def write_sidecar(self, source: str, sidecar: dict[str, Any]) -> None:
         """The last file of a set: its presence tells readers the set is complete."""
-        atomic_bytes(self.path(source, "json"), json_bytes(sidecar))
-        # A success supersedes an earlier failure of the same photo.
-        self.path(source, "error").unlink(missing_ok=True)
+        write_outputs(self.root, source, {"json": json_bytes(sidecar)})
 
     def write_result(
         self, source: str, depth: np.ndarray, preview: bytes, sidecar: dict[str, Any], formats: Iterable[str]
@@ -99,7 +101,44 @@ class OutputStore:
             return None
         return depth, preview, sidecar
 
-    def write_error(self, source: str, error: dict[str, Any]) -> Path:
-        path = self.path(source, "error")
-        atomic_bytes(path, json_bytes(error))
-        return path
+    def write_error(self, source: str, error: dict[str, Any]) -> None:
+        atomic_bytes(self.path(source, ERROR_KIND), json_bytes(error))
+
+
+class RedisResultStore:
+    """One job's outputs, sent back through Redis (the redis transport): the worker shares no disk.
+
+    The files go into one hash, and an entry on the results stream tells the collectors; both in one
+    transaction, so a collector never finds half a set. The bytes are added to the job's entry in the
+    in-flight hash, which the producer reads to hold new photos back while Redis holds enough.
+    """
+
+    def __init__(self, connection: Redis, queue_name: str, job_id: str, ttl_s: int, zstd_level: int):
+        self.connection = connection
+        self.queue_name = queue_name
+        self.job_id = job_id
+        self.ttl_s = ttl_s
+        self.compressor = zstandard.ZstdCompressor(level=zstd_level)
+        self._pending: dict[str, bytes] = {}
+
+    def write_data(self, source: str, depth: np.ndarray, preview: bytes, formats: Iterable[str]) -> None:
+        files = {"npy": _npy(depth), "preview": preview, **_extra_formats(depth, formats)}
+        # Lossless: a float32 map compresses to about half; PNGs are compressed already.
+        self._pending = {k: self.compressor.compress(v) if k in COMPRESSED_KINDS else v for k, v in files.items()}
+
+    def write_sidecar(self, source: str, sidecar: dict[str, Any]) -> None:
+        self._send(source, {**self._pending, "json": json_bytes(sidecar)})
+        self._pending = {}
+
+    def write_error(self, source: str, error: dict[str, Any]) -> None:
+        self._send(source, {ERROR_KIND: json_bytes(error)})
+
+    def _send(self, source: str, files: dict[str, bytes]) -> None:
+        key = result_key(self.queue_name, self.job_id)
+        with self.connection.pipeline(transaction=True) as tx:
+            tx.delete(key)  # a retried job replaces what an earlier attempt sent
+            tx.hset(key, mapping=files)  # type: ignore[arg-type]
+            tx.expire(key, self.ttl_s)
+            tx.xadd(results_stream(self.queue_name), {"job": self.job_id, "source": source})
+            tx.hincrby(inflight_key(self.queue_name), self.job_id, sum(len(v) for v in files.values()))
+            tx.execute()

@@ -13,7 +13,6 @@ import os
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +35,7 @@ from worker.backends import Backend, create_backend
 from worker.errors import ExpectedError, RefusedJobError
 from worker.metrics import WorkerMetrics
 from worker.store import OutputStore
+from worker.transport import RedisTransport, SharedTransport
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +181,10 @@ def build_worker(
         job_module.Runtime(
             config=config,
             backend=backend,
-            store=OutputStore(config.output.dir),
-            watch_root=Path(config.producer.watch),
+            transports={
+                "shared": SharedTransport(config, OutputStore(config.output.dir)),
+                "redis": RedisTransport(config, connection),
+            },
             host=short_hostname(),
             worker_name=name,
             connection=connection,

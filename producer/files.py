@@ -1,0 +1,55 @@
+"""Atomic output files, shared by the worker's store and the collector (which must not import numpy).
+
+Every file is written to a temporary name in its own folder, then renamed into place, so a reader,
+and the producer's "is it done?" check, sees either nothing or a whole file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from producer.contract import ERROR_KIND, output_path
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def json_bytes(obj: Mapping[str, Any]) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+
+def write_outputs(root: Path, source: str, files: Mapping[str, bytes]) -> None:
+    """One photo's files: data first, then its sidecar, whose presence says the set is whole.
+
+    A sidecar supersedes an earlier error file of the same photo. An error file comes alone.
+    """
+    for kind, data in files.items():
+        if kind not in ("json", ERROR_KIND):
+            atomic_bytes(output_path(root, source, kind), data)
+    if ERROR_KIND in files:
+        atomic_bytes(output_path(root, source, ERROR_KIND), files[ERROR_KIND])
+    if "json" in files:
+        atomic_bytes(output_path(root, source, "json"), files["json"])
+        output_path(root, source, ERROR_KIND).unlink(missing_ok=True)

@@ -1,0 +1,138 @@
+"""Where a job's photo comes from and where its outputs go, as its payload's `transport` says.
+
+shared: the photo is a file under this host's mount of the job's named root, and the outputs go
+into `output.dir`, a folder every host shares. redis: the producer put the photo's bytes in Redis,
+and the outputs go back through Redis to the collector on the producer's host; this host needs no
+shared disk at all. The job code above this sees the same two calls either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from redis import Redis
+
+from producer.config import Config
+from producer.contract import JobPayload, PayloadError, photo_key, root_folder, safe_relative, source_stamp
+from worker.errors import BadInputError, ExpectedError
+from worker.store import OutputStore, RedisResultStore, Store
+
+
+class PhotoGoneError(ExpectedError):
+    """The photo's bytes are no longer in Redis: collected already, or expired. Nothing is wrong with
+    the photo, so no error file is written; the producer's rescan sends it again if it has no output."""
+
+    kind = "photo_gone"
+
+
+class RootNotMappedError(RuntimeError):
+    """This worker does not map the job's root. Retried (another worker may map it); the message says
+    which setting to add."""
+
+
+@dataclass(frozen=True)
+class Photo:
+    """The bytes a job reads, and the stamp its sidecar records (size, whole-second mtime)."""
+
+    data: bytes
+    stamp: dict[str, int]
+
+
+class Transport(Protocol):
+    def read(self, p: JobPayload, job_id: str) -> Photo: ...
+
+    def stamp(self, p: JobPayload) -> dict[str, int] | None:
+        """The photo's stamp for an error record, if it can be had without reading it."""
+        ...
+
+    def store(self, job_id: str) -> Store: ...
+
+
+def source_path(watch_root: Path, source: str) -> Path:
+    """The photo on this host's disk; refuses anything that resolves outside the root."""
+    path = watch_root.joinpath(*safe_relative(source).parts)
+    try:
+        resolved = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise BadInputError(f"{source}: the file no longer exists in {watch_root} (moved or deleted)") from None
+    except OSError as exc:
+        raise BadInputError(f"{source}: cannot be read ({exc.strerror})") from None
+    if not resolved.is_relative_to(watch_root.resolve()):
+        raise BadInputError(f"{source}: resolves outside the watch root {watch_root}; symlinks out of it are refused")
+    if not resolved.is_file():
+        raise BadInputError(f"{source}: not a regular file")
+    return resolved
+
+
+def read_file(path: Path, source: str) -> Photo:
+    """The bytes and the stamp of one open file, so the recorded stamp is that of what was read."""
+    try:
+        with path.open("rb") as f:
+            return Photo(f.read(), source_stamp(os.fstat(f.fileno())))
+    except FileNotFoundError:
+        raise BadInputError(f"{source}: the file no longer exists (moved or deleted)") from None
+    except PermissionError:
+        raise BadInputError(f"{source}: permission denied; make the file readable by the worker's user") from None
+    except IsADirectoryError:
+        raise BadInputError(f"{source}: is a folder, not a photo") from None
+
+
+class SharedTransport:
+    """The photo from this host's mount of the job's root; the outputs into the shared output folder."""
+
+    def __init__(self, config: Config, store: OutputStore):
+        self.config = config
+        self.output = store
+
+    def folder(self, root: str) -> Path:
+        try:
+            return Path(root_folder(self.config, root))
+        except PayloadError as exc:
+            raise RootNotMappedError(str(exc)) from None
+
+    def read(self, p: JobPayload, job_id: str) -> Photo:
+        return self.read_source(p.root, p.source)
+
+    def read_source(self, root: str, source: str) -> Photo:
+        return read_file(source_path(self.folder(root), source), source)
+
+    def stamp(self, p: JobPayload) -> dict[str, int] | None:
+        # Stamped as the producer sees it (following links, even out of the root: stat reads no
+        # content). A photo that is gone has nothing to stamp.
+        with contextlib.suppress(OSError, RootNotMappedError):
+            return source_stamp(self.folder(p.root).joinpath(*safe_relative(p.source).parts).stat())
+        return None
+
+    def store(self, job_id: str) -> OutputStore:
+        return self.output
+
+
+class RedisTransport:
+    """The photo's bytes from Redis; the outputs back through Redis (`RedisResultStore`)."""
+
+    def __init__(self, config: Config, connection: Redis):
+        self.config = config
+        self.connection = connection
+
+    def read(self, p: JobPayload, job_id: str) -> Photo:
+        data = self.connection.get(photo_key(self.config.queue.name, job_id))
+        if data is None:
+            raise PhotoGoneError(
+                f"{p.source}: its bytes are no longer in Redis (collected already, or older than "
+                f"transport.blob_ttl_s={self.config.transport.blob_ttl_s}); the producer sends it again "
+                "on its next rescan if it has no output"
+            )
+        assert isinstance(data, bytes)
+        return Photo(data, self.stamp(p))
+
+    def stamp(self, p: JobPayload) -> dict[str, int]:
+        # The producer stat'ed the photo when it read the bytes; its "is it done?" check compares this.
+        return {"size": p.size, "mtime": int(p.mtime)}
+
+    def store(self, job_id: str) -> RedisResultStore:
+        t = self.config.transport
+        return RedisResultStore(self.connection, self.config.queue.name, job_id, t.blob_ttl_s, t.zstd_level)
