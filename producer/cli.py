@@ -1,4 +1,4 @@
-"""The `depthq` command: up, watch, work, enqueue, models, and the operations commands.
+"""The `depthq` command: up, watch, collect, work, enqueue, models, and the operations commands.
 
 Lives in the producer package so `depthq watch` and `depthq enqueue` never import numpy or torch;
 `depthq work` imports the worker only when asked for.
@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, help="worker processes (up.workers, default 1)")
     up.add_argument("--polling", action="store_const", const=True, help="poll instead of native events (SMB/NFS)")
 
-    watch = sub.add_parser("watch", help="the producer alone: watch a folder and enqueue finished photos")
+    watch = sub.add_parser(
+        "watch", help="the producer: watch a folder and enqueue finished photos (and collect results, redis transport)"
+    )
     _add_common(watch, "watch", "output", "redis_url")
     watch.add_argument("--polling", action="store_const", const=True, help="poll instead of native events")
+
+    collect = sub.add_parser("collect", help="the collector alone: write results sent through Redis into the output")
+    _add_common(collect, "output", "redis_url")
 
     work = sub.add_parser("work", help="one worker alone, on the configured Redis (what a Mac mini runs)")
     _add_common(work, "watch", "output", "redis_url", "model")
@@ -143,9 +149,23 @@ def cmd_up(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_watch(config: Config, args: argparse.Namespace) -> int:
+    from producer.collector import start_collector
     from producer.watcher import build_watcher
 
-    build_watcher(config, _connect(config)).run(_stop_event())
+    stop = _stop_event()
+    connection = _connect(config)
+    start_collector(config, connection, stop)
+    build_watcher(config, connection).run(stop)
+    return 0
+
+
+def cmd_collect(config: Config, args: argparse.Namespace) -> int:
+    from producer.collector import Collector
+
+    if config.transport.mode != "redis":
+        print("depthq collect: transport.mode is shared; a collector serves the redis transport", file=sys.stderr)
+        return 2
+    Collector(config, _connect(config)).run(_stop_event())
     return 0
 
 
@@ -184,6 +204,14 @@ def cmd_enqueue(config: Config, args: argparse.Namespace) -> int:
         for path in files:
             try:
                 outcome = enqueuer.submit(path, force=args.force).outcome
+                if outcome == "deferred":
+                    progress.console.print(
+                        "Redis holds transport.max_inflight_jobs/bytes already: waiting for the collector "
+                        "(`depthq watch` or `depthq collect`) to take results out"
+                    )
+                while outcome == "deferred":
+                    time.sleep(0.5)
+                    outcome = enqueuer.submit(path, force=args.force).outcome
                 counts[outcome] = counts.get(outcome, 0) + 1
             except SourceError as exc:
                 refused += 1
@@ -275,6 +303,7 @@ def cmd_failed(config: Config, args: argparse.Namespace) -> int:
 _COMMANDS = {
     "up": cmd_up,
     "watch": cmd_watch,
+    "collect": cmd_collect,
     "work": cmd_work,
     "enqueue": cmd_enqueue,
     "models": cmd_models,

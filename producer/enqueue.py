@@ -17,9 +17,11 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -37,15 +39,20 @@ from producer.contract import (
     aliases_key,
     done_key,
     file_sha256,
+    inflight_key,
     is_finished,
     job_id,
     make_queue,
+    photo_key,
     requested_outputs,
+    result_key,
+    source_stamp,
 )
+from producer.files import json_bytes, write_outputs
 
 log = logging.getLogger(__name__)
 
-Outcome = Literal["enqueued", "requeued", "duplicate", "aliased", "copy", "changed", "done"]
+Outcome = Literal["enqueued", "requeued", "duplicate", "aliased", "copy", "changed", "done", "deferred", "refused"]
 
 # Atomic with the worker's MULTI that reads the alias set and sets the done marker: an alias is
 # either seen by the worker, or the producer sees the marker. Never neither.
@@ -60,6 +67,9 @@ _PENDING = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.
 _OVER = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
 # Rescans hash only what changed: (source, size, mtime_ns) -> sha256, for this many photos.
 _HASH_CACHE_SIZE = 100_000
+# redis transport: once Redis is found full, photos are held back without asking it again for this
+# long, so thousands of waiting photos cost one look, not thousands.
+_FULL_RECHECK_S = 0.5
 
 
 class SourceError(ValueError):
@@ -82,6 +92,8 @@ class _Photo:
     jid: str
     payload: JobPayload
     version: tuple[int, int]
+    # The bytes that were hashed, for the redis transport (None for shared).
+    data: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,8 @@ class Enqueuer:
         self.retry = Retry(max=retries, interval=config.worker.retry_backoff_s) if retries else None
         self._add_alias = connection.register_script(_ADD_ALIAS)
         self._hashes: OrderedDict[tuple[str, int, int], str] = OrderedDict()
+        self.by_redis = config.transport.mode == "redis"
+        self._full_until = 0.0
 
     def relative(self, path: Path) -> tuple[str, str | None]:
         """The photo's name under the watch root, and why the producer must not read it (or None).
@@ -130,22 +144,23 @@ class Enqueuer:
         read = self._read(path, force)
         if isinstance(read, Submitted):
             return read
+        version = (read.st.st_size, read.st.st_mtime_ns) if isinstance(read, _Unread) else read.version
         if isinstance(read, _Unread):
             refused = self._refusal(path, read.source, read.st, read.why)
-            return replace(refused, version=(read.st.st_size, read.st.st_mtime_ns))
+            return replace(refused, version=version)
         if force:
             self._forget(read.jid)
-        return replace(self._enqueue_once(read.jid, read.payload), version=read.version)
+        return replace(self._enqueue_once(read.jid, read.payload, read.data), version=version)
 
-    def _enqueue_once(self, jid: str, payload: JobPayload) -> Submitted:
+    def _enqueue_once(self, jid: str, payload: JobPayload, data: bytes | None) -> Submitted:
         """rq refuses a second job under an id; what then depends on the job that holds it."""
         for _ in range(2):  # a job can expire between the refusal and our look at it: then try again
             try:
-                self._enqueue(jid, payload)
+                self._enqueue(jid, payload, data)
                 log.info("enqueued %s as job %s", payload.source, jid)
                 return Submitted("enqueued", jid, payload.source)
             except DuplicateJobError:
-                handled = self._duplicate(jid, payload)
+                handled = self._duplicate(jid, payload, data)
                 if handled is not None:
                     return handled
         return Submitted("duplicate", jid, payload.source)
@@ -160,8 +175,11 @@ class Enqueuer:
         which knows what to do with it: a refusal, a job that is over or another name's (alias,
         copy, requeue), a path that cannot be read or is not ours, and a photo with the same content
         as one earlier in the batch (an alias, once the first is enqueued). Call `submit` on those
-        after this returns, in order.
+        after this returns, in order. The redis transport leaves them all to `submit`: each photo's
+        bytes must find room in Redis first.
         """
+        if self.by_redis:
+            return [(path, None) for path in paths]
         out: list[tuple[Path, Submitted | None]] = []
         fresh: dict[str, tuple[int, _Photo]] = {}  # job id -> (its place in out, the photo)
         for path in paths:
@@ -189,10 +207,23 @@ class Enqueuer:
         before = path.stat()
         if not force and is_finished(self.config.output.dir, source, before):
             return Submitted("done", "", source)
-        sha = ""
+        cap = self.config.transport.max_photo_bytes
+        if self.by_redis and unreadable is None and before.st_size > cap:
+            unreadable = (
+                f"{before.st_size / 2**20:.1f} MiB, over transport.max_photo_bytes ({cap / 2**20:.1f} MiB) "
+                "that the redis transport sends; raise it (Redis needs the room) and run "
+                "`depthq enqueue --force` on the photo, or use the shared transport"
+            )
+        if self.by_redis and unreadable is None and not self._has_room(before.st_size):
+            return Submitted("deferred", "", source)  # held on disk until the collector frees room
+        sha, data = "", None
         if unreadable is None:
             try:
-                sha = self._sha256(path, source, before)
+                if self.by_redis:
+                    data = path.read_bytes()
+                    sha = hashlib.sha256(data).hexdigest()
+                else:
+                    sha = self._sha256(path, source, before)
             except PermissionError:
                 unreadable = "permission denied"
         if unreadable is not None:
@@ -207,12 +238,42 @@ class Enqueuer:
             sha256=sha,
             model=self.config.model.path,
             outputs=list(self.outputs),
+            root=self.config.transport.root,
+            transport=self.config.transport.mode,
         )
-        return _Photo(job_id(sha, payload.model), payload, (after.st_size, after.st_mtime_ns))
+        return _Photo(job_id(sha, payload.model), payload, (after.st_size, after.st_mtime_ns), data)
+
+    def _has_room(self, size: int) -> bool:
+        """redis transport: whether Redis may take one more photo (transport.max_inflight_*).
+
+        Always when nothing is in flight, so one photo larger than max_inflight_bytes still goes.
+        Entries whose photo and result are both gone (a job deleted by hand, a blob expired) are
+        dropped here, so they cannot hold the producer back for ever.
+        """
+        if time.monotonic() < self._full_until:
+            return False
+        t = self.config.transport
+        key = inflight_key(self.queue.name)
+        held = {k: int(v) for k, v in self.connection.hgetall(key).items()}
+        if held and (len(held) >= t.max_inflight_jobs or sum(held.values()) + size > t.max_inflight_bytes):
+            with self.connection.pipeline(transaction=False) as look:
+                for jid in held:
+                    look.exists(photo_key(self.queue.name, jid.decode()), result_key(self.queue.name, jid.decode()))
+                gone = [jid for jid, n in zip(held, look.execute(), strict=True) if not n]
+            if gone:
+                self.connection.hdel(key, *gone)
+                for jid in gone:
+                    del held[jid]
+        if held and (len(held) >= t.max_inflight_jobs or sum(held.values()) + size > t.max_inflight_bytes):
+            self._full_until = time.monotonic() + _FULL_RECHECK_S
+            return False
+        return True
 
     def _refusal(self, path: Path, source: str, st: os.stat_result, why: str) -> Submitted:
         """A file the producer will not read still becomes a job, keyed by its name: the worker, which
         decides what it may read, computes it or writes the error file the user needs to see."""
+        if self.by_redis:
+            return self._refuse_here(source, st, why)
         log.warning("%s: %s; the worker will decide and record it", path, why)
         payload = JobPayload(
             source=source,
@@ -229,6 +290,21 @@ class Enqueuer:
             return self._duplicate(jid, payload) or Submitted("duplicate", jid, source)
         return Submitted("enqueued", jid, source)
 
+    def _refuse_here(self, source: str, st: os.stat_result, why: str) -> Submitted:
+        """redis transport: no worker can read what the producer would not send, so the producer
+        writes the error file itself, where the user looks for the photo's outputs."""
+        message = f"{source}: {why}"
+        log.warning("not sent: %s", message)
+        record = {
+            "source": source,
+            "job_id": "",
+            "error": {"type": "refused", "message": message},
+            "created_at": datetime.now(UTC).isoformat(),
+            "source_stat": source_stamp(st),
+        }
+        write_outputs(self.config.output.dir, source, {"error": json_bytes(record)})
+        return Submitted("refused", "", source)
+
     def _sha256(self, path: Path, source: str, st: os.stat_result) -> str:
         key = (source, st.st_size, st.st_mtime_ns)
         sha = self._hashes.get(key)
@@ -241,8 +317,16 @@ class Enqueuer:
             self._hashes.move_to_end(key)
         return sha
 
-    def _enqueue(self, jid: str, payload: JobPayload) -> None:
+    def _enqueue(self, jid: str, payload: JobPayload, data: bytes | None = None) -> None:
+        """The job, after its photo's bytes when they travel through Redis (so no worker finds a job
+        without them). If the enqueue is refused as a duplicate, the bytes stay for the job holding
+        the id: they are the same bytes, under the same key."""
         q = self.config.queue
+        if data is not None:
+            with self.connection.pipeline(transaction=True) as tx:
+                tx.set(photo_key(self.queue.name, jid), data, ex=self.config.transport.blob_ttl_s)
+                tx.hsetnx(inflight_key(self.queue.name), jid, len(data))
+                tx.execute()
         self.queue.enqueue(
             JOB_FUNCTION,
             payload.to_dict(),
@@ -319,7 +403,7 @@ class Enqueuer:
         except (DeserializationError, LookupError, TypeError):
             return []  # a job that is not ours among them: submit() judges each
 
-    def _duplicate(self, jid: str, payload: JobPayload) -> Submitted | None:
+    def _duplicate(self, jid: str, payload: JobPayload, data: bytes | None = None) -> Submitted | None:
         """The content already has a job. None: it vanished meanwhile, enqueue again."""
         try:
             job = Job.fetch(jid, connection=self.connection, serializer=SERIALIZER)
@@ -330,18 +414,25 @@ class Enqueuer:
             existing = job.args[0]["source"]
         except (DeserializationError, LookupError, TypeError):
             existing = None  # a foreign job under our id: never ours to reuse
+        if self.by_redis:
+            if existing == payload.source and self.connection.exists(result_key(self.queue.name, jid)):
+                log.debug("%s: job %s is done, its result waiting for the collector", payload.source, jid)
+                return Submitted("duplicate", jid, payload.source)
+            if existing != payload.source and status not in _OVER:
+                # A worker cannot read a copy's file here, so a copy gets its own job, not an alias.
+                return self._own_job(jid, payload, same_as=None, data=data)
         # submit() found no result for this photo, so a job that is over must run again for it.
         if status in _OVER and (existing == payload.source or status != JobStatus.FINISHED):
             job.delete()
-            self._enqueue(jid, payload)
+            self._enqueue(jid, payload, data)
             log.info("%s: job %s was %s without a result for it; enqueued again", payload.source, jid, status)
             return Submitted("requeued", jid, payload.source)
         if existing == payload.source:
             log.debug("%s: job %s already %s", payload.source, jid, status)
             return Submitted("duplicate", jid, payload.source)
         if status == JobStatus.FINISHED:
-            done_for = self.connection.get(done_key(self.queue.name, jid))
-            return self._own_job(jid, payload, same_as=done_for.decode() if done_for else None)
+            done_for = None if self.by_redis else self.connection.get(done_key(self.queue.name, jid))
+            return self._own_job(jid, payload, same_as=done_for.decode() if done_for else None, data=data)
         done_for = self._add_alias(
             keys=[done_key(self.queue.name, jid), aliases_key(self.queue.name, jid)],
             args=[payload.source, max(self.config.queue.result_ttl_s, 60)],
@@ -351,12 +442,12 @@ class Enqueuer:
             return Submitted("aliased", jid, payload.source)
         return self._own_job(jid, payload, same_as=done_for.decode())
 
-    def _own_job(self, jid: str, payload: JobPayload, same_as: str | None) -> Submitted:
+    def _own_job(self, jid: str, payload: JobPayload, same_as: str | None, data: bytes | None = None) -> Submitted:
         """A job for this name alone: a copy of a stored result if there is one, else a computation."""
         own = JobPayload(**{**payload.to_dict(), "same_as": same_as})
         own_id = f"{jid}-{hashlib.sha256(payload.source.encode()).hexdigest()[:8]}"
         try:
-            self._enqueue(own_id, own)
+            self._enqueue(own_id, own, data)
         except DuplicateJobError:
             return Submitted("duplicate", own_id, payload.source)
         log.info(

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from producer.collector import start_collector
 from producer.config import CONFIG_ENV, Config
 from producer.connection import connect, embedded_url_file, redact
 from producer.redis_server import EmbeddedRedis, start_for
@@ -139,6 +140,7 @@ def run_up(
             child.start()
         connection = connect(url, config.redis)
         watcher = build_watcher(config, connection)
+        start_collector(config, connection, stop)
 
         def watch() -> None:
             try:

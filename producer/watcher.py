@@ -208,7 +208,8 @@ class Watcher:
 
     def _record(self, path: Path, result: Submitted) -> None:
         self._count(result.outcome)
-        if result.outcome == "changed":
+        if result.outcome in ("changed", "deferred"):
+            # Still being written, or Redis is full (redis transport): look again after the settle time.
             self.tracker.saw_change(path)
         elif result.version is not None:
             # This version has a job: a rescan that found it meanwhile need not submit it again.

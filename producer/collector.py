@@ -1,0 +1,190 @@
+"""The collector (redis transport): results that workers sent through Redis become files on this host.
+
+Workers that share no disk with the producer put each job's output files in a Redis hash and an entry
+on the results stream. Here a consumer group reads the stream; each entry's files are written into
+`output.dir` atomically (data first, the sidecar last), and only then is the entry acknowledged and
+the job's photo and result deleted from Redis, in one transaction. A collector that dies mid-write
+leaves its entry pending: it reads its own pending entries first when it comes back, and any collector
+claims entries left idle for `transport.claim_after_s`. Writing a file twice is harmless (each write
+replaces the whole file), so nothing is lost and nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+import zstandard
+from redis import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from producer.config import Config
+from producer.contract import (
+    COLLECTOR_GROUP,
+    COMPRESSED_KINDS,
+    ERROR_KIND,
+    OUTPUT_SUFFIXES,
+    PayloadError,
+    inflight_key,
+    photo_key,
+    result_key,
+    results_stream,
+    safe_relative,
+)
+from producer.files import write_outputs
+
+log = logging.getLogger(__name__)
+
+# Entries taken per read: enough to keep the disk busy, few enough that a claim moves little at once.
+_BATCH = 16
+# How long one blocking read waits for new results; bounds how fast a stop is noticed.
+_BLOCK_MS = 1000
+_KNOWN_KINDS = frozenset(OUTPUT_SUFFIXES) | {ERROR_KIND}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Collector:
+    def __init__(self, config: Config, connection: Redis, name: str | None = None):
+        self.config = config
+        self.connection = connection
+        self.queue_name = config.queue.name
+        self.stream = results_stream(self.queue_name)
+        self.output_root = config.output.dir
+        # Stable across restarts on one host, so a restarted collector finds its own pending entries.
+        self.name = name or f"collector@{socket.gethostname().split('.')[0] or 'localhost'}"
+        self.claim_after_ms = config.transport.claim_after_s * 1000
+        self.decompressor = zstandard.ZstdDecompressor()
+        self.collected = 0
+
+    def ensure_group(self) -> None:
+        try:
+            self.connection.xgroup_create(self.stream, COLLECTOR_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def run(self, stop: threading.Event) -> None:
+        """Collect until `stop`; a Redis outage is waited out, then this collector's pending entries
+        (read, maybe half-written, before the outage) are taken first."""
+        self.output_root.mkdir(parents=True, exist_ok=True)
+        log.info("collecting results from %s into %s as %s", self.stream, self.output_root, self.name)
+        pending_first = True
+        next_claim = 0.0
+        while not stop.is_set():
+            try:
+                if pending_first:
+                    pending_first = self.collect_pending()
+                if time.monotonic() >= next_claim:
+                    self.claim_abandoned()
+                    next_claim = time.monotonic() + self.config.transport.claim_after_s / 2
+                self.collect_new(block_ms=_BLOCK_MS)
+            except RedisError as exc:
+                log.warning("collector: redis unavailable (%s); retrying", exc)
+                pending_first = True
+                stop.wait(1.0)
+            except OSError as exc:
+                # A full or unmounted output disk: the entry stays pending, and is written once it can be.
+                log.error("collector: cannot write into %s (%s); retrying in 5 s", self.output_root, exc)
+                pending_first = True
+                stop.wait(5.0)
+
+    def collect_pending(self) -> bool:
+        """This collector's own entries read but not acknowledged (it stopped mid-write). True while more remain."""
+        entries = self._read("0")
+        for entry_id, fields in entries:
+            self.collect(entry_id, fields)
+        return len(entries) == _BATCH
+
+    def claim_abandoned(self) -> int:
+        """Entries another collector read and then went silent on for claim_after_s: ours now."""
+        claimed = 0
+        start = "0-0"
+        while True:
+            reply = self.connection.xautoclaim(
+                self.stream, COLLECTOR_GROUP, self.name, self.claim_after_ms, start_id=start, count=_BATCH
+            )
+            start, entries = _text(reply[0]), reply[1]
+            for entry_id, fields in entries:
+                log.warning("collector: taking over result %s, left unfinished by another collector", _text(entry_id))
+                self.collect(entry_id, fields)
+                claimed += 1
+            if start == "0-0" or not entries:
+                return claimed
+
+    def collect_new(self, block_ms: int | None = None) -> int:
+        entries = self._read(">", block_ms)
+        for entry_id, fields in entries:
+            self.collect(entry_id, fields)
+        return len(entries)
+
+    def _read(self, from_id: str, block_ms: int | None = None) -> list[tuple[Any, dict[Any, Any] | None]]:
+        """Entries for this collector. The group is made on first need, and made again after a
+        Redis that lost it (restarted without its AOF): from id 0, so no result is skipped."""
+        try:
+            reply = self.connection.xreadgroup(
+                COLLECTOR_GROUP, self.name, {self.stream: from_id}, count=_BATCH, block=block_ms
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self.ensure_group()
+            return self._read(from_id, block_ms)
+        return list(reply[0][1]) if reply else []
+
+    def collect(self, entry_id: Any, fields: dict[Any, Any] | None) -> None:
+        """Write one result's files, then forget it in Redis. Raises (leaving it pending) if a write fails."""
+        if not fields:
+            self._forget(entry_id, None)  # deleted meanwhile: pending, with nothing left to read
+            return
+        jid = _text(fields.get(b"job", b""))
+        source = _text(fields.get(b"source", b""))
+        try:
+            safe_relative(source)
+        except PayloadError as exc:
+            log.error("collector: result %s refused, not written: %s", _text(entry_id), exc)
+            self._forget(entry_id, None)
+            return
+        stored = self.connection.hgetall(result_key(self.queue_name, jid))
+        if not stored:
+            # Another collector finished it, or a retried job sent it twice: already written.
+            log.debug("collector: result of job %s (%s) is already collected", jid, source)
+            self._forget(entry_id, None)
+            return
+        files: dict[str, bytes] = {}
+        for raw_kind, data in stored.items():
+            kind = _text(raw_kind)
+            if kind not in _KNOWN_KINDS:
+                log.warning("collector: %s: result has an unknown file kind %r; skipped", source, kind)
+                continue
+            files[kind] = self.decompressor.decompress(data) if kind in COMPRESSED_KINDS else data
+        write_outputs(self.output_root, source, files)
+        self._forget(entry_id, jid)
+        self.collected += 1
+        what = "error file" if ERROR_KIND in files else f"{len(files)} file(s)"
+        log.info("collected %s: %s (job %s)", source, what, jid)
+
+    def _forget(self, entry_id: Any, jid: str | None) -> None:
+        """Acknowledge the entry and free what the job held in Redis, together."""
+        with self.connection.pipeline(transaction=True) as tx:
+            tx.xack(self.stream, COLLECTOR_GROUP, entry_id)
+            tx.xdel(self.stream, entry_id)
+            if jid is not None:
+                tx.delete(result_key(self.queue_name, jid), photo_key(self.queue_name, jid))
+                tx.hdel(inflight_key(self.queue_name), jid)
+            tx.execute()
+
+
+def start_collector(config: Config, connection: Redis, stop: threading.Event) -> threading.Thread | None:
+    """The collector beside the watcher, when photos travel through Redis; None for the shared transport."""
+    if config.transport.mode != "redis":
+        return None
+    collector = Collector(config, connection)
+    thread = threading.Thread(target=collector.run, args=(stop,), name="collector", daemon=True)
+    thread.start()
+    return thread
