@@ -1,0 +1,285 @@
+"""Both transports on one real Redis, in this process: the worker reads and writes only what its
+payload's transport allows, and the collector turns results sent through Redis into files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+from redis import Redis
+from rq.job import Job, JobStatus
+
+import producer.collector as collector_module
+from producer.collector import Collector
+from producer.config import Config
+from producer.contract import (
+    SERIALIZER,
+    JobPayload,
+    PayloadError,
+    inflight_key,
+    is_finished,
+    photo_key,
+    result_key,
+    results_stream,
+)
+from producer.enqueue import Enqueuer
+from tests.photos import write_jpeg
+from tests.tiny_model import expected_depth
+from worker.backends import Backend
+from worker.worker import build_worker
+
+
+@pytest.fixture
+def producer_config(make_config: Callable[..., Config]) -> Config:
+    return make_config(transport={"mode": "redis"}, worker={"retry_backoff_s": [0]})
+
+
+@pytest.fixture
+def worker_config(make_config: Callable[..., Config], tmp_path: Path) -> Config:
+    """A worker host that shares no disk: its watch and output folders do not even exist."""
+    return make_config(
+        producer={"watch": str(tmp_path / "worker-has-no-inbox")},
+        output={"dir": str(tmp_path / "worker-has-no-output")},
+        worker={"retry_backoff_s": [0]},
+    )
+
+
+def _work(config: Config, redis_client: Redis, backend: Backend) -> None:
+    build_worker(config, redis_client, backend).work(burst=True, with_scheduler=False)
+
+
+def test_photo_travels_through_redis_and_the_collector_writes_its_outputs(
+    producer_config: Config, worker_config: Config, redis_client: Redis, tiny_backend: Backend
+) -> None:
+    photo = write_jpeg(producer_config.producer.watch / "trip" / "a.jpg", width=80, height=60)
+    enqueuer = Enqueuer(producer_config, redis_client)
+    submitted = enqueuer.submit(photo)
+    assert submitted.outcome == "enqueued"
+    q = producer_config.queue.name
+    assert redis_client.get(photo_key(q, submitted.job_id)) == photo.read_bytes()
+    assert int(redis_client.hget(inflight_key(q), submitted.job_id)) == photo.stat().st_size
+    payload = Job.fetch(submitted.job_id, connection=redis_client, serializer=SERIALIZER).args[0]
+    assert (payload["transport"], payload["root"], payload["v"]) == ("redis", "inbox", 2)
+
+    _work(worker_config, redis_client, tiny_backend)
+    assert not worker_config.output.dir.exists() and not worker_config.producer.watch.exists()
+    out = producer_config.output.dir / "trip"
+    assert not out.exists()  # nothing on disk until a collector writes it
+    stored = redis_client.hgetall(result_key(q, submitted.job_id))
+    assert set(stored) == {b"npy", b"preview", b"json"}
+    assert stored[b"npy"][:4] == b"\x28\xb5\x2f\xfd"  # a zstd frame
+    assert int(redis_client.hget(inflight_key(q), submitted.job_id)) > photo.stat().st_size
+
+    collector = Collector(producer_config, redis_client)
+    collector.ensure_group()
+    assert collector.collect_new() == 1
+    depth = np.load(out / "a.jpg.depth.npy")
+    assert depth.dtype == np.float32 and depth.shape == (60, 80)
+    np.testing.assert_allclose(depth, expected_depth(80, 60), rtol=1e-5)
+    raw = (out / "a.jpg.depth.npy").read_bytes()
+    assert len(stored[b"npy"]) < len(raw) and zstandard.ZstdDecompressor().decompress(stored[b"npy"]) == raw
+    meta = json.loads((out / "a.jpg.json").read_text())
+    assert meta["source"] == "trip/a.jpg" and meta["job_id"] == submitted.job_id
+    assert (out / "a.jpg.preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*.tmp"))
+    # Freed in Redis, and the producer sees the photo as done.
+    assert not redis_client.exists(photo_key(q, submitted.job_id), result_key(q, submitted.job_id))
+    assert redis_client.hlen(inflight_key(q)) == 0 and redis_client.xlen(results_stream(q)) == 0
+    assert is_finished(producer_config.output.dir, "trip/a.jpg", photo.stat())
+    assert enqueuer.submit(photo).outcome == "done"
+
+
+def test_a_bad_photo_comes_back_as_an_error_file(
+    producer_config: Config, worker_config: Config, redis_client: Redis, tiny_backend: Backend
+) -> None:
+    broken = producer_config.producer.watch / "broken.jpg"
+    broken.write_text("not a JPEG")
+    Enqueuer(producer_config, redis_client).submit(broken)
+    _work(worker_config, redis_client, tiny_backend)
+    Collector(producer_config, redis_client).collect_new()
+    error = json.loads((producer_config.output.dir / "broken.jpg.error.json").read_text())
+    assert error["error"]["type"] == "bad_input" and "broken.jpg" in error["error"]["message"]
+    assert error["source_stat"] == {"size": broken.stat().st_size, "mtime": int(broken.stat().st_mtime)}
+    assert not (producer_config.output.dir / "broken.jpg.json").exists()
+    assert redis_client.hlen(inflight_key(producer_config.queue.name)) == 0
+
+
+def test_a_photo_over_the_size_cap_is_refused_with_an_error_file_naming_the_setting(
+    make_config: Callable[..., Config], redis_client: Redis
+) -> None:
+    config = make_config(transport={"mode": "redis", "max_photo_bytes": 1000})
+    photo = write_jpeg(config.producer.watch / "big.jpg", width=200, height=150)
+    assert photo.stat().st_size > 1000
+    result = Enqueuer(config, redis_client).submit(photo)
+    assert result.outcome == "refused"
+    error = json.loads((config.output.dir / "big.jpg.error.json").read_text())
+    assert "transport.max_photo_bytes" in error["error"]["message"] and "big.jpg" in error["error"]["message"]
+    assert redis_client.keys("rq:job:*") == [] and redis_client.keys("depthq:*photo*") == []
+    # Refused once, not again on every rescan: the error file records this version of the photo.
+    assert Enqueuer(config, redis_client).submit(photo).outcome == "done"
+
+
+def test_the_producer_holds_photos_back_while_redis_holds_enough(
+    make_config: Callable[..., Config], worker_config: Config, redis_client: Redis, tiny_backend: Backend
+) -> None:
+    config = make_config(transport={"mode": "redis", "max_inflight_jobs": 2})
+    photos = [write_jpeg(config.producer.watch / f"{i}.jpg", seed=i) for i in range(3)]
+    enqueuer = Enqueuer(config, redis_client)
+    assert [enqueuer.submit(p).outcome for p in photos] == ["enqueued", "enqueued", "deferred"]
+    _work(worker_config, redis_client, tiny_backend)
+    assert enqueuer.submit(photos[2]).outcome == "deferred"  # done, but not yet collected: still in Redis
+    Collector(config, redis_client).collect_new()
+    enqueuer._full_until = 0.0  # the half-second memo of "full" is not what this test is about
+    assert enqueuer.submit(photos[2]).outcome == "enqueued"
+
+
+def test_bytes_cap_and_entries_left_by_deleted_jobs_do_not_hold_the_producer_back(
+    make_config: Callable[..., Config], redis_client: Redis
+) -> None:
+    a = write_jpeg(make_config().producer.watch / "a.jpg", seed=1)
+    b = write_jpeg(make_config().producer.watch / "b.jpg", seed=2)
+    config = make_config(transport={"mode": "redis", "max_inflight_bytes": a.stat().st_size + 10})
+    enqueuer = Enqueuer(config, redis_client)
+    first = enqueuer.submit(a)
+    assert first.outcome == "enqueued"
+    assert enqueuer.submit(b).outcome == "deferred"
+    # The job is deleted by hand and its photo expires: its entry must not block anything for ever.
+    Job.fetch(first.job_id, connection=redis_client, serializer=SERIALIZER).delete()
+    redis_client.delete(photo_key(config.queue.name, first.job_id))
+    enqueuer._full_until = 0.0
+    assert enqueuer.submit(b).outcome == "enqueued"
+
+
+def test_a_collector_that_dies_mid_write_loses_nothing(
+    producer_config: Config,
+    worker_config: Config,
+    redis_client: Redis,
+    tiny_backend: Backend,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    photo = write_jpeg(producer_config.producer.watch / "a.jpg")
+    jid = Enqueuer(producer_config, redis_client).submit(photo).job_id
+    _work(worker_config, redis_client, tiny_backend)
+
+    real_write = collector_module.write_outputs
+
+    def dies_after_the_first_file(root: Path, source: str, files: dict[str, bytes]) -> None:
+        real_write(root, source, {"npy": files["npy"]})
+        raise SystemExit("killed mid-write")
+
+    monkeypatch.setattr(collector_module, "write_outputs", dies_after_the_first_file)
+    doomed = Collector(producer_config, redis_client, name="doomed")
+    doomed.ensure_group()
+    with pytest.raises(SystemExit):
+        doomed.collect_new()
+    monkeypatch.setattr(collector_module, "write_outputs", real_write)
+    out = producer_config.output.dir
+    assert not (out / "a.jpg.json").exists()  # half a set, and no sidecar saying otherwise
+    assert redis_client.exists(result_key(producer_config.queue.name, jid))
+
+    # Another collector takes the entry over once it has been idle for claim_after_s.
+    survivor = Collector(producer_config, redis_client, name="survivor")
+    survivor.claim_after_ms = 0
+    assert survivor.collect_new() == 0  # nothing new: the entry is pending with the dead one
+    assert survivor.claim_abandoned() == 1
+    assert json.loads((out / "a.jpg.json").read_text())["job_id"] == jid
+    np.testing.assert_allclose(np.load(out / "a.jpg.depth.npy"), expected_depth(64, 48), rtol=1e-5)
+    assert redis_client.xlen(results_stream(producer_config.queue.name)) == 0
+    assert not redis_client.exists(result_key(producer_config.queue.name, jid))
+
+
+def test_a_restarted_collector_finishes_its_own_pending_entries_first(
+    producer_config: Config, worker_config: Config, redis_client: Redis, tiny_backend: Backend
+) -> None:
+    photo = write_jpeg(producer_config.producer.watch / "a.jpg")
+    Enqueuer(producer_config, redis_client).submit(photo)
+    _work(worker_config, redis_client, tiny_backend)
+    first = Collector(producer_config, redis_client, name="collector@a")
+    first.ensure_group()
+    # Read, then "crash" before writing anything: the entry is pending for collector@a.
+    assert len(first._read(">")) == 1
+    again = Collector(producer_config, redis_client, name="collector@a")
+    assert again.collect_new() == 0
+    assert again.collect_pending() is False
+    assert (producer_config.output.dir / "a.jpg.json").exists()
+
+
+def test_a_photo_whose_bytes_are_gone_fails_without_an_error_file_and_is_sent_again(
+    producer_config: Config, worker_config: Config, redis_client: Redis, tiny_backend: Backend
+) -> None:
+    photo = write_jpeg(producer_config.producer.watch / "a.jpg")
+    enqueuer = Enqueuer(producer_config, redis_client)
+    jid = enqueuer.submit(photo).job_id
+    redis_client.delete(photo_key(producer_config.queue.name, jid))  # expired, say
+    _work(worker_config, redis_client, tiny_backend)
+    job = Job.fetch(jid, connection=redis_client, serializer=SERIALIZER)
+    assert job.get_status() == JobStatus.FAILED
+    assert "no longer in Redis" in (job.latest_result().exc_string or "")
+    assert redis_client.xlen(results_stream(producer_config.queue.name)) == 0
+    assert enqueuer.submit(photo).outcome == "requeued"
+    _work(worker_config, redis_client, tiny_backend)
+    Collector(producer_config, redis_client).collect_new()
+    assert (producer_config.output.dir / "a.jpg.json").exists()
+
+
+def test_a_copy_under_another_name_gets_its_own_job_and_outputs(
+    producer_config: Config, worker_config: Config, redis_client: Redis, tiny_backend: Backend
+) -> None:
+    a = write_jpeg(producer_config.producer.watch / "a.jpg")
+    b = producer_config.producer.watch / "copies" / "b.jpg"
+    b.parent.mkdir()
+    shutil.copyfile(a, b)
+    enqueuer = Enqueuer(producer_config, redis_client)
+    assert enqueuer.submit(a).outcome == "enqueued"
+    assert enqueuer.submit(b).outcome == "copy"  # not an alias: no worker could read b's file
+    _work(worker_config, redis_client, tiny_backend)
+    collector = Collector(producer_config, redis_client)
+    collector.ensure_group()
+    assert collector.collect_new() == 2
+    for rel in ("a.jpg", "copies/b.jpg"):
+        assert json.loads((producer_config.output.dir / f"{rel}.json").read_text())["source"] == rel
+
+
+def test_the_shared_transport_reads_from_this_hosts_mount_of_the_named_root(
+    make_config: Callable[..., Config], redis_client: Redis, tiny_backend: Backend, tmp_path: Path
+) -> None:
+    producer_config = make_config(transport={"root": "photos"})
+    photo = write_jpeg(producer_config.producer.watch / "sub" / "a.jpg")
+    Enqueuer(producer_config, redis_client).submit(photo)
+    mount = tmp_path / "mnt-photos"  # the same share, mounted elsewhere on the worker's host
+    os.rename(producer_config.producer.watch, mount)
+    worker_config = make_config(
+        producer={"watch": str(tmp_path / "nowhere")}, transport={"root": "other", "roots": {"photos": str(mount)}}
+    )
+    _work(worker_config, redis_client, tiny_backend)
+    meta = json.loads((worker_config.output.dir / "sub" / "a.jpg.json").read_text())
+    assert meta["source"] == "sub/a.jpg"
+
+
+def test_a_worker_that_does_not_map_the_root_says_which_setting_to_add(
+    make_config: Callable[..., Config], redis_client: Redis, tiny_backend: Backend, tmp_path: Path
+) -> None:
+    producer_config = make_config(transport={"root": "photos"}, worker={"retries": 0})
+    photo = write_jpeg(producer_config.producer.watch / "a.jpg")
+    jid = Enqueuer(producer_config, redis_client).submit(photo).job_id
+    worker_config = make_config(transport={"root": "inbox"}, worker={"retries": 0})
+    _work(worker_config, redis_client, tiny_backend)
+    job = Job.fetch(jid, connection=redis_client, serializer=SERIALIZER)
+    assert job.get_status() == JobStatus.FAILED
+    error = json.loads((worker_config.output.dir / "a.jpg.error.json").read_text())
+    assert "transport.roots.photos" in error["error"]["message"]
+
+
+def test_payloads_of_version_1_still_run_and_unknown_transports_are_refused() -> None:
+    old = {"source": "a.jpg", "size": 1, "mtime": 0.0, "sha256": "", "model": "m", "v": 1}
+    assert JobPayload.from_dict(old).transport == "shared"
+    with pytest.raises(PayloadError, match="transport"):
+        JobPayload.from_dict({**old, "v": 2, "transport": "carrier-pigeon"})
+    with pytest.raises(PayloadError, match="same_as"):
+        JobPayload.from_dict({**old, "v": 2, "transport": "redis", "same_as": "b.jpg"})
