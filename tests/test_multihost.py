@@ -1,0 +1,109 @@
+"""Three hosts on one machine (network namespaces and veth pairs): host a runs Redis, the producer
+and the collector; hosts b and c run workers that share no disk with a. Photos dropped on a come back
+as outputs on a, computed on b and c, and a worker cut off mid-job loses nothing.
+
+Needs root and iproute2; skipped, with the reason, where those are missing (failed instead when
+TEST_REQUIRE_TOOLS=1, as CI sets it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+
+from producer.contract import SERIALIZER, inflight_key, results_stream
+from tests.cluster import Cluster, cluster
+from tests.netns import unavailable_reason
+from tests.photos import write_jpeg
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Cluster]:
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("TEST_REQUIRE_TOOLS") == "1":
+            pytest.fail(f"{reason}, and TEST_REQUIRE_TOOLS=1 asks for every check")
+        pytest.skip(reason)
+    with cluster(tmp_path_factory.mktemp("hosts"), tiny_model) as c:
+        c.start_redis()
+        c.start_producer()
+        c.start_worker("b")
+        c.start_worker("c")
+        c.wait(lambda: c.workers_ready(2), "the workers on b and c")
+        yield c
+
+
+def _results(c: Cluster, folder: str) -> dict[str, dict]:
+    return {p.name: json.loads(p.read_text()) for p in (c.out / folder).glob("*.jpg.json")}
+
+
+def test_fifty_photos_dropped_on_a_come_back_from_b_and_c(hosts: Cluster) -> None:
+    c = hosts
+    for i in range(50):
+        write_jpeg(c.inbox / "batch" / f"{i:02d}.jpg", width=96, height=64, seed=100 + i)
+    c.wait(lambda: len(_results(c, "batch")) == 50, "50 results on host a", timeout=180)
+    results = _results(c, "batch")
+    by_host = Counter(meta["worker"]["host"] for meta in results.values())
+    assert set(by_host) == {"b", "c"}, by_host  # each worker host did some of the work
+    for name, meta in results.items():
+        stem = name.removesuffix(".json")
+        assert meta["source"] == f"batch/{stem}"
+        assert (c.out / "batch" / f"{stem}.depth.npy").stat().st_size > 96 * 64 * 4
+        assert (c.out / "batch" / f"{stem}.preview.png").exists()
+    assert not list(c.out.rglob(".*.tmp")) and not list(c.out.rglob("*.error.json"))
+    # Nothing left behind in Redis: every photo and result was freed once collected.
+    redis = c.client()
+    wait_for(lambda: redis.hlen(inflight_key("depthq")) == 0, "in-flight entries to be freed", timeout=30)
+    assert redis.xlen(results_stream("depthq")) == 0
+    assert redis.keys("depthq:depthq:photo:*") == [] and redis.keys("depthq:depthq:result:*") == []
+    # b and c never saw a's folders: the workers' own output folders were never made either.
+    assert not (c.root / "b" / "no-output-here").exists() and not (c.root / "c" / "no-output-here").exists()
+
+
+def test_a_worker_cut_off_mid_job_is_recovered_by_the_other(hosts: Cluster) -> None:
+    c = hosts
+    redis = c.client()
+    c.stop("worker-c0", signal.SIGSTOP)  # so that b takes the photo
+    try:
+        write_jpeg(c.inbox / "cut" / "big.jpg", width=6000, height=4000, seed=7)
+        registry = StartedJobRegistry("depthq", connection=redis)
+
+        def started_on_b() -> str | None:
+            for jid in registry.get_job_ids():
+                job = Job.fetch(jid, connection=redis, serializer=SERIALIZER)
+                if job.meta.get("host") == "b":  # the job's first stage names its host
+                    return jid
+            return None
+
+        c.wait(started_on_b, "b to start the big photo", timeout=60)
+        jid = started_on_b()
+        c.net.cut("b")
+        cut_at = time.monotonic()
+    finally:
+        c.stop("worker-c0", signal.SIGCONT)
+    sidecar = c.out / "cut" / "big.jpg.json"
+    wait_for(sidecar.exists, "c to finish b's photo", timeout=120)
+    recovery_s = time.monotonic() - cut_at
+    meta = json.loads(sidecar.read_text())
+    assert meta["worker"]["host"] == "c" and meta["job_id"] == jid
+    assert (meta["width"], meta["height"]) == (6000, 4000)
+    assert sorted(p.name for p in (c.out / "cut").iterdir()) == [
+        "big.jpg.depth.npy",
+        "big.jpg.json",
+        "big.jpg.preview.png",
+    ]
+    wait_for(lambda: redis.hlen(inflight_key("depthq")) == 0, "in-flight entries to be freed", timeout=30)
+    assert redis.xlen(results_stream("depthq")) == 0
+    print(f"\nrecovered {recovery_s:.1f} s after b was cut off (worker.dead_after_s=10)")
