@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import ResponseError
 from rich.console import Console
 from rich.table import Table
 from rq import Worker
@@ -22,12 +23,15 @@ from rq.job import Job
 
 from producer.config import Config
 from producer.contract import (
+    COLLECTOR_GROUP,
     COMPLETIONS_WINDOW_S,
     SERIALIZER,
     WORKER_FIELDS,
     Completion,
     completions_key,
+    inflight_key,
     make_queue,
+    results_stream,
 )
 
 WINDOWS_MIN = (5, 60)
@@ -59,6 +63,17 @@ class Window:
 
 
 @dataclass(frozen=True)
+class Transit:
+    """The redis transport: what Redis holds for jobs, and whether a collector is taking results out."""
+
+    jobs: int
+    bytes: int
+    results_waiting: int
+    # Collector name -> seconds since it last read the stream (a dead collector's keeps growing).
+    collectors_idle_s: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Status:
     queue: str
     queued: int
@@ -68,6 +83,7 @@ class Status:
     oldest_queued_age_s: float | None
     workers: list[WorkerRow] = field(default_factory=list)
     windows: list[Window] = field(default_factory=list)
+    transit: Transit | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,6 +166,27 @@ def _workers(connection: Redis, config: Config, now: float) -> list[WorkerRow]:
     return sorted(rows, key=lambda r: (r.host, r.name))
 
 
+def _transit(connection: Redis, queue_name: str) -> Transit | None:
+    """None when nothing ever went through Redis (the shared transport)."""
+    held = connection.hvals(inflight_key(queue_name))
+    stream = results_stream(queue_name)
+    if not held and not connection.exists(stream):
+        return None
+    idle: dict[str, float] = {}
+    try:
+        for consumer in connection.xinfo_consumers(stream, COLLECTOR_GROUP):
+            name = consumer["name"].decode() if isinstance(consumer["name"], bytes) else str(consumer["name"])
+            idle[name] = consumer["idle"] / 1000.0
+    except ResponseError:
+        pass  # no collector has ever read the stream
+    return Transit(
+        jobs=len(held),
+        bytes=sum(int(v) for v in held),
+        results_waiting=connection.xlen(stream),
+        collectors_idle_s=idle,
+    )
+
+
 def gather(connection: Redis, config: Config, now: float | None = None) -> Status:
     now = time.time() if now is None else now
     queue = make_queue(connection, config)
@@ -166,6 +203,7 @@ def gather(connection: Redis, config: Config, now: float | None = None) -> Statu
         oldest_queued_age_s=_age(oldest.enqueued_at, now) if oldest else None,
         workers=_workers(connection, config, now),
         windows=[_window(completions, now, m) for m in WINDOWS_MIN],
+        transit=_transit(connection, queue.name),
     )
 
 
@@ -186,6 +224,12 @@ def render(status: Status, console: Console) -> None:
     summary.add_row("waiting to retry", str(status.scheduled))
     summary.add_row("failed", f"[red]{status.failed}[/red]" if status.failed else "0")
     summary.add_row("oldest queued", _seconds(status.oldest_queued_age_s))
+    t = status.transit
+    if t is not None:
+        summary.add_row("in Redis (redis transport)", f"{t.jobs} job(s), {t.bytes / 2**20:.1f} MiB")
+        summary.add_row("results to collect", str(t.results_waiting))
+        collectors = ", ".join(f"{n} ({_seconds(s)} ago)" for n, s in sorted(t.collectors_idle_s.items()))
+        summary.add_row("collectors", collectors or "[red]none has run[/red]")
     console.print(summary)
 
     hosts = sorted({w.host for w in status.workers})

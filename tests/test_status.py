@@ -105,6 +105,7 @@ def test_oldest_queued_age_and_json_output(
     status = json.loads(capsys.readouterr().out)
     assert status["queued"] == 1 and status["oldest_queued_age_s"] >= 0
     assert [w["minutes"] for w in status["windows"]] == [5, 60]
+    assert status["transit"] is None  # the shared transport keeps nothing in Redis but the job
     assert main(["status", "--redis-url", redis_url]) == 0
     table = capsys.readouterr().out
     assert "queue depthq" in table and "oldest queued" in table and "0 worker(s) on 0 host(s)" in table

@@ -283,3 +283,27 @@ def test_payloads_of_version_1_still_run_and_unknown_transports_are_refused() ->
         JobPayload.from_dict({**old, "v": 2, "transport": "carrier-pigeon"})
     with pytest.raises(PayloadError, match="same_as"):
         JobPayload.from_dict({**old, "v": 2, "transport": "redis", "same_as": "b.jpg"})
+
+
+def test_status_shows_what_redis_holds_and_whether_a_collector_runs(
+    producer_config: Config, worker_config: Config, redis_client: Redis, tiny_backend: Backend
+) -> None:
+    from rich.console import Console
+
+    from producer.status import gather, render
+
+    photo = write_jpeg(producer_config.producer.watch / "a.jpg")
+    Enqueuer(producer_config, redis_client).submit(photo)
+    transit = gather(redis_client, producer_config).transit
+    assert transit is not None and (transit.jobs, transit.bytes) == (1, photo.stat().st_size)
+    assert transit.results_waiting == 0 and transit.collectors_idle_s == {}
+    _work(worker_config, redis_client, tiny_backend)
+    transit = gather(redis_client, producer_config).transit
+    assert transit is not None and transit.results_waiting == 1 and transit.bytes > photo.stat().st_size
+    console = Console(record=True, width=200)
+    render(gather(redis_client, producer_config), console)
+    assert "none has run" in console.export_text()
+    Collector(producer_config, redis_client, name="collector@a").collect_new()
+    transit = gather(redis_client, producer_config).transit
+    assert transit is not None and (transit.jobs, transit.bytes, transit.results_waiting) == (0, 0, 0)
+    assert list(transit.collectors_idle_s) == ["collector@a"]
