@@ -171,6 +171,17 @@ def test_rerun_gives_the_same_plist_and_keeps_an_edited_config(home: Path) -> No
     assert sorted(p.name for p in out.iterdir()) == ["com.depthq.worker.plist", "config.yaml"]
 
 
+def test_a_mac_without_the_share_needs_only_the_redis_url(home: Path) -> None:
+    out = home / "rendered"
+    result = run_script(INSTALL, "--render-only", str(out), "--redis-url", "redis://w:6379/0", "--no-share", home=home)
+    assert result.returncode == 0, result.stderr
+    settings = load_config(out / "config.yaml", environ={})
+    assert settings.redis.url == "redis://w:6379/0"
+    assert settings.producer.watch == Path("inbox") and settings.output.dir == Path("depth-out")  # never used
+    both = run_script(INSTALL, "--render-only", str(home / "x"), *SEED, "--no-share", home=home)
+    assert both.returncode == 1 and "--watch and --output do not apply" in both.stderr
+
+
 def test_installer_names_what_is_missing_or_wrong(home: Path) -> None:
     bare = run_script(INSTALL, "--render-only", str(home / "out"), home=home)
     assert bare.returncode == 1

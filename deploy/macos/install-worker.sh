@@ -12,7 +12,7 @@ TEMPLATE="$REPO/deploy/macos/$LABEL.plist"
 
 usage() {
   cat <<EOF
-Usage: deploy/macos/install-worker.sh --redis-url URL --watch DIR --output DIR [options]
+Usage: deploy/macos/install-worker.sh --redis-url URL (--watch DIR --output DIR | --no-share) [options]
 
 Installs depthq from $REPO into a venv, writes a config file (only if there is none yet),
 downloads a Core ML model and starts the worker as the LaunchAgent $LABEL.
@@ -24,6 +24,8 @@ Config (used only when the config file does not exist yet; later, edit the file)
   --ca-file FILE         CA certificate for a rediss:// URL (redis.ca_file)
   --watch DIR            where this Mac sees the watched folder (producer.watch)
   --output DIR           where this Mac writes results (output.dir)
+  --no-share             this Mac mounts no share: the watcher uses transport.mode redis, so
+                         photos and results travel through Redis (no --watch or --output)
 
 Options:
   --model NAME           Core ML model for \`depthq models download\` (default: DepthPro)
@@ -50,6 +52,7 @@ PASSWORD_FILE=""
 CA_FILE=""
 WATCH=""
 OUTPUT=""
+NO_SHARE=""
 MODEL=DepthPro
 SKIP_MODEL=0
 PYTHON=""
@@ -71,6 +74,11 @@ while [ $# -gt 0 ]; do
       ;;
     --skip-model)
       SKIP_MODEL=1
+      shift
+      continue
+      ;;
+    --no-share)
+      NO_SHARE=1
       shift
       continue
       ;;
@@ -127,8 +135,12 @@ check_config_inputs() {
   [ ! -e "$CONFIG" ] || return 0
   local missing=""
   [ -n "$REDIS_URL" ] || missing="$missing --redis-url"
-  [ -n "$WATCH" ] || missing="$missing --watch"
-  [ -n "$OUTPUT" ] || missing="$missing --output"
+  if [ -n "$NO_SHARE" ]; then
+    [ -z "$WATCH$OUTPUT" ] || die "--no-share: this Mac mounts no share, so --watch and --output do not apply"
+  else
+    [ -n "$WATCH" ] || missing="$missing --watch"
+    [ -n "$OUTPUT" ] || missing="$missing --output"
+  fi
   [ -z "$missing" ] || die "no config at $CONFIG yet, so these are needed to write one:$missing (see --help)"
   case $REDIS_URL in
     redis://* | rediss://*) ;;
@@ -157,11 +169,15 @@ write_config() {
     echo "  url: $(yaml_quote "$REDIS_URL")"
     [ -z "$PASSWORD_FILE" ] || echo "  password_file: $(yaml_quote "$PASSWORD_FILE")"
     [ -z "$CA_FILE" ] || echo "  ca_file: $(yaml_quote "$CA_FILE")"
-    echo "producer:"
-    echo "  # Where this Mac sees the folder that the watcher watches (the share, mounted here)."
-    echo "  watch: $(yaml_quote "$WATCH")"
-    echo "output:"
-    echo "  dir: $(yaml_quote "$OUTPUT")"
+    if [ -n "$NO_SHARE" ]; then
+      echo "# No share: photos and results travel through Redis (transport.mode redis on the watcher)."
+    else
+      echo "producer:"
+      echo "  # Where this Mac sees the folder that the watcher watches (the share, mounted here)."
+      echo "  watch: $(yaml_quote "$WATCH")"
+      echo "output:"
+      echo "  dir: $(yaml_quote "$OUTPUT")"
+    fi
     echo "model:"
     echo "  cache_dir: $(yaml_quote "$PREFIX/models")"
   } >"$tmp"
