@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +13,18 @@ import pytest
 from PIL import Image
 from redis import Redis
 from rq.job import Job, JobStatus
+from rq.scheduler import RQScheduler
+from rq.scripts import acquire_or_refresh_lock
 
 from producer.config import Config
 from producer.contract import SERIALIZER, JobPayload, file_sha256, make_queue
 from producer.enqueue import Enqueuer
 from tests.photos import write_jpeg
 from tests.tiny_model import FOV_DEG, expected_depth
+from tests.waiting import wait_for
 from worker.backends import Backend
 from worker.backends.base import Prediction
-from worker.worker import DepthWorker, build_worker
+from worker.worker import DepthWorker, SchedulerThread, build_worker
 
 
 @pytest.fixture
@@ -256,3 +260,22 @@ def test_copy_never_gets_another_photos_depth(config: Config, redis_client: Redi
     meta = _sidecar(config, "b.jpg")
     assert (meta["width"], meta["height"]) == (64, 48)
     assert meta["sha256"] == file_sha256(b)
+
+
+def test_the_retry_scheduler_takes_over_the_lock_of_a_vanished_worker(config: Config, redis_client: Redis) -> None:
+    """A worker that vanished holding rq's scheduler lock must not hold up retries for minutes."""
+    key = RQScheduler.get_locking_key(config.queue.name)
+    # What a killed worker's scheduler leaves: its lock, with the TTL it last set (dead_after_s).
+    assert acquire_or_refresh_lock(redis_client, key, "vanished-worker", 2) == "acquired"
+    queue = make_queue(redis_client, config)
+    job = queue.enqueue_at(datetime.now(UTC), "worker.job.process", {"source": "x"})
+    survivor = SchedulerThread(config.queue.name, redis_client, dead_after_s=2)
+    survivor.start()
+    try:
+        wait_for(lambda: job.id in queue.get_job_ids(), "the survivor to enqueue the due retry", timeout=30)
+        assert redis_client.get(key) == survivor.scheduler.name.encode()
+        assert 0 < redis_client.ttl(key) <= 2  # its own lock lapses as fast, should it vanish too
+    finally:
+        survivor.stop_event.set()
+        survivor.join(timeout=5)
+    assert redis_client.get(key) is None  # released on a clean stop

@@ -24,6 +24,7 @@ from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
 from rq.scheduler import RQScheduler
+from rq.scripts import acquire_or_refresh_lock
 from rq.worker import WorkerStatus
 
 from producer.config import Config
@@ -126,22 +127,30 @@ def worker_name(backend: str) -> str:
 class SchedulerThread(threading.Thread):
     """rq's scheduler loop (it moves retries whose back-off has elapsed back to the queue), as a thread.
 
-    Every worker runs one; rq's per-queue lock lets only one of them act at a time.
+    Every worker runs one; rq's per-queue lock lets only one of them act at a time. rq's lock lives
+    61 s and a worker without it tries again only every 120 s, so a worker that vanished holding it
+    (killed, unplugged) held up every retry, the re-run of its own abandoned job included, for up to
+    two minutes (measured: 119 s). Here the lock lives `dead_after_s`, like a worker's heartbeat,
+    and a worker without it tries every tick, so retries resume within `dead_after_s` + 1 s.
     """
 
-    def __init__(self, queue_name: str, connection: Redis, interval: int = 1):
+    def __init__(self, queue_name: str, connection: Redis, dead_after_s: int, interval: int = 1):
         super().__init__(name="rq-scheduler", daemon=True)
         self.scheduler = RQScheduler([queue_name], connection=connection, interval=interval, serializer=SERIALIZER)
+        self.connection = connection
+        self.lock_ttl_s = dead_after_s
         self.stop_event = threading.Event()
 
     def run(self) -> None:
         s = self.scheduler
         while not self.stop_event.wait(s.interval):
             try:
-                if s.should_reacquire_locks:
+                if not s.acquired_locks:
                     s.acquire_locks()
                 if s.acquired_locks:
                     s.heartbeat()
+                    for name in s.acquired_locks:  # refreshes only a lock this scheduler still holds
+                        acquire_or_refresh_lock(self.connection, s.get_locking_key(name), s.name, self.lock_ttl_s)
                     s.enqueue_scheduled_jobs()
             except RedisError as exc:
                 log.warning("scheduler: redis unavailable (%s); retrying", exc)
@@ -183,7 +192,7 @@ def build_worker(
             backend=backend,
             transports={
                 "shared": SharedTransport(config, OutputStore(config.output.dir)),
-                "redis": RedisTransport(config, connection),
+                "redis": RedisTransport(config, connection, name),
             },
             host=short_hostname(),
             worker_name=name,
@@ -218,7 +227,7 @@ def run(config: Config, burst: bool = False, backend: Backend | None = None) -> 
         redact(url),
         config.queue.name,
     )
-    scheduler = SchedulerThread(config.queue.name, connection)
+    scheduler = SchedulerThread(config.queue.name, connection, config.worker.dead_after_s)
     scheduler.start()
     try:
         worker.work(burst=burst, with_scheduler=False, logging_level=logging.getLogger().level)
