@@ -171,6 +171,7 @@ def test_a_collector_that_dies_mid_write_loses_nothing(
 
     def dies_after_the_first_file(root: Path, source: str, files: dict[str, bytes]) -> None:
         real_write(root, source, {"npy": files["npy"]})
+        (root / f".{source}.preview.png.k1ll3d.tmp").write_bytes(files["preview"][:100])  # half a file
         raise SystemExit("killed mid-write")
 
     monkeypatch.setattr(collector_module, "write_outputs", dies_after_the_first_file)
@@ -190,6 +191,7 @@ def test_a_collector_that_dies_mid_write_loses_nothing(
     assert survivor.claim_abandoned() == 1
     assert json.loads((out / "a.jpg.json").read_text())["job_id"] == jid
     np.testing.assert_allclose(np.load(out / "a.jpg.depth.npy"), expected_depth(64, 48), rtol=1e-5)
+    assert not list(out.glob(".*.tmp"))  # the dead collector's half-written file is gone too
     assert redis_client.xlen(results_stream(producer_config.queue.name)) == 0
     assert not redis_client.exists(result_key(producer_config.queue.name, jid))
 
@@ -307,3 +309,18 @@ def test_status_shows_what_redis_holds_and_whether_a_collector_runs(
     transit = gather(redis_client, producer_config).transit
     assert transit is not None and (transit.jobs, transit.bytes, transit.results_waiting) == (0, 0, 0)
     assert list(transit.collectors_idle_s) == ["collector@a"]
+
+
+def test_a_worker_whose_job_was_handed_over_sends_no_second_result(redis_client: Redis) -> None:
+    from worker.store import HandedOverError, RedisResultStore
+
+    redis_client.hset("rq:job:j1", "worker_name", "c.torch.2")  # the job another worker took over
+    stale = RedisResultStore(redis_client, "depthq", "j1", "b.torch.1", ttl_s=60, zstd_level=1)
+    with pytest.raises(HandedOverError, match=r"handed to c\.torch\.2"):
+        stale.write_error("a.jpg", {"error": "late"})
+    assert redis_client.xlen(results_stream("depthq")) == 0 and not redis_client.exists(result_key("depthq", "j1"))
+    owner = RedisResultStore(redis_client, "depthq", "j1", "c.torch.2", ttl_s=60, zstd_level=1)
+    owner.write_error("a.jpg", {"error": "real"})
+    assert redis_client.xlen(results_stream("depthq")) == 1
+    assert json.loads(redis_client.hget(result_key("depthq", "j1"), "error")) == {"error": "real"}
+    assert 0 < redis_client.ttl(result_key("depthq", "j1")) <= 60

@@ -36,6 +36,7 @@ from worker.errors import BadInputError, ExpectedError, RefusedJobError
 from worker.images import load_image
 from worker.metrics import WorkerMetrics
 from worker.preview import preview_png
+from worker.store import HandedOverError
 from worker.transport import Photo, PhotoGoneError, SharedTransport, Transport
 
 log = logging.getLogger(__name__)
@@ -316,6 +317,10 @@ def process(payload: dict[str, Any]) -> dict[str, Any]:
         raise RefusedJobError(f"job {job.id if job else '?'}: {exc}") from None
     try:
         result = _compute(rt, p, job)
+    except HandedOverError as exc:
+        # Not a failure: the job is done (or being done) by the worker it was handed to.
+        log.warning("%s: %s", p.source, exc)
+        return {"source": p.source, "handed_over_to": exc.owner}
     except PhotoGoneError as exc:
         # Not the photo's fault: no error file, so the producer's next look gives it a new job.
         _failed(rt)

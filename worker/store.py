@@ -18,6 +18,7 @@ import numpy as np
 import zstandard
 from PIL import Image
 from redis import Redis
+from rq.job import Job
 
 from producer.contract import (
     COMPRESSED_KINDS,
@@ -54,6 +55,15 @@ def _extra_formats(depth: np.ndarray, formats: Iterable[str]) -> dict[str, bytes
     wanted = set(formats)
     encoders = {"tiff": _tiff, "png16": _png16}
     return {kind: encode(depth) for kind, encode in encoders.items() if kind in wanted}
+
+
+class HandedOverError(Exception):
+    """This worker was out of reach so long that its job went to another worker (rq's abandoned-job
+    handling). Its copy of the job ends quietly: the other worker's result is the one that counts."""
+
+    def __init__(self, job_id: str, owner: str):
+        super().__init__(f"job {job_id} was handed to {owner} while this worker was out of reach; its copy is dropped")
+        self.owner = owner
 
 
 class Store(Protocol):
@@ -105,25 +115,41 @@ class OutputStore:
         atomic_bytes(self.path(source, ERROR_KIND), json_bytes(error))
 
 
+# The result goes in only if the job is still this worker's: a worker cut off mid-job, whose job
+# another worker has taken over, must not send a second result when its network comes back.
+_SEND_RESULT = """
+local owner = redis.call('HGET', KEYS[1], 'worker_name')
+if owner and owner ~= '' and owner ~= ARGV[1] then return owner end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], unpack(ARGV, 6))
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('XADD', KEYS[3], '*', 'job', ARGV[3], 'source', ARGV[4])
+redis.call('HINCRBY', KEYS[4], ARGV[3], ARGV[5])
+return false
+"""
+
+
 class RedisResultStore:
     """One job's outputs, sent back through Redis (the redis transport): the worker shares no disk.
 
     The files go into one hash, and an entry on the results stream tells the collectors; both in one
-    transaction, so a collector never finds half a set. The bytes are added to the job's entry in the
-    in-flight hash, which the producer reads to hold new photos back while Redis holds enough.
+    script, so a collector never finds half a set, and only while the job is still this worker's.
+    The bytes are added to the job's entry in the in-flight hash, which the producer reads to hold
+    new photos back while Redis holds enough.
     """
 
-    def __init__(self, connection: Redis, queue_name: str, job_id: str, ttl_s: int, zstd_level: int):
+    def __init__(self, connection: Redis, queue_name: str, job_id: str, worker_name: str, ttl_s: int, zstd_level: int):
         self.connection = connection
         self.queue_name = queue_name
         self.job_id = job_id
+        self.worker_name = worker_name
         self.ttl_s = ttl_s
         self.compressor = zstandard.ZstdCompressor(level=zstd_level)
         self._pending: dict[str, bytes] = {}
 
     def write_data(self, source: str, depth: np.ndarray, preview: bytes, formats: Iterable[str]) -> None:
         files = {"npy": _npy(depth), "preview": preview, **_extra_formats(depth, formats)}
-        # Lossless: a float32 map compresses to about half; PNGs are compressed already.
+        # Lossless; a float32 map compresses to about 0.84, and PNGs are compressed already.
         self._pending = {k: self.compressor.compress(v) if k in COMPRESSED_KINDS else v for k, v in files.items()}
 
     def write_sidecar(self, source: str, sidecar: dict[str, Any]) -> None:
@@ -134,11 +160,21 @@ class RedisResultStore:
         self._send(source, {ERROR_KIND: json_bytes(error)})
 
     def _send(self, source: str, files: dict[str, bytes]) -> None:
-        key = result_key(self.queue_name, self.job_id)
-        with self.connection.pipeline(transaction=True) as tx:
-            tx.delete(key)  # a retried job replaces what an earlier attempt sent
-            tx.hset(key, mapping=files)  # type: ignore[arg-type]
-            tx.expire(key, self.ttl_s)
-            tx.xadd(results_stream(self.queue_name), {"job": self.job_id, "source": source})
-            tx.hincrby(inflight_key(self.queue_name), self.job_id, sum(len(v) for v in files.values()))
-            tx.execute()
+        keys = [
+            Job.key_for(self.job_id),
+            result_key(self.queue_name, self.job_id),
+            results_stream(self.queue_name),
+            inflight_key(self.queue_name),
+        ]
+        size = sum(len(v) for v in files.values())
+        fields = [x for kind, data in files.items() for x in (kind, data)]
+        args = [self.worker_name, self.ttl_s, self.job_id, source, size, *fields]
+        owner = self.connection.eval(_SEND_RESULT, len(keys), *keys, *args)
+        if owner is not None:
+            raise HandedOverError(self.job_id, owner.decode() if isinstance(owner, bytes) else str(owner))
+
+
+def job_owner(connection: Redis, job_id: str) -> str | None:
+    """The worker rq last gave the job to (None if the job is gone)."""
+    owner = connection.hget(Job.key_for(job_id), "worker_name")
+    return owner.decode() if isinstance(owner, bytes) and owner else None

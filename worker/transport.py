@@ -19,7 +19,7 @@ from redis import Redis
 from producer.config import Config
 from producer.contract import JobPayload, PayloadError, photo_key, root_folder, safe_relative, source_stamp
 from worker.errors import BadInputError, ExpectedError
-from worker.store import OutputStore, RedisResultStore, Store
+from worker.store import HandedOverError, OutputStore, RedisResultStore, Store, job_owner
 
 
 class PhotoGoneError(ExpectedError):
@@ -114,13 +114,17 @@ class SharedTransport:
 class RedisTransport:
     """The photo's bytes from Redis; the outputs back through Redis (`RedisResultStore`)."""
 
-    def __init__(self, config: Config, connection: Redis):
+    def __init__(self, config: Config, connection: Redis, worker_name: str):
         self.config = config
         self.connection = connection
+        self.worker_name = worker_name
 
     def read(self, p: JobPayload, job_id: str) -> Photo:
         data = self.connection.get(photo_key(self.config.queue.name, job_id))
         if data is None:
+            owner = job_owner(self.connection, job_id)
+            if owner is not None and owner != self.worker_name:
+                raise HandedOverError(job_id, owner)  # and the other worker collected it already
             raise PhotoGoneError(
                 f"{p.source}: its bytes are no longer in Redis (collected already, or older than "
                 f"transport.blob_ttl_s={self.config.transport.blob_ttl_s}); the producer sends it again "
@@ -135,4 +139,6 @@ class RedisTransport:
 
     def store(self, job_id: str) -> RedisResultStore:
         t = self.config.transport
-        return RedisResultStore(self.connection, self.config.queue.name, job_id, t.blob_ttl_s, t.zstd_level)
+        return RedisResultStore(
+            self.connection, self.config.queue.name, job_id, self.worker_name, t.blob_ttl_s, t.zstd_level
+        )
