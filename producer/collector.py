@@ -34,7 +34,7 @@ from producer.contract import (
     results_stream,
     safe_relative,
 )
-from producer.files import write_outputs
+from producer.files import remove_stale_temps, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Collector:
         """This collector's own entries read but not acknowledged (it stopped mid-write). True while more remain."""
         entries = self._read("0")
         for entry_id, fields in entries:
-            self.collect(entry_id, fields)
+            self.collect(entry_id, fields, taken_over=True)
         return len(entries) == _BATCH
 
     def claim_abandoned(self) -> int:
@@ -112,7 +112,7 @@ class Collector:
             start, entries = _text(reply[0]), reply[1]
             for entry_id, fields in entries:
                 log.warning("collector: taking over result %s, left unfinished by another collector", _text(entry_id))
-                self.collect(entry_id, fields)
+                self.collect(entry_id, fields, taken_over=True)
                 claimed += 1
             if start == "0-0" or not entries:
                 return claimed
@@ -137,8 +137,11 @@ class Collector:
             return self._read(from_id, block_ms)
         return list(reply[0][1]) if reply else []
 
-    def collect(self, entry_id: Any, fields: dict[Any, Any] | None) -> None:
-        """Write one result's files, then forget it in Redis. Raises (leaving it pending) if a write fails."""
+    def collect(self, entry_id: Any, fields: dict[Any, Any] | None, taken_over: bool = False) -> None:
+        """Write one result's files, then forget it in Redis. Raises (leaving it pending) if a write fails.
+
+        `taken_over`: a collector was here before and may have died mid-write; its temporary files go.
+        """
         if not fields:
             self._forget(entry_id, None)  # deleted meanwhile: pending, with nothing left to read
             return
@@ -163,6 +166,8 @@ class Collector:
                 log.warning("collector: %s: result has an unknown file kind %r; skipped", source, kind)
                 continue
             files[kind] = self.decompressor.decompress(data) if kind in COMPRESSED_KINDS else data
+        if taken_over and remove_stale_temps(self.output_root, source, files):
+            log.info("collector: removed the temporary files of an interrupted write of %s", source)
         write_outputs(self.output_root, source, files)
         self._forget(entry_id, jid)
         self.collected += 1

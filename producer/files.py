@@ -7,19 +7,24 @@ and the producer's "is it done?" check, sees either nothing or a whole file.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 from producer.contract import ERROR_KIND, output_path
 
 
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -38,6 +43,19 @@ def atomic_bytes(path: Path, data: bytes) -> None:
 
 def json_bytes(obj: Mapping[str, Any]) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+
+def remove_stale_temps(root: Path, source: str, kinds: Iterable[str]) -> int:
+    """Temporary files a killed writer left for these outputs; call it only when no other writer can
+    be at work on them (a result taken over from a dead collector). Returns how many went."""
+    removed = 0
+    for kind in kinds:
+        path = output_path(root, source, kind)
+        if path.parent.is_dir():
+            for stale in path.parent.glob(glob.escape(_temp_prefix(path)) + "*.tmp"):
+                stale.unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def write_outputs(root: Path, source: str, files: Mapping[str, bytes]) -> None:

@@ -51,7 +51,15 @@ class Cluster:
         """The observer's view of Redis, through "a"'s unix socket (no traffic on the test network)."""
         return Redis(unix_socket_path=str(self.socket))
 
-    def _spawn(self, name: str, host: str, argv: Sequence[str], cwd: Path, config: dict[str, Any]) -> None:
+    def _spawn(
+        self,
+        name: str,
+        host: str,
+        argv: Sequence[str],
+        cwd: Path,
+        config: dict[str, Any],
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         config_file = cwd / f"{name}.yaml"
         config_file.write_text(yaml.safe_dump(config))
         env = {
@@ -59,6 +67,7 @@ class Cluster:
             "DEPTHQ_CONFIG": str(config_file),
             "PYTHONPATH": str(REPO),
             "HF_HUB_OFFLINE": "1",
+            **(extra_env or {}),
         }
         log = (cwd / f"{name}.log").open("wb")
         self._logs.append(log)
@@ -95,7 +104,7 @@ class Cluster:
         except Exception:
             return False
 
-    def start_producer(self, **transport: Any) -> None:
+    def start_producer(self, name: str = "producer", **transport: Any) -> None:
         config = {
             "redis": {"url": self.redis_url},
             "producer": {"watch": str(self.inbox), "settle_ms": 100, "rescan_s": 30},
@@ -103,14 +112,16 @@ class Cluster:
             "model": {"path": str(self.model)},
             "transport": {"mode": "redis", **transport},
         }
-        self._spawn("producer", "a", [sys.executable, "-m", "producer.cli", "watch"], self.a, config)
+        self._spawn(name, "a", [sys.executable, "-m", "producer.cli", "watch"], self.a, config)
 
     def host_folder(self, host: str) -> Path:
         folder = self.root / host
         folder.mkdir(exist_ok=True)
         return folder
 
-    def start_worker(self, host: str, index: int = 0, argv: Sequence[str] | None = None) -> str:
+    def start_worker(
+        self, host: str, index: int = 0, argv: Sequence[str] | None = None, env: dict[str, str] | None = None
+    ) -> str:
         """A `depthq work` on `host` with the tiny model copied into the host's own folder."""
         folder = self.host_folder(host)
         model = folder / "model"
@@ -124,7 +135,7 @@ class Cluster:
             "model": {"path": str(model), "device": "cpu", "offline": True},
             "worker": {"dead_after_s": 10, "retry_backoff_s": [1]},
         }
-        self._spawn(name, host, argv or [sys.executable, "-m", "worker"], folder, config)
+        self._spawn(name, host, argv or [sys.executable, "-m", "worker"], folder, config, env)
         return name
 
     def wait(self, predicate: Callable[[], object], what: str, timeout: float = 120.0) -> float:
@@ -138,7 +149,11 @@ class Cluster:
                     )
             return predicate()
 
-        return wait_for(check, what, timeout)
+        try:
+            return wait_for(check, what, timeout)
+        except AssertionError as exc:
+            tails = "\n".join(f"--- {name}:\n{self.log(name)[-1500:]}" for name in self.procs)
+            raise AssertionError(f"{exc}\n{tails}") from None
 
     def workers_ready(self, count: int) -> bool:
         return len(self.client().smembers("rq:workers:depthq")) >= count

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis import Redis
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
@@ -49,6 +50,10 @@ def _results(c: Cluster, folder: str) -> dict[str, dict]:
     return {p.name: json.loads(p.read_text()) for p in (c.out / folder).glob("*.jpg.json")}
 
 
+def _queue_drained(redis: Redis) -> bool:
+    return redis.llen("rq:queue:depthq") == 0 and StartedJobRegistry("depthq", connection=redis).count == 0
+
+
 def test_fifty_photos_dropped_on_a_come_back_from_b_and_c(hosts: Cluster) -> None:
     c = hosts
     for i in range(50):
@@ -75,35 +80,70 @@ def test_fifty_photos_dropped_on_a_come_back_from_b_and_c(hosts: Cluster) -> Non
 def test_a_worker_cut_off_mid_job_is_recovered_by_the_other(hosts: Cluster) -> None:
     c = hosts
     redis = c.client()
-    c.stop("worker-c0", signal.SIGSTOP)  # so that b takes the photo
-    try:
-        write_jpeg(c.inbox / "cut" / "big.jpg", width=6000, height=4000, seed=7)
-        registry = StartedJobRegistry("depthq", connection=redis)
+    # Only b is listening when the photo arrives (an idle worker's blocking pop would take it
+    # otherwise); c's worker comes back at the moment of the cut.
+    c.stop("worker-c0")
+    c.procs["worker-c0"].wait(timeout=60)
+    write_jpeg(c.inbox / "cut" / "big.jpg", width=6000, height=4000, seed=7)
+    registry = StartedJobRegistry("depthq", connection=redis)
 
-        def started_on_b() -> str | None:
-            for jid in registry.get_job_ids():
-                job = Job.fetch(jid, connection=redis, serializer=SERIALIZER)
-                if job.meta.get("host") == "b":  # the job's first stage names its host
-                    return jid
-            return None
+    def started_on_b() -> str | None:
+        for jid in registry.get_job_ids():
+            job = Job.fetch(jid, connection=redis, serializer=SERIALIZER)
+            if job.meta.get("host") == "b":  # the job's first stage names its host
+                return jid
+        return None
 
-        c.wait(started_on_b, "b to start the big photo", timeout=60)
-        jid = started_on_b()
-        c.net.cut("b")
-        cut_at = time.monotonic()
-    finally:
-        c.stop("worker-c0", signal.SIGCONT)
+    c.wait(started_on_b, "b to start the big photo", timeout=60)
+    jid = started_on_b()
+    c.net.cut("b")
+    cut_at = time.monotonic()
+    c.start_worker("c", index=1)
     sidecar = c.out / "cut" / "big.jpg.json"
-    wait_for(sidecar.exists, "c to finish b's photo", timeout=120)
+    c.wait(sidecar.exists, "c to finish b's photo", timeout=180)
     recovery_s = time.monotonic() - cut_at
     meta = json.loads(sidecar.read_text())
     assert meta["worker"]["host"] == "c" and meta["job_id"] == jid
     assert (meta["width"], meta["height"]) == (6000, 4000)
-    assert sorted(p.name for p in (c.out / "cut").iterdir()) == [
-        "big.jpg.depth.npy",
-        "big.jpg.json",
-        "big.jpg.preview.png",
-    ]
-    wait_for(lambda: redis.hlen(inflight_key("depthq")) == 0, "in-flight entries to be freed", timeout=30)
+    files = sorted(p.name for p in (c.out / "cut").iterdir())
+    assert files == ["big.jpg.depth.npy", "big.jpg.json", "big.jpg.preview.png"]
+    c.wait(lambda: redis.hlen(inflight_key("depthq")) == 0, "in-flight entries to be freed", timeout=30)
     assert redis.xlen(results_stream("depthq")) == 0
     print(f"\nrecovered {recovery_s:.1f} s after b was cut off (worker.dead_after_s=10)")
+
+    # b's cable back in: it finds its job went to c, drops its copy, and sends nothing.
+    written = sidecar.stat().st_mtime_ns
+    c.net.restore("b")
+    c.wait(lambda: "its copy is dropped" in c.log("worker-b0"), "b to notice its job went elsewhere", timeout=120)
+    assert sidecar.stat().st_mtime_ns == written and json.loads(sidecar.read_text())["worker"]["host"] == "c"
+    assert redis.xlen(results_stream("depthq")) == 0 and redis.hlen(inflight_key("depthq")) == 0
+    assert Job.fetch(jid, connection=redis, serializer=SERIALIZER).get_status() == "finished"  # not failed by b
+
+
+def test_the_collector_killed_while_results_arrive_loses_none(hosts: Cluster) -> None:
+    """SIGKILL `depthq watch` (producer and collector) part-way through 30 results, then start it
+    again: every photo still ends as one complete output set, with no temporary file left."""
+    c = hosts
+    redis = c.client()
+    for i in range(30):
+        write_jpeg(c.inbox / "killed" / f"{i:02d}.jpg", width=320, height=240, seed=300 + i)
+    c.wait(lambda: len(_results(c, "killed")) >= 3, "the first results", timeout=120)
+    # Frozen wherever it is (maybe mid-write), then killed once the workers have sent what they can:
+    # the results it had read but not written, and those it never read, are all in Redis.
+    c.stop("producer", signal.SIGSTOP)
+    collected_before = len(_results(c, "killed"))
+    c.wait(lambda: _queue_drained(redis), "the workers to finish what was enqueued", timeout=120)
+    waiting = redis.xlen(results_stream("depthq"))
+    c.stop("producer", signal.SIGKILL)
+    c.procs["producer"].wait(timeout=30)
+    c.start_producer(name="producer-again")
+    c.wait(lambda: len(_results(c, "killed")) == 30, "all 30 results after the restart", timeout=180)
+    assert collected_before < 30 and waiting > 0  # the kill came while results were still arriving
+    print(f"\nkilled the collector with {collected_before} results written and {waiting} waiting in Redis")
+    for name in _results(c, "killed"):
+        stem = name.removesuffix(".json")
+        assert (c.out / "killed" / f"{stem}.depth.npy").stat().st_size > 320 * 240 * 4
+        assert (c.out / "killed" / f"{stem}.preview.png").exists()
+    assert not list((c.out / "killed").glob(".*.tmp")) and not list((c.out / "killed").glob("*.error.json"))
+    c.wait(lambda: redis.hlen(inflight_key("depthq")) == 0, "in-flight entries to be freed", timeout=30)
+    assert redis.xlen(results_stream("depthq")) == 0
