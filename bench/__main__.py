@@ -14,6 +14,7 @@ BENCHMARKS = {
     "burst": "bench.burst",
     "memory": "bench.memory",
     "overlap": "bench.overlap",
+    "scaleout": "bench.scaleout",
     "gpu": "bench.gpu",
 }
 
