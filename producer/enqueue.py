@@ -247,27 +247,49 @@ class Enqueuer:
         """redis transport: whether Redis may take one more photo (transport.max_inflight_*).
 
         Always when nothing is in flight, so one photo larger than max_inflight_bytes still goes.
-        Entries whose photo and result are both gone (a job deleted by hand, a blob expired) are
-        dropped here, so they cannot hold the producer back for ever.
+        When full, entries no job will ever free are dropped first (`_drop_orphans`), so they cannot
+        hold the producer back for a week.
         """
         if time.monotonic() < self._full_until:
             return False
         t = self.config.transport
         key = inflight_key(self.queue.name)
-        held = {k: int(v) for k, v in self.connection.hgetall(key).items()}
-        if held and (len(held) >= t.max_inflight_jobs or sum(held.values()) + size > t.max_inflight_bytes):
-            with self.connection.pipeline(transaction=False) as look:
-                for jid in held:
-                    look.exists(photo_key(self.queue.name, jid.decode()), result_key(self.queue.name, jid.decode()))
-                gone = [jid for jid, n in zip(held, look.execute(), strict=True) if not n]
-            if gone:
-                self.connection.hdel(key, *gone)
-                for jid in gone:
-                    del held[jid]
-        if held and (len(held) >= t.max_inflight_jobs or sum(held.values()) + size > t.max_inflight_bytes):
+        held = {k.decode(): int(v) for k, v in self.connection.hgetall(key).items()}
+
+        def full() -> bool:
+            return bool(held) and (len(held) >= t.max_inflight_jobs or sum(held.values()) + size > t.max_inflight_bytes)
+
+        if full():
+            for jid in self._drop_orphans(list(held)):
+                del held[jid]
+        if full():
             self._full_until = time.monotonic() + _FULL_RECHECK_S
             return False
         return True
+
+    def _drop_orphans(self, jids: list[str]) -> list[str]:
+        """In-flight entries whose job is gone or over with no result waiting for the collector: a job
+        deleted by hand (dashboard, `depthq failed purge`), a payload the worker refused, a photo
+        that expired. Their photo bytes go too; the producer's rescan sends any such photo again."""
+        q = self.queue.name
+        with self.connection.pipeline(transaction=False) as look:
+            for jid in jids:
+                look.exists(result_key(q, jid))
+                look.hget(Job.key_for(jid), "status")
+            replies = look.execute()
+        over = {s.value for s in _OVER}
+        orphans = [
+            jid
+            for jid, has_result, status in zip(jids, replies[::2], replies[1::2], strict=True)
+            if not has_result and (status is None or status.decode() in over)
+        ]
+        if orphans:
+            with self.connection.pipeline(transaction=True) as tx:
+                tx.hdel(inflight_key(q), *orphans)
+                tx.delete(*(photo_key(q, jid) for jid in orphans))
+                tx.execute()
+            log.info("freed %d in-flight entr(ies) whose job is gone or over without a result", len(orphans))
+        return orphans
 
     def _refusal(self, path: Path, source: str, st: os.stat_result, why: str) -> Submitted:
         """A file the producer will not read still becomes a job, keyed by its name: the worker, which
