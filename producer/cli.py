@@ -165,7 +165,7 @@ def cmd_collect(config: Config, args: argparse.Namespace) -> int:
     if config.transport.mode != "redis":
         print("depthq collect: transport.mode is shared; a collector serves the redis transport", file=sys.stderr)
         return 2
-    Collector(config, _connect(config)).run(_stop_event())
+    Collector(config, _connect(config), role="collect").run(_stop_event())
     return 0
 
 

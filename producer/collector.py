@@ -15,6 +15,7 @@ import logging
 import socket
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import zstandard
@@ -34,7 +35,7 @@ from producer.contract import (
     results_stream,
     safe_relative,
 )
-from producer.files import remove_stale_temps, write_outputs
+from producer.files import json_bytes, remove_stale_temps, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,15 @@ def _text(value: Any) -> str:
 
 
 class Collector:
-    def __init__(self, config: Config, connection: Redis, name: str | None = None):
+    def __init__(self, config: Config, connection: Redis, name: str | None = None, role: str = "collector"):
         self.config = config
         self.connection = connection
         self.queue_name = config.queue.name
         self.stream = results_stream(self.queue_name)
         self.output_root = config.output.dir
-        # Stable across restarts on one host, so a restarted collector finds its own pending entries.
-        self.name = name or f"collector@{socket.gethostname().split('.')[0] or 'localhost'}"
+        # Stable across restarts on one host, so a restarted collector finds its own pending entries;
+        # by role, so `depthq collect` beside `depthq watch` never takes the other's entries as its own.
+        self.name = name or f"{role}@{socket.gethostname().split('.')[0] or 'localhost'}"
         self.claim_after_ms = config.transport.claim_after_s * 1000
         self.decompressor = zstandard.ZstdDecompressor()
         self.collected = 0
@@ -71,13 +73,14 @@ class Collector:
 
     def run(self, stop: threading.Event) -> None:
         """Collect until `stop`; a Redis outage is waited out, then this collector's pending entries
-        (read, maybe half-written, before the outage) are taken first."""
-        self.output_root.mkdir(parents=True, exist_ok=True)
+        (read, maybe half-written, before the outage) are taken first. Nothing stops it but `stop`:
+        the watcher beside it would otherwise go on filling Redis with nobody taking results out."""
         log.info("collecting results from %s into %s as %s", self.stream, self.output_root, self.name)
         pending_first = True
         next_claim = 0.0
         while not stop.is_set():
             try:
+                self.output_root.mkdir(parents=True, exist_ok=True)
                 if pending_first:
                     pending_first = self.collect_pending()
                 if time.monotonic() >= next_claim:
@@ -91,6 +94,10 @@ class Collector:
             except OSError as exc:
                 # A full or unmounted output disk: the entry stays pending, and is written once it can be.
                 log.error("collector: cannot write into %s (%s); retrying in 5 s", self.output_root, exc)
+                pending_first = True
+                stop.wait(5.0)
+            except Exception:
+                log.exception("collector: unexpected error; retrying in 5 s")
                 pending_first = True
                 stop.wait(5.0)
 
@@ -159,13 +166,11 @@ class Collector:
             log.debug("collector: result of job %s (%s) is already collected", jid, source)
             self._forget(entry_id, None)
             return
-        files: dict[str, bytes] = {}
-        for raw_kind, data in stored.items():
-            kind = _text(raw_kind)
-            if kind not in _KNOWN_KINDS:
-                log.warning("collector: %s: result has an unknown file kind %r; skipped", source, kind)
-                continue
-            files[kind] = self.decompressor.decompress(data) if kind in COMPRESSED_KINDS else data
+        try:
+            files = self._decode(source, stored)
+        except zstandard.ZstdError as exc:
+            # Never better on a second read: the photo gets an error file saying so, and is freed.
+            files = {ERROR_KIND: self._unreadable(jid, source, exc)}
         if taken_over and remove_stale_temps(self.output_root, source, files):
             log.info("collector: removed the temporary files of an interrupted write of %s", source)
         write_outputs(self.output_root, source, files)
@@ -173,6 +178,31 @@ class Collector:
         self.collected += 1
         what = "error file" if ERROR_KIND in files else f"{len(files)} file(s)"
         log.info("collected %s: %s (job %s)", source, what, jid)
+
+    def _decode(self, source: str, stored: dict[Any, Any]) -> dict[str, bytes]:
+        files: dict[str, bytes] = {}
+        for raw_kind, data in stored.items():
+            kind = _text(raw_kind)
+            if kind not in _KNOWN_KINDS:
+                log.warning("collector: %s: result has an unknown file kind %r; skipped", source, kind)
+                continue
+            files[kind] = self.decompressor.decompress(data) if kind in COMPRESSED_KINDS else data
+        return files
+
+    def _unreadable(self, jid: str, source: str, exc: Exception) -> bytes:
+        message = (
+            f"{source}: the worker's result could not be decompressed ({exc}); is a worker running "
+            "another depthq version? The producer's next rescan sends the photo again"
+        )
+        log.error("collector: %s", message)
+        return json_bytes(
+            {
+                "source": source,
+                "job_id": jid,
+                "error": {"type": "unreadable_result", "message": message},
+                "created_at": datetime.now(UTC).isoformat(),
+            }
+        )
 
     def _forget(self, entry_id: Any, jid: str | None) -> None:
         """Acknowledge the entry and free what the job held in Redis, together."""

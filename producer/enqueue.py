@@ -70,6 +70,8 @@ _HASH_CACHE_SIZE = 100_000
 # redis transport: once Redis is found full, photos are held back without asking it again for this
 # long, so thousands of waiting photos cost one look, not thousands.
 _FULL_RECHECK_S = 0.5
+# redis transport: how long a photo's bytes may wait for their job before they count as orphaned.
+_ORPHAN_GRACE_S = 60
 
 
 class SourceError(ValueError):
@@ -267,21 +269,27 @@ class Enqueuer:
             return False
         return True
 
-    def _drop_orphans(self, jids: list[str]) -> list[str]:
+    def _drop_orphans(self, jids: list[str], grace: bool = True) -> list[str]:
         """In-flight entries whose job is gone or over with no result waiting for the collector: a job
         deleted by hand (dashboard, `depthq failed purge`), a payload the worker refused, a photo
-        that expired. Their photo bytes go too; the producer's rescan sends any such photo again."""
+        that expired. Their photo bytes go too; the producer's rescan sends any such photo again.
+
+        With `grace`, photos put in the last minute are left alone: their job may be about to be
+        enqueued (by `depthq enqueue` beside the watcher, say), between the bytes and the job.
+        """
         q = self.queue.name
+        recent = self.config.transport.blob_ttl_s - (_ORPHAN_GRACE_S if grace else 0)
         with self.connection.pipeline(transaction=False) as look:
             for jid in jids:
                 look.exists(result_key(q, jid))
                 look.hget(Job.key_for(jid), "status")
+                look.ttl(photo_key(q, jid))
             replies = look.execute()
         over = {s.value for s in _OVER}
         orphans = [
             jid
-            for jid, has_result, status in zip(jids, replies[::2], replies[1::2], strict=True)
-            if not has_result and (status is None or status.decode() in over)
+            for jid, has_result, status, ttl in zip(jids, replies[0::3], replies[1::3], replies[2::3], strict=True)
+            if not has_result and (status is None or status.decode() in over) and ttl <= recent
         ]
         if orphans:
             with self.connection.pipeline(transaction=True) as tx:
@@ -466,6 +474,9 @@ class Enqueuer:
 
     def _own_job(self, jid: str, payload: JobPayload, same_as: str | None, data: bytes | None = None) -> Submitted:
         """A job for this name alone: a copy of a stored result if there is one, else a computation."""
+        if self.by_redis:
+            # The bytes just put under `jid` are not needed if its job is over: free them now.
+            self._drop_orphans([jid], grace=False)
         own = JobPayload(**{**payload.to_dict(), "same_as": same_as})
         own_id = f"{jid}-{hashlib.sha256(payload.source.encode()).hexdigest()[:8]}"
         try:

@@ -1,7 +1,9 @@
 """`depthq failed list|retry|purge`: the failed registry, by photo rather than by job id.
 
 A retried job runs again with its original payload. A bad photo fails again unless it was fixed;
-a photo that failed for a passing reason (a model file missing, a full disk) then succeeds.
+a photo that failed for a passing reason (a model file missing, a full disk) then succeeds. With the
+redis transport the photo's bytes were freed with its error, so a retry sends them again from this
+host's folder for the job's root: run it where the photos are (the producer's host).
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry
 
 from producer.config import Config
-from producer.contract import SERIALIZER, make_queue
+from producer.contract import (
+    SERIALIZER,
+    JobPayload,
+    PayloadError,
+    inflight_key,
+    make_queue,
+    photo_key,
+    root_folder,
+    safe_relative,
+)
 from producer.status import job_source
 
 
@@ -88,8 +99,35 @@ def _each(
     return chosen
 
 
+def _resend_photo(connection: Redis, config: Config, jid: str) -> None:
+    """redis transport: put a failed job's photo bytes back in Redis, read from this host's folder."""
+    try:
+        payload = JobPayload.from_dict(Job.fetch(jid, connection=connection, serializer=SERIALIZER).args[0])
+    except (NoSuchJobError, PayloadError, LookupError, TypeError):
+        return  # not a job of ours: requeued as it is, and the worker refuses it again
+    q = config.queue.name
+    if payload.transport != "redis" or connection.exists(photo_key(q, jid)):
+        return
+    try:
+        path = root_folder(config, payload.root).joinpath(*safe_relative(payload.source).parts)
+        data = path.read_bytes()
+    except (PayloadError, OSError) as exc:
+        raise LookupError(
+            f"{payload.source}: its bytes are no longer in Redis and cannot be read here ({exc}); "
+            "run `depthq failed retry` on the producer's host, or `depthq enqueue --force` the photo there"
+        ) from None
+    with connection.pipeline(transaction=True) as tx:
+        tx.set(photo_key(q, jid), data, ex=config.transport.blob_ttl_s)
+        tx.hsetnx(inflight_key(q), jid, len(data))
+        tx.execute()
+
+
 def retry(connection: Redis, config: Config, ids: list[str], everything: bool = False) -> list[str]:
-    return _each(connection, config, ids, everything, lambda registry, jid: registry.requeue(jid))
+    def resend_and_requeue(registry: FailedJobRegistry, jid: str) -> None:
+        _resend_photo(connection, config, jid)
+        registry.requeue(jid)
+
+    return _each(connection, config, ids, everything, resend_and_requeue)
 
 
 def purge(connection: Redis, config: Config, ids: list[str], everything: bool = False) -> list[str]:

@@ -151,6 +151,9 @@ def test_bytes_cap_and_entries_of_deleted_jobs_do_not_hold_the_producer_back(
     assert enqueuer.submit(b).outcome == "deferred"
     # The job is deleted by hand (rq-dashboard): its photo and entry must not block anything for a week.
     Job.fetch(first.job_id, connection=redis_client, serializer=SERIALIZER).delete()
+    assert enqueuer.submit(b).outcome == "deferred"  # not in the first minute: its job may be on its way
+    enqueuer._full_until = 0.0
+    redis_client.expire(photo_key(config.queue.name, first.job_id), config.transport.blob_ttl_s - 61)
     enqueuer._full_until = 0.0
     second = enqueuer.submit(b)
     assert second.outcome == "enqueued"
@@ -326,3 +329,71 @@ def test_a_worker_whose_job_was_handed_over_sends_no_second_result(redis_client:
     assert redis_client.xlen(results_stream("depthq")) == 1
     assert json.loads(redis_client.hget(result_key("depthq", "j1"), "error")) == {"error": "real"}
     assert 0 < redis_client.ttl(result_key("depthq", "j1")) <= 60
+
+
+def test_failed_retry_sends_a_fixed_photo_again(
+    producer_config: Config, worker_config: Config, redis_client: Redis, tiny_backend: Backend
+) -> None:
+    from producer import failed
+
+    photo = producer_config.producer.watch / "fixme.jpg"
+    photo.write_text("not yet a JPEG")
+    jid = Enqueuer(producer_config, redis_client).submit(photo).job_id
+    _work(worker_config, redis_client, tiny_backend)
+    Collector(producer_config, redis_client).collect_new()
+    out = producer_config.output.dir
+    assert (out / "fixme.jpg.error.json").exists()
+    assert not redis_client.exists(photo_key(producer_config.queue.name, jid))  # freed with the error
+
+    write_jpeg(photo)  # the user fixes the photo, then retries the failed job
+    assert failed.retry(redis_client, producer_config, ["fixme.jpg"]) == [jid]
+    _work(worker_config, redis_client, tiny_backend)
+    Collector(producer_config, redis_client).collect_new()
+    assert json.loads((out / "fixme.jpg.json").read_text())["job_id"] == jid
+    assert not (out / "fixme.jpg.error.json").exists()
+
+    # Where the photo cannot be read (a worker host), the retry says where to run it instead.
+    redis_client.delete(photo_key(producer_config.queue.name, jid))
+    Job.fetch(jid, connection=redis_client, serializer=SERIALIZER).delete()
+    other = Enqueuer(producer_config, redis_client)
+    photo.write_text("broken again")
+    jid = other.submit(photo, force=True).job_id
+    _work(worker_config, redis_client, tiny_backend)
+    Collector(producer_config, redis_client).collect_new()
+    with pytest.raises(LookupError, match="producer's host"):
+        failed.retry(redis_client, worker_config, [jid])
+
+
+def test_a_result_that_cannot_be_decoded_becomes_an_error_file_and_the_collector_goes_on(
+    producer_config: Config, worker_config: Config, redis_client: Redis, tiny_backend: Backend
+) -> None:
+    q = producer_config.queue.name
+    redis_client.hset(result_key(q, "bad"), mapping={"npy": b"not zstd", "json": b"{}"})
+    redis_client.hset(inflight_key(q), "bad", 10)
+    redis_client.xadd(results_stream(q), {"job": "bad", "source": "odd.jpg"})
+    Enqueuer(producer_config, redis_client).submit(write_jpeg(producer_config.producer.watch / "fine.jpg"))
+    _work(worker_config, redis_client, tiny_backend)
+    assert Collector(producer_config, redis_client).collect_new() == 2
+    out = producer_config.output.dir
+    error = json.loads((out / "odd.jpg.error.json").read_text())
+    assert "could not be decompressed" in error["error"]["message"]
+    assert not (out / "odd.jpg.depth.npy").exists() and not (out / "odd.jpg.json").exists()
+    assert (out / "fine.jpg.json").exists()
+    assert redis_client.hlen(inflight_key(q)) == 0 and not redis_client.exists(result_key(q, "bad"))
+
+
+def test_a_copy_of_a_collected_photo_leaves_nothing_behind_in_redis(
+    producer_config: Config, worker_config: Config, redis_client: Redis, tiny_backend: Backend
+) -> None:
+    a = write_jpeg(producer_config.producer.watch / "a.jpg")
+    enqueuer = Enqueuer(producer_config, redis_client)
+    first = enqueuer.submit(a)
+    _work(worker_config, redis_client, tiny_backend)
+    Collector(producer_config, redis_client).collect_new()
+    b = producer_config.producer.watch / "b.jpg"
+    shutil.copyfile(a, b)
+    copy = enqueuer.submit(b)
+    assert copy.outcome == "copy"
+    q = producer_config.queue.name
+    assert not redis_client.exists(photo_key(q, first.job_id))  # the bytes put under the done job's id
+    assert redis_client.hkeys(inflight_key(q)) == [copy.job_id.encode()]

@@ -37,7 +37,7 @@ from worker.images import load_image
 from worker.metrics import WorkerMetrics
 from worker.preview import preview_png
 from worker.store import HandedOverError
-from worker.transport import Photo, PhotoGoneError, SharedTransport, Transport
+from worker.transport import AlreadyDoneError, Photo, PhotoGoneError, SharedTransport, Transport
 
 log = logging.getLogger(__name__)
 
@@ -317,10 +317,11 @@ def process(payload: dict[str, Any]) -> dict[str, Any]:
         raise RefusedJobError(f"job {job.id if job else '?'}: {exc}") from None
     try:
         result = _compute(rt, p, job)
-    except HandedOverError as exc:
-        # Not a failure: the job is done (or being done) by the worker it was handed to.
-        log.warning("%s: %s", p.source, exc)
-        return {"source": p.source, "handed_over_to": exc.owner}
+    except HandedOverError:
+        raise  # the worker it was handed to owns it now; DepthWorker leaves the job alone
+    except AlreadyDoneError as exc:
+        log.info("%s", exc)
+        return {"source": p.source, "already_done": True}
     except PhotoGoneError as exc:
         # Not the photo's fault: no error file, so the producer's next look gives it a new job.
         _failed(rt)

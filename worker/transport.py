@@ -17,7 +17,15 @@ from typing import Protocol
 from redis import Redis
 
 from producer.config import Config
-from producer.contract import JobPayload, PayloadError, photo_key, root_folder, safe_relative, source_stamp
+from producer.contract import (
+    JobPayload,
+    PayloadError,
+    done_key,
+    photo_key,
+    root_folder,
+    safe_relative,
+    source_stamp,
+)
 from worker.errors import BadInputError, ExpectedError
 from worker.store import HandedOverError, OutputStore, RedisResultStore, Store, job_owner
 
@@ -27,6 +35,11 @@ class PhotoGoneError(ExpectedError):
     the photo, so no error file is written; the producer's rescan sends it again if it has no output."""
 
     kind = "photo_gone"
+
+
+class AlreadyDoneError(Exception):
+    """The photo's bytes are gone because another worker already did this job and its result was
+    collected (a worker cut off and back handed it in first). The job ends as done."""
 
 
 class RootNotMappedError(RuntimeError):
@@ -125,6 +138,8 @@ class RedisTransport:
             owner = job_owner(self.connection, job_id)
             if owner is not None and owner != self.worker_name:
                 raise HandedOverError(job_id, owner)  # and the other worker collected it already
+            if self.connection.exists(done_key(self.config.queue.name, job_id)):
+                raise AlreadyDoneError(f"{p.source}: job {job_id} was done by another worker meanwhile")
             raise PhotoGoneError(
                 f"{p.source}: its bytes are no longer in Redis (collected already, or older than "
                 f"transport.blob_ttl_s={self.config.transport.blob_ttl_s}); the producer sends it again "

@@ -35,7 +35,7 @@ from worker import job as job_module
 from worker.backends import Backend, create_backend
 from worker.errors import ExpectedError, RefusedJobError
 from worker.metrics import WorkerMetrics
-from worker.store import OutputStore
+from worker.store import HandedOverError, OutputStore
 from worker.transport import RedisTransport, SharedTransport
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,18 @@ class DepthWorker(SimpleWorker):
                 self.maintain_heartbeats(job, execution)
             except RedisError as exc:
                 self.log.warning("heartbeat for job %s failed (%s); retrying", job.id, exc)
+
+    def _finalize_failure(self, job: Job, queue: Queue, execution: Execution, exc_info: Any) -> None:
+        """A job handed to another worker while this one was out of reach is that worker's now: no
+        status, retry or failure count from here, only this worker's own execution is removed.
+        (rq's private hook, pinned with rq < 4: its public ones would mark the job failed.)"""
+        if isinstance(exc_info[1], HandedOverError):
+            self.log.warning("%s", exc_info[1])
+            with self.connection.pipeline() as pipe:
+                execution.delete(job=job, pipeline=pipe)
+                pipe.execute()
+            return
+        super()._finalize_failure(job, queue, execution, exc_info)
 
     def handle_exception(self, job: Job, *exc_info: Any) -> None:
         """A bad photo stays bad: one log line, no retries (rq reads retries_left right after this)."""
