@@ -131,13 +131,15 @@ def connect(url: str, settings: RedisConfig | None = None) -> Redis:
         raise ConfigError(f"redis.url: cannot reach {redact(url)} ({exc}); is Redis running there?") from None
     finally:
         probe.close()
+    # TCP keepalive notices a peer gone without a word; a unix socket has none (and refuses the option).
+    tcp = {} if url.startswith("unix://") else {"socket_keepalive": True}
     client = Redis.from_url(
         url,
         retry=LoggedRetry(ExponentialWithJitterBackoff(base=0.2, cap=10.0), retries=8),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=30,
         socket_connect_timeout=5,
-        socket_keepalive=True,
+        **tcp,
         **extra,
     )
     return client

@@ -141,3 +141,16 @@ def test_tls_without_trusting_the_ca_is_refused(tls_server: tuple[EmbeddedRedis,
     tls_port = server.extra_args[server.extra_args.index("--tls-port") + 1]
     with pytest.raises(ConfigError, match=r"cannot reach rediss://.*(?i:certificate)"):
         connect(f"rediss://:{SECRET}@127.0.0.1:{tls_port}/0", RedisConfig())
+
+
+def test_a_unix_socket_url(tmp_path: Path) -> None:
+    """A Redis on the same machine reached through its socket file (redis.url: unix:///path)."""
+    sock = tmp_path / "redis.sock"
+    server = EmbeddedRedis(tmp_path / "data", extra_args=("--unixsocket", str(sock), "--unixsocketperm", "700"))
+    server.start()
+    try:
+        client = connect(f"unix://{sock}")
+        assert client.ping() and client.connection_pool.connection_kwargs["path"] == str(sock)
+        client.close()
+    finally:
+        server.stop()
