@@ -22,6 +22,7 @@ from typing import IO, Any
 
 import yaml
 from redis import Redis
+from redis.exceptions import RedisError
 
 from producer.redis_server import find_server_binary
 from tests.netns import Network
@@ -99,9 +100,7 @@ class Cluster:
     def _ping(self) -> bool:
         try:
             return bool(self.client().ping())
-        except OSError:
-            return False
-        except Exception:
+        except RedisError:
             return False
 
     def start_producer(self, name: str = "producer", **transport: Any) -> None:

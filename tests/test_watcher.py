@@ -22,17 +22,24 @@ from tests.waiting import wait_for
 
 
 @contextmanager
-def running(config: Config, redis_client: Redis) -> Iterator[Enqueuer]:
-    enqueuer = Enqueuer(config, redis_client)
+def watching(watcher: Watcher) -> Iterator[Watcher]:
+    """The watcher's loop in a thread for the block, stopped (and checked stopped) after it."""
     stop = threading.Event()
-    thread = threading.Thread(target=Watcher(config, enqueuer).run, args=(stop,), daemon=True)
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        yield enqueuer
+        yield watcher
     finally:
         stop.set()
         thread.join(10)
     assert not thread.is_alive()
+
+
+@contextmanager
+def running(config: Config, redis_client: Redis) -> Iterator[Enqueuer]:
+    enqueuer = Enqueuer(config, redis_client)
+    with watching(Watcher(config, enqueuer)):
+        yield enqueuer
 
 
 def wait_count(enqueuer: Enqueuer, n: int) -> None:
@@ -104,10 +111,7 @@ def test_watched_share_going_away_and_back_is_rearmed(
     config = make_config(producer={"polling": polling, "poll_interval_s": 0.2, "settle_ms": 100})
     enqueuer = Enqueuer(config, redis_client)
     watcher = Watcher(config, enqueuer)
-    stop = threading.Event()
-    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with watching(watcher):
         inbox = config.producer.watch
         write_jpeg(inbox / "before.jpg")
         wait_count(enqueuer, 1)
@@ -120,9 +124,6 @@ def test_watched_share_going_away_and_back_is_rearmed(
         write_jpeg(inbox / "after.jpg", seed=2)  # and events flow again
         wait_count(enqueuer, 3)
         assert watcher.armed
-    finally:
-        stop.set()
-        thread.join(10)
 
 
 def test_photos_that_arrived_while_the_producer_was_down(
@@ -170,15 +171,9 @@ def test_periodic_rescan_finds_what_events_missed(make_config: Callable[..., Con
         return found
 
     watcher.rescan = rescan  # type: ignore[method-assign]
-    stop = threading.Event()
-    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with watching(watcher):
         wait_count(enqueuer, 5)
         assert scans[0] == 0 and sum(scans[1:]) >= 5
-    finally:
-        stop.set()
-        thread.join(10)
 
 
 def test_a_burst_seen_by_events_and_the_start_up_scan_is_enqueued_once(
@@ -196,17 +191,11 @@ def test_a_burst_seen_by_events_and_the_start_up_scan_is_enqueued_once(
     def outcome(name: str) -> float:
         return metrics.registry.get_sample_value("depthq_producer_files_total", {"outcome": name}) or 0
 
-    stop = threading.Event()
-    thread = threading.Thread(target=Watcher(config, enqueuer, metrics).run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with watching(Watcher(config, enqueuer, metrics)):
         for i in range(count):
             os.replace(inbox / f"{i:03d}.jpg.part", inbox / f"{i:03d}.jpg")
         wait_count(enqueuer, count)
         time.sleep(0.5)  # what the start-up scan also found comes due after settle_ms, to be turned away
-    finally:
-        stop.set()
-        thread.join(10)
     ids = enqueuer.queue.job_ids
     assert len(ids) == len(set(ids)) == count
     assert len(list(redis_client.scan_iter(match="rq:job:*"))) == count
@@ -219,10 +208,7 @@ def test_an_inotify_overflow_rescans_at_once(make_config: Callable[..., Config],
     config = make_config(producer={"polling": True, "poll_interval_s": 3600, "rescan_s": 3600, "settle_ms": 0})
     enqueuer = Enqueuer(config, redis_client)
     watcher = Watcher(config, enqueuer)
-    stop = threading.Event()
-    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with watching(watcher):
         wait_for(lambda: watcher.armed, "the watcher to start")
         time.sleep(0.3)  # past the start-up scan
         for i in range(3):
@@ -232,9 +218,6 @@ def test_an_inotify_overflow_rescans_at_once(make_config: Callable[..., Config],
             "Inotify queue overflowed; filesystem events were lost"
         )
         wait_count(enqueuer, 3)
-    finally:
-        stop.set()
-        thread.join(10)
     assert not logging.getLogger("watchdog.observers.inotify_c").handlers  # the watcher's alarm left with it
 
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 from redis import Redis
@@ -234,9 +234,9 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
     # otherwise they stay in the set and the producer gives them their own job on its next look.
     # (The redis transport queues none: a worker there cannot read a copy's file.)
     aliases = _drain_aliases(rt, job_id, p.source) if job and sha == p.sha256 else []
-    for alias in aliases:
+    for alias in aliases if isinstance(io, SharedTransport) else []:
         sidecar_alias = _sidecar_for(sidecar, alias, job_id, timings)
-        _write_alias(cast(SharedTransport, io), alias, sha, depth, preview, sidecar_alias, p)
+        _write_alias(io, alias, sha, depth, preview, sidecar_alias, p)
     log.info("%s: depth %.2f-%.2f m, %s ms", p.source, stats["min"], stats["max"], timings)
     return {"source": p.source, "aliases": aliases, "timings_ms": timings}
 

@@ -103,7 +103,7 @@ class SharedTransport:
 
     def folder(self, root: str) -> Path:
         try:
-            return Path(root_folder(self.config, root))
+            return root_folder(self.config, root)
         except PayloadError as exc:
             raise RootNotMappedError(str(exc)) from None
 
