@@ -50,8 +50,8 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from bench.common import console, machine, print_table, private_redis, verdict
-from producer.config import Config, load_config
-from producer.contract import SERIALIZER, JobPayload, job_id
+from depthq.config import Config, load_config
+from depthq.contract import SERIALIZER, JobPayload, job_id
 from producer.enqueue import Enqueuer
 from producer.metrics import ProducerMetrics
 from producer.watcher import Watcher

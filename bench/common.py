@@ -50,7 +50,7 @@ def private_redis() -> Iterator[Any]:
     """A redis-server of our own on a free port (never the machine's 6379), gone afterwards.
 
     Imported here, not at the top: `bench gpu` runs on a GPU machine that has torch but not redis."""
-    from producer.redis_server import EmbeddedRedis
+    from depthq.redis_server import EmbeddedRedis
 
     with tempfile.TemporaryDirectory(prefix="depthq-bench-redis-") as data:
         server = EmbeddedRedis(Path(data))

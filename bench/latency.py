@@ -40,8 +40,8 @@ from redis import Redis
 from rq.job import Job
 
 from bench.common import console, machine, median, ms, p95, print_table, private_redis, verdict
-from producer.config import Config, load_config
-from producer.contract import SERIALIZER, job_id
+from depthq.config import Config, load_config
+from depthq.contract import SERIALIZER, job_id
 from producer.enqueue import Enqueuer
 from producer.watcher import Watcher
 

@@ -32,8 +32,8 @@ from redis import Redis
 from rq import Worker
 
 from bench.common import console, machine, print_table, private_redis, verdict
-from producer.config import ENV_PREFIX, Config, load_config
-from producer.contract import make_queue
+from depthq.config import ENV_PREFIX, Config, load_config
+from depthq.contract import make_queue
 from producer.enqueue import Enqueuer
 
 JOBS = 1000

@@ -32,8 +32,8 @@ from PIL import Image
 
 from bench.common import machine, median, ms, print_table, verdict
 from bench.standin import StandInBackend, smooth_inverse_depth
-from producer.config import load_config
-from producer.contract import BASE_OUTPUTS, JobPayload
+from depthq.config import load_config
+from depthq.contract import BASE_OUTPUTS, JobPayload
 from worker.preprocess import model_input
 from worker.store import OutputStore
 from worker.transport import SharedTransport

@@ -39,9 +39,9 @@ from redis import Redis
 from rq.job import Job
 from rq.worker_registration import get_keys
 
-from producer.config import Config, load_config
-from producer.contract import SERIALIZER, make_queue
-from producer.logs import configure_logging
+from depthq.config import Config, load_config
+from depthq.contract import SERIALIZER, make_queue
+from depthq.logs import configure_logging
 from worker.backends.base import Prediction
 from worker.preprocess import model_input
 from worker.worker import run

@@ -1,5 +1,5 @@
 import sys
 
-from producer.cli import main
+from depthq.cli import main
 
 sys.exit(main(["watch", *sys.argv[1:]]))

@@ -22,8 +22,8 @@ import zstandard
 from redis import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from producer.config import Config
-from producer.contract import (
+from depthq.config import Config
+from depthq.contract import (
     COLLECTOR_GROUP,
     COMPRESSED_KINDS,
     ERROR_KIND,
@@ -35,7 +35,7 @@ from producer.contract import (
     results_stream,
     safe_relative,
 )
-from producer.files import json_bytes, remove_stale_temps, write_outputs
+from depthq.files import json_bytes, remove_stale_temps, write_outputs
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from rq import Queue, Retry
 from rq.exceptions import DeserializationError, DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 
-from producer.config import Config
-from producer.contract import (
+from depthq.config import Config
+from depthq.contract import (
     JOB_FUNCTION,
     SERIALIZER,
     JobPayload,
@@ -48,7 +48,7 @@ from producer.contract import (
     result_key,
     source_stamp,
 )
-from producer.files import json_bytes, write_outputs
+from depthq.files import json_bytes, write_outputs
 
 log = logging.getLogger(__name__)
 

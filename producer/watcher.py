@@ -31,10 +31,11 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from producer.config import Config
-from producer.contract import is_finished
+from depthq.config import Config
+from depthq.contract import is_finished
+from depthq.metrics import serve
 from producer.enqueue import Enqueuer, SourceError, Submitted
-from producer.metrics import ProducerMetrics, serve
+from producer.metrics import ProducerMetrics
 from producer.readiness import Eligibility, SettleTracker
 
 log = logging.getLogger(__name__)

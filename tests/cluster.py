@@ -24,7 +24,7 @@ import yaml
 from redis import Redis
 from redis.exceptions import RedisError
 
-from producer.redis_server import find_server_binary
+from depthq.redis_server import find_server_binary
 from tests.netns import Network
 from tests.waiting import wait_for
 
@@ -111,7 +111,7 @@ class Cluster:
             "model": {"path": str(self.model)},
             "transport": {"mode": "redis", **transport},
         }
-        self._spawn(name, "a", [sys.executable, "-m", "producer.cli", "watch"], self.a, config)
+        self._spawn(name, "a", [sys.executable, "-m", "depthq.cli", "watch"], self.a, config)
 
     def host_folder(self, host: str) -> Path:
         folder = self.root / host

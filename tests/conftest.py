@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from redis import Redis
 
-from producer.config import Config, load_config
-from producer.redis_server import EmbeddedRedis
+from depthq.config import Config, load_config
+from depthq.redis_server import EmbeddedRedis
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from redis import Redis
 
-from producer.config import Config
+from depthq.config import Config
 from producer.enqueue import Enqueuer
 from tests.photos import png_with_size, write_jpeg
 from tests.tiny_model import expected_depth
@@ -75,7 +75,7 @@ for _orientation in range(1, 9):
 
 @pytest.fixture(scope="module")
 def backend(tiny_model: Path) -> Backend:
-    from producer.config import load_config
+    from depthq.config import load_config
 
     return load_backend(load_config(environ={}, overrides={"model": {"path": str(tiny_model), "device": "cpu"}}))[0]
 

@@ -22,7 +22,7 @@ def test_an_unknown_benchmark_is_refused_naming_the_choices(capsys: pytest.Captu
 
 
 def test_the_stand_in_model_is_not_a_configurable_backend() -> None:
-    from producer.config import ConfigError, load_config
+    from depthq.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=r"worker\.backend"):
         load_config(environ={"DEPTHQ_WORKER_BACKEND": "standin"})

@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from producer.cli import main
-from producer.config import Config
+from depthq.cli import main
+from depthq.config import Config
 from tests.photos import write_jpeg
 
 
-def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
+@pytest.mark.parametrize("entry", [["depthq", "status"], ["producer"], ["worker"]])
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path, entry: list[str]) -> None:
     bad = tmp_path / "c.yaml"
     bad.write_text("worker:\n  backend: tensorflow\n")
     result = subprocess.run(
-        [sys.executable, "-m", "producer", "--config", str(bad)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", *entry, "--config", str(bad)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2
     assert "worker.backend" in result.stderr and "'torch'" in result.stderr

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.config import Config, ConfigError, load_config
+from depthq.config import Config, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from producer.config import ConfigError, RedisConfig
-from producer.connection import connect, redact
-from producer.redis_server import EmbeddedRedis, free_port
+from depthq.config import ConfigError, RedisConfig
+from depthq.connection import connect, redact
+from depthq.redis_server import EmbeddedRedis, free_port
 from tests.pki import make_pki, tls_server_binary
 
 SECRET = "s3cret-pass"
@@ -54,7 +54,7 @@ def test_missing_password_fails_at_start_naming_the_fix(secured: EmbeddedRedis) 
 def test_wrong_password_fails_without_back_off_or_echoing_it(
     secured: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from producer.connection import LoggedRetry
+    from depthq.connection import LoggedRetry
 
     backed_off: list[Exception] = []
     real = LoggedRetry.call_with_retry

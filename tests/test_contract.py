@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.contract import (
+from depthq.contract import (
     JobPayload,
     PayloadError,
     is_finished,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from producer.config import Config, ModelConfig, load_config
+from depthq.config import Config, ModelConfig, load_config
 from tests.coreml_models import SIZE, canonical_without_fov, meters_model, normalized_model, older_export
 from tests.tiny_model import TINY_INPUT_SIZE, build_tiny_model, expected_depth
 from worker.backends import choose_backend
@@ -22,8 +22,8 @@ from worker.backends.coreml_backend import (
     CoreMLBackend,
     compiled_cache_path,
     find_coreml_model,
-    read_contract,
 )
+from worker.coreml_spec import read_contract
 from worker.depth import metric_depth
 from worker.errors import BackendUnavailableError, ModelUnavailableError
 from worker.preprocess import model_input
@@ -118,7 +118,7 @@ def test_older_export_is_canonical_inverse_depth_and_fov(exports: dict[str, Path
 
 
 def test_normalized_inverse_depth_is_refused_for_metric_output(exports: dict[str, Path]) -> None:
-    assert read_contract(exports["normalized"]).kind == "normalized"
+    assert read_contract(exports["normalized"]).kind == "normalized_inverse_depth"
     with pytest.raises(ModelUnavailableError, match=r"normalized inverse depth.*never meters"):
         CoreMLBackend(ModelConfig(coreml_path=exports["normalized"]))
 

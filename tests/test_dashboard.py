@@ -16,11 +16,11 @@ import pytest
 import yaml
 from redis import Redis
 
-from producer.cli import main
-from producer.config import Config
-from producer.dashboard import create_app
+from depthq.cli import main
+from depthq.config import Config
+from depthq.ops.dashboard import create_app
+from depthq.redis_server import free_port
 from producer.enqueue import Enqueuer
-from producer.redis_server import free_port
 from tests.photos import write_jpeg
 from tests.waiting import wait_for
 from worker.backends import Backend

@@ -29,10 +29,10 @@ from redis.exceptions import AuthenticationError, NoPermissionError, ResponseErr
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
-from producer.cli import build_parser
-from producer.config import Config, ConfigError, RedisConfig, load_config
-from producer.connection import connect
-from producer.redis_server import find_server_binary, free_port
+from depthq.cli import build_parser
+from depthq.config import Config, ConfigError, RedisConfig, load_config
+from depthq.connection import connect
+from depthq.redis_server import find_server_binary, free_port
 from tests.pki import make_pki, tls_server_binary
 from tests.waiting import wait_for
 
@@ -359,7 +359,7 @@ def test_redis_conf_acl_example_is_enough_for_rq(binary: Path, tmp_path: Path) -
     from rq import Queue, SimpleWorker
     from rq.scheduler import RQScheduler
 
-    from producer.contract import SERIALIZER
+    from depthq.contract import SERIALIZER
     from producer.enqueue import Enqueuer
     from tests.photos import write_jpeg
 

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 from rq import Queue, Worker
 
-from producer.redis_server import free_port
+from depthq.redis_server import free_port
 from tests.photos import write_jpeg
 from tests.tiny_model import expected_depth
 from tests.waiting import wait_for

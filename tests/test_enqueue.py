@@ -11,8 +11,8 @@ import pytest
 from redis import Redis
 from rq.job import JobStatus
 
-from producer.config import Config
-from producer.contract import JOB_FUNCTION, aliases_key, done_key, file_sha256, job_id, source_stamp
+from depthq.config import Config
+from depthq.contract import JOB_FUNCTION, aliases_key, done_key, file_sha256, job_id, source_stamp
 from producer.enqueue import Enqueuer, SourceError
 from tests.photos import write_jpeg
 

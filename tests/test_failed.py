@@ -9,9 +9,9 @@ import pytest
 from redis import Redis
 from rq.job import Job
 
-from producer.cli import main
-from producer.config import Config
-from producer.contract import make_queue, output_path
+from depthq.cli import main
+from depthq.config import Config
+from depthq.contract import make_queue, output_path
 from producer.enqueue import Enqueuer
 from tests.photos import write_jpeg
 from worker.backends import Backend

@@ -19,8 +19,8 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import PickleSerializer
 
-from producer.config import Config
-from producer.contract import SERIALIZER, make_queue
+from depthq.config import Config
+from depthq.contract import SERIALIZER, make_queue
 from producer.enqueue import Enqueuer
 from tests.photos import write_jpeg
 from tests.waiting import wait_for
@@ -115,7 +115,7 @@ def test_sigterm_mid_job_finishes_the_job_then_exits(config: Config, redis_clien
 def test_pickled_job_pushed_by_hand_is_refused_unrun(
     config: Config, redis_client: Redis, tmp_path: Path, tiny_model: Path
 ) -> None:
-    from producer.config import load_config
+    from depthq.config import load_config
     from worker.worker import load_backend
 
     backend: Backend = load_backend(load_config(environ={}, overrides={"model": {"path": str(tiny_model)}}))[0]

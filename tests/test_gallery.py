@@ -24,8 +24,8 @@ from PIL import Image
 from redis import Redis
 from werkzeug.serving import make_server
 
-import producer.gallery as gallery
-from producer.config import Config
+import depthq.ops.gallery as gallery
+from depthq.config import Config
 from producer.enqueue import Enqueuer
 from tests.photos import write_jpeg
 from worker.backends import Backend
@@ -131,12 +131,12 @@ def test_a_corrupt_sidecar_is_skipped_and_warned_about_once(
     (config.output.dir / "torn.jpg.json").write_text('{"source": "torn.jpg", "width": ')
     (config.output.dir / "list.jpg.json").write_text("[1, 2, 3]\n")
     client = client_for(config, refresh_s=1e-9)  # every request rescans
-    with caplog.at_level(logging.WARNING, logger="producer.gallery"):
+    with caplog.at_level(logging.WARNING, logger="depthq.ops.gallery"):
         for _ in range(2):
             results = client.get("/gallery/results.json").get_json()["results"]
             assert [r["source"] for r in results] == ["good.jpg"]
         assert client.get("/gallery/").status_code == 200
-    warned = [r.getMessage() for r in caplog.records if r.name == "producer.gallery" and r.levelno == logging.WARNING]
+    warned = [r.getMessage() for r in caplog.records if r.name == "depthq.ops.gallery" and r.levelno == logging.WARNING]
     assert len(warned) == 2, warned
     assert any("torn.jpg.json" in w for w in warned) and any("list.jpg.json" in w for w in warned)
 
@@ -244,7 +244,7 @@ def test_paths_out_of_the_roots_are_404(config: Config, compute, tmp_path: Path)
 
 def test_importing_the_gallery_keeps_numpy_out() -> None:
     subprocess.run(
-        [sys.executable, "-c", "import producer.gallery, sys; assert 'numpy' not in sys.modules, 'numpy imported'"],
+        [sys.executable, "-c", "import depthq.ops.gallery, sys; assert 'numpy' not in sys.modules, 'numpy imported'"],
         cwd=REPO,
         check=True,
     )

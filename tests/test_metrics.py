@@ -11,11 +11,11 @@ from redis import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from producer.config import Config, ConfigError
-from producer.contract import make_queue
-from producer.metrics import QueueCollector, serve
-from producer.redis_server import free_port
-from producer.supervisor import _worker_env
+from depthq.config import Config, ConfigError
+from depthq.contract import make_queue
+from depthq.metrics import QueueCollector, serve
+from depthq.redis_server import free_port
+from depthq.supervisor import _worker_env
 
 
 def test_each_worker_of_depthq_up_gets_its_own_port(make_config: Callable[..., Config]) -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.config import ModelConfig
+from depthq.config import ModelConfig
 from tests.tiny_model import TINY_INPUT_SIZE, build_tiny_model
 from worker.backends.torch_backend import TorchBackend, input_size_of
 from worker.errors import ModelUnavailableError

@@ -21,7 +21,7 @@ from redis import Redis
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
-from producer.contract import SERIALIZER, inflight_key, results_stream
+from depthq.contract import SERIALIZER, inflight_key, results_stream
 from tests.cluster import Cluster, cluster
 from tests.netns import unavailable_reason
 from tests.photos import write_jpeg

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from producer.config import ConfigError
-from producer.redis_server import find_server_binary
+from depthq.config import ConfigError
+from depthq.redis_server import find_server_binary
 from tests import netns
 from tests.netns import Network, unavailable_reason
 from tests.waiting import wait_for

@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath
 
-from producer.config import ProducerConfig
+from depthq.config import ProducerConfig
 from producer.readiness import Eligibility, SettleTracker
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.redis_server import EmbeddedRedis, free_port
+from depthq.redis_server import EmbeddedRedis, free_port
 from tests.photos import write_jpeg
 from tests.waiting import wait_for
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from producer.config import ConfigError, load_config
-from producer.contract import make_queue
-from producer.redis_server import EmbeddedRedis, find_server_binary, start_for
+from depthq.config import ConfigError, load_config
+from depthq.contract import make_queue
+from depthq.redis_server import EmbeddedRedis, find_server_binary, start_for
 
 
 def test_queued_jobs_survive_a_restart(tmp_path: Path) -> None:

@@ -11,11 +11,11 @@ import pytest
 from redis import Redis
 from rq.job import Job
 
-from producer.cli import main
-from producer.config import Config
-from producer.contract import SERIALIZER, Completion, completions_key, record_completion
+from depthq.cli import main
+from depthq.config import Config
+from depthq.contract import SERIALIZER, Completion, completions_key, record_completion
+from depthq.ops.status import Status, gather
 from producer.enqueue import Enqueuer
-from producer.status import Status, gather
 from tests.photos import write_jpeg
 from worker.backends import Backend, Prediction
 from worker.store import OutputStore

@@ -16,9 +16,8 @@ from redis import Redis
 from rq.job import Job, JobStatus
 
 import producer.collector as collector_module
-from producer.collector import Collector
-from producer.config import Config
-from producer.contract import (
+from depthq.config import Config
+from depthq.contract import (
     SERIALIZER,
     JobPayload,
     PayloadError,
@@ -28,6 +27,7 @@ from producer.contract import (
     result_key,
     results_stream,
 )
+from producer.collector import Collector
 from producer.enqueue import Enqueuer
 from tests.photos import write_jpeg
 from tests.tiny_model import expected_depth
@@ -297,7 +297,7 @@ def test_status_shows_what_redis_holds_and_whether_a_collector_runs(
 ) -> None:
     from rich.console import Console
 
-    from producer.status import gather, render
+    from depthq.ops.status import gather, render
 
     photo = write_jpeg(producer_config.producer.watch / "a.jpg")
     Enqueuer(producer_config, redis_client).submit(photo)
@@ -334,7 +334,7 @@ def test_a_worker_whose_job_was_handed_over_sends_no_second_result(redis_client:
 def test_failed_retry_sends_a_fixed_photo_again(
     producer_config: Config, worker_config: Config, redis_client: Redis, tiny_backend: Backend
 ) -> None:
-    from producer import failed
+    from depthq.ops import failed
 
     photo = producer_config.producer.watch / "fixme.jpg"
     photo.write_text("not yet a JPEG")

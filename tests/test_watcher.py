@@ -13,7 +13,7 @@ import pytest
 from redis import Redis
 from watchdog.events import FileClosedEvent, FileCreatedEvent, FileModifiedEvent, FileMovedEvent
 
-from producer.config import Config
+from depthq.config import Config
 from producer.enqueue import Enqueuer
 from producer.metrics import ProducerMetrics
 from producer.watcher import Watcher, _Handler
@@ -131,7 +131,7 @@ def test_photos_that_arrived_while_the_producer_was_down(
 ) -> None:
     """100 photos arrive with no producer running; 10 of them were already done before. On start, the
     90 new ones are enqueued and nothing done is computed again."""
-    from producer.config import load_config
+    from depthq.config import load_config
     from worker.worker import build_worker, load_backend
 
     config = make_config(producer={"settle_ms": 0})

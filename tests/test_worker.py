@@ -16,8 +16,8 @@ from rq.job import Job, JobStatus
 from rq.scheduler import RQScheduler
 from rq.scripts import acquire_or_refresh_lock
 
-from producer.config import Config
-from producer.contract import SERIALIZER, JobPayload, file_sha256, make_queue
+from depthq.config import Config
+from depthq.contract import SERIALIZER, JobPayload, file_sha256, make_queue
 from producer.enqueue import Enqueuer
 from tests.photos import write_jpeg
 from tests.tiny_model import FOV_DEG, expected_depth

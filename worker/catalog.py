@@ -25,14 +25,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from worker.coreml_spec import (
+    MANIFEST,
+    CoreMLContract,
+    FeatureInfo,
+    OutputKind,
+    detect_contract,
+    feature_info,
+    read_spec,
+)
 from worker.errors import ModelUnavailableError
 
 log = logging.getLogger(__name__)
 
-IOKind = Literal["meters", "normalized_inverse_depth"]
 PackageFormat = Literal["mlpackage", "mlmodelc", "mlmodel"]
 
-MANIFEST = "Manifest.json"
 STAGING_PREFIX = ".staging-"
 # huggingface_hub's own switch; read at call time (its constants module reads it once, at import).
 HF_OFFLINE_ENV = "HF_HUB_OFFLINE"
@@ -60,7 +67,7 @@ class CatalogEntry:
     """A Core ML DepthPro export users can name; `sources` are tried in order until one delivers."""
 
     name: str
-    kind: IOKind
+    kind: OutputKind
     approx_size_mb: int
     sources: tuple[Source, ...]
     description: str
@@ -376,19 +383,6 @@ def _install(fetched: Path, target: Path, staging: Path) -> None:
 
 
 @dataclass(frozen=True)
-class FeatureInfo:
-    """One model input or output as the spec declares it, e.g. image RGB (1, 3, 1536, 1536)."""
-
-    name: str
-    type: str
-    shape: tuple[int, ...]
-
-    def __str__(self) -> str:
-        dims = "x".join(str(d) for d in self.shape)
-        return f"{self.name}: {self.type}" + (f" [{dims}]" if dims else "")
-
-
-@dataclass(frozen=True)
 class ModelInfo:
     """A Core ML model found under models/: what it is, how big, and its I/O (or why that is unknown)."""
 
@@ -399,6 +393,9 @@ class ModelInfo:
     inputs: tuple[FeatureInfo, ...] | None
     outputs: tuple[FeatureInfo, ...] | None
     io_error: str | None = None
+    # What the backend would make of it, read from the same spec; None with why in `contract_error`.
+    contract: CoreMLContract | None = None
+    contract_error: str | None = None
 
     @property
     def name(self) -> str:
@@ -448,38 +445,16 @@ def _describe(path: Path) -> ModelInfo:
         why = "unknown: a compiled .mlmodelc holds no readable spec; keep the .mlpackage next to it"
         return replace(info, io_error=why)
     try:
-        spec = _read_spec(path)
-        inputs = tuple(_feature(f) for f in spec.description.input)
-        outputs = tuple(_feature(f) for f in spec.description.output)
+        spec = read_spec(path)
+        inputs = tuple(feature_info(f) for f in spec.description.input)
+        outputs = tuple(feature_info(f) for f in spec.description.output)
     except Exception as exc:
         return replace(info, io_error=f"unreadable: {type(exc).__name__}: {exc}")
-    return replace(info, inputs=inputs, outputs=outputs)
-
-
-def _read_spec(path: Path) -> Any:
-    """The model's protobuf spec; skip_model_load reads it without compiling, so this works on Linux."""
-    if path.suffix == ".mlpackage" and not is_installed(path):
-        raise FileNotFoundError(f"no {MANIFEST} in {path} (an interrupted copy?)")
-    import coremltools as ct
-
-    return ct.models.MLModel(str(path), skip_model_load=True).get_spec()
-
-
-_CHANNELS = {"RGB": 3, "BGR": 3, "GRAYSCALE": 1, "GRAYSCALE_FLOAT16": 1}
-
-
-def _feature(feature: Any) -> FeatureInfo:
-    kind = feature.type.WhichOneof("Type")
-    if kind == "imageType":
-        image = feature.type.imageType
-        color = image.ColorSpace.Name(image.colorSpace)
-        shape = (1, _CHANNELS.get(color, 0), int(image.height), int(image.width))
-        return FeatureInfo(feature.name, f"image {color}", shape)
-    if kind == "multiArrayType":
-        array = feature.type.multiArrayType
-        dtype = array.ArrayDataType.Name(array.dataType).lower()
-        return FeatureInfo(feature.name, f"multiarray {dtype}", tuple(int(d) for d in array.shape))
-    return FeatureInfo(feature.name, (kind or "unknown").removesuffix("Type"), ())
+    info = replace(info, inputs=inputs, outputs=outputs)
+    try:
+        return replace(info, contract=detect_contract(spec, str(path)))
+    except ModelUnavailableError as exc:
+        return replace(info, contract_error=str(exc))
 
 
 def _size_on_disk(path: Path) -> int:

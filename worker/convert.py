@@ -14,19 +14,21 @@ import shutil
 import tempfile
 import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from producer.config import ModelConfig
-from worker.backends.torch_backend import input_size_of
+from depthq.config import ModelConfig
 from worker.errors import ModelUnavailableError
 from worker.models import resolve_model_dir
 
 log = logging.getLogger(__name__)
 
+# The CLI offers these as its choices: this module imports no numpy, torch or coremltools until it converts.
 Compression = Literal["none", "int8", "palettize8", "palettize6", "palettize4"]
-COMPRESSIONS: tuple[str, ...] = ("none", "int8", "palettize8", "palettize6", "palettize4")
-
+COMPRESSIONS: tuple[str, ...] = get_args(Compression)
+Precision = Literal["float16", "float32"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 Contract = Literal["canonical", "meters"]
+CONTRACTS: tuple[str, ...] = get_args(Contract)
 IMAGE_INPUT = "image"
 DEPTH_OUTPUT = "canonical_inverse_depth"
 FOV_OUTPUT = "fov_deg"
@@ -82,7 +84,7 @@ def convert(
     model: ModelConfig,
     output: Path,
     compression: Compression = "none",
-    precision: Literal["float16", "float32"] = "float16",
+    precision: Precision = "float16",
     contract: Contract = "canonical",
 ) -> Path:
     """Convert `model.path` (hub id or local checkpoint) to `output` (.mlpackage), atomically.
@@ -93,6 +95,8 @@ def convert(
     import coremltools as ct
     import torch
     from transformers import DepthProForDepthEstimation
+
+    from worker.backends.torch_backend import input_size_of
 
     if output.suffix != ".mlpackage":
         raise ModelUnavailableError(f"--output {output}: a Core ML mlprogram is saved as a folder ending in .mlpackage")

@@ -21,8 +21,8 @@ from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.job import Job
 
-from producer.config import Config
-from producer.contract import (
+from depthq.config import Config
+from depthq.contract import (
     Completion,
     JobPayload,
     PayloadError,

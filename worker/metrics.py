@@ -9,7 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from rq import Queue
 
-from producer.metrics import QueueCollector
+from depthq.metrics import QueueCollector
 
 # Seconds. Spans a V100's 0.3 s to a Mac mini's 5 s, and queue waits of minutes behind a burst.
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)

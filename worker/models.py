@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from producer.config import ModelConfig
+from depthq.config import ModelConfig
 from worker.errors import ModelUnavailableError
 
 log = logging.getLogger(__name__)

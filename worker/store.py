@@ -20,7 +20,7 @@ from PIL import Image
 from redis import Redis
 from rq.job import Job
 
-from producer.contract import (
+from depthq.contract import (
     COMPRESSED_KINDS,
     ERROR_KIND,
     inflight_key,
@@ -28,7 +28,7 @@ from producer.contract import (
     result_key,
     results_stream,
 )
-from producer.files import atomic_bytes, atomic_write, json_bytes, write_outputs
+from depthq.files import atomic_bytes, atomic_write, json_bytes, write_outputs
 
 
 def _tiff(depth: np.ndarray) -> bytes:

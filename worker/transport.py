@@ -16,8 +16,8 @@ from typing import Protocol
 
 from redis import Redis
 
-from producer.config import Config
-from producer.contract import (
+from depthq.config import Config
+from depthq.contract import (
     JobPayload,
     PayloadError,
     done_key,

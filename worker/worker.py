@@ -27,10 +27,10 @@ from rq.scheduler import RQScheduler
 from rq.scripts import acquire_or_refresh_lock
 from rq.worker import WorkerStatus
 
-from producer.config import Config
-from producer.connection import connect, redact, resolve_url
-from producer.contract import JOB_FUNCTION, SERIALIZER, WORKER_FIELDS, make_queue
-from producer.metrics import serve
+from depthq.config import Config
+from depthq.connection import connect, redact, resolve_url
+from depthq.contract import JOB_FUNCTION, SERIALIZER, WORKER_FIELDS, make_queue
+from depthq.metrics import serve
 from worker import job as job_module
 from worker.backends import Backend, create_backend
 from worker.errors import ExpectedError, RefusedJobError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 import sys
 
-from producer.config import Config
+from depthq.config import Config
 from worker.backends.base import Backend, Prediction
 
 __all__ = ["Backend", "Prediction", "choose_backend", "create_backend"]

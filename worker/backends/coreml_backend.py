@@ -1,12 +1,8 @@
 """DepthPro on Core ML (Apple Silicon Neural Engine / GPU), for the Mac minis.
 
-Core ML DepthPro exports differ in what they output, so the backend reads the model's spec and picks
-its contract from the I/O names and types:
-- canonical inverse depth + FOV (what `depthq models convert` makes): the full metric math, shared
-  with the torch backend;
-- depth in meters (the hub's DepthPro*.mlpackage): used as given; no FOV, so the focal length comes
-  from EXIF or stays unknown, and every sidecar says so;
-- normalized inverse depth: relative only, never meters, so refused for metric output.
+The backend acts on the contract `worker.coreml_spec` reads from the model's spec: canonical inverse
+depth + FOV runs the metric math shared with the torch backend; meters are used as given, and every
+sidecar says the FOV is unknown; normalized inverse depth is refused.
 
 Reading the spec works anywhere; loading for prediction needs macOS. `MLModel(path)` compiles the
 model on every load (minutes for DepthPro on the Neural Engine), so the compiled form is kept under
@@ -23,28 +19,19 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from producer.config import ModelConfig
+from depthq.config import ModelConfig
 from worker.backends.base import Prediction
+from worker.coreml_spec import read_contract
 from worker.errors import BackendUnavailableError, ModelUnavailableError
 from worker.preprocess import model_input, resize_bilinear
 
 log = logging.getLogger(__name__)
-
-ContractKind = Literal["canonical", "meters", "normalized"]
-
-# Output names seen in Core ML DepthPro exports, compared lower-case without underscores.
-_CANONICAL_NAMES = {"canonicalinversedepth", "inversedepth"}
-_METERS_NAMES = {"depthmeters", "depth", "metricdepth"}
-_NORMALIZED_NAMES = {"normalizedinversedepth"}
-_FOV_NAMES = {"fovdeg", "fov", "fieldofview", "viewangle"}
-_WIDTH_INPUT_NAMES = {"originalwidth"}
 
 METERS_WARNING = (
     "this Core ML model outputs meters but no field of view: depth is as the model scaled it with its "
@@ -52,109 +39,9 @@ METERS_WARNING = (
 )
 NO_FOV_WARNING = "this Core ML model gives no field of view: photos without an EXIF focal length cannot be measured"
 
+NO_FOV_WARNING = "this Core ML model gives no field of view: photos without an EXIF focal length cannot be measured"
+
 COMPUTE_UNITS = {"all": "ALL", "cpu_and_ne": "CPU_AND_NE", "cpu_and_gpu": "CPU_AND_GPU", "cpu_only": "CPU_ONLY"}
-
-
-def _key(name: str) -> str:
-    return name.replace("_", "").lower()
-
-
-@dataclass(frozen=True)
-class CoreMLContract:
-    """How to talk to one Core ML model: which input takes the picture, which outputs mean what."""
-
-    kind: ContractKind
-    image_input: str
-    input_is_image: bool
-    input_size: int
-    depth_output: str
-    fov_output: str | None
-    width_input: str | None
-
-    @property
-    def metric(self) -> bool:
-        return self.kind != "normalized"
-
-
-def _shape_of(feature: Any) -> list[int]:
-    kind = feature.type.WhichOneof("Type")
-    if kind == "imageType":
-        return [1, 3, int(feature.type.imageType.height), int(feature.type.imageType.width)]
-    if kind == "multiArrayType":
-        return [int(d) for d in feature.type.multiArrayType.shape]
-    return []
-
-
-def detect_contract(spec: Any, source: str) -> CoreMLContract:
-    """Read the I/O of a Core ML spec. Raises ModelUnavailableError naming `source` if it is no DepthPro."""
-    inputs = list(spec.description.input)
-    outputs = {_key(o.name): o.name for o in spec.description.output}
-    picture = None
-    width_input = None
-    for feature in inputs:
-        shape = _shape_of(feature)
-        if _key(feature.name) in _WIDTH_INPUT_NAMES:
-            width_input = feature.name
-        elif len(shape) == 4 and shape[1] == 3 and picture is None:
-            picture = feature
-    if picture is None:
-        names = [f.name for f in inputs]
-        raise ModelUnavailableError(f"{source}: no image input (3 x H x W) among inputs {names}; not a DepthPro model")
-    _, _, height, width = _shape_of(picture)
-    if height != width:
-        raise ModelUnavailableError(f"{source}: input {picture.name} is {width}x{height}; DepthPro takes a square")
-    fov = next((outputs[k] for k in outputs if k in _FOV_NAMES), None)
-    found = [
-        (k, kind)
-        for names, kind in (
-            (_CANONICAL_NAMES, "canonical"),
-            (_METERS_NAMES, "meters"),
-            (_NORMALIZED_NAMES, "normalized"),
-        )
-        for k in outputs
-        if k in names
-    ]
-    if not found:
-        raise ModelUnavailableError(
-            f"{source}: outputs {sorted(outputs.values())} name no depth "
-            "(expected canonical_inverse_depth, depthMeters or normalizedInverseDepth)"
-        )
-    key, kind = found[0]
-    if kind == "meters" and fov is not None:
-        # Older exports (ml-depth-pro's export scripts) call DepthPro's raw outputs depth_meters and
-        # view_angle: a depth output that comes with a FOV is canonical inverse depth, still to be
-        # scaled by W / f_px. A model that really outputs meters has no use for a FOV output.
-        kind = "canonical"
-    input_is_image = picture.type.WhichOneof("Type") == "imageType"
-    return CoreMLContract(
-        kind=kind,  # type: ignore[arg-type]
-        image_input=picture.name,
-        input_is_image=input_is_image,
-        input_size=height,
-        depth_output=outputs[key],
-        fov_output=fov,
-        width_input=width_input,
-    )
-
-
-def read_contract(path: Path) -> CoreMLContract:
-    """The contract of an .mlpackage / .mlmodel, read from its spec (works on Linux too)."""
-    import coremltools as ct
-
-    if path.suffix == ".mlmodelc":
-        raise ModelUnavailableError(
-            f"model.coreml_path: {path} is compiled, so its I/O cannot be read; point it at the .mlpackage "
-            "(depthq keeps the compiled form in models/.compiled itself)"
-        )
-    if not path.exists():
-        raise ModelUnavailableError(
-            f"model.coreml_path: {path} does not exist; run `depthq models download` or `depthq models convert`"
-        )
-    try:
-        spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
-    except Exception as exc:
-        raise ModelUnavailableError(f"model.coreml_path: {path} is not a readable Core ML model ({exc})") from None
-    return detect_contract(spec, str(path))
 
 
 def find_coreml_model(model: ModelConfig) -> Path | None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from producer.config import ModelConfig
+from depthq.config import ModelConfig
 from worker.backends.base import Prediction
 from worker.models import resolve_model_dir
 from worker.preprocess import model_input

@@ -19,8 +19,8 @@ from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
-from producer.config import Config, ConfigError
-from producer.connection import embedded_url_file
+from depthq.config import Config, ConfigError
+from depthq.connection import embedded_url_file
 
 log = logging.getLogger(__name__)
 

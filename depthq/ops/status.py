@@ -21,8 +21,8 @@ from rq import Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
-from producer.config import Config
-from producer.contract import (
+from depthq.config import Config
+from depthq.contract import (
     COLLECTOR_GROUP,
     COMPLETIONS_WINDOW_S,
     SERIALIZER,

@@ -19,11 +19,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from producer.collector import start_collector
-from producer.config import CONFIG_ENV, Config
-from producer.connection import connect, embedded_url_file, redact
-from producer.redis_server import EmbeddedRedis, start_for
-from producer.watcher import build_watcher
+from depthq.config import CONFIG_ENV, Config
+from depthq.connection import connect, embedded_url_file, redact
+from depthq.redis_server import EmbeddedRedis, start_for
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +121,10 @@ def run_up(
     overrides: Mapping[str, Mapping[str, Any]],
     stop: threading.Event,
 ) -> int:
+    # The watcher runs in this process; the workers are processes of their own (`python -m worker`).
+    from producer.collector import start_collector
+    from producer.watcher import build_watcher
+
     config.producer.watch.mkdir(parents=True, exist_ok=True)
     config.output.dir.mkdir(parents=True, exist_ok=True)
     server: EmbeddedRedis | None = None

@@ -26,7 +26,7 @@ import pillow_heif
 from flask import Blueprint, Response, abort, jsonify, render_template, url_for
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from producer.contract import ERROR_SUFFIX, OUTPUT_SUFFIXES, PayloadError, output_path, safe_relative
+from depthq.contract import ERROR_SUFFIX, OUTPUT_SUFFIXES, PayloadError, output_path, safe_relative
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from producer.contract import ERROR_KIND, output_path
+from depthq.contract import ERROR_KIND, output_path
 
 
 def _temp_prefix(path: Path) -> str:

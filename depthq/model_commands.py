@@ -1,4 +1,7 @@
-"""`depthq models download | list | convert`: the model management a Mac mini owner needs, as commands."""
+"""`depthq models download | list | convert`: the model management a Mac mini owner needs, as commands.
+
+Only the CLI imports this, for `depthq models`; it hands the work to the worker's catalog and converter.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from producer.config import Config
+from depthq.config import Config
 from worker import catalog
 from worker.errors import ModelUnavailableError
 
@@ -27,17 +30,12 @@ def download_command(config: Config, args: argparse.Namespace) -> int:
 
 
 def _contract_label(path: Path) -> str:
-    from worker.backends.coreml_backend import read_contract
+    from worker.coreml_spec import read_contract
 
     try:
-        c = read_contract(path)
+        return read_contract(path).label
     except ModelUnavailableError as exc:
         return f"unusable: {exc}"
-    if c.kind == "canonical":
-        return "canonical inverse depth + FOV: full metric" if c.fov_output else "canonical inverse depth, no FOV"
-    if c.kind == "meters":
-        return "meters, no FOV" if not c.fov_output else "meters + FOV"
-    return "normalized inverse depth: relative only, refused for meters"
 
 
 def list_command(config: Config, args: argparse.Namespace) -> int:
@@ -57,7 +55,10 @@ def list_command(config: Config, args: argparse.Namespace) -> int:
         return 0
     table = Table("model", "size", "contract", "inputs", "outputs")
     for info in models:
-        contract = _contract_label(info.path) if info.format != "mlmodelc" else "compiled: I/O unknown"
+        if info.format == "mlmodelc":
+            contract = "compiled: I/O unknown"
+        else:
+            contract = info.contract.label if info.contract else f"unusable: {info.contract_error or info.io_error}"
         io_in = "\n".join(str(f) for f in info.inputs or ()) or (info.io_error or "")
         io_out = "\n".join(str(f) for f in info.outputs or ())
         table.add_row(str(info.path), catalog.format_size(info.size_bytes), contract, io_in, io_out)

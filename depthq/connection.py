@@ -14,7 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from producer.config import Config, ConfigError, RedisConfig, read_password_file
+from depthq.config import Config, ConfigError, RedisConfig, read_password_file
 
 log = logging.getLogger(__name__)
 

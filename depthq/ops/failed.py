@@ -18,8 +18,8 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.registry import FailedJobRegistry
 
-from producer.config import Config
-from producer.contract import (
+from depthq.config import Config
+from depthq.contract import (
     SERIALIZER,
     JobPayload,
     PayloadError,
@@ -29,7 +29,7 @@ from producer.contract import (
     root_folder,
     safe_relative,
 )
-from producer.status import job_source
+from depthq.ops.status import job_source
 
 
 @dataclass(frozen=True)

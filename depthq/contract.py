@@ -17,7 +17,7 @@ from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from producer.config import Config
+from depthq.config import Config
 
 # The only function a depthq worker will run. Jobs naming anything else are refused unrun.
 JOB_FUNCTION = "worker.job.process"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from producer.config import LOG_LEVEL_ENV
+from depthq.config import LOG_LEVEL_ENV
 
 
 def configure_logging(level: str | None = None) -> None:

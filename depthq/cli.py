@@ -1,7 +1,7 @@
 """The `depthq` command: up, watch, collect, work, enqueue, models, and the operations commands.
 
-Lives in the producer package so `depthq watch` and `depthq enqueue` never import numpy or torch;
-`depthq work` imports the worker only when asked for.
+Each command imports the side it runs (`producer` or `worker`) only when it is asked for, so
+`depthq watch`, `enqueue`, `status` and `dashboard` never import numpy, torch or coremltools.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from producer.config import Config, ConfigError, find_config_file, load_config
-from producer.logs import configure_logging
+from depthq.config import Config, ConfigError, find_config_file, load_config
+from depthq.logs import configure_logging
 
 log = logging.getLogger("depthq")
 
@@ -61,6 +61,9 @@ def _add_common(p: argparse.ArgumentParser, *flags: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The converter's choices, from the module that owns them; it imports no numpy until it converts.
+    import worker.convert as convert_options
+
     parser = argparse.ArgumentParser(prog="depthq", description="Hot-folder metric depth with DepthPro.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -102,12 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     cv = msub.add_parser("convert", help="DepthPro weights -> Core ML with canonical inverse depth and FOV")
     _add_common(cv, "model")
     cv.add_argument("--output", type=Path, help="the .mlpackage to write (default models/DepthPro-FOV[-X].mlpackage)")
-    cv.add_argument("--compression", default="none", choices=["none", "int8", "palettize8", "palettize6", "palettize4"])
-    cv.add_argument("--precision", default="float16", choices=["float16", "float32"])
+    cv.add_argument("--compression", default="none", choices=convert_options.COMPRESSIONS)
+    cv.add_argument("--precision", default="float16", choices=convert_options.PRECISIONS)
     cv.add_argument(
         "--contract",
         default="canonical",
-        choices=["canonical", "meters"],
+        choices=convert_options.CONTRACTS,
         help="canonical: inverse depth + FOV (EXIF-aware, the default); meters: the hub exports' I/O",
     )
 
@@ -135,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _stop_event() -> threading.Event:
-    from producer.supervisor import install_stop_signals
+    from depthq.supervisor import install_stop_signals
 
     stop = threading.Event()
     install_stop_signals(stop)
@@ -143,7 +146,7 @@ def _stop_event() -> threading.Event:
 
 
 def cmd_up(config: Config, args: argparse.Namespace) -> int:
-    from producer.supervisor import run_up
+    from depthq.supervisor import run_up
 
     return run_up(config, find_config_file(args.config), _overrides(args), _stop_event())
 
@@ -223,8 +226,8 @@ def cmd_enqueue(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_models(config: Config, args: argparse.Namespace) -> int:
+    from depthq.model_commands import convert_command, download_command, list_command
     from worker.errors import ModelUnavailableError
-    from worker.model_commands import convert_command, download_command, list_command
 
     commands = {"download": download_command, "list": list_command, "convert": convert_command}
     try:
@@ -235,14 +238,14 @@ def cmd_models(config: Config, args: argparse.Namespace) -> int:
 
 
 def _connect(config: Config) -> Any:
-    from producer.connection import connect, resolve_url
+    from depthq.connection import connect, resolve_url
 
     return connect(resolve_url(config), config.redis)
 
 
 def cmd_dashboard(config: Config, args: argparse.Namespace) -> int:
-    from producer.connection import resolve_url
-    from producer.dashboard import create_app, serve
+    from depthq.connection import resolve_url
+    from depthq.ops.dashboard import create_app, serve
 
     url = resolve_url(config)
     _connect(config).close()  # fail at start, naming the setting, if Redis is unreachable
@@ -255,7 +258,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from producer.status import gather, render
+    from depthq.ops.status import gather, render
 
     status = gather(_connect(config), config)
     if args.json:
@@ -271,7 +274,7 @@ def cmd_failed(config: Config, args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from producer import failed
+    from depthq.ops import failed
 
     connection = _connect(config)
     if args.failed_command == "list":

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from flask import Flask, Response, request
 
-from producer.config import Config, ConfigError, read_password_file
-from producer.connection import redact, url_with_credentials
-from producer.contract import SERIALIZER
+from depthq.config import Config, ConfigError, read_password_file
+from depthq.connection import redact, url_with_credentials
+from depthq.contract import SERIALIZER
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def create_app(config: Config, redis_url: str, allow_no_auth: bool = False) -> F
     from rq_dashboard.web import config as rq_dashboard_config
     from rq_dashboard.web import setup_rq_connection
 
-    from producer.gallery import gallery_blueprint
+    from depthq.ops.gallery import gallery_blueprint
 
     settings = config.dashboard
     if (settings.username is None) != (settings.password_file is None):

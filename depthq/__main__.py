@@ -1,0 +1,5 @@
+import sys
+
+from depthq.cli import main
+
+sys.exit(main())

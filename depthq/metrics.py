@@ -1,0 +1,55 @@
+"""Prometheus `/metrics`, the part the watcher and the workers share: the server and the queue's figures.
+
+Each process keeps its own registry rather than the library's global one: tests run several workers
+in one process, and a worker's numbers must not leak into another's. Queue figures are read from
+Redis when Prometheus scrapes, so they are true at scrape time whichever process serves them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
+from rq import Queue
+
+from depthq.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+# All interfaces: Prometheus scrapes from another machine. The figures carry no secrets.
+METRICS_BIND = "0.0.0.0"
+
+
+class QueueCollector(Collector):
+    """Queue depth and failed jobs, read from Redis at scrape time."""
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily("depthq_queue_depth", "Jobs waiting in the queue", labels=["queue"])
+        failed = GaugeMetricFamily("depthq_failed_jobs", "Jobs in the failed registry", labels=["queue"])
+        try:
+            depth.add_metric([self.queue.name], self.queue.count)
+            failed.add_metric([self.queue.name], self.queue.failed_job_registry.count)
+        except RedisError as exc:
+            # An outage shows as missing series (and the process's own figures stay scrapeable).
+            log.warning("metrics: queue figures unavailable (%s)", exc)
+            return
+        yield depth
+        yield failed
+
+
+def serve(registry: CollectorRegistry, port: int, key: str) -> Any:
+    """Start the /metrics server on a daemon thread; a taken port stops start-up naming the setting."""
+    try:
+        server, _thread = start_http_server(port, addr=METRICS_BIND, registry=registry)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot listen on port {port} ({exc.strerror}); pick a free port") from None
+    log.info("metrics on http://%s:%d/metrics", METRICS_BIND, port)
+    return server

@@ -1,0 +1,178 @@
+"""The package layout's promises: imports run one way, and the watcher's commands stay light.
+
+`producer/` (folder -> queue) and `worker/` (queue -> depth) both import `depthq/` and never each
+other. `depthq/` reaches into them only from the CLI and the supervisor, inside the function of the
+command that needs them. So a watcher host never loads numpy, torch or coremltools: that is checked by
+running the real commands against a real Redis and reading `sys.modules` in the running process.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from redis import Redis
+
+from depthq.config import Config
+from depthq.contract import make_queue
+from depthq.redis_server import free_port
+from tests.photos import write_jpeg
+from tests.waiting import wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("depthq", "producer", "worker")
+HEAVY = ("numpy", "torch", "coremltools")
+# The only modules of depthq/ that may import producer/ or worker/, and only inside a function.
+REACHES_UP = {"depthq/cli.py", "depthq/supervisor.py", "depthq/model_commands.py"}
+
+
+def _imports(path: Path) -> Iterator[tuple[str, bool]]:
+    """(top-level package imported, whether the import sits at module level) for every import in a file."""
+    tree = ast.parse(path.read_text(), str(path))
+    top_level = {id(node) for node in tree.body}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module.split(".")[0], id(node) in top_level
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name.split(".")[0], id(node) in top_level
+
+
+def _cross_imports() -> dict[str, list[tuple[str, bool]]]:
+    found: dict[str, list[tuple[str, bool]]] = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            name = path.relative_to(REPO).as_posix()
+            others = [(top, at_top) for top, at_top in _imports(path) if top in PACKAGES and top != package]
+            if others:
+                found[name] = others
+    return found
+
+
+def test_producer_and_worker_never_import_each_other() -> None:
+    crossing = {
+        name: [top for top, _ in imports if top in ("producer", "worker")]
+        for name, imports in _cross_imports().items()
+        if not name.startswith("depthq/")
+    }
+    offenders = {name: tops for name, tops in crossing.items() if tops}
+    assert offenders == {}
+
+
+def test_depthq_reaches_up_only_from_the_cli_and_supervisor_and_lazily() -> None:
+    up = {name: imports for name, imports in _cross_imports().items() if name.startswith("depthq/")}
+    assert set(up) <= REACHES_UP, f"depthq modules that import producer/worker: {sorted(set(up) - REACHES_UP)}"
+    # model_commands is itself imported only by the CLI, inside `depthq models`; the other two never at the top.
+    eager = {name for name, imports in up.items() if name != "depthq/model_commands.py" and any(t for _, t in imports)}
+    assert eager == set()
+    cli_imports = list(_imports(REPO / "depthq" / "cli.py"))
+    assert ("depthq", True) in cli_imports  # its own core, eagerly: the config it parses for every command
+    model_commands_users = [
+        path.relative_to(REPO).as_posix()
+        for path in REPO.rglob("*.py")
+        if ".venv" not in path.parts and "depthq.model_commands" in path.read_text() and path.parent.name != "tests"
+    ]
+    assert model_commands_users == ["depthq/cli.py"]
+    tree = ast.parse((REPO / "depthq" / "cli.py").read_text())
+    assert not any(isinstance(node, ast.ImportFrom) and node.module == "depthq.model_commands" for node in tree.body), (
+        "the CLI imports depthq.model_commands at module level"
+    )
+
+
+# --- the watcher's commands, run for real ------------------------------------------------------------
+
+# Runs the CLI, and prints which heavy modules are loaded on SIGUSR1 and at the end.
+_PROBE = f"""
+import signal, sys
+def report(*_):
+    loaded = sorted(m for m in {HEAVY!r} if m in sys.modules)
+    print("HEAVY:" + (",".join(loaded) or "none"), flush=True)
+signal.signal(signal.SIGUSR1, report)
+from depthq.cli import main
+code = main(sys.argv[1:])
+report()
+sys.exit(code)
+"""
+
+
+@pytest.fixture
+def light_config(make_config: Callable[..., Config], tmp_path: Path, redis_url: str) -> Path:
+    config = make_config()
+    path = tmp_path / "light.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "redis": {"url": redis_url},
+                "producer": {"watch": str(config.producer.watch), "settle_ms": 100},
+                "output": {"dir": str(config.output.dir)},
+                "dashboard": {"port": free_port()},
+            }
+        )
+    )
+    return path
+
+
+def _probe(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPTHQ_")}
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-c", _PROBE, *args], cwd=REPO, env=env, stdout=out, stderr=out)
+
+
+def _heavy(log: Path) -> list[str]:
+    return [line.removeprefix("HEAVY:") for line in log.read_text().splitlines() if line.startswith("HEAVY:")]
+
+
+@pytest.mark.parametrize("command", ["enqueue", "status"])
+def test_one_shot_commands_never_import_numpy_torch_or_coremltools(
+    command: str, light_config: Path, tmp_path: Path
+) -> None:
+    config = yaml.safe_load(light_config.read_text())
+    photo = write_jpeg(Path(config["producer"]["watch"]) / "a.jpg")
+    args = [command, "--config", str(light_config)] + ([str(photo)] if command == "enqueue" else [])
+    log = tmp_path / f"{command}.log"
+    proc = _probe(args, log)
+    assert proc.wait(timeout=120) == 0, log.read_text()
+    assert _heavy(log) == ["none"], log.read_text()
+
+
+def test_watch_and_dashboard_never_import_numpy_torch_or_coremltools(
+    light_config: Path, make_config: Callable[..., Config], redis_client: Redis, tmp_path: Path
+) -> None:
+    config = yaml.safe_load(light_config.read_text())
+    queue = make_queue(redis_client, make_config())
+    watch_log, dash_log = tmp_path / "watch.log", tmp_path / "dashboard.log"
+    watch = _probe(["watch", "--config", str(light_config)], watch_log)
+    dashboard = _probe(["dashboard", "--config", str(light_config)], dash_log)
+    base = f"http://127.0.0.1:{config['dashboard']['port']}"
+
+    def answers(path: str) -> bool:
+        try:
+            with urllib.request.urlopen(base + path, timeout=10) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    try:
+        # The watcher has hashed and enqueued a photo; the dashboard has served its pages and the gallery.
+        write_jpeg(Path(config["producer"]["watch"]) / "dropped.jpg")
+        wait_for(lambda: queue.count == 1 or watch.poll() is not None, f"the watcher to enqueue (log: {watch_log})")
+        wait_for(lambda: answers("/0/data/queues.json") or dashboard.poll() is not None, "the dashboard")
+        assert watch.poll() is None and dashboard.poll() is None, watch_log.read_text() + dash_log.read_text()
+        assert answers("/gallery/") and answers("/gallery/results.json")
+        for proc in (watch, dashboard):
+            proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: _heavy(watch_log) and _heavy(dash_log), "both to report their modules")
+        assert _heavy(watch_log) == ["none"], watch_log.read_text()
+        assert _heavy(dash_log) == ["none"], dash_log.read_text()
+    finally:
+        for proc in (watch, dashboard):
+            proc.terminate()
+            proc.wait(timeout=60)
