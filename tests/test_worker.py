@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from redis import Redis
 from rq.job import Job, JobStatus
@@ -20,10 +21,12 @@ from depthq.config import Config
 from depthq.contract import SERIALIZER, JobPayload, file_sha256, make_queue
 from producer.enqueue import Enqueuer
 from tests.photos import write_jpeg
+from tests.test_depth import torch_model_input
 from tests.tiny_model import FOV_DEG, expected_depth
 from tests.waiting import wait_for
 from worker.backends import Backend
 from worker.backends.base import Prediction
+from worker.preprocess import model_input
 from worker.worker import DepthWorker, SchedulerThread, build_worker
 
 
@@ -280,3 +283,53 @@ def test_the_retry_scheduler_takes_over_the_lock_of_a_vanished_worker(config: Co
         survivor.stop_event.set()
         survivor.join(timeout=5)
     assert redis_client.get(key) is None  # released on a clean stop
+
+
+# --- the model's input at the released size ------------------------------------------------------------
+
+RELEASED_SIDE = 1536
+
+
+class InputRecorder:
+    """A backend at DepthPro's released input side that keeps the model input it was handed."""
+
+    name, device, model_name, warnings = "recorder", "cpu", "recorder", ()
+
+    def __init__(self) -> None:
+        self.input_size = RELEASED_SIDE
+        self.inputs: list[np.ndarray] = []
+
+    def load(self) -> None:
+        pass
+
+    def predict(self, rgb: np.ndarray) -> Prediction:
+        self.inputs.append(model_input(rgb, self.input_size))
+        return Prediction(np.full((self.input_size, self.input_size), 0.25, np.float32), FOV_DEG)
+
+
+@pytest.mark.parametrize("fast_decode", [False, True])
+def test_the_models_input_is_the_references_unless_fast_decode_is_set(
+    make_config: Callable[..., Config], redis_client: Redis, fast_decode: bool
+) -> None:
+    """A photo over twice the model's side on both sides: the job feeds the model what ml-depth-pro's
+    infer() would (full decode, bilinear resize without antialias), unless `worker.fast_decode` asks
+    for the DCT-reduced decode, which averages where the reference skips."""
+    config = make_config(worker={"fast_decode": fast_decode})
+    photo = config.producer.watch / "big.jpg"
+    yy, xx = np.mgrid[0:3100, 0:3200]
+    smooth = (127 + 100 * np.sin(xx / 37.0) * np.cos(yy / 53.0))[..., None] + np.array([0, 40, -40])
+    noise = np.random.default_rng(0).normal(0, 12, (3100, 3200, 3))
+    Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8)).save(photo, format="JPEG", quality=92)
+    recorder = InputRecorder()
+    Enqueuer(config, redis_client).submit(photo)
+    build_worker(config, redis_client, recorder).work(burst=True, with_scheduler=False)
+
+    (seen,) = recorder.inputs
+    with Image.open(photo) as img:
+        reference = torch_model_input(np.array(img.convert("RGB")), RELEASED_SIDE, torch.float64)
+    difference = float(np.max(np.abs(seen.astype(np.float64) - reference)))
+    if fast_decode:
+        assert difference > 0.05  # the averaged image, visibly not the reference's input
+    else:
+        assert difference <= 1e-4
+    assert _sidecar(config, "big.jpg")["width"] == 3200

@@ -171,7 +171,9 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
         if copied is not None:
             return copied
     sha = hashlib.sha256(photo.data).hexdigest()
-    image = load_image(photo.data, p.source, rt.config.worker.max_image_pixels, min_side=rt.backend.input_size)
+    # By default the model sees exactly the reference's input: the full decode, resized bilinearly.
+    reduce_to = rt.backend.input_size if rt.config.worker.fast_decode else None
+    image = load_image(photo.data, p.source, rt.config.worker.max_image_pixels, min_side=reduce_to)
     t_decoded = time.perf_counter()
     _stage(rt, job, "inferring", {"queue_wait": _ms(queue_wait), "decode": _ms(t_decoded - t0)})
     prediction = rt.backend.predict(image.rgb)
