@@ -8,7 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import coremltools as ct
+import numpy as np
 from coremltools.converters.mil import Builder as mb
+from coremltools.converters.mil.mil import types
 
 SIZE = 32
 
@@ -64,3 +66,69 @@ def canonical_without_fov(path: Path, size: int = SIZE) -> Path:
         return mb.reduce_mean(x=image, axes=[1], keep_dims=False, name="canonical_inverse_depth")
 
     return _save(prog, [ct.ImageType(name="image", shape=(1, 3, size, size))], path)
+
+
+def pruned_qlinear_export(path: Path, size: int = SIZE) -> Path:
+    """Like DepthPro_pruned10_Qlinear in the Swift sample: `pixel_values` + `original_widths` (Float16
+    [1,1,1,1]) -> `depth_meters`, meters with no FOV."""
+
+    @mb.program(
+        input_specs=[mb.TensorSpec(shape=(1, 3, size, size)), mb.TensorSpec(shape=(1, 1, 1, 1), dtype=types.fp16)],
+        opset_version=ct.target.macOS13,
+    )
+    def prog(pixel_values, original_widths):
+        mean = mb.reduce_mean(x=pixel_values, axes=[1], keep_dims=True)
+        return mb.add(x=mean, y=mb.cast(x=original_widths, dtype="fp32"), name="depth_meters")
+
+    inputs = [
+        ct.TensorType(name="pixel_values", shape=(1, 3, size, size)),
+        ct.TensorType(name="original_widths", shape=(1, 1, 1, 1), dtype=np.float16),
+    ]
+    return _save(prog, inputs, path)
+
+
+def seed_nid_export(path: Path, size: int = SIZE) -> Path:
+    """Like the seed app's NID model: `pixel_values` -> `normalized_inverse_depth`, a OneComponent16Half image.
+
+    A MIL program cannot declare an image output, so the spec's output type is rewritten, as the
+    published model's spec has it (a GRAYSCALE_FLOAT16 image its Swift code divides by 255)."""
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 3, size, size))], opset_version=ct.target.macOS13)
+    def prog(pixel_values):
+        mean = mb.reduce_mean(x=pixel_values, axes=[1], keep_dims=True)
+        return mb.cast(x=mean, dtype="fp16", name="normalized_inverse_depth")
+
+    inputs = [ct.TensorType(name="pixel_values", shape=(1, 3, size, size))]
+    model = ct.convert(prog, inputs=inputs, convert_to="mlprogram", minimum_deployment_target=ct.target.macOS13)
+    spec = model.get_spec()
+    output = spec.description.output[0]
+    output.type.imageType.width = size
+    output.type.imageType.height = size
+    output.type.imageType.colorSpace = ct.proto.FeatureTypes_pb2.ImageFeatureType.GRAYSCALE_FLOAT16
+    ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True).save(str(path))
+    return path
+
+
+def unnamed_export(path: Path, size: int = SIZE, with_scalar: bool = True) -> Path:
+    """Outputs left with the converter's own names (`var_...`): a map, and a single number if `with_scalar`."""
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 3, size, size))])
+    def prog(image):
+        depth = mb.reduce_mean(x=image, axes=[1], keep_dims=False, name="var_1031")
+        if not with_scalar:
+            return depth
+        return depth, mb.reduce_mean(x=image, axes=[1, 2, 3], keep_dims=False, name="var_1032")
+
+    return _save(prog, [ct.ImageType(name="image", shape=(1, 3, size, size))], path)
+
+
+def extra_input_export(path: Path, size: int = SIZE) -> Path:
+    """A depth model that also wants a `mask` input: nothing depthq knows how to feed."""
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 3, size, size)), mb.TensorSpec(shape=(1, 2))])
+    def prog(image, mask):
+        depth = mb.reduce_mean(x=image, axes=[1], keep_dims=True)
+        return mb.add(x=depth, y=mb.reduce_mean(x=mask, axes=[0, 1]), name="depthMeters")
+
+    inputs = [ct.ImageType(name="image", shape=(1, 3, size, size)), ct.TensorType(name="mask", shape=(1, 2))]
+    return _save(prog, inputs, path)

@@ -14,6 +14,7 @@ list` and the tests read the same contract the Mac's backend acts on. It imports
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +31,7 @@ _CANONICAL_NAMES = {"canonicalinversedepth", "inversedepth"}
 _METERS_NAMES = {"depthmeters", "depth", "metricdepth"}
 _NORMALIZED_NAMES = {"normalizedinversedepth"}
 _FOV_NAMES = {"fovdeg", "fov", "fieldofview", "viewangle"}
-_WIDTH_INPUT_NAMES = {"originalwidth"}
+_WIDTH_INPUT_NAMES = {"originalwidth", "originalwidths"}
 _CHANNELS = {"RGB": 3, "BGR": 3, "GRAYSCALE": 1, "GRAYSCALE_FLOAT16": 1}
 
 
@@ -81,6 +82,8 @@ class CoreMLContract:
     depth_output: str
     fov_output: str | None
     width_input: str | None
+    # The width input's element type: the pruned exports declare Float16, the others Float32.
+    width_dtype: str = "float32"
 
     @property
     def metric(self) -> bool:
@@ -90,48 +93,92 @@ class CoreMLContract:
     def label(self) -> str:
         """What a user is told the model gives, in `depthq models list`."""
         if self.kind == "canonical":
-            return (
-                "canonical inverse depth + FOV: full metric" if self.fov_output else "canonical inverse depth, no FOV"
-            )
+            if self.fov_output:
+                return "canonical inverse depth + FOV: full metric"
+            return "canonical inverse depth, no FOV"
         if self.kind == "meters":
             return "meters + FOV" if self.fov_output else "meters, no FOV"
         return "normalized inverse depth: relative only, refused for meters"
 
 
+def _elements(feature: FeatureInfo) -> int:
+    """How many numbers the feature holds; 0 when the spec leaves its shape open."""
+    count = 1
+    for dim in feature.shape:
+        count *= dim
+    return count if feature.shape else 0
+
+
+def _is_map(feature: FeatureInfo) -> bool:
+    """A depth map: at least two dimensions, the last two larger than 1, one channel at most."""
+    shape = feature.shape
+    return len(shape) >= 2 and shape[-1] > 1 and shape[-2] > 1 and _elements(feature) == shape[-1] * shape[-2]
+
+
+def _may_be(feature: FeatureInfo, test: Callable[[FeatureInfo], bool]) -> bool:
+    """A named feature must have the shape its name implies, where the spec gives one at all."""
+    return not feature.shape or test(feature)
+
+
+def _listing(inputs: list[FeatureInfo], outputs: list[FeatureInfo]) -> str:
+    return f"inputs [{'; '.join(map(str, inputs))}], outputs [{'; '.join(map(str, outputs))}]"
+
+
 def detect_contract(spec: Any, source: str) -> CoreMLContract:
-    """Read the I/O of a Core ML spec. Raises ModelUnavailableError naming `source` if it is no DepthPro."""
+    """Read the I/O of a Core ML spec. Raises ModelUnavailableError naming `source` if it is no DepthPro.
+
+    Names are matched first, in every spelling the published exports use (`image` / `pixel_values`,
+    `originalWidth` / `original_widths`, `depthMeters` / `depth_meters`, `normalizedInverseDepth` /
+    `normalized_inverse_depth`, ...), and each match must have the shape its meaning implies. Where
+    the names say nothing, the shapes decide: a map beside a single number is DepthPro's raw pair,
+    canonical inverse depth and FOV. Anything else is refused with the spec's whole I/O, so the user
+    can see what the model is.
+    """
     inputs = [feature_info(f) for f in spec.description.input]
-    outputs = {_key(o.name): o.name for o in spec.description.output}
-    picture = None
-    width_input = None
-    for feature in inputs:
-        if _key(feature.name) in _WIDTH_INPUT_NAMES:
-            width_input = feature.name
-        elif len(feature.shape) == 4 and feature.shape[1] == 3 and picture is None:
-            picture = feature
-    if picture is None:
-        names = [f.name for f in inputs]
-        raise ModelUnavailableError(f"{source}: no image input (3 x H x W) among inputs {names}; not a DepthPro model")
+    outputs = [feature_info(f) for f in spec.description.output]
+
+    def refuse(why: str) -> ModelUnavailableError:
+        return ModelUnavailableError(
+            f"{source}: {why}; its spec has {_listing(inputs, outputs)}. depthq runs DepthPro exports that "
+            "output canonical inverse depth (+ FOV) or meters; `depthq models convert` makes one"
+        )
+
+    pictures = [f for f in inputs if len(f.shape) == 4 and f.shape[:2] == (1, 3)]
+    if len(pictures) != 1:
+        raise refuse("no single RGB input (1 x 3 x H x W)" if not pictures else "more than one RGB input")
+    picture = pictures[0]
     _, _, height, width = picture.shape
     if height != width:
-        raise ModelUnavailableError(f"{source}: input {picture.name} is {width}x{height}; DepthPro takes a square")
-    fov = next((outputs[k] for k in outputs if k in _FOV_NAMES), None)
+        raise refuse(f"input {picture.name} is {width}x{height}, and DepthPro takes a square")
+    others = [f for f in inputs if f is not picture]
+    widths = [f for f in others if _elements(f) == 1 or (_key(f.name) in _WIDTH_INPUT_NAMES and not f.shape)]
+    if len(others) > 1 or len(widths) != len(others):
+        raise refuse("an input depthq cannot feed (only the photo and its width are known)")
+    width_input = widths[0] if widths else None
+
+    by_key = {_key(f.name): f for f in outputs}
+    fovs = [f for k, f in by_key.items() if k in _FOV_NAMES and _may_be(f, lambda f: _elements(f) == 1)]
     found = [
-        (k, kind)
+        (f, kind)
         for names, kind in (
             (_CANONICAL_NAMES, "canonical"),
             (_METERS_NAMES, "meters"),
             (_NORMALIZED_NAMES, "normalized_inverse_depth"),
         )
-        for k in outputs
+        for k, f in by_key.items()
         if k in names
     ]
+    if found and not _may_be(found[0][0], _is_map):
+        raise refuse(f"output {found[0][0].name} is named as depth but is no depth map")
     if not found:
-        raise ModelUnavailableError(
-            f"{source}: outputs {sorted(outputs.values())} name no depth "
-            "(expected canonical_inverse_depth, depthMeters or normalizedInverseDepth)"
-        )
-    key, kind = found[0]
+        maps = [f for f in outputs if _is_map(f)]
+        scalars = [f for f in outputs if _elements(f) == 1]
+        if len(maps) == 1 and len(scalars) == 1 and len(outputs) == 2:
+            found, fovs = [(maps[0], "canonical")], scalars
+        else:
+            raise refuse("no output is named as depth, and the shapes are not DepthPro's map and FOV")
+    depth, kind = found[0]
+    fov = fovs[0] if fovs else None
     if kind == "meters" and fov is not None:
         # Older exports (ml-depth-pro's export scripts) call DepthPro's raw outputs depth_meters and
         # view_angle: a depth output that comes with a FOV is canonical inverse depth, still to be
@@ -142,9 +189,10 @@ def detect_contract(spec: Any, source: str) -> CoreMLContract:
         image_input=picture.name,
         input_is_image=picture.is_image,
         input_size=height,
-        depth_output=outputs[key],
-        fov_output=fov,
-        width_input=width_input,
+        depth_output=depth.name,
+        fov_output=fov.name if fov else None,
+        width_input=width_input.name if width_input else None,
+        width_dtype="float16" if width_input and width_input.type.endswith("float16") else "float32",
     )
 
 

@@ -168,7 +168,7 @@ class CoreMLBackend:
         else:
             feed[c.image_input] = model_input(rgb, c.input_size)[None]
         if c.width_input is not None:
-            feed[c.width_input] = np.full((1, 1, 1, 1), float(rgb.shape[1]), dtype=np.float32)
+            feed[c.width_input] = np.full((1, 1, 1, 1), float(rgb.shape[1]), dtype=np.dtype(c.width_dtype))
         return feed
 
     def predict(self, rgb: np.ndarray) -> Prediction:
