@@ -74,7 +74,7 @@ def convert_command(config: Config, args: argparse.Namespace) -> int:
     output = args.output or config.model.cache_dir / f"{stem}{suffix}.mlpackage"
     started = time.perf_counter()
     try:
-        path = convert(
+        report = convert(
             config.model, output, compression=args.compression, precision=args.precision, contract=args.contract
         )
     except ImportError as exc:  # torch and transformers are imported only when converting
@@ -82,5 +82,9 @@ def convert_command(config: Config, args: argparse.Namespace) -> int:
             f"converting needs PyTorch and transformers ({exc}); pip install -e '.[torch]' on any machine, "
             "then copy the .mlpackage to the Mac"
         ) from None
-    print(f"wrote {path} in {time.perf_counter() - started:.0f}s: {_contract_label(path)}")
+    parity = ", ".join(f"{name} {diff:.1e}" for name, diff in report.parity.items())
+    print(
+        f"wrote {report.output} in {time.perf_counter() - started:.0f}s: {_contract_label(report.output)}; "
+        f"traced module vs original, max abs difference: {parity}"
+    )
     return 0

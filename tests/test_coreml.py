@@ -33,7 +33,7 @@ from worker.preprocess import model_input
 def converted(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
     from worker.convert import convert
 
-    return convert(ModelConfig(path=str(tiny_model)), tmp_path_factory.mktemp("coreml") / "Tiny.mlpackage")
+    return convert(ModelConfig(path=str(tiny_model)), tmp_path_factory.mktemp("coreml") / "Tiny.mlpackage").output
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def converted_meters(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path)
     from worker.convert import convert
 
     folder = tmp_path_factory.mktemp("coreml-meters")
-    return convert(ModelConfig(path=str(tiny_model)), folder / "TinyMeters.mlpackage", contract="meters")
+    return convert(ModelConfig(path=str(tiny_model)), folder / "TinyMeters.mlpackage", contract="meters").output
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_converted_model_records_where_it_came_from(converted: Path, tiny_model:
 def test_palettized_conversion_keeps_the_contract(tmp_path: Path, tiny_model: Path, converted: Path) -> None:
     from worker.convert import convert
 
-    small = convert(ModelConfig(path=str(tiny_model)), tmp_path / "Tiny4.mlpackage", compression="palettize4")
+    small = convert(ModelConfig(path=str(tiny_model)), tmp_path / "Tiny4.mlpackage", compression="palettize4").output
     assert read_contract(small) == read_contract(converted)
     size = sum(f.stat().st_size for f in small.rglob("*") if f.is_file())
     full = sum(f.stat().st_size for f in converted.rglob("*") if f.is_file())
@@ -249,7 +249,7 @@ def test_core_ml_sees_what_torch_sees_on_macos(tmp_path: Path) -> None:
     from worker.convert import convert
 
     weights = build_tiny_model(tmp_path / "random", constant_head=False)
-    package = convert(ModelConfig(path=str(weights)), tmp_path / "Random.mlpackage", precision="float32")
+    package = convert(ModelConfig(path=str(weights)), tmp_path / "Random.mlpackage", precision="float32").output
     rgb = np.random.default_rng(3).integers(0, 255, (90, 120, 3), dtype=np.uint8)
     torch_backend = TorchBackend(ModelConfig(path=str(weights), device="cpu"))
     torch_backend.load()

@@ -78,3 +78,53 @@ def build_tiny_model(
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     return folder
+
+
+# The released DepthPro's geometry (apple/DepthPro-hf's config): 1536 input, 384-px patches at three
+# scales with these overlaps (35 patches: 5x5 + 3x3 + 1), DINOv2 encoders with 16-px patches at 384.
+RELEASED_INPUT_SIZE = 1536
+RELEASED_GEOMETRY = {
+    "patch_size": 384,
+    "scaled_images_ratios": [0.25, 0.5, 1],
+    "scaled_images_overlap_ratios": [0.0, 0.5, 0.25],
+    "merge_padding_value": 3,
+    "num_fov_head_layers": 2,
+}
+
+
+def released_geometry_config() -> DepthProConfig:
+    """The released geometry with the smallest widths that still build: converts in seconds.
+
+    Whatever grows with the input or the patch size (the patch split, resizes, the attention over 577
+    tokens) is as large as in the real model; only the channel widths and depths are tiny.
+    """
+    sub = {
+        "model_type": "dinov2",
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 1,
+        "mlp_ratio": 1,
+        "patch_size": 16,
+        "image_size": 384,
+    }
+    return DepthProConfig(
+        **RELEASED_GEOMETRY,
+        # The fusion stage takes 3 scales and 2 hooks; the FOV head halves fusion_hidden_size per layer.
+        fusion_hidden_size=8,
+        intermediate_hook_ids=[0, 0],
+        intermediate_feature_dims=[4, 4],
+        scaled_images_feature_dims=[4, 4, 4],
+        use_fov_model=True,
+        image_model_config=dict(sub),
+        patch_model_config=dict(sub),
+        fov_model_config=dict(sub),
+    )
+
+
+def build_released_geometry_model(folder: Path, seed: int = 0) -> Path:
+    """Random weights (so preprocessing and every resize show in the output) at the released geometry."""
+    torch.manual_seed(seed)
+    model = DepthProForDepthEstimation(released_geometry_config(), use_fov_model=True).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    return folder
