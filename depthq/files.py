@@ -18,6 +18,19 @@ from typing import IO, Any
 from depthq.contract import ERROR_KIND, output_path
 
 
+def _process_umask() -> int:
+    """The umask, read once at import (single-threaded then): os.umask can only be read by setting it."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files 0600, and os.replace keeps that mode: results on a shared output folder would
+# be unreadable to other users, the dashboard's user and share clients. A result gets what open()
+# would give it: 0666 less the umask (0644 under the usual 022).
+FILE_MODE = 0o666 & ~_process_umask()
+
+
 def _temp_prefix(path: Path) -> str:
     return f".{path.name}."
 
@@ -26,6 +39,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
