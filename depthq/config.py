@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "DEPTHQ_"
 CONFIG_ENV = "DEPTHQ_CONFIG"
@@ -20,6 +21,7 @@ LOG_LEVEL_ENV = "DEPTHQ_LOG_LEVEL"
 # DEPTHQ_ variables that are not DEPTHQ_<SECTION>_<KEY> settings.
 _NOT_SETTINGS = {CONFIG_ENV, LOG_LEVEL_ENV}
 DEFAULT_CONFIG_NAME = "config.yaml"
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 class ConfigError(Exception):
@@ -41,6 +43,22 @@ class RedisConfig(_Section):
     data_dir: Path = Path(".depthq/redis")
     server_bin: Path | None = None
     startup_timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str | None) -> str | None:
+        """Refused here, naming the key, rather than by redis-py deep inside the first command."""
+        if url is None:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in REDIS_SCHEMES:
+            raise ValueError(
+                f"{url!r} is not a Redis URL; write redis://host:6379/0 (rediss:// for TLS, unix:///path.sock)"
+            )
+        db = parts.path.strip("/") if parts.scheme != "unix" else dict(parse_qsl(parts.query)).get("db", "0")
+        if db and not db.isdigit():
+            raise ValueError(f"the database in {url!r} must be a number, as in redis://host:6379/0")
+        return url
 
 
 class QueueConfig(_Section):
@@ -69,7 +87,7 @@ class ProducerConfig(_Section):
 class WorkerConfig(_Section):
     backend: Literal["auto", "torch", "coreml"] = "auto"
     retries: int = Field(3, ge=0)
-    retry_backoff_s: list[int] = Field(default_factory=lambda: [10, 60, 300], min_length=1)
+    retry_backoff_s: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [10, 60, 300], min_length=1)
     warmup: bool = True
     max_image_pixels: int = Field(100_000_000, gt=0)
     # Decode a JPEG at least twice the model's side reduced in libjpeg's DCT (48 MP: ~90 ms less). Off:
@@ -249,6 +267,43 @@ def load_config(
         data = _merge(data, {s: {k: v for k, v in kv.items() if v is not None} for s, kv in overrides.items()})
     source = f"{file}" if file else "defaults"
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source + " + DEPTHQ_* env vars + flags")) from None
+    _check_folders(config)
+    return config
+
+
+def _check_folders(config: Config) -> None:
+    """Outputs must never come back in as photos.
+
+    With output.dir equal to producer.watch, or the watch folder inside the output folder, every
+    preview would be a new photo: one generation per rescan (a.png.preview.png.preview.png...). An
+    output folder inside the watch folder is fine: the watcher skips it.
+    """
+    watch, output = config.producer.watch.resolve(), config.output.dir.resolve()
+    if watch == output:
+        raise ConfigError(
+            f"output.dir and producer.watch are the same folder ({watch}); outputs would come back in as "
+            "photos. Point output.dir elsewhere, or at a folder inside producer.watch"
+        )
+    if watch.is_relative_to(output):
+        raise ConfigError(
+            f"producer.watch ({watch}) is inside output.dir ({output}); outputs would come back in as "
+            "photos. Keep the watch folder out of the output folder"
+        )
+
+
+def ensure_folder(path: Path, key: str) -> Path:
+    """Create a configured folder if it is missing; a file (or anything else) in its place names the key."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{key}: {path} exists and is not a folder; point {key} at a folder") from None
+    except NotADirectoryError:
+        raise ConfigError(f"{key}: {path} lies under a file, not a folder; point {key} at a folder") from None
+    except PermissionError:
+        raise ConfigError(
+            f"{key}: cannot create {path} (permission denied); create it or point {key} elsewhere"
+        ) from None
+    return path

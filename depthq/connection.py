@@ -112,7 +112,10 @@ def connect(url: str, settings: RedisConfig | None = None) -> Redis:
         raise ConfigError(f"redis.ca_file is set but redis.url {redact(url)} is not rediss:// (TLS)")
     # One plain attempt first: redis-py counts refused credentials as a connection error, and the
     # retrying client below would back off on them for minutes instead of saying what is wrong.
-    probe = Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=5, **extra)
+    try:
+        probe = Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=5, **extra)
+    except ValueError as exc:  # a URL from DEPTHQ_REDIS_URL or the embedded server's marker file
+        raise ConfigError(f"redis.url: {redact(url)} is not a usable Redis URL ({exc})") from None
     try:
         probe.ping()
     except AuthenticationError:
@@ -125,6 +128,11 @@ def connect(url: str, settings: RedisConfig | None = None) -> Redis:
             raise ConfigError(
                 f"redis: {redact(url)} needs a password or an allowed ACL user ({exc}); set redis.password_file "
                 "or put it in redis.url"
+            ) from None
+        if "DB index is out of range" in str(exc):
+            raise ConfigError(
+                f"redis.url: {redact(url)} names a database this server does not have ({exc}); "
+                "use one from 0 to its `databases` setting minus 1 (0-15 by default)"
             ) from None
         raise
     except RedisConnectionError as exc:

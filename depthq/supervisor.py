@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from depthq.config import CONFIG_ENV, Config
+from depthq.config import CONFIG_ENV, Config, ensure_folder
 from depthq.connection import connect, embedded_url_file, redact
 from depthq.redis_server import EmbeddedRedis, start_for
 
@@ -125,8 +125,8 @@ def run_up(
     from producer.collector import start_collector
     from producer.watcher import build_watcher
 
-    config.producer.watch.mkdir(parents=True, exist_ok=True)
-    config.output.dir.mkdir(parents=True, exist_ok=True)
+    ensure_folder(config.producer.watch, "producer.watch")
+    ensure_folder(config.output.dir, "output.dir")
     server: EmbeddedRedis | None = None
     if config.redis.url:
         url = config.redis.url
