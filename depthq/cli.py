@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from depthq.config import Config, ConfigError, find_config_file, load_config
+from depthq.config import EXIT_FINAL, EXIT_RETRY, Config, ConfigError, find_config_file, load_config
+from depthq.connection import RedisUnreachableError
 from depthq.logs import configure_logging
 
 log = logging.getLogger("depthq")
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--backend", help="worker.backend")
     work.add_argument("--device", help="model.device: auto, cuda, mps or cpu")
     work.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    work.add_argument(
+        "--final-exit-code",
+        type=int,
+        default=EXIT_FINAL,
+        help=f"exit code for a config or model error that retrying cannot fix (default {EXIT_FINAL}); "
+        "launchd's KeepAlive {SuccessfulExit: false} stops restarting on 0",
+    )
 
     enq = sub.add_parser("enqueue", help="enqueue photos or folders now (they must lie under the watch root)")
     _add_common(enq, "watch", "output", "redis_url")
@@ -180,7 +188,7 @@ def cmd_work(config: Config, args: argparse.Namespace) -> int:
         return run(config, burst=args.burst)
     except (ModelUnavailableError, BackendUnavailableError) as exc:
         print(f"depthq: {exc}", file=sys.stderr)
-        return 2
+        return args.final_exit_code
 
 
 def cmd_enqueue(config: Config, args: argparse.Namespace) -> int:
@@ -319,15 +327,16 @@ _COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
+    final = getattr(args, "final_exit_code", EXIT_FINAL)
     try:
         config = load_config(args.config, overrides=_overrides(args))
         return _COMMANDS[args.command](config, args)
-    except ConfigError as exc:
+    except RedisUnreachableError as exc:
         print(f"depthq: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
+        return EXIT_RETRY
+    except (ConfigError, FileNotFoundError) as exc:
         print(f"depthq: {exc}", file=sys.stderr)
-        return 2
+        return final
     except KeyboardInterrupt:
         return 130
 

@@ -28,6 +28,14 @@ class ConfigError(Exception):
     """A setting is missing or wrong; the message names the key and what it accepts."""
 
 
+# How a command ends on a ConfigError (or a model that cannot load): retrying cannot fix it, so
+# `depthq up` stops on it, and so do systemd (RestartPreventExitStatus) and launchd (`depthq work
+# --final-exit-code 0` with KeepAlive {SuccessfulExit: false}).
+EXIT_FINAL = 2
+# Redis unreachable at start: it may pass by itself, so service managers retry (sysexits' EX_TEMPFAIL).
+EXIT_RETRY = 75
+
+
 class _Section(BaseModel):
     # Unknown keys are typos more often than not: refuse them instead of silently ignoring them.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)

@@ -52,6 +52,11 @@ def resolve_url(config: Config) -> str:
     )
 
 
+class RedisUnreachableError(ConfigError):
+    """Redis did not answer at start. Unlike the other config errors this may pass by itself (a Redis
+    restarting, a network coming up), so commands exit with EXIT_RETRY and service managers retry."""
+
+
 class LoggedRetry(Retry):
     """redis-py's retry with back-off, saying so: an outage and the recovery each get one log line."""
 
@@ -136,7 +141,7 @@ def connect(url: str, settings: RedisConfig | None = None) -> Redis:
             ) from None
         raise
     except RedisConnectionError as exc:
-        raise ConfigError(f"redis.url: cannot reach {redact(url)} ({exc}); is Redis running there?") from None
+        raise RedisUnreachableError(f"redis.url: cannot reach {redact(url)} ({exc}); is Redis running there?") from None
     finally:
         probe.close()
     # TCP keepalive notices a peer gone without a word; a unix socket has none (and refuses the option).

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from depthq.config import CONFIG_ENV, Config, ensure_folder
+from depthq.config import CONFIG_ENV, EXIT_FINAL, Config, ensure_folder
 from depthq.connection import connect, embedded_url_file, redact
 from depthq.redis_server import EmbeddedRedis, start_for
 
@@ -53,6 +53,10 @@ def _worker_env(env: dict[str, str], config: Config, index: int) -> dict[str, st
     return {**env, "DEPTHQ_WORKER_METRICS_PORT": str(port + index)}
 
 
+class WorkerCannotStart(Exception):
+    """A worker exited with EXIT_FINAL: the whole service stops, rather than restart it forever."""
+
+
 class _Child:
     def __init__(self, index: int, env: dict[str, str]):
         self.index = index
@@ -80,6 +84,12 @@ class _Child:
             if time.monotonic() - self.started_at > 60:
                 self.backoff_s = 1.0  # it ran long enough: the next crash starts from a short delay
             return
+        if code == EXIT_FINAL:
+            # It said why on stderr (ours): a config or model error. Restarting cannot fix it.
+            raise WorkerCannotStart(
+                f"worker {self.index} cannot start: a config or model error (its message is above); "
+                "depthq up stops here. Fix it, then start depthq up again"
+            )
         log.error(
             "worker %d (pid %d) exited with code %s; restarting in %.0fs",
             self.index,
@@ -137,6 +147,7 @@ def run_up(
     env = child_env(config_file, overrides, url)
     children = [_Child(i, _worker_env(env, config, i)) for i in range(config.up.workers)]
     watcher_error: list[BaseException] = []
+    cannot_start: list[WorkerCannotStart] = []
     try:
         for child in children:
             child.start()
@@ -154,8 +165,12 @@ def run_up(
         thread = threading.Thread(target=watch, name="watcher", daemon=True)
         thread.start()
         while not stop.wait(_SUPERVISE_TICK_S):
-            for child in children:
-                child.supervise()
+            try:
+                for child in children:
+                    child.supervise()
+            except WorkerCannotStart as exc:
+                cannot_start.append(exc)
+                stop.set()
         thread.join(timeout=10)
     finally:
         for child in children:
@@ -168,6 +183,9 @@ def run_up(
             server.stop()
             embedded_url_file(config).unlink(missing_ok=True)
         log.info("stopped")
+    if cannot_start:
+        log.error("%s", cannot_start[0])
+        return EXIT_FINAL
     if watcher_error:
         raise watcher_error[0]
     return 0

@@ -89,3 +89,21 @@ def test_coreml_worker_off_macos_exits_with_the_fix(
     meters_model(tmp_path / "models" / "DepthPro.mlpackage")
     assert main(["work", "--backend", "coreml", "--redis-url", redis_url]) == 2
     assert "coreml needs macOS" in capsys.readouterr().err
+
+
+def test_redis_unreachable_at_start_exits_75_for_a_retry(capsys: pytest.CaptureFixture[str]) -> None:
+    """Unlike a config error (2, final), a Redis that does not answer may come back: service managers retry."""
+    from depthq.redis_server import free_port
+
+    assert main(["status", "--redis-url", f"redis://127.0.0.1:{free_port()}/0"]) == 75
+    assert "redis.url: cannot reach" in capsys.readouterr().err
+
+
+def test_work_can_end_a_final_error_with_the_code_launchd_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], redis_url: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["work", "--redis-url", redis_url, "--model", str(tmp_path / "none"), "--final-exit-code", "0"]
+    monkeypatch.setenv("DEPTHQ_MODEL_OFFLINE", "true")
+    assert main(args) == 0
+    assert "model.path" in capsys.readouterr().err

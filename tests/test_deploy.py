@@ -76,7 +76,9 @@ def test_plist_template_carries_what_launchd_needs() -> None:
     assert plist["Label"] == "com.depthq.worker"
     args = parse_depthq_args(plist["ProgramArguments"][1:])
     assert (args.command, args.config) == ("work", "__CONFIG__")
-    assert plist["RunAtLoad"] is True and plist["KeepAlive"] is True
+    assert plist["RunAtLoad"] is True and plist["KeepAlive"] == {"SuccessfulExit": False}
+    # ...and a config or model error exits 0, so launchd stops restarting it.
+    assert args.final_exit_code == 0
     assert plist["ProcessType"] == "Interactive"
     assert plist["LimitLoadToSessionType"] == "Aqua"
     # launchd must wait for the warm shutdown: the photo in hand, at most the job timeout.
@@ -137,6 +139,8 @@ def test_render_only_fills_every_placeholder(home: Path) -> None:
         str(config),
         "--log-level",
         "DEBUG",
+        "--final-exit-code",
+        "0",
     ]
     assert plist["EnvironmentVariables"]["DEPTHQ_CONFIG"] == str(config)
     assert plist["EnvironmentVariables"]["PATH"].startswith(f"{prefix}/venv/bin:")
@@ -475,6 +479,8 @@ def test_unit_has_what_an_unattended_service_needs(unit: Path) -> None:
     if unit.name == "depthq-redis.service":
         assert argv == ["/usr/bin/redis-server", "/etc/depthq/redis.conf"]
         return
+    # depthq's exit 2 is a config or model error: restarting cannot fix it.
+    assert service["RestartPreventExitStatus"] == ["2"]
     assert argv[0] == "/opt/depthq/venv/bin/depthq"
     args = parse_depthq_args(argv[1:])
     assert args.command == COMMANDS[unit.name]
