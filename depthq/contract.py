@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -120,6 +121,11 @@ def root_folder(config: Config, name: str) -> Path:
         f"the job's photo is under root {name!r}, which this host does not map; "
         f"add transport.roots.{name}: <this host's mount of it> to its config"
     )
+
+
+def short_hostname() -> str:
+    """This machine's name as workers report it (and `depthq up` finds its own workers by)."""
+    return socket.gethostname().split(".")[0] or "localhost"
 
 
 def job_id(sha256: str, model: str) -> str:

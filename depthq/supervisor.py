@@ -15,12 +15,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import RedisError
+
+from depthq import attempts
 from depthq.config import CONFIG_ENV, EXIT_FINAL, Config, ensure_folder
 from depthq.connection import connect, embedded_url_file, redact
+from depthq.contract import short_hostname
 from depthq.redis_server import EmbeddedRedis, start_for
 
 log = logging.getLogger(__name__)
@@ -58,9 +62,11 @@ class WorkerCannotStart(Exception):
 
 
 class _Child:
-    def __init__(self, index: int, env: dict[str, str]):
+    def __init__(self, index: int, env: dict[str, str], on_death: Callable[[int, str], None] | None = None):
         self.index = index
         self.env = env
+        # Told the pid and why, when the worker dies: the photo it had in hand records it.
+        self.on_death = on_death
         self.proc: subprocess.Popen[bytes] | None = None
         self.backoff_s = 1.0
         self.restart_at = 0.0
@@ -90,13 +96,10 @@ class _Child:
                 f"worker {self.index} cannot start: a config or model error (its message is above); "
                 "depthq up stops here. Fix it, then start depthq up again"
             )
-        log.error(
-            "worker %d (pid %d) exited with code %s; restarting in %.0fs",
-            self.index,
-            self.proc.pid,
-            code,
-            self.backoff_s,
-        )
+        why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        log.error("worker %d (pid %d) %s; restarting in %.0fs", self.index, self.proc.pid, why, self.backoff_s)
+        if self.on_death is not None:
+            self.on_death(self.proc.pid, why)
         self.proc = None
         self.restart_at = time.monotonic() + self.backoff_s
         self.backoff_s = min(self.backoff_s * 2, _MAX_RESTART_BACKOFF_S)
@@ -145,13 +148,23 @@ def run_up(
         url = server.url
     log.info("redis %s", redact(url))
     env = child_env(config_file, overrides, url)
-    children = [_Child(i, _worker_env(env, config, i)) for i in range(config.up.workers)]
+    connection = connect(url, config.redis)
+
+    def on_death(pid: int, why: str) -> None:
+        try:
+            jid = attempts.record_death(connection, config.queue.name, short_hostname(), pid, why)
+        except RedisError as exc:
+            log.warning("could not record why worker pid %d died (%s)", pid, exc)
+            return
+        if jid is not None:
+            log.error("worker pid %d died in job %s (%s); the job goes to the next worker", pid, jid, why)
+
+    children = [_Child(i, _worker_env(env, config, i), on_death) for i in range(config.up.workers)]
     watcher_error: list[BaseException] = []
     cannot_start: list[WorkerCannotStart] = []
     try:
         for child in children:
             child.start()
-        connection = connect(url, config.redis)
         watcher = build_watcher(config, connection)
         start_collector(config, connection, stop)
 

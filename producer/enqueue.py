@@ -31,6 +31,7 @@ from rq import Queue, Retry
 from rq.exceptions import DeserializationError, DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 
+from depthq import attempts
 from depthq.config import Config
 from depthq.contract import (
     JOB_FUNCTION,
@@ -453,7 +454,7 @@ class Enqueuer:
                 return self._own_job(jid, payload, same_as=None, data=data)
         # submit() found no result for this photo, so a job that is over must run again for it.
         if status in _OVER and (existing == payload.source or status != JobStatus.FINISHED):
-            job.delete()
+            self._delete(job)
             self._enqueue(jid, payload, data)
             log.info("%s: job %s was %s without a result for it; enqueued again", payload.source, jid, status)
             return Submitted("requeued", jid, payload.source)
@@ -500,5 +501,18 @@ class Enqueuer:
         if job is not None and job.get_status(refresh=True) in _PENDING:
             return  # it is going to run anyway
         if job is not None:
-            job.delete()
+            self._delete(job)
         self.connection.delete(done_key(self.queue.name, jid))
+        attempts.forget(self.connection, self.queue.name, jid)  # asked for: the deaths so far no longer count
+
+    def _delete(self, job: Job) -> None:
+        """rq's delete, which also fetches each of the job's executions, and raises ValueError for one
+        that expired (a worker that died in it): then the rest of the job goes without them."""
+        try:
+            job.delete()
+        except ValueError as exc:
+            log.info("job %s: %s; deleting it without its lost execution records", job.id, exc)
+            with self.connection.pipeline(transaction=True) as tx:
+                job._remove_from_registries(pipeline=tx)  # rq < 4 is pinned for such private hooks
+                tx.delete(job.key, job.dependents_key, job.dependencies_key, job.execution_registry.key)
+                tx.execute()

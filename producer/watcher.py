@@ -183,6 +183,11 @@ class Watcher:
             self._count("retry_later")
             self.tracker.saw_change(path)
             return
+        except Exception:
+            # One photo's trouble (an rq or Redis surprise) must never stop the watcher for all the others.
+            log.exception("could not enqueue %s (an unexpected error); the next rescan tries it again", path)
+            self._count("error")
+            return
         self._record(path, result)
 
     def submit_many(self, paths: list[Path]) -> None:
@@ -201,6 +206,9 @@ class Watcher:
                     self._count("retry_later")
                     self.tracker.saw_change(path)
                 continue
+            except Exception:
+                log.exception("could not enqueue %d photo(s) together; trying them one by one", len(chunk))
+                results = [(path, None) for path in chunk]
             for path, result in results:
                 if result is None:
                     self.submit(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,8 +49,11 @@ def test_a_running_job_shows_its_stage_and_worker(
     config: Config, redis_client: Redis, tiny_backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[Status] = []
+    looked_at: list[float] = []
     stages: list[str] = []
-    backend = WatchedBackend(tiny_backend, lambda: seen.append(gather(redis_client, config)))
+    backend = WatchedBackend(
+        tiny_backend, lambda: (looked_at.append(time.time()), seen.append(gather(redis_client, config)))
+    )
     submitted = Enqueuer(config, redis_client).submit(write_jpeg(config.producer.watch / "a.jpg", width=64, height=48))
 
     def meta() -> dict[str, Any]:
@@ -62,11 +66,15 @@ def test_a_running_job_shows_its_stage_and_worker(
         return write_data(self, *args, **kwargs)
 
     monkeypatch.setattr(OutputStore, "write_data", spying_write_data)
+    before_work = time.time()
     build_worker(config, redis_client, backend).work(burst=True, with_scheduler=False)
 
     (during,) = seen
     (row,) = during.workers
     assert (row.state, row.source, row.stage, row.backend, row.device) == ("busy", "a.jpg", "inferring", "torch", "cpu")
+    # The job started after the worker did, and before the look in the middle of its forward pass.
+    assert row.job_age_s is not None and 0 <= row.job_age_s <= looked_at[0] - before_work
+    assert not row.foreign
     assert during.running == 1 and during.queued == 0
     assert stages == ["writing"]
     final = meta()

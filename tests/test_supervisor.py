@@ -5,21 +5,30 @@ Each test starts the real command in its own process group, with its own embedde
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
 
+from tests.photos import write_jpeg
+from tests.waiting import wait_for
+
 DEPTHQ = Path(sys.executable).with_name("depthq")
 
 
-def start_up(root: Path, config: dict, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+def start_up(
+    root: Path, config: dict, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], Path]:
     (root / "inbox").mkdir(exist_ok=True)
     (root / "config.yaml").write_text(yaml.safe_dump({"redis": {"data_dir": str(root / "redis-data")}, **config}))
-    log = root / "up.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPTHQ_")}
+    log = root / f"up{len(list(root.glob('up*.log')))}.log"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DEPTHQ_")}, **(env or {})}
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [str(DEPTHQ), "up", "--watch", "inbox", "--output", "depth-out", *args],
@@ -46,3 +55,91 @@ def test_a_worker_that_can_never_start_stops_depthq_up_with_its_message(tmp_path
     assert text.count("started (pid") == 1, text  # never restarted
     assert "model.path" in text and "cannot start: a config or model error" in text
     assert not (tmp_path / "redis-data" / "redis.url").exists()  # its Redis was stopped too
+
+
+# --- photos that kill their worker --------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+FAULTS = {"PYTHONPATH": f"{REPO / 'tests' / 'faults'}{os.pathsep}{REPO}"}
+
+
+def solid_png(path: Path, colour: str) -> Path:
+    from PIL import Image
+
+    from tests.faulty_backend import SOLID
+
+    Image.new("RGB", (64, 48), SOLID[colour]).save(path)
+    return path
+
+
+def worker_pids(log: Path) -> list[int]:
+    return [int(m) for m in re.findall(r"worker \d+ started \(pid (\d+)\)", log.read_text())]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+def test_photos_that_crash_or_hang_their_worker_end_as_error_files(tmp_path: Path, tiny_model: Path) -> None:
+    """A photo that segfaults its worker, and one that deadlocks it inside C: after worker.retries
+    deaths each gets an error file naming why, the others are done meanwhile, depthq up never exits,
+    and a restart sends neither again."""
+    config = {
+        "model": {"path": str(tiny_model), "device": "cpu"},
+        "worker": {"retries": 2, "retry_backoff_s": [0], "dead_after_s": 10},
+        "queue": {"job_timeout_s": 5},
+        "producer": {"settle_ms": 200, "rescan_s": 3600},
+        "up": {"workers": 2},
+    }
+    proc, log = start_up(tmp_path, config, env=FAULTS)
+    inbox, out = tmp_path / "inbox", tmp_path / "depth-out"
+    try:
+        dropped = time.monotonic()
+        solid_png(inbox / "segv.png", "red")
+        solid_png(inbox / "hang.png", "blue")
+        for i in range(3):
+            write_jpeg(inbox / f"ok{i}.jpg", seed=i)
+        outcomes = {}
+        for name, kind in (("segv.png", "error"), ("hang.png", "error"), *((f"ok{i}.jpg", "json") for i in range(3))):
+            path = out / (name + (".error.json" if kind == "error" else ".json"))
+            wait_for(lambda p=path: p.exists() or proc.poll() is not None, f"{path} (log: {log})", timeout=300)
+            assert proc.poll() is None, log.read_text()
+            outcomes[name] = time.monotonic() - dropped
+        segv = json.loads((out / "segv.png.error.json").read_text())["error"]
+        hang = json.loads((out / "hang.png.error.json").read_text())["error"]
+        assert segv["type"] == "worker_crashed"
+        assert "died in 2 attempts" in segv["message"] and segv["message"].count("killed by SIGSEGV") == 2
+        assert hang["type"] == "timed_out"
+        assert "queue.job_timeout_s (5 s) in 2 attempts" in hang["message"] and "timed out after" in hang["message"]
+        print(f"fault to error file: SIGSEGV {outcomes['segv.png']:.1f} s, C deadlock {outcomes['hang.png']:.1f} s")
+        assert proc.poll() is None
+        first_pids = worker_pids(log)
+        assert len(first_pids) >= 2 + 4  # two workers, restarted after each of the four deaths
+    finally:
+        code = stop(proc)
+    assert code == 0, log.read_text()
+    assert not any(alive(pid) for pid in first_pids)
+
+    # Started again, it sends neither photo again: they are recorded, and unchanged.
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.error.json")}
+    proc, log = start_up(tmp_path, config, env=FAULTS)
+    try:
+        write_jpeg(inbox / "after-restart.jpg", seed=9)
+        wait_for(lambda: (out / "after-restart.jpg.json").exists(), f"the photo dropped after the restart ({log})")
+        assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.error.json")} == stamps
+        assert "segv.png" not in log.read_text() and "hang.png" not in log.read_text()
+    finally:
+        assert stop(proc) == 0

@@ -21,6 +21,19 @@ class RefusedJobError(ExpectedError):
     kind = "refused"
 
 
+class WorkerDiedError(ExpectedError):
+    """The photo's last attempts each ended with their worker dead (a crash in native code, or past the
+    hard time limit): recorded instead of run once more, so one photo cannot take a fleet down."""
+
+    kind = "worker_crashed"
+
+
+class TimedOutError(WorkerDiedError):
+    """Every such attempt ran past queue.job_timeout_s and was ended from outside the stuck thread."""
+
+    kind = "timed_out"
+
+
 class ModelUnavailableError(RuntimeError):
     """The model cannot be loaded here; the message says how to fetch or point to it."""
 

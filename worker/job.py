@@ -6,9 +6,11 @@ installs a `Runtime` (loaded backend, store, settings) once at start; every job 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,7 +22,9 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.job import Job
+from rq.timeouts import JobTimeoutException
 
+from depthq import attempts
 from depthq.config import Config
 from depthq.contract import (
     Completion,
@@ -32,7 +36,7 @@ from depthq.contract import (
 )
 from worker.backends.base import Backend
 from worker.depth import metric_depth
-from worker.errors import BadInputError, ExpectedError, RefusedJobError
+from worker.errors import BadInputError, ExpectedError, RefusedJobError, TimedOutError, WorkerDiedError
 from worker.images import load_image
 from worker.metrics import WorkerMetrics
 from worker.preview import preview_png
@@ -268,10 +272,11 @@ def _write_alias(
 def _record_failure(rt: Runtime, p: JobPayload, job: Job | None, exc: BaseException) -> None:
     """An error file for this source only: copies queued as aliases may well be fine (a photo moved
     inside the folder leaves its old name failing), so the producer gives them their own job."""
+    kind = "timed_out" if isinstance(exc, JobTimeoutException) else getattr(exc, "kind", type(exc).__name__)
     record: dict[str, Any] = {
         "source": p.source,
         "job_id": job.id if job else "local",
-        "error": {"type": getattr(exc, "kind", type(exc).__name__), "message": str(exc)},
+        "error": {"type": kind, "message": str(exc)},
         "created_at": datetime.now(UTC).isoformat(),
     }
     io = rt.transports[p.transport]
@@ -309,6 +314,30 @@ def _failed(rt: Runtime) -> None:
         rt.metrics.observe_failed()
 
 
+def _judge_deaths(rt: Runtime, p: JobPayload, before: attempts.Attempts) -> None:
+    """After `worker.retries` attempts that each died with their worker, record the photo, never run it."""
+    if before.died < max(1, rt.config.worker.retries):
+        if before.died:
+            log.warning(
+                "%s: the worker died in %d earlier attempt(s) (%s); trying again",
+                p.source,
+                before.died,
+                before.describe(),
+            )
+        return
+    if before.timed_out:
+        raise TimedOutError(
+            f"{p.source}: ran past queue.job_timeout_s ({rt.config.queue.job_timeout_s} s) in {before.died} "
+            f"attempts ({before.describe()}); each was ended from outside the stuck thread. depthq will not "
+            "send it again until the file changes; if the photo is fine elsewhere, raise queue.job_timeout_s"
+        )
+    raise WorkerDiedError(
+        f"{p.source}: the worker died in {before.died} attempts at this photo ({before.describe()}); depthq "
+        "will not send it again until the file changes. Check that it opens elsewhere; if it does, report it "
+        "with the worker's log"
+    )
+
+
 def process(payload: dict[str, Any]) -> dict[str, Any]:
     rt = _current_runtime()
     job = get_current_job()
@@ -317,7 +346,15 @@ def process(payload: dict[str, Any]) -> dict[str, Any]:
     except PayloadError as exc:
         _failed(rt)
         raise RefusedJobError(f"job {job.id if job else '?'}: {exc}") from None
+    counted = job is not None
+    if counted:
+        # Before the photo is touched: if it kills this process, the next attempt knows.
+        # The running marker outlives the hard time limit, so whoever sees this process die can still read it.
+        marker_ttl_s = 2 * rt.config.queue.job_timeout_s + 3 * rt.config.worker.dead_after_s
+        before = attempts.begin(rt.connection, rt.config.queue.name, job.id, rt.host, os.getpid(), marker_ttl_s)
     try:
+        if counted:
+            _judge_deaths(rt, p, before)
         result = _compute(rt, p, job)
     except HandedOverError:
         raise  # the worker it was handed to owns it now; DepthWorker leaves the job alone
@@ -340,5 +377,9 @@ def process(payload: dict[str, Any]) -> dict[str, Any]:
         if job is None or not job.retries_left:
             _record_failure(rt, p, job, exc)
         raise
+    finally:
+        if counted:
+            with contextlib.suppress(RedisError):  # Redis gone: the attempt then reads as died, and is retried
+                attempts.end(rt.connection, rt.config.queue.name, job.id, rt.host, os.getpid())
     _finish(rt, job, result["timings_ms"])
     return result

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
+import signal
 import threading
 import time
 from typing import Any
@@ -27,9 +27,10 @@ from rq.scheduler import RQScheduler
 from rq.scripts import acquire_or_refresh_lock
 from rq.worker import WorkerStatus
 
+from depthq import attempts
 from depthq.config import Config
 from depthq.connection import connect, redact, resolve_url
-from depthq.contract import JOB_FUNCTION, SERIALIZER, WORKER_FIELDS, make_queue
+from depthq.contract import JOB_FUNCTION, SERIALIZER, WORKER_FIELDS, make_queue, short_hostname
 from depthq.metrics import serve
 from worker import job as job_module
 from worker.backends import Backend, create_backend
@@ -39,6 +40,10 @@ from worker.store import HandedOverError, OutputStore
 from worker.transport import RedisTransport, SharedTransport
 
 log = logging.getLogger(__name__)
+
+# rq's own timeout (SIGALRM) gets this long to end a job stuck in Python before the heartbeat thread
+# ends the whole process; the thread looks every dead_after_s / 3.
+HARD_LIMIT_GRACE_S = 5
 
 
 class DepthJob(Job):
@@ -61,10 +66,18 @@ class DepthWorker(SimpleWorker):
 
     job_class = DepthJob
 
-    def __init__(self, *args: Any, dead_after_s: int = 30, backend: Backend | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        dead_after_s: int = 30,
+        job_timeout_s: int = 600,
+        backend: Backend | None = None,
+        **kwargs: Any,
+    ):
         # worker_ttl bounds the idle BLPOP (ttl - 15 s), hence how often idle workers run maintenance.
         super().__init__(*args, worker_ttl=dead_after_s, maintenance_interval=dead_after_s // 2, **kwargs)
         self.dead_after_s = dead_after_s
+        self.job_timeout_s = job_timeout_s
         self.backend = backend
 
     def serialize(self) -> dict:
@@ -96,11 +109,35 @@ class DepthWorker(SimpleWorker):
         self.set_state(WorkerStatus.IDLE)
 
     def _heartbeat_while(self, job: Job, execution: Execution, stop: threading.Event) -> None:
+        """Beat while the job runs, and end the process once it runs past its time limit.
+
+        rq's job timeout is a SIGALRM handler: it cannot run while the main thread is stuck in native
+        code (a deadlock in Core ML or a decoder releases the GIL and never returns). This thread still
+        runs then, so it enforces the limit from outside: it records why, stops beating and kills the
+        process. `depthq up` (or launchd, systemd) starts a fresh worker; the job goes to the next one
+        after dead_after_s, and the attempt counts as one the worker died in (depthq.attempts).
+        """
+        limit_s = (job.timeout or self.job_timeout_s) + HARD_LIMIT_GRACE_S
+        started = time.monotonic()
         while not stop.wait(self.dead_after_s / 3):
+            running_s = time.monotonic() - started
+            if running_s > limit_s:
+                self._end_stuck_process(job, running_s)
             try:
                 self.maintain_heartbeats(job, execution)
             except RedisError as exc:
                 self.log.warning("heartbeat for job %s failed (%s); retrying", job.id, exc)
+
+    def _end_stuck_process(self, job: Job, running_s: float) -> None:
+        why = (
+            f"{attempts.TIMED_OUT} after {running_s:.0f} s (queue.job_timeout_s {job.timeout or self.job_timeout_s}), "
+            "stuck where no in-thread timeout reaches"
+        )
+        self.log.error("job %s (%s): %s; ending this worker process", job.id, job.description, why)
+        with contextlib.suppress(RedisError):
+            attempts.record_death(self.connection, self.queue_names()[0], short_hostname(), os.getpid(), why)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def _finalize_failure(self, job: Job, queue: Queue, execution: Execution, exc_info: Any) -> None:
         """A job handed to another worker while this one was out of reach is that worker's now: no
@@ -125,10 +162,6 @@ class DepthWorker(SimpleWorker):
             self.log.warning("job %s refused: %s", job.id, exc)
             return
         super().handle_exception(job, *exc_info)
-
-
-def short_hostname() -> str:
-    return socket.gethostname().split(".")[0] or "localhost"
 
 
 def worker_name(backend: str) -> str:
@@ -195,6 +228,7 @@ def build_worker(
         connection=connection,
         serializer=SERIALIZER,
         dead_after_s=config.worker.dead_after_s,
+        job_timeout_s=config.queue.job_timeout_s,
         default_result_ttl=config.queue.result_ttl_s,
         backend=backend,
     )

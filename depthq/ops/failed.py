@@ -18,6 +18,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.registry import FailedJobRegistry
 
+from depthq import attempts
 from depthq.config import Config
 from depthq.contract import (
     SERIALIZER,
@@ -125,6 +126,7 @@ def _resend_photo(connection: Redis, config: Config, jid: str) -> None:
 def retry(connection: Redis, config: Config, ids: list[str], everything: bool = False) -> list[str]:
     def resend_and_requeue(registry: FailedJobRegistry, jid: str) -> None:
         _resend_photo(connection, config, jid)
+        attempts.forget(connection, config.queue.name, jid)  # the user asks for a fresh start
         registry.requeue(jid)
 
     return _each(connection, config, ids, everything, resend_and_requeue)

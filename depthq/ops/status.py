@@ -49,6 +49,11 @@ class WorkerRow:
     source: str | None
     stage: str | None
     heartbeat_age_s: float | None
+    # How long the job in hand has run: one far past queue.job_timeout_s is stuck.
+    job_age_s: float | None = None
+    # An rq worker that is not depthq's (a plain `rq worker`): it cannot run depthq's jobs, and any it
+    # takes fail without a result until the producer sends them again.
+    foreign: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,8 @@ def _workers(connection: Redis, config: Config, now: float) -> list[WorkerRow]:
                 source=job_source(job) if job else None,
                 stage=job.meta.get("stage") if job else None,
                 heartbeat_age_s=_age(w.last_heartbeat, now),
+                job_age_s=_age(job.started_at, now) if job else None,
+                foreign=backend is None,
             )
         )
     return sorted(rows, key=lambda r: (r.host, r.name))
@@ -234,17 +241,18 @@ def render(status: Status, console: Console) -> None:
 
     hosts = sorted({w.host for w in status.workers})
     workers = Table(title=f"{len(status.workers)} worker(s) on {len(hosts)} host(s)", title_justify="left")
-    for column in ("host", "worker", "backend", "device", "state", "photo", "stage", "heartbeat"):
+    for column in ("host", "worker", "backend", "device", "state", "photo", "stage", "running for", "heartbeat"):
         workers.add_column(column)
     for w in status.workers:
         workers.add_row(
             w.host,
-            w.name,
+            w.name + (" [red](not a depthq worker: stop it)[/red]" if w.foreign else ""),
             w.backend,
             w.device,
             w.state,
             w.source or "",
             w.stage or "",
+            _seconds(w.job_age_s),
             _seconds(w.heartbeat_age_s) + " ago" if w.heartbeat_age_s is not None else "-",
         )
     console.print(workers)
