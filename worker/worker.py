@@ -28,7 +28,7 @@ from rq.scripts import acquire_or_refresh_lock
 from rq.worker import WorkerStatus
 
 from depthq import attempts
-from depthq.config import Config
+from depthq.config import PARENT_PIPE_ENV, Config
 from depthq.connection import connect, redact, resolve_url
 from depthq.contract import JOB_FUNCTION, SERIALIZER, WORKER_FIELDS, make_queue, short_hostname
 from depthq.metrics import serve
@@ -249,8 +249,30 @@ def build_worker(
     return worker
 
 
+def stop_with_parent(fd: int, grace_s: float) -> threading.Thread:
+    """`depthq up` passes a pipe whose write end only it holds: EOF means it died (even SIGKILLed).
+    Then stop as on SIGTERM (the photo in hand first), and for good after `grace_s`."""
+
+    def watch() -> None:
+        with contextlib.suppress(OSError):
+            while os.read(fd, 1):
+                pass
+        log.warning("depthq up, which started this worker, is gone; stopping")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        log.error("still running %.0f s after depthq up went; exiting now", grace_s)
+        logging.shutdown()
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def run(config: Config, burst: bool = False, backend: Backend | None = None) -> int:
     """`depthq work`. `backend` replaces the configured one (the benchmarks' stand-in model)."""
+    if PARENT_PIPE_ENV in os.environ:
+        stop_with_parent(int(os.environ[PARENT_PIPE_ENV]), config.queue.job_timeout_s + HARD_LIMIT_GRACE_S)
     url = resolve_url(config)
     connection = connect(url, config.redis)
     t0 = time.perf_counter()
