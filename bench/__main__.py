@@ -16,6 +16,7 @@ BENCHMARKS = {
     "overlap": "bench.overlap",
     "scaleout": "bench.scaleout",
     "gpu": "bench.gpu",
+    "convert": "bench.convert",
 }
 
 
