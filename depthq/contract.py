@@ -178,6 +178,16 @@ ERROR_KIND = "error"
 WORKER_FIELDS = {"backend": "depthq_backend", "device": "depthq_device", "model": "depthq_model"}
 
 
+# Conditions of the environment that hold every photo back, set by whoever meets them and shown by
+# `depthq status` until they expire or clear: name -> what to tell the user.
+ALERTS = ("output", "redis")
+
+
+def alert_key(queue_name: str, name: str) -> str:
+    """A condition that holds photos back (`ALERTS`), with what to do about it; expires if nobody renews it."""
+    return f"depthq:{queue_name}:alert:{name}"
+
+
 def completions_key(queue_name: str) -> str:
     """Sorted set of recent completions, scored by end time, that `depthq status` summarizes."""
     return f"depthq:{queue_name}:completions"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,9 +54,11 @@ def spawn_worker(
         DEPTHQ_WORKER_RETRY_BACKOFF_S="[0]",
     )
 
-    def spawn() -> subprocess.Popen[bytes]:
+    def spawn(**more_env: str) -> subprocess.Popen[bytes]:
         log = (tmp_path / f"worker{len(procs)}.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker"], env={**env, **more_env}, stdout=log, stderr=subprocess.STDOUT
+        )
         procs.append(proc)
         return proc
 
@@ -129,3 +132,57 @@ def test_pickled_job_pushed_by_hand_is_refused_unrun(
     assert (config.output.dir / "after.jpg.json").exists()  # the worker kept serving
     assert job.id in make_queue(redis_client, config).failed_job_registry.get_job_ids()
     assert "DeserializationError" in (job.latest_result().exc_string or "")
+
+
+# --- a full output disk ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB tmpfs for the outputs (root only)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs for the full-disk test needs root")
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_output_disk_holds_photos_back_and_they_finish_once_space_returns(
+    make_config: Callable[..., Config], redis_client: Redis, small_disk: Path, spawn_worker, tmp_path: Path
+) -> None:
+    from depthq.ops.status import gather
+
+    config = make_config(output={"dir": str(small_disk)}, worker={"retry_backoff_s": [1]})
+    filler = small_disk / "filler"
+    with filler.open("wb") as f:  # every byte but a few: not even the depth map fits
+        f.write(b"\0" * (shutil.disk_usage(small_disk).free - 2048))
+    photos = [write_jpeg(config.producer.watch / f"p{i}.jpg", width=80, height=60, seed=i) for i in range(3)]
+    enqueuer = Enqueuer(config, redis_client)
+    for photo in photos:
+        enqueuer.submit(photo)
+    worker = spawn_worker(DEPTHQ_OUTPUT_DIR=str(small_disk), DEPTHQ_WORKER_RETRY_BACKOFF_S="[1]")
+
+    wait_for(lambda: gather(redis_client, config).alerts, "depthq status to say the output disk is full")
+    (alert,) = gather(redis_client, config).alerts
+    assert alert.startswith("output disk full or unwritable: output.dir") and "MiB free" in alert
+    assert "No space left on device" in alert and "finish by themselves" in alert
+    full_at = time.monotonic()
+    # Nothing recorded against the photos, and nothing half-written left behind.
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+    assert worker.poll() is None
+
+    filler.unlink()
+    wait_for(lambda: all((small_disk / f"p{i}.jpg.json").exists() for i in range(3)), "the photos, by themselves")
+    print(f"output disk full to all three done: {time.monotonic() - full_at:.1f} s after space returned")
+    assert not list(small_disk.glob("*.error.json")) and not list(small_disk.glob(".*.tmp"))
+    wait_for(lambda: not gather(redis_client, config).alerts, "the alert to clear")
+    log = (tmp_path / "worker0.log").read_text()
+    assert log.count("No space left on device") == 1, log  # the outage logs once, not once per try

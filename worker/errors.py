@@ -34,6 +34,19 @@ class TimedOutError(WorkerDiedError):
     kind = "timed_out"
 
 
+class OutputUnavailableError(RuntimeError):
+    """The output folder refused a write for a reason of its own (full, over quota, read-only, I/O
+    error): a failure of the environment, not of the photo. Retried with back-off, never recorded
+    against the photo, so it is done by itself once the folder takes writes again."""
+
+    def __init__(self, root: str, free: str, cause: OSError):
+        super().__init__(
+            f"output.dir {root}: {cause.strerror or cause} ({free}); photos wait and are retried with "
+            "back-off: free space there (or fix the mount or quota) and they finish by themselves"
+        )
+        self.cause = cause
+
+
 class ModelUnavailableError(RuntimeError):
     """The model cannot be loaded here; the message says how to fetch or point to it."""
 

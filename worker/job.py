@@ -30,13 +30,21 @@ from depthq.contract import (
     Completion,
     JobPayload,
     PayloadError,
+    alert_key,
     aliases_key,
     done_key,
     record_completion,
 )
 from worker.backends.base import Backend
 from worker.depth import metric_depth
-from worker.errors import BadInputError, ExpectedError, RefusedJobError, TimedOutError, WorkerDiedError
+from worker.errors import (
+    BadInputError,
+    ExpectedError,
+    OutputUnavailableError,
+    RefusedJobError,
+    TimedOutError,
+    WorkerDiedError,
+)
 from worker.images import load_image
 from worker.metrics import WorkerMetrics
 from worker.preview import preview_png
@@ -309,6 +317,31 @@ def _finish(rt: Runtime, job: Job | None, timings: dict[str, float]) -> None:
         log.warning("job %s: could not record its completion for `depthq status` (%s)", job.id, exc)
 
 
+# Whether this worker's last write to the output folder failed: the outage and its end get one log line each.
+_output_failing = False
+# How long `depthq status` shows the alert after the last failed write; each failure renews it.
+_ALERT_TTL_S = 900
+
+
+def _output_trouble(rt: Runtime, exc: OutputUnavailableError | None) -> None:
+    """Say once that the output folder refuses writes (and once that it takes them again), and keep
+    the condition in Redis for `depthq status` while it lasts."""
+    global _output_failing
+    key = alert_key(rt.config.queue.name, "output")
+    try:
+        if exc is not None:
+            rt.connection.set(key, f"output disk full or unwritable: {exc}", ex=_ALERT_TTL_S)
+        elif _output_failing:
+            rt.connection.delete(key)
+    except RedisError as redis_exc:
+        log.warning("could not record the output folder's state for depthq status (%s)", redis_exc)
+    if exc is not None and not _output_failing:
+        log.error("%s", exc)
+    elif exc is None and _output_failing:
+        log.warning("output.dir %s takes writes again; the photos held back follow", rt.config.output.dir)
+    _output_failing = exc is not None
+
+
 def _failed(rt: Runtime) -> None:
     if rt.metrics is not None:
         rt.metrics.observe_failed()
@@ -361,6 +394,11 @@ def process(payload: dict[str, Any]) -> dict[str, Any]:
     except AlreadyDoneError as exc:
         log.info("%s", exc)
         return {"source": p.source, "already_done": True}
+    except OutputUnavailableError as exc:
+        # The folder's fault, not the photo's: no error file; DepthWorker puts the job back with back-off.
+        _failed(rt)
+        _output_trouble(rt, exc)
+        raise
     except PhotoGoneError as exc:
         # Not the photo's fault: no error file, so the producer's next look gives it a new job.
         _failed(rt)
@@ -381,5 +419,6 @@ def process(payload: dict[str, Any]) -> dict[str, Any]:
         if counted:
             with contextlib.suppress(RedisError):  # Redis gone: the attempt then reads as died, and is retried
                 attempts.end(rt.connection, rt.config.queue.name, job.id, rt.host, os.getpid())
+    _output_trouble(rt, None)
     _finish(rt, job, result["timings_ms"])
     return result

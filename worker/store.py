@@ -8,9 +8,12 @@ travels as one hash and one stream entry, written in one transaction: the collec
 
 from __future__ import annotations
 
+import errno
 import io
 import json
-from collections.abc import Iterable
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +32,7 @@ from depthq.contract import (
     results_stream,
 )
 from depthq.files import atomic_bytes, atomic_write, json_bytes, write_outputs
+from worker.errors import OutputUnavailableError
 
 
 def _tiff(depth: np.ndarray) -> bytes:
@@ -76,6 +80,26 @@ class Store(Protocol):
     def write_error(self, source: str, error: dict[str, Any]) -> None: ...
 
 
+# A write refused for these is the folder's fault, not the photo's: retried, never recorded against it.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+
+
+@contextmanager
+def _environment_failures(root: Path) -> Iterator[None]:
+    """Turn a full, read-only or failing output folder into OutputUnavailableError, naming its free space."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        try:
+            usage = shutil.disk_usage(root)
+            free = f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.0f} MiB"
+        except OSError:
+            free = "free space unknown"
+        raise OutputUnavailableError(str(root), free, exc) from exc
+
+
 class OutputStore:
     """The output folder on this host (the shared transport, and every single-machine setup)."""
 
@@ -87,13 +111,15 @@ class OutputStore:
 
     def write_data(self, source: str, depth: np.ndarray, preview: bytes, formats: Iterable[str]) -> None:
         """Everything but the sidecar. Callers write the sidecar after, so it can carry the write time."""
-        # np.save streams into the file: no second copy of a 48 MB map in memory.
-        atomic_write(self.path(source, "npy"), lambda f: np.save(f, depth.astype(np.float32, copy=False)))
-        write_outputs(self.root, source, {"preview": preview, **_extra_formats(depth, formats)})
+        with _environment_failures(self.root):
+            # np.save streams into the file: no second copy of a 48 MB map in memory.
+            atomic_write(self.path(source, "npy"), lambda f: np.save(f, depth.astype(np.float32, copy=False)))
+            write_outputs(self.root, source, {"preview": preview, **_extra_formats(depth, formats)})
 
     def write_sidecar(self, source: str, sidecar: dict[str, Any]) -> None:
         """The last file of a set: its presence tells readers the set is complete."""
-        write_outputs(self.root, source, {"json": json_bytes(sidecar)})
+        with _environment_failures(self.root):
+            write_outputs(self.root, source, {"json": json_bytes(sidecar)})
 
     def write_result(
         self, source: str, depth: np.ndarray, preview: bytes, sidecar: dict[str, Any], formats: Iterable[str]
@@ -112,7 +138,8 @@ class OutputStore:
         return depth, preview, sidecar
 
     def write_error(self, source: str, error: dict[str, Any]) -> None:
-        atomic_bytes(self.path(source, ERROR_KIND), json_bytes(error))
+        with _environment_failures(self.root):
+            atomic_bytes(self.path(source, ERROR_KIND), json_bytes(error))
 
 
 # The result goes in only if the job is still this worker's: a worker cut off mid-job, whose job

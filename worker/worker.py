@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from redis.exceptions import RedisError
 from rq import SimpleWorker
 from rq.exceptions import DeserializationError
 from rq.executions import Execution
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.scheduler import RQScheduler
 from rq.scripts import acquire_or_refresh_lock
@@ -34,7 +35,7 @@ from depthq.contract import JOB_FUNCTION, SERIALIZER, WORKER_FIELDS, make_queue,
 from depthq.metrics import serve
 from worker import job as job_module
 from worker.backends import Backend, create_backend
-from worker.errors import ExpectedError, RefusedJobError
+from worker.errors import ExpectedError, OutputUnavailableError, RefusedJobError
 from worker.metrics import WorkerMetrics
 from worker.store import HandedOverError, OutputStore
 from worker.transport import RedisTransport, SharedTransport
@@ -71,6 +72,7 @@ class DepthWorker(SimpleWorker):
         *args: Any,
         dead_after_s: int = 30,
         job_timeout_s: int = 600,
+        retry_backoff_s: list[int] | None = None,
         backend: Backend | None = None,
         **kwargs: Any,
     ):
@@ -78,6 +80,7 @@ class DepthWorker(SimpleWorker):
         super().__init__(*args, worker_ttl=dead_after_s, maintenance_interval=dead_after_s // 2, **kwargs)
         self.dead_after_s = dead_after_s
         self.job_timeout_s = job_timeout_s
+        self.retry_backoff_s = retry_backoff_s or [10]
         self.backend = backend
 
     def serialize(self) -> dict:
@@ -149,7 +152,28 @@ class DepthWorker(SimpleWorker):
                 execution.delete(job=job, pipeline=pipe)
                 pipe.execute()
             return
+        if isinstance(exc_info[1], OutputUnavailableError):
+            self._postpone(job, queue, execution)
+            return
         super()._finalize_failure(job, queue, execution, exc_info)
+
+    def _postpone(self, job: Job, queue: Queue, execution: Execution) -> None:
+        """Put a job whose outputs found no room back, later, spending none of its retries: the
+        worker.retry_backoff_s steps, the last repeating, for as long as the folder refuses writes."""
+        waits = self.retry_backoff_s
+        tries = int(job.meta.get("environment_retries", 0))
+        delay = waits[min(tries, len(waits) - 1)]
+        job.meta["environment_retries"] = tries + 1
+        self.handle_execution_ended(job, queue, job.failure_callback_timeout)
+        with self.connection.pipeline() as pipe:
+            job.save_meta()
+            self.cleanup_execution(job, pipeline=pipe, execution=execution)
+            job.set_status(JobStatus.SCHEDULED, pipeline=pipe)
+            queue.schedule_job(job, datetime.now(UTC) + timedelta(seconds=delay), pipeline=pipe)
+            pipe.execute()
+        self.log.info(
+            "job %s (%s): put back for %d s, until the output folder takes writes", job.id, job.description, delay
+        )
 
     def handle_exception(self, job: Job, *exc_info: Any) -> None:
         """A bad photo stays bad: one log line, no retries (rq reads retries_left right after this)."""
@@ -229,6 +253,7 @@ def build_worker(
         serializer=SERIALIZER,
         dead_after_s=config.worker.dead_after_s,
         job_timeout_s=config.queue.job_timeout_s,
+        retry_backoff_s=config.worker.retry_backoff_s,
         default_result_ttl=config.queue.result_ttl_s,
         backend=backend,
     )

@@ -23,11 +23,13 @@ from rq.job import Job
 
 from depthq.config import Config
 from depthq.contract import (
+    ALERTS,
     COLLECTOR_GROUP,
     COMPLETIONS_WINDOW_S,
     SERIALIZER,
     WORKER_FIELDS,
     Completion,
+    alert_key,
     completions_key,
     inflight_key,
     make_queue,
@@ -89,6 +91,8 @@ class Status:
     workers: list[WorkerRow] = field(default_factory=list)
     windows: list[Window] = field(default_factory=list)
     transit: Transit | None = None
+    # Conditions that hold every photo back (output disk full, Redis full), with what to do.
+    alerts: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -211,6 +215,7 @@ def gather(connection: Redis, config: Config, now: float | None = None) -> Statu
         workers=_workers(connection, config, now),
         windows=[_window(completions, now, m) for m in WINDOWS_MIN],
         transit=_transit(connection, queue.name),
+        alerts=[a.decode() for a in connection.mget([alert_key(queue.name, n) for n in ALERTS]) if a],
     )
 
 
@@ -223,6 +228,8 @@ def _seconds(value: float | None) -> str:
 
 
 def render(status: Status, console: Console) -> None:
+    for alert in status.alerts:
+        console.print(f"[bold red]{alert}[/bold red]")
     summary = Table(title=f"queue {status.queue}", show_header=False, title_justify="left")
     summary.add_column(style="bold")
     summary.add_column(justify="right")
