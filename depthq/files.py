@@ -35,7 +35,8 @@ def _temp_prefix(path: Path) -> str:
     return f".{path.name}."
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def staged_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """The whole file under a temporary name beside `path`, synced; rename it into place to publish it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     try:
@@ -44,6 +45,16 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    tmp = staged_write(path, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

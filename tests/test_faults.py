@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -186,3 +187,69 @@ def test_a_full_output_disk_holds_photos_back_and_they_finish_once_space_returns
     wait_for(lambda: not gather(redis_client, config).alerts, "the alert to clear")
     log = (tmp_path / "worker0.log").read_text()
     assert log.count("No space left on device") == 1, log  # the outage logs once, not once per try
+
+
+# --- results fenced: a photo rewritten meanwhile, a worker frozen and resumed ---------------------------------
+
+FAULTS_ENV = {
+    "PYTHONPATH": f"{Path(__file__).resolve().parent / 'faults'}{os.pathsep}{Path(__file__).resolve().parent.parent}",
+    "FAULT_SLEEP_S": "4",
+}
+
+
+def _slow_photo(path: Path) -> Path:
+    """A solid yellow PNG: the faulty backend sleeps FAULT_SLEEP_S on it, then computes it."""
+    from tests.faulty_backend import SOLID
+
+    Image.new("RGB", (64, 48), SOLID["yellow"]).save(path)
+    return path
+
+
+def test_a_photo_rewritten_while_its_old_job_runs_keeps_the_new_result(
+    config: Config, redis_client: Redis, spawn_worker, tmp_path: Path
+) -> None:
+    photo = _slow_photo(config.producer.watch / "a.png")
+    for _ in range(2):
+        spawn_worker(**FAULTS_ENV)
+    wait_for(lambda: len(redis_client.keys("rq:worker:*")) == 2, "two workers", 60)
+    enqueuer = Enqueuer(config, redis_client)
+    old = enqueuer.submit(photo).job_id
+    wait_for(lambda: _started_by(redis_client, old) is not None, "the old job to start", 60)
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(photo)
+    new = enqueuer.submit(photo).job_id
+    assert new != old
+    status = {old: JobStatus.FINISHED, new: JobStatus.FINISHED}
+    wait_for(
+        lambda: all(
+            Job.fetch(j, connection=redis_client, serializer=SERIALIZER).get_status() == s for j, s in status.items()
+        ),
+        "both jobs to end",
+        60,
+    )
+    sidecar = json.loads((config.output.dir / "a.png.json").read_text())
+    assert sidecar["job_id"] == new and sidecar["sha256"] == hashlib.sha256(photo.read_bytes()).hexdigest()
+    logs = "".join(p.read_text() for p in tmp_path.glob("worker*.log"))
+    assert logs.count("a.png changed while its depth was computed") == 1
+    assert sorted(p.name for p in config.output.dir.iterdir()) == ["a.png.depth.npy", "a.png.json", "a.png.preview.png"]
+
+
+def test_a_frozen_worker_resumed_after_its_job_was_handed_over_writes_nothing(
+    config: Config, redis_client: Redis, spawn_worker, tmp_path: Path
+) -> None:
+    photo = _slow_photo(config.producer.watch / "slow.png")
+    frozen, rescuer = spawn_worker(**FAULTS_ENV), None
+    wait_for(lambda: len(redis_client.keys("rq:worker:*")) == 1, "the first worker", 60)
+    jid = Enqueuer(config, redis_client).submit(photo).job_id
+    wait_for(lambda: _started_by(redis_client, jid) is not None, "the job to start", 60)
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        rescuer = spawn_worker(**FAULTS_ENV)
+        sidecar = config.output.dir / "slow.png.json"
+        wait_for(sidecar.exists, "the job to be done by the other worker", 120)
+        written = {p.name: p.stat().st_mtime_ns for p in config.output.dir.iterdir()}
+        assert json.loads(sidecar.read_text())["worker"]["name"].endswith(f".{rescuer.pid}")
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    wait_for(lambda: "was handed to" in (tmp_path / "worker0.log").read_text(), "the resumed worker to drop its copy")
+    assert {p.name: p.stat().st_mtime_ns for p in config.output.dir.iterdir()} == written
+    assert frozen.poll() is None  # it goes on serving

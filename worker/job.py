@@ -48,7 +48,7 @@ from worker.errors import (
 from worker.images import load_image
 from worker.metrics import WorkerMetrics
 from worker.preview import preview_png
-from worker.store import HandedOverError
+from worker.store import HandedOverError, SupersededError
 from worker.transport import AlreadyDoneError, Photo, PhotoGoneError, SharedTransport, Transport
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
         warnings.append("the photo changed after it was enqueued; this result is for its current content")
     if warnings:
         sidecar["warnings"] = warnings
-    store = io.store(job_id)
+    store = io.store(job_id, p, photo)
     store.write_data(p.source, depth, preview, p.outputs)
     timings["write"] = _ms(time.perf_counter() - t_post)
     timings["total"] = _ms(time.perf_counter() - t0 + queue_wait)
@@ -394,6 +394,9 @@ def process(payload: dict[str, Any]) -> dict[str, Any]:
     except AlreadyDoneError as exc:
         log.info("%s", exc)
         return {"source": p.source, "already_done": True}
+    except SupersededError as exc:
+        log.info("%s", exc)
+        return {"source": p.source, "superseded": True}
     except OutputUnavailableError as exc:
         # The folder's fault, not the photo's: no error file; DepthWorker puts the job back with back-off.
         _failed(rt)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import numpy as np
 import zstandard
@@ -31,7 +32,7 @@ from depthq.contract import (
     result_key,
     results_stream,
 )
-from depthq.files import atomic_bytes, atomic_write, json_bytes, write_outputs
+from depthq.files import atomic_bytes, json_bytes, staged_write, write_outputs
 from worker.errors import OutputUnavailableError
 
 
@@ -100,26 +101,59 @@ def _environment_failures(root: Path) -> Iterator[None]:
         raise OutputUnavailableError(str(root), free, exc) from exc
 
 
-class OutputStore:
-    """The output folder on this host (the shared transport, and every single-machine setup)."""
+class SupersededError(Exception):
+    """The photo changed on disk while this job computed it: the result describes content that no longer
+    exists, and the newer version has (or will have) its own job. The result is dropped, not written."""
 
-    def __init__(self, root: Path):
+
+class OutputStore:
+    """The output folder on this host (the shared transport, and every single-machine setup).
+
+    The data files are written under temporary names first and renamed into place only with the
+    sidecar, after `fence` (if given) has had its say: a worker that lost its job (frozen, cut off) or
+    whose photo was rewritten meanwhile raises there, and nothing of its result lands.
+    """
+
+    def __init__(self, root: Path, fence: Callable[[], None] | None = None):
         self.root = root
+        self.fence = fence
+        self._staged: list[tuple[Path, Path]] = []
 
     def path(self, source: str, kind: str) -> Path:
         return output_path(self.root, source, kind)
 
     def write_data(self, source: str, depth: np.ndarray, preview: bytes, formats: Iterable[str]) -> None:
-        """Everything but the sidecar. Callers write the sidecar after, so it can carry the write time."""
-        with _environment_failures(self.root):
+        """Everything but the sidecar, staged. Callers write the sidecar after, so it can carry the write time."""
+        files: dict[str, Callable[[IO[bytes]], Any]] = {
             # np.save streams into the file: no second copy of a 48 MB map in memory.
-            atomic_write(self.path(source, "npy"), lambda f: np.save(f, depth.astype(np.float32, copy=False)))
-            write_outputs(self.root, source, {"preview": preview, **_extra_formats(depth, formats)})
+            "npy": lambda f: np.save(f, depth.astype(np.float32, copy=False)),
+            "preview": lambda f: f.write(preview),
+        }
+        for kind, data in _extra_formats(depth, formats).items():
+            files[kind] = lambda f, data=data: f.write(data)
+        self._discard()
+        with _environment_failures(self.root):
+            for kind, write in files.items():
+                path = self.path(source, kind)
+                self._staged.append((staged_write(path, write), path))
 
     def write_sidecar(self, source: str, sidecar: dict[str, Any]) -> None:
         """The last file of a set: its presence tells readers the set is complete."""
-        with _environment_failures(self.root):
-            write_outputs(self.root, source, {"json": json_bytes(sidecar)})
+        try:
+            if self.fence is not None:
+                self.fence()
+            with _environment_failures(self.root):
+                for tmp, path in self._staged:
+                    os.replace(tmp, path)
+                self._staged = []
+                write_outputs(self.root, source, {"json": json_bytes(sidecar)})
+        finally:
+            self._discard()
+
+    def _discard(self) -> None:
+        for tmp, _ in self._staged:
+            tmp.unlink(missing_ok=True)
+        self._staged = []
 
     def write_result(
         self, source: str, depth: np.ndarray, preview: bytes, sidecar: dict[str, Any], formats: Iterable[str]
@@ -138,6 +172,8 @@ class OutputStore:
         return depth, preview, sidecar
 
     def write_error(self, source: str, error: dict[str, Any]) -> None:
+        if self.fence is not None:
+            self.fence()
         with _environment_failures(self.root):
             atomic_bytes(self.path(source, ERROR_KIND), json_bytes(error))
 

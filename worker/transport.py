@@ -27,7 +27,7 @@ from depthq.contract import (
     source_stamp,
 )
 from worker.errors import BadInputError, ExpectedError
-from worker.store import HandedOverError, OutputStore, RedisResultStore, Store, job_owner
+from worker.store import HandedOverError, OutputStore, RedisResultStore, Store, SupersededError, job_owner
 
 
 class PhotoGoneError(ExpectedError):
@@ -62,7 +62,7 @@ class Transport(Protocol):
         """The photo's stamp for an error record, if it can be had without reading it."""
         ...
 
-    def store(self, job_id: str) -> Store: ...
+    def store(self, job_id: str, p: JobPayload | None = None, photo: Photo | None = None) -> Store: ...
 
 
 def source_path(watch_root: Path, source: str) -> Path:
@@ -95,11 +95,18 @@ def read_file(path: Path, source: str) -> Photo:
 
 
 class SharedTransport:
-    """The photo from this host's mount of the job's root; the outputs into the shared output folder."""
+    """The photo from this host's mount of the job's root; the outputs into the shared output folder.
 
-    def __init__(self, config: Config, store: OutputStore):
+    Its results are fenced as the redis transport's are: just before they land, the job must still be
+    this worker's (not handed to another while this one was frozen or cut off), and the photo must
+    still be the one that was read (not rewritten meanwhile, which gives it a newer job).
+    """
+
+    def __init__(self, config: Config, store: OutputStore, connection: Redis | None = None, worker_name: str = ""):
         self.config = config
         self.output = store
+        self.connection = connection
+        self.worker_name = worker_name
 
     def folder(self, root: str) -> Path:
         try:
@@ -120,8 +127,25 @@ class SharedTransport:
             return source_stamp(self.folder(p.root).joinpath(*safe_relative(p.source).parts).stat())
         return None
 
-    def store(self, job_id: str) -> OutputStore:
-        return self.output
+    def store(self, job_id: str, p: JobPayload | None = None, photo: Photo | None = None) -> OutputStore:
+        def fence() -> None:
+            if self.connection is not None:
+                owner = job_owner(self.connection, job_id)
+                if owner is not None and owner != self.worker_name:
+                    raise HandedOverError(job_id, owner)
+            if p is None or photo is None:
+                return
+            try:
+                now = source_stamp(source_path(self.folder(p.root), p.source).stat())
+            except (OSError, BadInputError, RootNotMappedError):
+                return  # gone or unreadable now: what was read is still the last version anyone saw
+            if now != photo.stamp:
+                raise SupersededError(
+                    f"{p.source} changed while its depth was computed (size, mtime {photo.stamp} -> {now}); "
+                    "this result is dropped, and the new version gets its own"
+                )
+
+        return OutputStore(self.output.root, fence)
 
 
 class RedisTransport:
@@ -152,7 +176,7 @@ class RedisTransport:
         # The producer stat'ed the photo when it read the bytes; its "is it done?" check compares this.
         return {"size": p.size, "mtime": int(p.mtime)}
 
-    def store(self, job_id: str) -> RedisResultStore:
+    def store(self, job_id: str, p: JobPayload | None = None, photo: Photo | None = None) -> RedisResultStore:
         t = self.config.transport
         return RedisResultStore(
             self.connection, self.config.queue.name, job_id, self.worker_name, t.blob_ttl_s, t.zstd_level

@@ -262,7 +262,7 @@ def build_worker(
             config=config,
             backend=backend,
             transports={
-                "shared": SharedTransport(config, OutputStore(config.output.dir)),
+                "shared": SharedTransport(config, OutputStore(config.output.dir), connection, name),
                 "redis": RedisTransport(config, connection, name),
             },
             host=short_hostname(),
