@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
 from redis.exceptions import RedisError
 
 from depthq import attempts
@@ -62,13 +63,22 @@ class WorkerCannotStart(Exception):
 
 
 class _Child:
-    def __init__(self, index: int, env: dict[str, str], on_death: Callable[[int, str], None] | None = None):
+    def __init__(
+        self,
+        index: int,
+        env: dict[str, str],
+        dead_after_s: float,
+        on_death: Callable[[int, str], None] | None = None,
+    ):
         self.index = index
         self.env = env
+        self.dead_after_s = dead_after_s
         # Told the pid and why, when the worker dies: the photo it had in hand records it.
         self.on_death = on_death
         self.proc: subprocess.Popen[bytes] | None = None
         self.pipe: int | None = None
+        self.stopped_since: float | None = None
+        self.kill_reason: str | None = None
         self.backoff_s = 1.0
         self.restart_at = 0.0
         self.started_at = 0.0
@@ -99,6 +109,8 @@ class _Child:
             return
         code = self.proc.poll()
         if code is None:
+            if self._stopped_too_long():
+                return  # killed: the next tick restarts it
             if time.monotonic() - self.started_at > 60:
                 self.backoff_s = 1.0  # it ran long enough: the next crash starts from a short delay
             return
@@ -109,6 +121,7 @@ class _Child:
                 "depthq up stops here. Fix it, then start depthq up again"
             )
         why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        why, self.kill_reason = self.kill_reason or why, None
         log.error("worker %d (pid %d) %s; restarting in %.0fs", self.index, self.proc.pid, why, self.backoff_s)
         if self.on_death is not None:
             self.on_death(self.proc.pid, why)
@@ -116,6 +129,38 @@ class _Child:
         self.proc = None
         self.restart_at = time.monotonic() + self.backoff_s
         self.backoff_s = min(self.backoff_s * 2, _MAX_RESTART_BACKOFF_S)
+
+    def _stopped_too_long(self) -> bool:
+        """A stopped process (SIGSTOP, a debugger) still polls as running. Its job goes to another
+        worker after dead_after_s, and its result is fenced off; after that long it only takes a
+        slot, so it is killed and restarted."""
+        assert self.proc is not None
+        try:
+            stopped = psutil.Process(self.proc.pid).status() == psutil.STATUS_STOPPED
+        except psutil.Error:
+            return False
+        if not stopped:
+            self.stopped_since = None
+            return False
+        now = time.monotonic()
+        if self.stopped_since is None:
+            self.stopped_since = now
+            log.warning(
+                "worker %d (pid %d) is stopped (SIGSTOP?); its job goes to another worker after "
+                "worker.dead_after_s, and it is restarted if still stopped then",
+                self.index,
+                self.proc.pid,
+            )
+            return False
+        if now - self.stopped_since < self.dead_after_s:
+            return False
+        log.error(
+            "worker %d (pid %d) stopped for %.0f s; killing it", self.index, self.proc.pid, now - self.stopped_since
+        )
+        self.proc.kill()
+        self.kill_reason = f"stopped for {now - self.stopped_since:.0f} s, then killed by depthq up"
+        self.stopped_since = None
+        return True
 
     def _close_pipe(self) -> None:
         if self.pipe is not None:
@@ -178,7 +223,9 @@ def run_up(
         if jid is not None:
             log.error("worker pid %d died in job %s (%s); the job goes to the next worker", pid, jid, why)
 
-    children = [_Child(i, _worker_env(env, config, i), on_death) for i in range(config.up.workers)]
+    children = [
+        _Child(i, _worker_env(env, config, i), config.worker.dead_after_s, on_death) for i in range(config.up.workers)
+    ]
     watcher_error: list[BaseException] = []
     cannot_start: list[WorkerCannotStart] = []
     try:

@@ -216,3 +216,21 @@ def test_a_redis_left_by_a_dead_depthq_up_is_taken_over_and_a_live_ones_refused(
             proc.wait()
     finally:
         orphan.stop()
+
+
+def test_a_stopped_worker_is_noticed_then_replaced(tmp_path: Path, tiny_model: Path) -> None:
+    """poll() says a SIGSTOPped process runs; the supervisor looks at its state instead."""
+    config = {"model": {"path": str(tiny_model), "device": "cpu"}, "worker": {"dead_after_s": 10}}
+    proc, log = start_up(tmp_path, config)
+    try:
+        _ready(proc, log, tmp_path, 1)
+        (stopped,) = worker_pids(log)
+        os.kill(stopped, signal.SIGSTOP)
+        wait_for(lambda: f"(pid {stopped}) is stopped" in log.read_text(), f"the supervisor to notice ({log})")
+        wait_for(lambda: len(worker_pids(log)) == 2, f"a replacement worker ({log})", timeout=120)
+        assert not alive(stopped)
+        assert f"worker 0 (pid {stopped}) stopped for" in log.read_text()
+        wait_for(lambda: log.read_text().count(" ready in ") == 2, f"the replacement to be ready ({log})")
+        assert proc.poll() is None
+    finally:
+        assert stop(proc) == 0
