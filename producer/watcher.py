@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 from watchdog.events import (
     FileClosedEvent,
     FileCreatedEvent,
@@ -96,6 +96,7 @@ class Watcher:
         self.config = config
         self.enqueuer = enqueuer
         self.metrics = metrics
+        self.redis_full = False
         self.root = config.producer.watch.resolve()
         # An output folder inside the watched one must not feed its previews back in as photos.
         self.output_root = config.output.dir.resolve()
@@ -179,9 +180,7 @@ class Watcher:
             self._count("refused")
             return
         except (RedisError, OSError) as exc:
-            log.warning("could not enqueue %s yet (%s); will retry", path, exc)
-            self._count("retry_later")
-            self.tracker.saw_change(path)
+            self._cannot_enqueue_yet([path], exc)
             return
         except Exception:
             # One photo's trouble (an rq or Redis surprise) must never stop the watcher for all the others.
@@ -201,10 +200,7 @@ class Watcher:
             try:
                 results = self.enqueuer.submit_many(chunk)
             except RedisError as exc:
-                log.warning("could not enqueue %d photo(s) yet (%s); will retry", len(chunk), exc)
-                for path in chunk:
-                    self._count("retry_later")
-                    self.tracker.saw_change(path)
+                self._cannot_enqueue_yet(chunk, exc)
                 continue
             except Exception:
                 log.exception("could not enqueue %d photo(s) together; trying them one by one", len(chunk))
@@ -215,7 +211,28 @@ class Watcher:
                 else:
                     self._record(path, result)
 
+    def _cannot_enqueue_yet(self, paths: list[Path], exc: Exception) -> None:
+        """Look again after the settle time. A Redis at maxmemory refuses every photo for as long as it
+        lasts: that is said once (and once more when it clears), not once per photo per look."""
+        if isinstance(exc, OutOfMemoryError):
+            if not self.redis_full:
+                log.error(
+                    "Redis is full (%s): new photos wait on disk until it takes writes again; raise its "
+                    "maxmemory or free memory there",
+                    exc,
+                )
+                self.redis_full = True
+            log.debug("could not enqueue %d photo(s) yet: Redis is full", len(paths))
+        else:
+            log.warning("could not enqueue %d photo(s) yet (%s), %s; will retry", len(paths), exc, paths[0])
+        for path in paths:
+            self._count("retry_later")
+            self.tracker.saw_change(path)
+
     def _record(self, path: Path, result: Submitted) -> None:
+        if self.redis_full:
+            log.warning("Redis takes writes again; the photos that waited follow")
+            self.redis_full = False
         self._count(result.outcome)
         if result.outcome in ("changed", "deferred"):
             # Still being written, or Redis is full (redis transport): look again after the settle time.

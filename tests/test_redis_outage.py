@@ -88,3 +88,61 @@ def test_redis_killed_and_restarted_mid_stream(
 
 
 pytestmark = pytest.mark.timeout(600)
+
+
+def test_redis_at_maxmemory_is_waited_out_by_producer_and_workers(tmp_path: Path, tiny_model: Path) -> None:
+    """noeviction at maxmemory: every write is refused. Nobody dies or reloads a model, each says so
+    once and once more when it clears, and `depthq status` says why nothing moves."""
+    from redis import Redis
+
+    from depthq.config import load_config
+    from depthq.ops.status import gather
+
+    data, inbox, out = tmp_path / "redis-data", tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    redis = EmbeddedRedis(data)
+    redis.start()
+    client = Redis.from_url(redis.url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPTHQ_")}
+    env.update(
+        DEPTHQ_REDIS_URL=redis.url,
+        DEPTHQ_PRODUCER_WATCH=str(inbox),
+        DEPTHQ_PRODUCER_SETTLE_MS="100",
+        DEPTHQ_OUTPUT_DIR=str(out),
+        DEPTHQ_MODEL_PATH=str(tiny_model),
+        DEPTHQ_MODEL_DEVICE="cpu",
+        DEPTHQ_WORKER_DEAD_AFTER_S="10",
+    )
+    config = load_config(environ={}, overrides={"redis": {"url": redis.url}})
+    procs = {}
+    for name in ("producer", "worker"):
+        log = (tmp_path / f"{name}.log").open("wb")
+        procs[name] = subprocess.Popen([sys.executable, "-m", name], env=env, stdout=log, stderr=log)
+    logs = lambda: {n: (tmp_path / f"{n}.log").read_text() for n in procs}  # noqa: E731
+    try:
+        wait_for(lambda: "Listening on" in logs()["worker"] and "watching" in logs()["producer"], "both", 120)
+        client.config_set("maxmemory", client.info("memory")["used_memory"])
+        for i in range(5):
+            write_jpeg(inbox / f"{i}.jpg", seed=i)
+        wait_for(lambda: all("Redis is full" in text for text in logs().values()), "both to notice Redis is full", 60)
+        (alert,) = gather(client, config).alerts
+        assert alert.startswith("Redis full:") and "noeviction" in alert
+        time.sleep(5)  # some length of outage: many refusals, one line each, nobody gone
+        assert all(proc.poll() is None for proc in procs.values()), logs()
+        client.config_set("maxmemory", 0)
+        wait_for(lambda: len(list(out.glob("*.jpg.json"))) == 5, f"the five photos (logs: {tmp_path})", 120)
+        assert gather(client, config).alerts == [] and gather(client, config).taken == 0
+        for name, text in logs().items():
+            assert text.count("Redis is full") == 1, (name, text)
+            assert text.count("Redis takes writes again") == 1, (name, text)
+        assert logs()["worker"].count(" ready in ") == 1  # never restarted, never reloaded its model
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        client.close()
+        redis.stop()

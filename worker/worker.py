@@ -13,14 +13,15 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 from rq import SimpleWorker
-from rq.exceptions import DeserializationError
+from rq.exceptions import DeserializationError, StopRequested
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
@@ -82,6 +83,49 @@ class DepthWorker(SimpleWorker):
         self.job_timeout_s = job_timeout_s
         self.retry_backoff_s = retry_backoff_s or [10]
         self.backend = backend
+        self.redis_full = False
+
+    def _through_full_redis(self, call: Callable[[], Any]) -> Any:
+        """Run rq's own bookkeeping, waiting out a Redis at maxmemory (noeviction) instead of dying.
+
+        rq lets OutOfMemoryError end the worker, and a restarted worker reloads its model only to
+        meet the same refusal. Here the worker waits with back-off, saying so once, and once more
+        when Redis takes writes again; a stop request still ends the wait.
+        """
+        delay = 1.0
+        while True:
+            try:
+                result = call()
+            except OutOfMemoryError as exc:
+                if not self.redis_full:
+                    self.log.error(
+                        "Redis is full (%s): waiting until it takes writes again; raise its maxmemory or "
+                        "free memory there (results waiting for a collector, old failed jobs)",
+                        exc,
+                    )
+                    self.redis_full = True
+                if self._stop_requested:
+                    raise StopRequested() from None
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            if self.redis_full:
+                self.log.warning("Redis takes writes again")
+                self.redis_full = False
+            return result
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        if pipeline is not None:  # part of a caller's transaction: that caller meets the refusal
+            return super().heartbeat(timeout, pipeline)
+        return self._through_full_redis(lambda: super(DepthWorker, self).heartbeat(timeout))
+
+    def run_maintenance_tasks(self) -> None:
+        return self._through_full_redis(super().run_maintenance_tasks)
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        return self._through_full_redis(
+            lambda: super(DepthWorker, self).dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        )
 
     def serialize(self) -> dict:
         """rq's worker record plus what `depthq status` shows per worker: backend, device and model."""

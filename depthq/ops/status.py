@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rq import Worker
 from rq.exceptions import NoSuchJobError
+from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 
 from depthq.config import Config
@@ -84,6 +85,9 @@ class Transit:
 class Status:
     queue: str
     queued: int
+    # Taken from the queue by a worker, not yet started: rq's intermediate list. A job stuck there
+    # (its worker died between the two steps) is requeued by rq's maintenance.
+    taken: int
     running: int
     scheduled: int
     failed: int
@@ -208,6 +212,7 @@ def gather(connection: Redis, config: Config, now: float | None = None) -> Statu
     return Status(
         queue=queue.name,
         queued=queue.count,
+        taken=connection.llen(IntermediateQueue.get_intermediate_queue_key(queue.key)),
         running=queue.started_job_registry.count,
         scheduled=queue.scheduled_job_registry.count,
         failed=queue.failed_job_registry.count,
@@ -215,8 +220,22 @@ def gather(connection: Redis, config: Config, now: float | None = None) -> Statu
         workers=_workers(connection, config, now),
         windows=[_window(completions, now, m) for m in WINDOWS_MIN],
         transit=_transit(connection, queue.name),
-        alerts=[a.decode() for a in connection.mget([alert_key(queue.name, n) for n in ALERTS]) if a],
+        alerts=[a.decode() for a in connection.mget([alert_key(queue.name, n) for n in ALERTS]) if a]
+        + _redis_full(connection),
     )
+
+
+def _redis_full(connection: Redis) -> list[str]:
+    """Read from Redis itself: when it is full, nobody can write an alert into it."""
+    memory = connection.info("memory")
+    limit, used = int(memory.get("maxmemory", 0)), int(memory.get("used_memory", 0))
+    if not limit or used < limit:
+        return []
+    return [
+        f"Redis full: {used / 2**20:.1f} MiB used of maxmemory {limit / 2**20:.1f} MiB "
+        f"({memory.get('maxmemory_policy', '?')}); new photos wait on disk and workers wait. Raise maxmemory, "
+        "or free memory (results waiting for a collector, old failed jobs: `depthq failed purge`)"
+    ]
 
 
 def _seconds(value: float | None) -> str:
@@ -234,6 +253,7 @@ def render(status: Status, console: Console) -> None:
     summary.add_column(style="bold")
     summary.add_column(justify="right")
     summary.add_row("queued", str(status.queued))
+    summary.add_row("taken, not yet started", str(status.taken))
     summary.add_row("running", str(status.running))
     summary.add_row("waiting to retry", str(status.scheduled))
     summary.add_row("failed", f"[red]{status.failed}[/red]" if status.failed else "0")
