@@ -253,3 +253,40 @@ def test_a_frozen_worker_resumed_after_its_job_was_handed_over_writes_nothing(
     wait_for(lambda: "was handed to" in (tmp_path / "worker0.log").read_text(), "the resumed worker to drop its copy")
     assert {p.name: p.stat().st_mtime_ns for p in config.output.dir.iterdir()} == written
     assert frozen.poll() is None  # it goes on serving
+
+
+# --- a worker that is not depthq's on the queue ---------------------------------------------------------------
+
+
+def test_a_plain_rq_worker_on_the_queue_is_flagged_and_spends_no_attempt(
+    config: Config, redis_client: Redis, redis_url: str, tiny_backend: Backend, tmp_path: Path
+) -> None:
+    from depthq import attempts
+    from depthq.ops.status import gather
+
+    log = (tmp_path / "rq-worker.log").open("wb")
+    rq_bin = Path(sys.executable).with_name("rq")
+    foreign = subprocess.Popen([str(rq_bin), "worker", "-u", redis_url, config.queue.name], stdout=log, stderr=log)
+    try:
+        wait_for(lambda: any(w.foreign for w in gather(redis_client, config).workers), "the plain rq worker", 60)
+        (row,) = gather(redis_client, config).workers
+        assert row.foreign and row.backend == "?"
+        photos = [write_jpeg(config.producer.watch / f"{i}.jpg", seed=i) for i in range(3)]
+        enqueuer = Enqueuer(config, redis_client)
+        jids = [enqueuer.submit(photo).job_id for photo in photos]
+        failed = make_queue(redis_client, config).failed_job_registry
+        wait_for(lambda: set(jids) <= set(failed.get_job_ids()), "the plain worker to spend every retry", 120)
+    finally:
+        foreign.terminate()
+        foreign.wait(60)
+    # It never ran depthq's function: no attempt counted, no error file written.
+    for jid in jids:
+        assert not redis_client.exists(attempts.attempts_key(config.queue.name, jid))
+    assert not (config.output.dir.exists() and list(config.output.dir.glob("*.error.json")))
+
+    # The producer's next look sends them again (failed without a result), and a depthq worker does them.
+    assert [enqueuer.submit(photo).outcome for photo in photos] == ["requeued"] * 3
+    build_worker(config, redis_client, tiny_backend).work(burst=True, with_scheduler=False)
+    for i, jid in enumerate(jids):
+        assert json.loads((config.output.dir / f"{i}.jpg.json").read_text())["job_id"] == jid
+        assert int(redis_client.hget(attempts.attempts_key(config.queue.name, jid), "started")) == 1

@@ -137,7 +137,13 @@ def test_bad_photo_gets_an_error_file_no_retry_and_the_worker_goes_on(
     assert (config.output.dir / "good.jpg.json").exists()
 
 
-def test_unexpected_error_is_retried(config: Config, redis_client: Redis, backend: Backend) -> None:
+@pytest.mark.parametrize("spent_elsewhere", [False, True])
+def test_unexpected_error_is_retried(
+    config: Config, redis_client: Redis, backend: Backend, spent_elsewhere: bool
+) -> None:
+    """With `spent_elsewhere`, a process that is not a depthq worker already spent rq's retries
+    (without running depthq's function): depthq's own count decides, and the photo still gets its retry."""
+
     class FlakyOnce:
         """The real backend, with one transient failure in front (fault injection)."""
 
@@ -157,6 +163,10 @@ def test_unexpected_error_is_retried(config: Config, redis_client: Redis, backen
 
     photo = write_jpeg(config.producer.watch / "flaky.jpg")
     jid = Enqueuer(config, redis_client).submit(photo).job_id
+    if spent_elsewhere:
+        spent = Job.fetch(jid, connection=redis_client, serializer=SERIALIZER)
+        spent.retries_left = 0
+        spent.save()
     build_worker(config, redis_client, FlakyOnce(backend)).work(burst=True)
     job = Job.fetch(jid, connection=redis_client, serializer=SERIALIZER)
     assert job.get_status() == JobStatus.FINISHED

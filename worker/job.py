@@ -414,7 +414,11 @@ def process(payload: dict[str, Any]) -> dict[str, Any]:
         raise
     except Exception as exc:
         _failed(rt)
-        # Unexpected: rq retries with backoff. Only the last attempt leaves an error file behind.
+        # Unexpected: rq retries with backoff. Only the last attempt leaves an error file behind. The
+        # retries left are depthq's own count, not rq's: a process that is not a depthq worker (a
+        # plain `rq worker` on the queue) may have spent rq's without ever running this function.
+        if job is not None:
+            job.retries_left = max(0, rt.config.worker.retries - before.started)
         if job is None or not job.retries_left:
             _record_failure(rt, p, job, exc)
         raise
