@@ -223,3 +223,26 @@ def test_a_job_that_appears_during_a_burst_is_not_overwritten(
     raw = redis_client.hget(f"rq:job:{jid}", "data")
     assert json.loads(zlib.decompress(raw))[2][0]["source"] == "elsewhere.jpg"
     assert sorted(enqueuer.queue.job_ids) == sorted([jid, job_id(file_sha256(b), enqueuer.config.model.path)])
+
+
+def test_a_failed_job_whose_worker_died_is_sent_again_without_a_crash(enqueuer: Enqueuer, redis_client: Redis) -> None:
+    """rq's job.delete() raises ValueError for an execution record that expired with its dead worker;
+    that once killed the watcher thread, and depthq up with it, on every rescan."""
+    from rq.job import Job
+
+    from depthq.contract import SERIALIZER
+    from worker.worker import DepthWorker
+
+    photo = write_jpeg(enqueuer.config.producer.watch / "a.jpg")
+    jid = enqueuer.submit(photo).job_id
+    job = Job.fetch(jid, connection=redis_client, serializer=SERIALIZER)
+    worker = DepthWorker([enqueuer.queue], connection=redis_client, serializer=SERIALIZER, name="gone")
+    execution = worker.prepare_execution(job)
+    redis_client.delete(execution.key)  # as its TTL lapses once the worker is dead
+    job.set_status(JobStatus.FAILED)
+    with pytest.raises(ValueError, match="not found in Redis"):
+        Job.fetch(jid, connection=redis_client, serializer=SERIALIZER).delete()  # what rq alone does
+
+    assert enqueuer.submit(photo).outcome == "requeued"
+    again = Job.fetch(jid, connection=redis_client, serializer=SERIALIZER)
+    assert again.get_status() == JobStatus.QUEUED and jid in enqueuer.queue.get_job_ids()

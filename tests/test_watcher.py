@@ -250,3 +250,26 @@ def test_a_rescan_after_lost_events_skips_what_has_a_job(
     watcher.tracker.settle_s = 0
     assert sorted(watcher.tracker.pop_ready()) == [changed, lost]
     assert watcher.rescan() == 3  # the periodic rescan still looks at everything without output
+
+
+def test_one_photos_surprise_in_submit_never_stops_the_watcher(
+    make_config: Callable[..., Config], redis_client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any exception from rq or Redis for one photo is logged and counted; the others still go."""
+    config = make_config(producer={"settle_ms": 50})
+    enqueuer = Enqueuer(config, redis_client)
+    metrics = ProducerMetrics(enqueuer.queue)
+    submit = enqueuer.submit
+
+    def cursed(path, force=False):  # type: ignore[no-untyped-def]
+        if path.name == "cursed.jpg":
+            raise ValueError("Execution 1234 not found in Redis")  # what rq's job.delete() raised
+        return submit(path, force)
+
+    monkeypatch.setattr(enqueuer, "submit", cursed)
+    with watching(Watcher(config, enqueuer, metrics)) as watcher:
+        write_jpeg(config.producer.watch / "cursed.jpg")
+        wait_for(lambda: metrics.files.labels("error")._value.get() >= 1, "the surprise to be counted")
+        write_jpeg(config.producer.watch / "fine.jpg", seed=1)
+        wait_count(enqueuer, 1)
+    assert watcher.enqueuer.queue.count == 1
