@@ -27,4 +27,10 @@ class ProducerMetrics:
             "1 while the watched folder is armed, 0 while it is gone",
             registry=self.registry,
         )
+        self.rescans = Counter(
+            "depthq_producer_rescans",
+            "Walks of the watched folder, by cause: start, periodic (producer.rescan_s), overflow (lost events)",
+            ["cause"],
+            registry=self.registry,
+        )
         self.registry.register(QueueCollector(queue))

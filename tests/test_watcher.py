@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from redis import Redis
@@ -273,3 +276,43 @@ def test_one_photos_surprise_in_submit_never_stops_the_watcher(
         write_jpeg(config.producer.watch / "fine.jpg", seed=1)
         wait_count(enqueuer, 1)
     assert watcher.enqueuer.queue.count == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's; macOS uses FSEvents")
+def test_five_thousand_folders_raise_no_rescan_storm(make_config: Callable[..., Config], redis_client: Redis) -> None:
+    """Each rescan walks 5,000 folders. Had inotify been asked for opens and no-write closes, each walk
+    would raise ~20,000 events, overflow the kernel's 16,384, and trigger the next rescan, for ever."""
+    config = make_config(producer={"rescan_s": 1.0})
+    for i in range(5000):
+        (config.producer.watch / f"day{i // 100:03d}" / f"card{i % 100:02d}").mkdir(parents=True)
+    enqueuer = Enqueuer(config, redis_client)
+    metrics = ProducerMetrics(enqueuer.queue)
+
+    def rescans(cause: str) -> float:
+        return metrics.rescans.labels(cause)._value.get()
+
+    with watching(Watcher(config, enqueuer, metrics)):
+        # A window of several rescan_s: each periodic walk had its chance to overflow the queue.
+        wait_for(lambda: rescans("periodic") >= 4, "four periodic rescans", 120)
+        # What the kernel was asked for, watch by watch (/proc/self/fdinfo): never opens or no-write closes.
+        masks = _inotify_masks()
+    assert rescans("start") == 1
+    assert rescans("overflow") == 0
+    assert len(masks) == 5000 + 50 + 1  # every folder is watched
+    assert not [m for m in masks if m & (IN_OPEN | IN_CLOSE_NOWRITE)]
+
+
+IN_CLOSE_NOWRITE, IN_OPEN = 0x10, 0x20
+
+
+def _inotify_masks() -> list[int]:
+    """The event mask of every inotify watch this process holds, as the kernel reports it."""
+    masks = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
+                continue
+            for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+                if line.startswith("inotify wd:"):
+                    masks.append(int(line.split(" mask:")[1].split()[0], 16))
+    return masks
