@@ -188,6 +188,11 @@ def alert_key(queue_name: str, name: str) -> str:
     return f"depthq:{queue_name}:alert:{name}"
 
 
+def watches_key(queue_name: str) -> str:
+    """Hash: watcher host -> "<inotify watches> <folders>" at its last rescan, for `depthq status`."""
+    return f"depthq:{queue_name}:watches"
+
+
 def completions_key(queue_name: str) -> str:
     """Sorted set of recent completions, scored by end time, that `depthq status` summarizes."""
     return f"depthq:{queue_name}:completions"

@@ -27,6 +27,11 @@ class ProducerMetrics:
             "1 while the watched folder is armed, 0 while it is gone",
             registry=self.registry,
         )
+        self.watches = Gauge(
+            "depthq_producer_inotify_watches",
+            "inotify watches held on the watched tree (Linux); fewer than its folders means some go unwatched",
+            registry=self.registry,
+        )
         self.rescans = Counter(
             "depthq_producer_rescans",
             "Walks of the watched folder, by cause: start, periodic (producer.rescan_s), overflow (lost events)",

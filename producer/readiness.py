@@ -11,7 +11,7 @@ import fnmatch
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
@@ -31,9 +31,14 @@ class Eligibility:
             return False
         return rel.suffix.lower().lstrip(".") in self.extensions
 
-    def scan(self, root: Path, exclude: Path | None = None) -> Iterator[Path]:
-        """Every eligible regular file under root, skipping ignored folders (and `exclude`) without descending."""
+    def scan(
+        self, root: Path, exclude: Path | None = None, folders: Callable[[], None] | None = None
+    ) -> Iterator[Path]:
+        """Every eligible regular file under root, skipping ignored folders (and `exclude`) without
+        descending. `folders` is called once per folder walked."""
         for dirpath, dirnames, filenames in os.walk(root):
+            if folders is not None:
+                folders()
             dirnames[:] = sorted(
                 d for d in dirnames if not self.ignored(d) and (exclude is None or Path(dirpath, d) != exclude)
             )

@@ -10,8 +10,11 @@ photos costs a few round trips per few hundred.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 from pathlib import Path
@@ -34,7 +37,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from depthq.config import Config
-from depthq.contract import is_finished
+from depthq.contract import is_finished, short_hostname, watches_key
 from depthq.metrics import serve
 from producer.enqueue import Enqueuer, SourceError, Submitted
 from producer.metrics import ProducerMetrics
@@ -76,6 +79,25 @@ _EVENTS = (
 )
 
 
+def inotify_watch_count() -> int:
+    """The inotify watches this process holds, as the kernel lists them in /proc/self/fdinfo."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify":
+                with open(f"/proc/self/fdinfo/{fd}") as info:
+                    count += sum(1 for line in info if line.startswith("inotify wd:"))
+    return count
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
 class _OverflowAlarm(logging.Handler):
     """Raised by watchdog's warning that inotify dropped events, so the main loop rescans now."""
 
@@ -114,6 +136,9 @@ class Watcher:
         self.enqueuer = enqueuer
         self.metrics = metrics
         self.redis_full = False
+        # (watches held, folders walked) at the last rescan; Linux inotify only.
+        self.watch_counts: tuple[int, int] | None = None
+        self._watch_shortfall_said = False
         self.root = config.producer.watch.resolve()
         # An output folder inside the watched one must not feed its previews back in as photos.
         self.output_root = config.output.dir.resolve()
@@ -177,7 +202,13 @@ class Watcher:
 
     def _scan(self, skip_queued: bool) -> int:
         found = 0
-        for path in self.eligible.scan(self.root, exclude=self.output_root):
+        folders = 0
+
+        def count_folder() -> None:
+            nonlocal folders
+            folders += 1
+
+        for path in self.eligible.scan(self.root, exclude=self.output_root, folders=count_folder):
             try:
                 st = path.stat()
             except OSError:
@@ -189,7 +220,41 @@ class Watcher:
                 found += 1
         if found:
             log.info("rescan of %s: %d photo(s) without output", self.root, found)
+        self._check_watches(folders)
         return found
+
+    def _check_watches(self, folders: int) -> None:
+        """watchdog ignores a failed inotify_add_watch (ENOSPC: fs.inotify.max_user_watches reached) for
+        every folder but the root: photos in the unwatched ones then wait for the next rescan. Compare
+        the watches the kernel holds for us with the folders the walk found, and say so once, with the fix."""
+        if self.config.producer.polling or not sys.platform.startswith("linux"):
+            return
+        watches = inotify_watch_count()
+        if self.metrics is not None:
+            self.metrics.watches.set(watches)
+        self.watch_counts = (watches, folders)
+        with contextlib.suppress(RedisError):
+            self.enqueuer.connection.hset(watches_key(self.config.queue.name), short_hostname(), f"{watches} {folders}")
+        if watches >= folders:
+            self._watch_shortfall_said = False
+            return
+        if not self._watch_shortfall_said:
+            limit = _read_int("/proc/sys/fs/inotify/max_user_watches")
+            wanted = max(2 * folders, 524288)
+            log.error(
+                "only %d of the %d folders under %s are watched: the kernel refused the rest "
+                "(fs.inotify.max_user_watches is %s, shared by every program of this user). Photos in "
+                "unwatched folders wait for the rescan every producer.rescan_s. Raise it: "
+                "sudo sysctl fs.inotify.max_user_watches=%d, and put fs.inotify.max_user_watches=%d in "
+                "/etc/sysctl.d/90-depthq.conf to keep it; then restart the watcher",
+                watches,
+                folders,
+                self.root,
+                limit if limit is not None else "unknown",
+                wanted,
+                wanted,
+            )
+            self._watch_shortfall_said = True
 
     def submit(self, path: Path) -> None:
         try:
@@ -267,7 +332,18 @@ class Watcher:
     def _arm(self) -> BaseObserver:
         observer = self.make_observer()
         observer.schedule(_Handler(self), str(self.root), recursive=True, event_filter=list(_EVENTS))
-        observer.start()
+        try:
+            observer.start()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            # The kernel's inotify watch limit: watch what it allows (the root folder), and let the
+            # rescan find the rest; _check_watches says what to raise, with the numbers.
+            with contextlib.suppress(Exception):
+                observer.stop()
+            observer = self.make_observer()
+            observer.schedule(_Handler(self), str(self.root), recursive=False, event_filter=list(_EVENTS))
+            observer.start()
         kind = "polling" if self.config.producer.polling else type(observer).__name__
         log.info("watching %s (%s), output in %s", self.root, kind, self.output_root)
         return observer

@@ -316,3 +316,48 @@ def _inotify_masks() -> list[int]:
                 if line.startswith("inotify wd:"):
                     masks.append(int(line.split(" mask:")[1].split()[0], 16))
     return masks
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's; macOS uses FSEvents")
+def test_folders_the_kernel_refused_to_watch_are_reported_with_the_fix(
+    make_config: Callable[..., Config], redis_client: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """A real watcher in a user namespace whose inotify watch limit is 20, over 40 folders."""
+    import shutil
+    import subprocess
+
+    from depthq.ops.status import gather
+
+    unshare = shutil.which("unshare")
+    cannot = pytest.fail if os.environ.get("TEST_REQUIRE_TOOLS") == "1" else pytest.skip
+    if unshare is None:
+        cannot("needs unshare (util-linux) for a user namespace with a low inotify limit")
+    probe = subprocess.run([unshare, "--user", "--map-root-user", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        cannot(f"cannot make a user namespace here: {probe.stderr.strip()}")
+    config = make_config()
+    for i in range(40):
+        (config.producer.watch / f"folder{i:02d}").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPTHQ_")}
+    env.update(
+        DEPTHQ_REDIS_URL=redis_url,
+        DEPTHQ_PRODUCER_WATCH=str(config.producer.watch),
+        DEPTHQ_OUTPUT_DIR=str(config.output.dir),
+    )
+    script = f'echo 20 > /proc/sys/user/max_inotify_watches && exec "{sys.executable}" -m producer'
+    log = tmp_path / "watch.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [unshare, "--user", "--map-root-user", "sh", "-c", script], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for(lambda: "are watched" in log.read_text() or proc.poll() is not None, f"the report ({log})")
+        text = log.read_text()
+        assert proc.poll() is None, text
+        assert "of the 41 folders under" in text and "sudo sysctl fs.inotify.max_user_watches=524288" in text
+        assert text.count("are watched") == 1
+        ((watches, folders),) = gather(redis_client, config).watches.values()
+        assert watches < folders == 41
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -35,6 +35,7 @@ from depthq.contract import (
     inflight_key,
     make_queue,
     results_stream,
+    watches_key,
 )
 
 WINDOWS_MIN = (5, 60)
@@ -97,6 +98,8 @@ class Status:
     transit: Transit | None = None
     # Conditions that hold every photo back (output disk full, Redis full), with what to do.
     alerts: list[str] = field(default_factory=list)
+    # Watcher host -> (inotify watches, folders under the watch root) at its last rescan (Linux).
+    watches: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -222,6 +225,10 @@ def gather(connection: Redis, config: Config, now: float | None = None) -> Statu
         transit=_transit(connection, queue.name),
         alerts=[a.decode() for a in connection.mget([alert_key(queue.name, n) for n in ALERTS]) if a]
         + _redis_full(connection),
+        watches={
+            host.decode(): tuple(int(n) for n in counts.split()[:2])  # type: ignore[misc]
+            for host, counts in connection.hgetall(watches_key(queue.name)).items()
+        },
     )
 
 
@@ -258,6 +265,9 @@ def render(status: Status, console: Console) -> None:
     summary.add_row("waiting to retry", str(status.scheduled))
     summary.add_row("failed", f"[red]{status.failed}[/red]" if status.failed else "0")
     summary.add_row("oldest queued", _seconds(status.oldest_queued_age_s))
+    for host, (watches, folders) in sorted(status.watches.items()):
+        short = "" if watches >= folders else " [red](some folders unwatched: see the watcher's log)[/red]"
+        summary.add_row(f"inotify watches on {host}", f"{watches} for {folders} folder(s){short}")
     t = status.transit
     if t is not None:
         summary.add_row("in Redis (redis transport)", f"{t.jobs} job(s), {t.bytes / 2**20:.1f} MiB")
