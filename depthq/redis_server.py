@@ -182,11 +182,16 @@ def die_with_parent_preexec() -> Callable[[], None] | None:
     return preexec
 
 
+def _owner_stamp(pid: int) -> str:
+    """A process as `<pid> <start time>`: a pid the system has since given to another process differs."""
+    return f"{pid} {psutil.Process(pid).create_time():.3f}"
+
+
 def _owner_alive(data_dir: Path) -> bool:
-    """Whether the `depthq up` that started the Redis in `data_dir` still runs (not a reused pid)."""
+    """Whether the process that started the Redis in `data_dir` still runs (not a reused pid)."""
     try:
-        pid = int((data_dir / OWNER_FILE).read_text(encoding="utf-8").split()[0])
-        return "depthq" in " ".join(psutil.Process(pid).cmdline())
+        recorded = (data_dir / OWNER_FILE).read_text(encoding="utf-8").strip()
+        return _owner_stamp(int(recorded.split()[0])) == recorded
     except (OSError, ValueError, IndexError, psutil.Error):
         return False
 
@@ -232,6 +237,6 @@ def start_for(config: Config) -> EmbeddedRedis:
     _take_over_stale(config)
     server = EmbeddedRedis(config.redis.data_dir, config.redis.server_bin, config.redis.startup_timeout_s)
     server.start()
-    (config.redis.data_dir / OWNER_FILE).write_text(f"{os.getpid()}\n", encoding="utf-8")
+    (config.redis.data_dir / OWNER_FILE).write_text(_owner_stamp(os.getpid()) + "\n", encoding="utf-8")
     embedded_url_file(config).write_text(server.url + "\n", encoding="utf-8")
     return server
