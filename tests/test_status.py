@@ -117,3 +117,15 @@ def test_oldest_queued_age_and_json_output(
     assert main(["status", "--redis-url", redis_url]) == 0
     table = capsys.readouterr().out
     assert "queue depthq" in table and "oldest queued" in table and "0 worker(s) on 0 host(s)" in table
+
+
+def test_a_young_service_is_rated_over_the_time_it_has_run(config: Config, redis_client: Redis) -> None:
+    """Six photos in a service 3 minutes old: 2 a minute, not 6 / 5."""
+    now = 1_800_000_000.0
+    with redis_client.pipeline() as pipe:
+        for i in range(6):  # the first enqueued 180 s ago, each taking 10 s end to end
+            record_completion(pipe, config.queue.name, Completion(f"j{i}", "h", "torch", now - 170 + 30 * i, 0.5, 10.0))
+        pipe.execute()
+    five, hour = gather(redis_client, config, now=now).windows
+    assert (five.done, hour.done) == (6, 6)
+    assert five.jobs_per_min == pytest.approx(2.0) and hour.jobs_per_min == pytest.approx(2.0)

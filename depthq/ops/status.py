@@ -117,10 +117,14 @@ def _window(completions: list[Completion], now: float, minutes: int) -> Window:
     recent = [c for c in completions if c.ended_at >= now - minutes * 60]
     waits = [c.queue_wait_s for c in recent]
     totals = [c.total_s for c in recent]
+    # The rate over the time the record covers: a service 3 minutes old has not had 5 minutes to work.
+    # It covers back to when the earliest job it holds was enqueued (queue wait included in total_s).
+    since = min((c.ended_at - c.total_s for c in completions), default=now)
+    covered_min = max(min(minutes * 60.0, now - since), 1.0) / 60.0
     return Window(
         minutes=minutes,
         done=len(recent),
-        jobs_per_min=len(recent) / minutes,
+        jobs_per_min=len(recent) / covered_min,
         queue_wait_p50_s=_percentile(waits, 50),
         queue_wait_p95_s=_percentile(waits, 95),
         total_p50_s=_percentile(totals, 50),
