@@ -11,7 +11,7 @@ import logging
 import sys
 import threading
 import time
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from depthq.config import EXIT_FINAL, EXIT_RETRY, Config, ConfigError, find_config_file, load_config
@@ -200,11 +200,17 @@ def cmd_enqueue(config: Config, args: argparse.Namespace) -> int:
     enqueuer = Enqueuer(config, _connect(config))
     eligible = Eligibility(config.producer.extensions, config.producer.ignore)
     files: list[Path] = []
+    passed_by: list[str] = []
     for path in args.paths:
         if path.is_dir():
             files.extend(eligible.scan(path))
         elif path.exists():
-            files.append(path)
+            # A file named here passes the same filters as the watcher's: notes.txt is no photo.
+            why = eligible.why_not(_under_watch(path, config))
+            if why is None:
+                files.append(path)
+            else:
+                passed_by.append(f"{path}: {why}; the watcher would pass it by too")
         else:
             log.error("%s: no such file or folder", path)
             return 2
@@ -228,9 +234,20 @@ def cmd_enqueue(config: Config, args: argparse.Namespace) -> int:
                 refused += 1
                 progress.console.print(f"[red]refused[/red] {exc}")
             progress.advance(task)
+    for line in passed_by:
+        print(f"refused {line}")
+    refused += len(passed_by)
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing"
     print(f"{len(files)} file(s): {summary}" + (f", {refused} refused" if refused else ""))
     return 1 if refused else 0
+
+
+def _under_watch(path: Path, config: Config) -> PurePath:
+    """The path as the watcher names it (relative to the watch root), or its bare name outside it."""
+    try:
+        return path.resolve().relative_to(config.producer.watch.resolve())
+    except ValueError:
+        return PurePath(path.name)
 
 
 def cmd_models(config: Config, args: argparse.Namespace) -> int:

@@ -27,9 +27,19 @@ class Eligibility:
         return any(fnmatch.fnmatchcase(name, pat) for pat in self.ignore)
 
     def __call__(self, rel: PurePath) -> bool:
-        if not rel.parts or any(self.ignored(part) for part in rel.parts):
-            return False
-        return rel.suffix.lower().lstrip(".") in self.extensions
+        return self.why_not(rel) is None
+
+    def why_not(self, rel: PurePath) -> str | None:
+        """Why the watcher would pass this path by (naming the setting), or None for a photo it takes."""
+        for part in rel.parts:
+            pattern = next((pat for pat in self.ignore if fnmatch.fnmatchcase(part, pat)), None)
+            if pattern is not None:
+                return f"{part!r} matches producer.ignore pattern {pattern!r}"
+        suffix = rel.suffix.lower().lstrip(".")
+        if suffix not in self.extensions:
+            shown = f"extension .{suffix}" if suffix else "no extension"
+            return f"{shown}, not in producer.extensions ({', '.join(sorted(self.extensions))})"
+        return None
 
     def scan(
         self, root: Path, exclude: Path | None = None, folders: Callable[[], None] | None = None

@@ -107,3 +107,29 @@ def test_work_can_end_a_final_error_with_the_code_launchd_needs(
     monkeypatch.setenv("DEPTHQ_MODEL_OFFLINE", "true")
     assert main(args) == 0
     assert "model.path" in capsys.readouterr().err
+
+
+def test_enqueue_refuses_a_named_file_the_watcher_would_pass_by(
+    make_config: Callable[..., Config], redis_client: Redis, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = make_config()
+    inbox = config.producer.watch
+    (inbox / "notes.txt").write_text("not a photo")
+    hidden = write_jpeg(inbox / ".hidden.jpg")
+    photo = write_jpeg(inbox / "a.jpg")
+    args = [
+        "enqueue",
+        str(inbox / "notes.txt"),
+        str(hidden),
+        str(photo),
+        "--watch",
+        str(inbox),
+        "--redis-url",
+        redis_url,
+    ]
+    assert main(args) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "notes.txt: extension .txt, not in producer.extensions" in out
+    assert "'.hidden.jpg' matches producer.ignore pattern '.*'" in out
+    assert "1 file(s): 1 enqueued, 2 refused" in out
+    assert redis_client.llen(f"rq:queue:{config.queue.name}") == 1
