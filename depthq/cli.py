@@ -51,6 +51,7 @@ def _add_common(p: argparse.ArgumentParser, *flags: str) -> None:
         "watch": "folder to watch (producer.watch)",
         "output": "folder for depth outputs (output.dir)",
         "redis_url": "Redis to use, e.g. redis://host:6379/0 (redis.url)",
+        "model": "DepthPro weights: a local folder or a hub id such as apple/DepthPro-hf (model.path)",
     }
     for flag in flags:
         p.add_argument(
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="Redis + watcher + workers on this machine (the single-machine default)")
-    _add_common(up, "watch", "output", "redis_url")
+    _add_common(up, "watch", "output", "redis_url", "model")
     up.add_argument("--workers", type=int, help="worker processes (up.workers, default 1)")
     up.add_argument("--polling", action="store_const", const=True, help="poll instead of native events (SMB/NFS)")
 

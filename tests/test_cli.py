@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from collections.abc import Callable
@@ -133,3 +134,20 @@ def test_enqueue_refuses_a_named_file_the_watcher_would_pass_by(
     assert "'.hidden.jpg' matches producer.ignore pattern '.*'" in out
     assert "1 file(s): 1 enqueued, 2 refused" in out
     assert redis_client.llen(f"rq:queue:{config.queue.name}") == 1
+
+
+def test_model_flag_is_on_up_and_explained_wherever_it_appears() -> None:
+    from depthq.cli import _overrides, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["up", "--model", "/srv/models/DepthPro-hf"])
+    assert _overrides(args)["model"] == {"path": "/srv/models/DepthPro-hf"}
+    helps = []
+    for name, argv in (("up", ["up"]), ("work", ["work"]), ("convert", ["models", "convert"])):
+        sub = parser
+        for word in argv:
+            sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[word]
+        (flag,) = [a for a in sub._actions if "--model" in a.option_strings]
+        helps.append((name, flag.help))
+    assert [name for name, _ in helps] == ["up", "work", "convert"]
+    assert all(help_ and "model.path" in help_ for _, help_ in helps), helps
