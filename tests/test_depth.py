@@ -30,6 +30,7 @@ from worker.depth import (
     focal_px_from_fov,
     metric_depth,
 )
+from worker.errors import ModelOutputError
 from worker.preprocess import model_input, resize_bilinear
 
 
@@ -302,12 +303,15 @@ def test_metric_depth_output_is_float32_for_any_input_dtype(dtype: type[np.float
 
 @pytest.mark.parametrize("fov", [None, 0.0, -10.0, 180.0, 200.0, float("nan"), float("inf")])
 def test_metric_depth_rejects_missing_or_bad_fov(fov: float | None) -> None:
-    with pytest.raises(ValueError, match="no usable focal length"):
+    """No FOV at all is the photo's lack (no EXIF) with a model that has no FOV head; an absurd FOV is
+    the model's output gone wrong, and says so."""
+    expected = (ValueError, "no usable focal length") if fov is None else (ModelOutputError, "which no camera has")
+    with pytest.raises(expected[0], match=expected[1]):
         metric_depth(_cid(11), 64, 48, fov)
     # No EXIF focal (None, or the 0 some cameras write) changes nothing.
-    with pytest.raises(ValueError, match="no usable focal length"):
+    with pytest.raises(expected[0], match=expected[1]):
         metric_depth(_cid(11), 64, 48, fov, 0.0)
-    with pytest.raises(ValueError, match="no usable focal length"):
+    with pytest.raises(expected[0], match=expected[1]):
         metric_depth(_cid(11), 64, 48, fov, None)
 
 

@@ -356,3 +356,27 @@ def test_routine_registry_cleaning_logs_at_debug_only(
     cleaning = [r for r in caplog.records if "cleaning registries for queue" in r.getMessage()]
     assert cleaning and all(r.levelno == logging.DEBUG for r in cleaning)
     assert any(r.levelno == logging.INFO and "a.jpg" in r.getMessage() for r in caplog.records)  # the rest stays
+
+
+def test_an_absurd_fov_from_the_model_is_blamed_on_the_model_and_retried(
+    config: Config, redis_client: Redis, backend: Backend
+) -> None:
+    class NegativeFov:
+        name, device, model_name, warnings = "torch", "cpu", "broken", ()
+        input_size = backend.input_size
+        calls = 0
+
+        def load(self) -> None:
+            pass
+
+        def predict(self, rgb: np.ndarray) -> Prediction:
+            NegativeFov.calls += 1
+            return Prediction(np.full((self.input_size,) * 2, 0.25, np.float32), -12.5)
+
+    jid = Enqueuer(config, redis_client).submit(write_jpeg(config.producer.watch / "fine.jpg")).job_id
+    build_worker(config, redis_client, NegativeFov()).work(burst=True, with_scheduler=False)
+    assert NegativeFov.calls == 1 + config.worker.retries  # another worker's model might answer well
+    error = json.loads((config.output.dir / "fine.jpg.error.json").read_text())["error"]
+    assert error["type"] == "model_output"
+    assert "-12.5 degrees, which no camera has" in error["message"] and "not the photo" in error["message"]
+    assert Job.fetch(jid, connection=redis_client, serializer=SERIALIZER).get_status() == JobStatus.FAILED

@@ -11,6 +11,7 @@ from typing import Literal
 
 import numpy as np
 
+from worker.errors import ModelOutputError
 from worker.preprocess import resize_bilinear
 
 # The diagonal of a 36 x 24 mm frame, in mm.
@@ -73,6 +74,12 @@ def metric_depth(
     focal = _focal(width, height, fov_deg, focal_length_35mm)
     inverse = np.asarray(inverse_depth, dtype=np.float32)
     if not already_metric:
+        if focal is None and fov_deg is not None:
+            raise ModelOutputError(
+                f"the model answered a field of view of {fov_deg!r} degrees, which no camera has (0 to 180): "
+                "its output is wrong, not the photo. Check the model's weights (model.path, or the Core ML "
+                "package), or give the photo an EXIF FocalLengthIn35mmFilm"
+            )
         if focal is None:
             raise ValueError(
                 f"no usable focal length: model FOV {fov_deg!r} and no EXIF FocalLengthIn35mmFilm; "

@@ -34,6 +34,14 @@ class TimedOutError(WorkerDiedError):
     kind = "timed_out"
 
 
+class ModelOutputError(RuntimeError):
+    """The model answered something no photo can have (a negative or absurd field of view): the
+    fault is in the model's output, not the photo. Retried like any unexpected error, since another
+    worker's model may answer well; the last attempt's error file says which it was."""
+
+    kind = "model_output"
+
+
 class OutputUnavailableError(RuntimeError):
     """The output folder refused a write for a reason of its own (full, over quota, read-only, I/O
     error): a failure of the environment, not of the photo. Retried with back-off, never recorded

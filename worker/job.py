@@ -40,6 +40,7 @@ from worker.depth import metric_depth
 from worker.errors import (
     BadInputError,
     ExpectedError,
+    ModelOutputError,
     OutputUnavailableError,
     RefusedJobError,
     TimedOutError,
@@ -207,6 +208,8 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
         )
     except ValueError as exc:
         raise BadInputError(f"{p.source}: {exc}") from None
+    except ModelOutputError as exc:
+        raise ModelOutputError(f"{p.source}: {exc}") from None
     preview = preview_png(md.depth, rt.backend.input_size)
     depth = md.depth
     stats = depth_stats(depth, rt.backend.input_size)
