@@ -36,6 +36,9 @@ def test_offline_without_a_copy_says_how_to_fetch(
     assert "apple/DepthPro-hf" in msg
     assert f"hf download apple/DepthPro-hf --local-dir {tmp_path / 'apple__DepthPro-hf'}" in msg
     assert "model.path" in msg
+    # The fix leads; the hub library's own text (when it was asked at all) comes last.
+    assert msg.startswith("model.path: apple/DepthPro-hf is not in ")
+    assert msg.index("hf download") < (msg.index("Fetching it here failed") if not offline_setting else len(msg))
 
 
 def test_nonsense_path_is_refused(tmp_path: Path) -> None:

@@ -28,14 +28,14 @@ def resolve_model_dir(model: ModelConfig) -> Path:
     target = local_dir_for(model.path, model.cache_dir)
     if (target / "config.json").is_file():
         return target
+    # The fix first: the library's own words, long and about HTTP, come last.
     fetch_hint = (
-        f"on a machine with internet, run `hf download {model.path} --local-dir {target}` "
-        f"and copy {target} here, or set model.path to a local folder that holds the model"
+        f"model.path: {model.path} is not in {target}. On a machine with internet, run "
+        f"`hf download {model.path} --local-dir {target}` and copy {target} here, or set model.path "
+        "to a local folder that holds the model"
     )
     if model.offline:
-        raise ModelUnavailableError(
-            f"model.path: {model.path} is not in {target} and model.offline is on; {fetch_hint}"
-        )
+        raise ModelUnavailableError(f"{fetch_hint} (model.offline is on, so nothing is downloaded)")
     from huggingface_hub import snapshot_download
 
     log.info("downloading %s into %s", model.path, target)
@@ -46,7 +46,5 @@ def resolve_model_dir(model: ModelConfig) -> Path:
             allow_patterns=["*.json", "*.safetensors", "*.txt", "*.md"],
         )
     except Exception as exc:
-        raise ModelUnavailableError(
-            f"model.path: could not fetch {model.path} into {target} ({type(exc).__name__}: {exc}); {fetch_hint}"
-        ) from None
+        raise ModelUnavailableError(f"{fetch_hint}. Fetching it here failed: {type(exc).__name__}: {exc}") from None
     return target
