@@ -90,8 +90,10 @@ class ProducerConfig(_Section):
     ignore: list[str] = Field(
         default_factory=lambda: [".*", "._*", "~*", "*.part", "*.crdownload", "*.tmp", ".DS_Store"]
     )
-    # Prometheus /metrics on this port (all interfaces, for a remote scraper); null: off.
+    # Prometheus /metrics on this port; null: off.
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    # Loopback unless asked: 0.0.0.0 for a remote Prometheus, with the port firewalled to it.
+    metrics_bind: str = "127.0.0.1"
 
 
 class WorkerConfig(_Section):
@@ -107,6 +109,8 @@ class WorkerConfig(_Section):
     dead_after_s: int = Field(30, ge=10)
     # Prometheus /metrics on this port; `depthq up` gives its Nth worker this port + N. null: off.
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    # Loopback unless asked: 0.0.0.0 for a remote Prometheus, with the port firewalled to it.
+    metrics_bind: str = "127.0.0.1"
 
 
 class ModelConfig(_Section):

@@ -21,9 +21,6 @@ from depthq.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-# All interfaces: Prometheus scrapes from another machine. The figures carry no secrets.
-METRICS_BIND = "0.0.0.0"
-
 
 class QueueCollector(Collector):
     """Queue depth and failed jobs, read from Redis at scrape time."""
@@ -45,11 +42,16 @@ class QueueCollector(Collector):
         yield failed
 
 
-def serve(registry: CollectorRegistry, port: int, key: str) -> Any:
-    """Start the /metrics server on a daemon thread; a taken port stops start-up naming the setting."""
+def serve(registry: CollectorRegistry, port: int, key: str, bind: str = "127.0.0.1") -> Any:
+    """Start the /metrics server on a daemon thread; a taken port stops start-up naming the setting.
+
+    `bind` is loopback unless the config says otherwise (`*.metrics_bind`): the figures carry no
+    secrets, but an open port on every interface is a surprise on a laptop or a shared host."""
     try:
-        server, _thread = start_http_server(port, addr=METRICS_BIND, registry=registry)
+        server, _thread = start_http_server(port, addr=bind, registry=registry)
     except OSError as exc:
-        raise ConfigError(f"{key}: cannot listen on port {port} ({exc.strerror}); pick a free port") from None
-    log.info("metrics on http://%s:%d/metrics", METRICS_BIND, port)
+        raise ConfigError(
+            f"{key}: cannot listen on {bind}:{port} ({exc.strerror}); pick a free port or another metrics_bind"
+        ) from None
+    log.info("metrics on http://%s:%d/metrics", bind, port)
     return server

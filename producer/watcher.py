@@ -442,5 +442,5 @@ def build_watcher(config: Config, connection: Redis) -> Watcher:
     metrics = None
     if config.producer.metrics_port is not None:
         metrics = ProducerMetrics(enqueuer.queue)
-        serve(metrics.registry, config.producer.metrics_port, "producer.metrics_port")
+        serve(metrics.registry, config.producer.metrics_port, "producer.metrics_port", config.producer.metrics_bind)
     return Watcher(config, enqueuer, metrics)

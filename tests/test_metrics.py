@@ -40,5 +40,17 @@ def test_a_taken_port_is_named(make_config: Callable[..., Config]) -> None:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(ConfigError, match=f"worker.metrics_port: cannot listen on port {port}"):
+        with pytest.raises(ConfigError, match=f"worker.metrics_port: cannot listen on 127.0.0.1:{port}"):
             serve(CollectorRegistry(), port, "worker.metrics_port")
+
+
+def test_metrics_listen_on_loopback_unless_the_config_says_otherwise(make_config: Callable[..., Config]) -> None:
+    config = make_config()
+    assert (config.producer.metrics_bind, config.worker.metrics_bind) == ("127.0.0.1", "127.0.0.1")
+    for bind in (config.worker.metrics_bind, "0.0.0.0"):
+        server = serve(CollectorRegistry(), free_port(), "worker.metrics_port", bind)
+        try:
+            assert server.server_address[0] == bind
+        finally:
+            server.shutdown()
+            server.server_close()

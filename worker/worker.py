@@ -364,7 +364,7 @@ def run(config: Config, burst: bool = False, backend: Backend | None = None) -> 
     if config.worker.metrics_port is not None:
         # Served before the model loads, so a slow first load (a Core ML compile) shows as model_loaded 0.
         metrics = WorkerMetrics(make_queue(connection, config), short_hostname(), backend.name, backend.model_name)
-        serve(metrics.registry, config.worker.metrics_port, "worker.metrics_port")
+        serve(metrics.registry, config.worker.metrics_port, "worker.metrics_port", config.worker.metrics_bind)
     backend, timings = load_backend(config, backend)
     if metrics is not None:
         metrics.model_loaded.set(1)
