@@ -77,8 +77,9 @@ def test_depthq_reaches_up_only_from_the_cli_and_supervisor_and_lazily() -> None
     assert ("depthq", True) in cli_imports  # its own core, eagerly: the config it parses for every command
     model_commands_users = [
         path.relative_to(REPO).as_posix()
-        for path in REPO.rglob("*.py")
-        if ".venv" not in path.parts and "depthq.model_commands" in path.read_text() and path.parent.name != "tests"
+        for folder in (*PACKAGES, "bench")
+        for path in sorted((REPO / folder).rglob("*.py"))
+        if "depthq.model_commands" in path.read_text()
     ]
     assert model_commands_users == ["depthq/cli.py"]
     tree = ast.parse((REPO / "depthq" / "cli.py").read_text())
