@@ -76,7 +76,17 @@ def test_photo_becomes_depth_preview_and_sidecar(config: Config, redis_client: R
     assert meta["fov_vertical_deg"] == pytest.approx(math.degrees(2 * math.atan(30 / meta["focal_length_px"])))
     assert meta["depth"]["unit"] == "m" and meta["depth"]["file"] == "a.jpg.depth.npy"
     assert meta["depth"]["median"] == pytest.approx(expected_depth(80, 60), rel=1e-5)
-    assert meta["model"] == {"name": config.model.path, "backend": "torch", "device": "cpu"}
+    revision = meta["model"].pop("revision")
+    assert meta["model"] == {
+        "name": config.model.path,
+        "source": config.model.path,
+        "path": config.model.path,  # the tests' checkpoint is a local folder
+        "precision": "float32",
+        "backend": "torch",
+        "device": "cpu",
+    }
+    assert revision.startswith("sha256:") and len(revision) == len("sha256:") + 16
+    assert "warnings" not in meta
     assert set(meta["timings_ms"]) == {"queue_wait", "decode", "inference", "postprocess", "write", "total"}
     assert meta["worker"]["name"].startswith(meta["worker"]["host"] + ".torch.")
     assert meta["job_id"] == submitted.job_id
@@ -380,3 +390,19 @@ def test_an_absurd_fov_from_the_model_is_blamed_on_the_model_and_retried(
     assert error["type"] == "model_output"
     assert "-12.5 degrees, which no camera has" in error["message"] and "not the photo" in error["message"]
     assert Job.fetch(jid, connection=redis_client, serializer=SERIALIZER).get_status() == JobStatus.FAILED
+
+
+def test_the_sidecar_names_the_model_that_ran_and_the_one_asked_for_when_they_differ(
+    make_config: Callable[..., Config], redis_client: Redis, backend: Backend
+) -> None:
+    """A producer asking for another model.path than this worker loaded: the worker's is recorded."""
+    producer_side = make_config(model={"path": "apple/DepthPro-hf"})
+    Enqueuer(producer_side, redis_client).submit(write_jpeg(producer_side.producer.watch / "a.jpg"))
+    build_worker(make_config(), redis_client, backend).work(burst=True, with_scheduler=False)
+    meta = _sidecar(producer_side, "a.jpg")
+    assert meta["model"]["name"] == backend.model_info["name"] != "apple/DepthPro-hf"
+    assert meta["model"]["requested"] == "apple/DepthPro-hf"
+    assert (
+        f"the job asked for model apple/DepthPro-hf; this worker ran {meta['model']['name']} (torch)"
+        in meta["warnings"]
+    )

@@ -15,7 +15,7 @@ list` and the tests read the same contract the Mac's backend acts on. It imports
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,6 +84,8 @@ class CoreMLContract:
     width_input: str | None
     # The width input's element type: the pruned exports declare Float16, the others Float32.
     width_dtype: str = "float32"
+    # The spec's user-defined metadata (depthq's conversions record source and compression there).
+    metadata: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def metric(self) -> bool:
@@ -193,6 +195,7 @@ def detect_contract(spec: Any, source: str) -> CoreMLContract:
         fov_output=fov.name if fov else None,
         width_input=width_input.name if width_input else None,
         width_dtype="float16" if width_input and width_input.type.endswith("float16") else "float32",
+        metadata=dict(spec.description.metadata.userDefined),
     )
 
 

@@ -35,7 +35,7 @@ from depthq.contract import (
     done_key,
     record_completion,
 )
-from worker.backends.base import Backend
+from worker.backends.base import Backend, describe_model
 from worker.depth import metric_depth
 from worker.errors import (
     BadInputError,
@@ -161,7 +161,9 @@ def _try_copy(
     assert p.same_as is not None
     stored = io.output.read_result(p.same_as)
     sha = hashlib.sha256(photo.data).hexdigest()
-    if stored is None or stored[2].get("sha256") != sha or stored[2].get("model", {}).get("name") != p.model:
+    stored_model = stored[2].get("model", {}) if stored is not None else {}
+    asked_for = stored_model.get("requested") or stored_model.get("source") or stored_model.get("name")
+    if stored is None or stored[2].get("sha256") != sha or asked_for != p.model:
         return None
     depth, preview, sidecar = stored
     t_write = time.perf_counter()
@@ -222,6 +224,9 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
         "inference": _ms(t_inferred - t_decoded),
         "postprocess": _ms(t_post - t_inferred),
     }
+    ran = describe_model(rt.backend)
+    # The model the job asked for (the producer's model.path), when this worker ran another.
+    requested = p.model if ran.get("source", ran["name"]) != p.model else None
     sidecar: dict[str, Any] = {
         "source": p.source,
         "sha256": sha,
@@ -235,10 +240,13 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
         "focal_length_35mm": image.focal_length_35mm,
         "fov_model_deg": prediction.fov_deg,
         "depth": stats,
-        "model": {"name": p.model, "backend": rt.backend.name, "device": rt.backend.device},
+        "model": {**ran, "backend": rt.backend.name, "device": rt.backend.device},
         "worker": {"host": rt.host, "name": rt.worker_name},
     }
     warnings = list(rt.backend.warnings)
+    if requested is not None:
+        sidecar["model"]["requested"] = requested
+        warnings.append(f"the job asked for model {requested}; this worker ran {ran['name']} ({rt.backend.name})")
     if p.sha256 and sha != p.sha256:
         # The file changed after it was enqueued; this describes what was actually read.
         warnings.append("the photo changed after it was enqueued; this result is for its current content")

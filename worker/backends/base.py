@@ -26,6 +26,8 @@ class Backend(Protocol):
     name: str
     device: str
     model_name: str
+    # Optional: what was loaded, for every sidecar (name, path, precision, revision, source...).
+    # A backend without it is described by model_name alone.
     input_size: int  # square side in pixels, read from the loaded model
     # Caveats about this model's output that every sidecar should carry (e.g. "no FOV head").
     warnings: tuple[str, ...]
@@ -35,3 +37,9 @@ class Backend(Protocol):
 
     def predict(self, rgb: np.ndarray) -> Prediction:
         """`rgb`: uint8 (H, W, 3), upright."""
+
+
+def describe_model(backend: Backend) -> dict[str, object]:
+    """What this worker actually runs, as every sidecar records it: the loaded model, not the asked-for one."""
+    info = getattr(backend, "model_info", None)
+    return dict(info) if info else {"name": backend.model_name}

@@ -97,6 +97,16 @@ class CoreMLBackend:
                 "which is relative and never meters; use a meters model or `depthq models convert`"
             )
         self.model_name = path.stem
+        meta = self.contract.metadata
+        self.model_info: dict[str, object] = {
+            "name": path.stem,
+            "path": str(path),
+            "precision": "float16 or as converted",
+            "compression": meta.get("depthq.compression"),
+            # A depthq conversion records the checkpoint it came from; a hub export does not say.
+            "source": meta.get("depthq.source"),
+            "revision": compiled_cache_path(path, model.cache_dir).stem.rsplit("-", 1)[-1],
+        }
         self.input_size = self.contract.input_size
         self.device = f"coreml:{model.compute_units}"
         self.warnings: tuple[str, ...] = ()

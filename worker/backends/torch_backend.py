@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +36,22 @@ def input_size_of(config: Any) -> int:
     return round(patch / min(config.scaled_images_ratios))
 
 
+def revision_of(folder: Path) -> str:
+    """The hub commit a download came from (huggingface_hub keeps it beside the files), else a hash of
+    the checkpoint's config and its weight files' names and sizes: cheap, and different when they are."""
+    for metadata in sorted((folder / ".cache" / "huggingface" / "download").glob("*.metadata")):
+        with contextlib.suppress(OSError, IndexError):
+            commit = metadata.read_text(encoding="utf-8").splitlines()[0].strip()
+            if commit:
+                return commit
+    digest = hashlib.sha256()
+    with contextlib.suppress(OSError):
+        digest.update((folder / "config.json").read_bytes())
+    for weights in sorted(folder.glob("*.safetensors")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return "sha256:" + digest.hexdigest()[:16]
+
+
 class TorchBackend:
     name = "torch"
 
@@ -45,6 +64,7 @@ class TorchBackend:
         self._dtype: Any = None
         self._has_fov = False
         self.warnings: tuple[str, ...] = ()
+        self.model_info: dict[str, object] = {"name": model.path}
 
     def load(self) -> None:
         import torch
@@ -67,6 +87,13 @@ class TorchBackend:
             log.warning("%s", self.warnings[0])
         self._model = model.to(self.device, dtype=self._dtype).eval()
         self.input_size = input_size_of(model.config)
+        self.model_info = {
+            "name": self.model_config.path,
+            "source": self.model_config.path,
+            "path": str(folder),
+            "precision": dtype_name,
+            "revision": revision_of(folder),
+        }
         log.info(
             "loaded %s on %s (%s), input %dx%d",
             folder,
