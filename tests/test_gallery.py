@@ -299,6 +299,11 @@ def test_the_page_shows_results_as_they_land(
     crashes: list[str] = []
     page.on("pageerror", lambda exc: crashes.append(str(exc)))
     page.on("dialog", lambda dialog: crashes.append(f"a dialog opened: {dialog.message}") or dialog.dismiss())
+    refused: list[str] = []  # any request the page made that the server refused (a 415 for a bad photo's thumb)
+    page.on(
+        "response",
+        lambda response: refused.append(f"{response.status} {response.url}") if response.status >= 400 else None,
+    )
     page.goto(served)
 
     card = page.locator("article.card").first
@@ -335,6 +340,8 @@ def test_the_page_shows_results_as_they_land(
     )
     assert page.evaluate("window.__sameDocument") is True
     assert not crashes
+    assert cards.nth(0).locator("img").count() == 2 and not cards.nth(0).locator("img[src]").count()
+    assert refused == []
 
     shot = tmp_path / "gallery.png"
     page.screenshot(path=str(shot), full_page=True)

@@ -144,6 +144,11 @@ def _section(record: dict[str, Any], key: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+# Error types that say the photo itself cannot be decoded or read: the page asks no thumbnail of them
+# (each would be a 415 in the browser's console).
+UNSHOWABLE_ERRORS = frozenset({"bad_input", "refused"})
+
+
 def _card(found: _Found, record: dict[str, Any]) -> dict[str, Any]:
     """What the page shows of one record: typed fields only, so nothing else from the file reaches it."""
     card: dict[str, Any] = {
@@ -157,6 +162,9 @@ def _card(found: _Found, record: dict[str, Any]) -> dict[str, Any]:
     if found.kind == "error":
         error = _section(record, "error")
         card["error"] = {"type": _text(error.get("type")), "message": _text(error.get("message"))}
+        if card["error"]["type"] in UNSHOWABLE_ERRORS:
+            # The worker could not decode or read it: neither can the thumbnailer, so ask for nothing.
+            card["thumb_url"] = None
         return card
     depth, worker, model = _section(record, "depth"), _section(record, "worker"), _section(record, "model")
     card.update(
