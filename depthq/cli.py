@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(status, "redis_url")
     status.add_argument("--json", action="store_true", help="the same figures as JSON, for scripts")
 
+    doctor = sub.add_parser("doctor", help="why this machine would not take jobs: one line per check, with the fix")
+    _add_common(doctor, "watch", "output", "redis_url", "model")
+    doctor.add_argument("--backend", help="worker.backend")
+    doctor.add_argument("--no-model", action="store_true", help="skip loading the model (a watcher-only host)")
+
     failed = sub.add_parser("failed", help="the failed jobs: list, retry or purge them")
     fsub = failed.add_subparsers(dest="failed_command", required=True)
     fl = fsub.add_parser("list", help="failed jobs with their photo and error")
@@ -329,6 +334,12 @@ def cmd_failed(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(config: Config, args: argparse.Namespace) -> int:
+    from depthq.doctor import doctor
+
+    return doctor(config, find_config_file(args.config), model=not args.no_model)
+
+
 _COMMANDS = {
     "up": cmd_up,
     "watch": cmd_watch,
@@ -339,6 +350,7 @@ _COMMANDS = {
     "dashboard": cmd_dashboard,
     "status": cmd_status,
     "failed": cmd_failed,
+    "doctor": cmd_doctor,
 }
 
 

@@ -30,8 +30,9 @@ from tests.waiting import wait_for
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("depthq", "producer", "worker")
 HEAVY = ("numpy", "torch", "coremltools")
-# The only modules of depthq/ that may import producer/ or worker/, and only inside a function.
-REACHES_UP = {"depthq/cli.py", "depthq/supervisor.py", "depthq/model_commands.py"}
+# The only modules of depthq/ that may import producer/ or worker/, and only inside a function: the
+# CLI, the supervisor, and the commands that load a model (models, doctor).
+REACHES_UP = {"depthq/cli.py", "depthq/supervisor.py", "depthq/model_commands.py", "depthq/doctor.py"}
 
 
 def _imports(path: Path) -> Iterator[tuple[str, bool]]:

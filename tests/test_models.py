@@ -69,3 +69,12 @@ def test_real_depthpro_config_gives_1536() -> None:
     from transformers import DepthProConfig
 
     assert input_size_of(DepthProConfig()) == 1536
+
+
+def test_the_licence_is_read_from_the_checkpoints_model_card(tmp_path: Path) -> None:
+    from worker.models import licence_of
+
+    (tmp_path / "README.md").write_text("---\nlibrary_name: transformers\nlicense: apple-amlr\n---\n# DepthPro\n")
+    assert licence_of(tmp_path) == "apple-amlr"
+    (tmp_path / "README.md").write_text("# no front matter\nlicense: ignored outside it\n")
+    assert licence_of(tmp_path).startswith("not stated")

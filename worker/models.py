@@ -48,3 +48,20 @@ def resolve_model_dir(model: ModelConfig) -> Path:
     except Exception as exc:
         raise ModelUnavailableError(f"{fetch_hint}. Fetching it here failed: {type(exc).__name__}: {exc}") from None
     return target
+
+
+def licence_of(folder: Path) -> str:
+    """The licence the checkpoint's model card states (its README's `license:` line), for the user
+    deploying a fleet to see: DepthPro's hub weights say apple-amlr, Apple's research licence."""
+    try:
+        lines = (folder / "README.md").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return "not stated in the checkpoint (see its model card)"
+    if lines and lines[0].strip() == "---":
+        for line in lines[1:]:
+            if line.strip() == "---":
+                break
+            key, _, value = line.partition(":")
+            if key.strip() == "license" and value.strip():
+                return value.strip()
+    return "not stated in the checkpoint (see its model card)"

@@ -280,6 +280,14 @@ else
     die "depthq models download $MODEL failed (above); fix it, or copy a model into $PREFIX/models and use --skip-model"
 fi
 
+# Everything the worker needs, checked before launchd starts it: Redis, folders, the model (loaded once,
+# which also leaves Core ML's compiled copy for the agent's first start). Exit 1 names the fix.
+doctor_args=(doctor --config "$CONFIG")
+[ "$SKIP_MODEL" = 1 ] && doctor_args+=(--no-model)
+say "checking this Mac with depthq doctor"
+(cd "$WORKDIR" && "$VENV/bin/depthq" "${doctor_args[@]}") ||
+  die "depthq doctor found a problem (the FAIL lines above say how to fix it); fix it and run this again"
+
 render_plist
 
 stop_agent "$SERVICE" || true
