@@ -47,6 +47,8 @@ def resolve_model_dir(model: ModelConfig) -> Path:
         )
     except Exception as exc:
         raise ModelUnavailableError(f"{fetch_hint}. Fetching it here failed: {type(exc).__name__}: {exc}") from None
+    # Said once, at the download: the weights' terms matter to anyone deploying a fleet.
+    log.warning("downloaded %s into %s; its licence: %s", model.path, target, licence_of(target))
     return target
 
 
