@@ -151,3 +151,31 @@ def test_the_dashboard_survives_a_restart_of_depthq_up(tmp_path: Path, tiny_mode
             dashboard.terminate()
             dashboard.wait(30)
         assert stop(up) == 0
+
+
+def test_the_dashboard_follows_depthq_ups_redis_when_it_moves(
+    make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    """Its old port was taken while depthq up restarted: the Redis came up elsewhere, and the open
+    dashboard reconnects to what depthq up now advertises."""
+    from depthq.connection import embedded_url_file
+    from depthq.redis_server import EmbeddedRedis
+
+    config = make_config(redis={"url": None, "data_dir": str(tmp_path / "redis-data")})
+    marker = embedded_url_file(config)
+    marker.parent.mkdir(parents=True)
+    servers = [EmbeddedRedis(tmp_path / f"r{i}") for i in range(2)]
+    try:
+        for server in servers:
+            server.start()
+        Redis.from_url(servers[1].url).sadd("rq:queues", "rq:queue:only-on-the-second")
+        marker.write_text(servers[0].url + "\n")
+        client = create_app(config, servers[0].url).test_client()
+        names = lambda: {q["name"] for q in client.get("/0/data/queues.json").get_json()["queues"]}  # noqa: E731
+        assert "only-on-the-second" not in names()
+        servers[0].stop()
+        marker.write_text(servers[1].url + "\n")
+        assert "only-on-the-second" in names()
+    finally:
+        for server in servers:
+            server.stop()

@@ -16,7 +16,7 @@ from pathlib import Path
 from flask import Flask, Response, request
 
 from depthq.config import Config, ConfigError, read_password_file
-from depthq.connection import redact, url_with_credentials
+from depthq.connection import embedded_url_file, redact, url_with_credentials
 from depthq.contract import SERIALIZER
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,28 @@ def _basic_auth(app: Flask, username: str, password: str) -> None:
         return Response("depthq dashboard: log in", 401, {"WWW-Authenticate": 'Basic realm="depthq"'})
 
 
+def _follow_embedded_redis(app: Flask, config: Config, redis_url: str) -> None:
+    """With no redis.url, the dashboard serves the Redis a local `depthq up` advertises. That Redis can
+    move when depthq up restarts (its old port taken meanwhile): before each request, one stat of the
+    advertisement tells whether to reconnect, so an open dashboard never shows a dead port."""
+    from rq_dashboard.web import setup_rq_connection
+
+    marker = embedded_url_file(config)
+    current = {"url": redis_url}
+
+    @app.before_request
+    def reconnect_if_moved() -> None:
+        try:
+            url = marker.read_text(encoding="utf-8").strip()
+        except OSError:
+            return  # depthq up is between runs: keep the last URL, and let the page say it cannot reach it
+        if url and url != current["url"]:
+            log.info("depthq up's Redis moved to %s; the dashboard follows", redact(url))
+            current["url"] = url
+            app.config["RQ_DASHBOARD_REDIS_URL"] = url_with_credentials(url, config.redis)
+            setup_rq_connection(app)
+
+
 def create_app(config: Config, redis_url: str, allow_no_auth: bool = False) -> Flask:
     """The WSGI app. Refuses to face a network without a password unless told to (`--no-auth`)."""
     from rq_dashboard.cli import make_flask_app
@@ -81,6 +103,8 @@ def create_app(config: Config, redis_url: str, allow_no_auth: bool = False) -> F
         ),
         url_prefix="/gallery",
     )
+    if not config.redis.url:
+        _follow_embedded_redis(app, config, redis_url)
     if settings.username is not None and settings.password_file is not None:
         _basic_auth(app, settings.username, read_password_file(settings.password_file, "dashboard.password_file"))
     log.info("dashboard for redis %s, queue %s", redact(redis_url), config.queue.name)
