@@ -6,6 +6,7 @@ Only the CLI imports this, for `depthq models`; it hands the work to the worker'
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def download_command(config: Config, args: argparse.Namespace) -> int:
     )
     entry = catalog.get_entry(name)
     print(f"{entry.name}: {path}")
+    print(f"licence: see the model card of {entry.sources[0].repo_id}; DepthPro's weights are under apple-amlr")
     if not entry.metric:
         print("note: this model outputs normalized inverse depth (relative only); workers refuse it for meters")
     return 0
@@ -38,8 +40,19 @@ def _contract_label(path: Path) -> str:
         return f"unusable: {exc}"
 
 
+def _licence(info: catalog.ModelInfo) -> str:
+    """What the package says (a depthq conversion records its checkpoint's), else where to read it."""
+    recorded = info.contract.metadata.get("depthq.licence") if info.contract else None
+    if recorded:
+        return recorded
+    if info.entry is not None:
+        return f"see the model card of {info.entry.sources[0].repo_id} (DepthPro's weights: apple-amlr)"
+    return "not stated"
+
+
 def list_command(config: Config, args: argparse.Namespace) -> int:
-    console = Console()
+    # Wide when piped or captured, so each row stays one line a script (or grep) can read.
+    console = Console(width=None if sys.stdout.isatty() else 200)
     if args.known:
         table = Table("name", "output", "about")
         for name in catalog.known_names():
@@ -53,7 +66,7 @@ def list_command(config: Config, args: argparse.Namespace) -> int:
             f"no Core ML models in {config.model.cache_dir}; `depthq models convert` or `depthq models download`"
         )
         return 0
-    table = Table("model", "size", "contract", "inputs", "outputs")
+    table = Table("model", "size", "contract", "licence", "inputs", "outputs")
     for info in models:
         if info.format == "mlmodelc":
             contract = "compiled: I/O unknown"
@@ -61,7 +74,7 @@ def list_command(config: Config, args: argparse.Namespace) -> int:
             contract = info.contract.label if info.contract else f"unusable: {info.contract_error or info.io_error}"
         io_in = "\n".join(str(f) for f in info.inputs or ()) or (info.io_error or "")
         io_out = "\n".join(str(f) for f in info.outputs or ())
-        table.add_row(str(info.path), catalog.format_size(info.size_bytes), contract, io_in, io_out)
+        table.add_row(str(info.path), catalog.format_size(info.size_bytes), contract, _licence(info), io_in, io_out)
     console.print(table)
     return 0
 

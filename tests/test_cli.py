@@ -74,8 +74,9 @@ def test_models_download_from_a_local_copy_then_list(
     assert main(["models", "download", "DepthProMetersPrunedQuantized"]) == 0  # present: no network needed
     capsys.readouterr()
     assert main(["models", "list"]) == 0
-    listing = capsys.readouterr().out
+    listing = " ".join(capsys.readouterr().out.split())
     assert "meters, no FOV" in listing and "depthMeters" in listing
+    assert "licence" in listing and "see the model card of" in listing
     assert main(["models", "download", "DepthPro"]) == 2
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
 

@@ -26,7 +26,9 @@ SIDE = RELEASED_INPUT_SIZE
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_released_geometry_model(tmp_path_factory.mktemp("released-geometry"))
+    folder = build_released_geometry_model(tmp_path_factory.mktemp("released-geometry"))
+    (folder / "README.md").write_text("---\nlicense: apple-amlr\n---\n# a model card\n")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +110,7 @@ def test_the_released_geometry_converts_with_the_expected_spec(converted: Conver
     ]
     contract = read_contract(package)
     assert (contract.kind, contract.input_size, contract.fov_output) == ("canonical", SIDE, "fov_deg")
+    assert contract.metadata["depthq.licence"] == "apple-amlr"  # the checkpoint's terms travel with it
 
     # The program starts with the ImageType's x * scale + bias; it must be the torch path's preprocessing.
     (mul, scale), (add, bias) = _first_ops(package, 2)

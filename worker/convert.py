@@ -31,7 +31,7 @@ from typing import Any, Literal, get_args
 
 from depthq.config import ModelConfig
 from worker.errors import ModelUnavailableError
-from worker.models import resolve_model_dir
+from worker.models import licence_of, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +262,8 @@ def convert(
     mlmodel.user_defined_metadata["depthq.source"] = str(model.path)
     mlmodel.user_defined_metadata["depthq.compression"] = compression
     mlmodel.user_defined_metadata["depthq.contract"] = contract
+    # The weights' terms travel with the package: `depthq models list` shows them on every Mac.
+    mlmodel.user_defined_metadata["depthq.licence"] = licence_of(folder)
     mlmodel.input_description[IMAGE_INPUT] = f"RGB photo resized to {size}x{size}"
     if contract == "canonical":
         mlmodel.short_description = "DepthPro: canonical inverse depth and horizontal FOV (degrees), made by depthq"
