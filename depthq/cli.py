@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 import time
@@ -191,10 +192,18 @@ def cmd_work(config: Config, args: argparse.Namespace) -> int:
     from worker.worker import run
 
     try:
-        return run(config, burst=args.burst)
+        code = run(config, burst=args.burst)
     except (ModelUnavailableError, BackendUnavailableError) as exc:
         print(f"depthq: {exc}", file=sys.stderr)
         return args.final_exit_code
+    # The worker has stopped: its job is done, its files fsynced, Redis told. The interpreter's own
+    # exit can then hang in garbage collection while torch's native threads are alive (seen here: a
+    # worker stuck after its warm shutdown, a stack dump showing only "Garbage-collecting"), and a
+    # service manager would wait its whole stop timeout. So the process ends here, without it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_enqueue(config: Config, args: argparse.Namespace) -> int:

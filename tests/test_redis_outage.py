@@ -68,10 +68,13 @@ def test_redis_killed_and_restarted_mid_stream(
     finally:
         for _, proc in procs:
             proc.send_signal(signal.SIGTERM)
-        for _, proc in procs:
+        for name, proc in procs:
             try:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
+                if name.startswith("worker"):
+                    proc.send_signal(signal.SIGUSR1)  # its threads' stacks, into its log, to see where it is stuck
+                    time.sleep(1)
                 proc.kill()
         redis.stop()
     logs = {name: (tmp_path / f"{name}.log").read_text() for name, _ in procs}
