@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import io
 import logging
 import os
 import signal
@@ -357,8 +358,10 @@ def run(config: Config, burst: bool = False, backend: Backend | None = None) -> 
     """`depthq work`. `backend` replaces the configured one (the benchmarks' stand-in model)."""
     if PARENT_PIPE_ENV in os.environ:
         stop_with_parent(int(os.environ[PARENT_PIPE_ENV]), config.queue.job_timeout_s + HARD_LIMIT_GRACE_S)
-    # `kill -USR1 <pid>` writes every thread's stack to the log: where a stuck worker is stuck.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # `kill -USR1 <pid>` writes every thread's stack to the log: where a stuck worker is stuck. (Not
+    # where stderr is no file, as when a test captures it.)
+    with contextlib.suppress(io.UnsupportedOperation, AttributeError, ValueError):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     url = resolve_url(config)
     connection = connect(url, config.redis)
     t0 = time.perf_counter()
