@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from redis import Redis
 
 from depthq.config import Config, load_config
@@ -86,3 +87,22 @@ def make_config(tmp_path: Path, redis_url: str, tiny_model: Path) -> Callable[..
         return load_config(empty, overrides=base, environ={})
 
     return make
+
+
+@pytest.fixture
+def write_config_file(tmp_path: Path) -> Callable[..., Path]:
+    """A config file for a command run as a user runs it: `config`'s Redis and folders, plus `sections`."""
+
+    def write(config: Config, name: str = "config.yaml", **sections: dict[str, Any]) -> Path:
+        data: dict[str, dict[str, Any]] = {
+            "redis": {"url": config.redis.url},
+            "producer": {"watch": str(config.producer.watch)},
+            "output": {"dir": str(config.output.dir)},
+        }
+        for section, keys in sections.items():
+            data.setdefault(section, {}).update(keys)
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import yaml
 from redis import Redis
 
 from depthq.cli import main
@@ -41,7 +40,11 @@ def _get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
 
 
 def test_queue_and_job_pages_show_a_jobs_meta(
-    make_config: Callable[..., Config], redis_client: Redis, redis_url: str, tiny_backend: Backend, tmp_path: Path
+    make_config: Callable[..., Config],
+    redis_client: Redis,
+    tiny_backend: Backend,
+    write_config_file: Callable[..., Path],
+    tmp_path: Path,
 ) -> None:
     config = make_config()
     done = Enqueuer(config, redis_client).submit(write_jpeg(config.producer.watch / "a.jpg", width=48, height=32))
@@ -49,17 +52,7 @@ def test_queue_and_job_pages_show_a_jobs_meta(
     waiting = Enqueuer(config, redis_client).submit(write_jpeg(config.producer.watch / "b.jpg", seed=3))
 
     port = free_port()
-    config_file = tmp_path / "dashboard.yaml"
-    config_file.write_text(
-        yaml.safe_dump(
-            {
-                "redis": {"url": redis_url},
-                "producer": {"watch": str(config.producer.watch)},
-                "output": {"dir": str(config.output.dir)},
-                "dashboard": {"port": port},
-            }
-        )
-    )
+    config_file = write_config_file(config, "dashboard.yaml", dashboard={"port": port})
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEPTHQ_")}
     depthq = Path(sys.executable).with_name("depthq")
     log = tmp_path / "dashboard.log"

@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from redis import Redis
 from rq import Worker
 
@@ -17,20 +16,8 @@ from depthq.redis_server import free_port
 
 
 @pytest.fixture
-def config_file(make_config: Callable[..., Config], tmp_path: Path, redis_url: str, tiny_model: Path) -> Path:
-    config = make_config()
-    path = tmp_path / "doctor.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "redis": {"url": redis_url},
-                "producer": {"watch": str(config.producer.watch)},
-                "output": {"dir": str(config.output.dir)},
-                "model": {"path": str(tiny_model), "device": "cpu"},
-            }
-        )
-    )
-    return path
+def config_file(make_config: Callable[..., Config], write_config_file: Callable[..., Path], tiny_model: Path) -> Path:
+    return write_config_file(make_config(), "doctor.yaml", model={"path": str(tiny_model), "device": "cpu"})
 
 
 def doctor(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, list[str]]]:

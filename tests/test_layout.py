@@ -106,20 +106,8 @@ sys.exit(code)
 
 
 @pytest.fixture
-def light_config(make_config: Callable[..., Config], tmp_path: Path, redis_url: str) -> Path:
-    config = make_config()
-    path = tmp_path / "light.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "redis": {"url": redis_url},
-                "producer": {"watch": str(config.producer.watch), "settle_ms": 100},
-                "output": {"dir": str(config.output.dir)},
-                "dashboard": {"port": free_port()},
-            }
-        )
-    )
-    return path
+def light_config(make_config: Callable[..., Config], write_config_file: Callable[..., Path]) -> Path:
+    return write_config_file(make_config(), "light.yaml", producer={"settle_ms": 100}, dashboard={"port": free_port()})
 
 
 def _probe(args: list[str], log: Path) -> subprocess.Popen[bytes]:
