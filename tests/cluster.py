@@ -10,6 +10,7 @@ test network either.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -163,6 +164,19 @@ class Cluster:
             self.stopped.add(name)
         if proc is not None and proc.poll() is None:
             proc.send_signal(sig)
+
+    def wait_exit(self, name: str, timeout: float = 60.0) -> int:
+        """Wait for `name` to end; if it does not, its threads' stacks (SIGUSR1, the worker's
+        faulthandler) and its log go into the failure, which says where it is stuck."""
+        proc = self.procs[name]
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=3)
+            tail = self.log(name)[-6000:]
+            raise AssertionError(f"{name} still running {timeout:.0f} s after it was stopped:\n{tail}") from None
 
     def close(self) -> None:
         for proc in self.procs.values():

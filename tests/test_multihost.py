@@ -83,7 +83,7 @@ def test_a_worker_cut_off_mid_job_is_recovered_by_the_other(hosts: Cluster) -> N
     # Only b is listening when the photo arrives (an idle worker's blocking pop would take it
     # otherwise); c's worker comes back at the moment of the cut.
     c.stop("worker-c0")
-    c.procs["worker-c0"].wait(timeout=60)
+    c.wait_exit("worker-c0", timeout=60)
     write_jpeg(c.inbox / "cut" / "big.jpg", width=6000, height=4000, seed=7)
     registry = StartedJobRegistry("depthq", connection=redis)
 
@@ -135,7 +135,7 @@ def test_the_collector_killed_while_results_arrive_loses_none(hosts: Cluster) ->
     c.wait(lambda: _queue_drained(redis), "the workers to finish what was enqueued", timeout=120)
     waiting = redis.xlen(results_stream("depthq"))
     c.stop("producer", signal.SIGKILL)
-    c.procs["producer"].wait(timeout=30)
+    c.wait_exit("producer", timeout=30)
     c.start_producer(name="producer-again")
     c.wait(lambda: len(_results(c, "killed")) == 30, "all 30 results after the restart", timeout=180)
     assert collected_before < 30 and waiting > 0  # the kill came while results were still arriving

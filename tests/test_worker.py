@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -406,3 +407,20 @@ def test_the_sidecar_names_the_model_that_ran_and_the_one_asked_for_when_they_di
         f"the job asked for model apple/DepthPro-hf; this worker ran {meta['model']['name']} (torch)"
         in meta["warnings"]
     )
+
+
+def test_an_idle_worker_lets_go_of_its_command_channel_promptly(
+    config: Config, redis_client: Redis, backend: Backend
+) -> None:
+    """rq's command thread blocked up to 60 s per poll, and redis-py 8's stop() waits for the poll: an
+    idle worker asked to stop hung for up to a minute in its teardown. Now the poll is a second."""
+    worker = build_worker(config, redis_client, backend)
+    worker.subscribe()
+    channel = worker.pubsub_channel_name
+    wait_for(lambda: dict(redis_client.pubsub_numsub(channel)).get(channel.encode()) == 1, "the subscription")
+    started = time.monotonic()
+    worker.unsubscribe()
+    took = time.monotonic() - started
+    assert not worker.pubsub_thread.is_alive()
+    assert took < 10, f"unsubscribing took {took:.1f} s"  # bounded by the poll (1 s), not rq's 60 s
+    assert dict(redis_client.pubsub_numsub(channel)).get(channel.encode()) == 0

@@ -72,6 +72,10 @@ class DepthJob(Job):
         return super().perform()
 
 
+# How long rq's command-channel thread may block: also how long it takes to stop.
+_COMMAND_POLL_S = 1.0
+
+
 class DepthWorker(SimpleWorker):
     """rq's in-process worker, plus heartbeats while a job runs.
 
@@ -100,6 +104,20 @@ class DepthWorker(SimpleWorker):
         self.backend = backend
         self.redis_full = False
         self.log = _RoutineAtDebug(self.log, {})
+
+    def subscribe(self) -> None:
+        """rq's command channel (kill a job, shut down from the dashboard), polled each second.
+
+        rq polls it every 60 s, and since redis-py 8 the thread's `stop()` waits for that poll to end:
+        an idle worker asked to stop took up to a minute to go, past a test's and a service manager's
+        patience. A poll a second costs one select() a second.
+        """
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=_COMMAND_POLL_S, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
 
     def _through_full_redis(self, call: Callable[[], Any]) -> Any:
         """Run rq's own bookkeeping, waiting out a Redis at maxmemory (noeviction) instead of dying.
