@@ -1,6 +1,9 @@
 """Metric depth from a DepthPro output, exactly as apple/ml-depth-pro `infer()` computes it.
 
-Every backend feeds this one function, so the math cannot drift between Core ML and PyTorch.
+Every backend feeds this one function, so the math cannot drift between Core ML and PyTorch. The
+per-pixel steps (scale, resize back to the photo, clamp, reciprocal) run where the model's output
+lies: a numpy map on the CPU, a CUDA tensor on its GPU, with only the float32 result downloaded.
+`worker/array_ops.py` holds the two sides; this file holds the math once.
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ from typing import Literal
 
 import numpy as np
 
+from worker.array_ops import Array, ops_for
 from worker.errors import ModelOutputError
-from worker.preprocess import resize_bilinear
 
 # The diagonal of a 36 x 24 mm frame, in mm.
 _FULL_FRAME_DIAGONAL_MM = math.hypot(36.0, 24.0)
@@ -57,7 +60,7 @@ def _focal(
 
 
 def metric_depth(
-    inverse_depth: np.ndarray,
+    inverse_depth: Array,
     width: int,
     height: int,
     fov_deg: float | None,
@@ -70,9 +73,12 @@ def metric_depth(
     `inverse_depth` is DepthPro's canonical inverse depth, scaled here by W / f_px. With
     `already_metric`, it is 1/meters from a model that did that scaling itself (a meters-only Core ML
     export); it then takes the same resize and clamp, and the focal length is reported, not used.
+    A numpy map or a torch tensor on any device (a CUDA backend hands its output over without a
+    download); the depth returned is float32 numpy either way.
     """
     focal = _focal(width, height, fov_deg, focal_length_35mm)
-    inverse = np.asarray(inverse_depth, dtype=np.float32)
+    ops = ops_for(inverse_depth)
+    inverse = ops.float32(inverse_depth)
     if not already_metric:
         if focal is None and fov_deg is not None:
             raise ModelOutputError(
@@ -85,18 +91,18 @@ def metric_depth(
                 f"no usable focal length: model FOV {fov_deg!r} and no EXIF FocalLengthIn35mmFilm; "
                 "use a model with a FOV head"
             )
-        inverse = inverse * np.float32(width / focal[0])
-    # In place on the full-resolution map: two fewer 48 MB temporaries for a 12 MP photo.
-    depth = resize_bilinear(inverse, width, height)
-    if np.shares_memory(depth, inverse_depth):  # no resize and no scaling: never write into the caller's map
-        depth = depth.copy()
-    np.clip(depth, MIN_INVERSE_DEPTH, MAX_INVERSE_DEPTH, out=depth)
-    np.reciprocal(depth, out=depth)
+        inverse = inverse * (width / focal[0])  # a Python float: float32 stays float32, numpy or torch
+    # In place on the full-resolution map: two fewer 48 MB temporaries for a 12 MP photo. No resize and
+    # no scaling leaves the caller's own map, which is never written.
+    depth = ops.private(ops.resize(inverse, width, height), inverse_depth)
+    ops.clip_(depth, MIN_INVERSE_DEPTH, MAX_INVERSE_DEPTH)
+    ops.reciprocal_(depth)
+    depth = ops.to_numpy(depth)
     if focal is None:
-        return MetricDepth(depth.astype(np.float32, copy=False), None, None, None, None)
+        return MetricDepth(depth, None, None, None, None)
     f_px, source = focal
     return MetricDepth(
-        depth=depth.astype(np.float32, copy=False),
+        depth=depth,
         focal_length_px=float(f_px),
         focal_length_source=source,
         fov_deg=math.degrees(2.0 * math.atan(0.5 * width / f_px)),
