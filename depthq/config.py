@@ -117,7 +117,13 @@ class ModelConfig(_Section):
     path: str = Field("apple/DepthPro-hf", min_length=1)
     cache_dir: Path = Path("models")
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
-    dtype: Literal["auto", "float32", "float16"] = "auto"
+    # auto: bfloat16 on a CUDA device that has it (Ampere and later), else float16 on CUDA; float32
+    # elsewhere. bfloat16 keeps float32's range, so a large activation cannot overflow to inf.
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # torch.compile mode for the torch backend, or false for eager. The compile happens in the worker's
+    # load, before it takes a job, and costs start-up time (logged). reduce-overhead adds CUDA graphs
+    # (the input is always 1 x 3 x S x S). Off by default until bench/RESULTS.md has CUDA figures.
+    compile: Literal[False, "default", "reduce-overhead", "max-autotune"] = False
     offline: bool = False
     # Core ML (macOS): an .mlpackage; null picks the best metric model present in cache_dir.
     coreml_path: Path | None = None
