@@ -50,12 +50,39 @@ def child_env(config_file: Path | None, overrides: Mapping[str, Mapping[str, Any
     return env
 
 
+# What sizes each library's pool of CPU threads: torch and OpenBLAS (OpenMP), MKL, and OpenCV.
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENCV_FOR_THREADS_NUM")
+
+
+def worker_threads(workers: int, cores: int) -> int:
+    """CPU threads per worker when `workers` share `cores`: each library otherwise sizes its pool to
+    every core, and N workers then run N times as many threads as cores. Three torch workers on two
+    cores ran at 0.22x until OMP_NUM_THREADS=1. Several workers per GPU is how a CUDA host keeps its
+    GPU busy while one worker decodes; their CPU work is mostly single-threaded (decode, PNG) anyway."""
+    return max(1, cores // max(1, workers))
+
+
+def _cores() -> int:
+    """The cores this process may run on (taskset, cgroup cpusets), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
 def _worker_env(env: dict[str, str], config: Config, index: int) -> dict[str, str]:
-    """Worker N serves /metrics on worker.metrics_port + N: processes on one host cannot share a port."""
+    """Worker N serves /metrics on worker.metrics_port + N: processes on one host cannot share a port.
+
+    With several workers, each gets its share of the cores (`worker_threads`), unless the operator set
+    any of those thread counts in the environment already: then they are theirs to set."""
+    out = dict(env)
     port = config.worker.metrics_port
-    if port is None:
-        return env
-    return {**env, "DEPTHQ_WORKER_METRICS_PORT": str(port + index)}
+    if port is not None:
+        out["DEPTHQ_WORKER_METRICS_PORT"] = str(port + index)
+    if config.up.workers > 1 and not any(name in out for name in THREAD_ENV):
+        threads = str(worker_threads(config.up.workers, _cores()))
+        out.update(dict.fromkeys(THREAD_ENV, threads))
+    return out
 
 
 class WorkerCannotStart(Exception):
