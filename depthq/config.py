@@ -117,8 +117,8 @@ class ModelConfig(_Section):
     path: str = Field("apple/DepthPro-hf", min_length=1)
     cache_dir: Path = Path("models")
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
-    # auto: bfloat16 on a CUDA device that has it (Ampere and later), else float16 on CUDA; float32
-    # elsewhere. bfloat16 keeps float32's range, so a large activation cannot overflow to inf.
+    # auto: float16 on CUDA, float32 elsewhere. bfloat16 (Ampere and later) cannot overflow as float16
+    # can, but measured a larger depth error against float32 (bench/RESULTS.md, GPU section).
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # torch.compile mode for the torch backend, or false for eager. The compile happens in the worker's
     # load, before it takes a job, and costs start-up time (logged). reduce-overhead adds CUDA graphs
