@@ -51,7 +51,7 @@ from watchdog.observers import Observer
 
 from bench.common import console, machine, print_table, private_redis, verdict
 from depthq.config import Config, load_config
-from depthq.contract import SERIALIZER, JobPayload, job_id
+from depthq.contract import LANES, SERIALIZER, JobPayload, job_id, make_queue
 from producer.enqueue import Enqueuer
 from producer.metrics import ProducerMetrics
 from producer.watcher import Watcher
@@ -145,9 +145,18 @@ def _wait_for(predicate: Callable[[], bool], what: str) -> None:
         time.sleep(POLL_S)
 
 
-def _check(connection: Redis, queue: Queue, config: Config, expected: dict[str, str]) -> dict[str, Any]:
+def _lanes(enqueuer: Enqueuer) -> list[Queue]:
+    """Both queues: photos events reported go live, what a scan finds goes to the backfill."""
+    return [make_queue(enqueuer.connection, enqueuer.config, lane) for lane in LANES]
+
+
+def _queued(enqueuer: Enqueuer) -> int:
+    return sum(q.count for q in _lanes(enqueuer))
+
+
+def _check(connection: Redis, queues: list[Queue], config: Config, expected: dict[str, str]) -> dict[str, Any]:
     """What Redis holds, against one job per photo content, each naming its own photo."""
-    ids = queue.get_job_ids()
+    ids = [jid for queue in queues for jid in queue.get_job_ids()]
     want = {job_id(sha, config.model.path): name for name, sha in expected.items()}
     prefix = Job.redis_job_namespace_prefix
     hashes = {key.decode()[len(prefix) :] for key in connection.scan_iter(match=prefix + "*", count=1000)}
@@ -219,9 +228,11 @@ def watcher_burst(redis_url: str, photos: int, scenario: str) -> Burst:
                     thread.start()
                     if scenario == "during":
                         renamer = _rename_in(inbox)
-                _wait_for(lambda: enqueuer.queue.count >= photos, f"{photos} jobs")
+                _wait_for(lambda: _queued(enqueuer) >= photos, f"{photos} jobs")
                 seconds = time.time() - t0
-                _wait_for(lambda: watcher.tracker.next_due_in() is None, "the settle tracker to empty")
+                _wait_for(
+                    lambda: watcher.tracker.next_due_in() is None and not watcher.found, "the settle tracker to empty"
+                )
                 time.sleep(QUIET_S)
             finally:
                 stop.set()
@@ -232,7 +243,7 @@ def watcher_burst(redis_url: str, photos: int, scenario: str) -> Burst:
             raise RuntimeError(f"the renaming process failed (exit {renamer.returncode})")
         try:
             return Burst(
-                seconds=seconds, outcomes=_outcomes(metrics), **_check(connection, enqueuer.queue, config, expected)
+                seconds=seconds, outcomes=_outcomes(metrics), **_check(connection, _lanes(enqueuer), config, expected)
             )
         finally:
             connection.close()

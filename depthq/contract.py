@@ -12,7 +12,7 @@ import os
 import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 from redis import Redis
 from rq import Queue
@@ -251,8 +251,9 @@ def source_stamp(st: os.stat_result) -> dict[str, int]:
     return {"size": st.st_size, "mtime": int(st.st_mtime)}
 
 
-def is_finished(output_root: Path, source: str, st: os.stat_result) -> bool:
-    """Done, successfully or with a recorded error, for exactly this file (same size and mtime).
+def finished_kind(output_root: Path, source: str, st: os.stat_result) -> str | None:
+    """ "json" or "error" when the sidecar or error file records exactly this file (same size and
+    mtime): done, successfully or with a recorded error. None when it is not done.
 
     Comparing the recorded stamp, not "output newer than photo", catches a photo replaced by another
     that keeps an older mtime (cp -p, rsync, Finder).
@@ -264,14 +265,49 @@ def is_finished(output_root: Path, source: str, st: os.stat_result) -> bool:
         except (OSError, ValueError, AttributeError):
             continue
         if recorded == stamp:
-            return True
-    return False
+            return kind
+    return None
 
 
-def make_queue(connection: Redis, config: Config) -> Queue:
+def is_finished(output_root: Path, source: str, st: os.stat_result) -> bool:
+    return finished_kind(output_root, source, st) is not None
+
+
+# Photos seen by an event go to the live queue (`queue.name`); what a start-up scan or a rescan finds
+# (a first import, an archive, events the kernel dropped) goes to the backfill queue. Workers take the
+# live queue first, so a photo dropped during a 100k-photo import waits for a few jobs, not the import.
+Lane = Literal["live", "backfill"]
+LANES: tuple[Lane, ...] = ("live", "backfill")
+
+
+def lane_queue_name(queue_name: str, lane: Lane) -> str:
+    return queue_name if lane == "live" else f"{queue_name}-backfill"
+
+
+def make_queue(connection: Redis, config: Config, lane: Lane = "live") -> Queue:
     return Queue(
-        config.queue.name,
+        lane_queue_name(config.queue.name, lane),
         connection=connection,
         serializer=SERIALIZER,
         default_timeout=config.queue.job_timeout_s,
     )
+
+
+def make_queues(connection: Redis, config: Config) -> list[Queue]:
+    """Both lanes, live first: the order a worker takes them in."""
+    return [make_queue(connection, config, lane) for lane in LANES]
+
+
+def recent_key(queue_name: str) -> str:
+    """List of the newest outputs, newest first, capped at RECENT_MAX: what the gallery shows without
+    listing an output tree of a million files."""
+    return f"depthq:{queue_name}:recent"
+
+
+RECENT_MAX = 1000
+
+
+def record_recent(pipe: Any, queue_name: str, source: str) -> None:
+    """One more photo with a new result or error file (a photo may appear more than once)."""
+    pipe.lpush(recent_key(queue_name), source)
+    pipe.ltrim(recent_key(queue_name), 0, RECENT_MAX - 1)

@@ -18,22 +18,28 @@ from redis.exceptions import RedisError
 from rq import Queue
 
 from depthq.config import ConfigError
+from depthq.contract import lane_queue_name
 
 log = logging.getLogger(__name__)
 
 
 class QueueCollector(Collector):
-    """Queue depth and failed jobs, read from Redis at scrape time."""
+    """Queue depth and failed jobs of both lanes (live, and the backfill beside it), read from Redis at
+    scrape time."""
 
     def __init__(self, queue: Queue):
-        self.queue = queue
+        backfill = Queue(
+            lane_queue_name(queue.name, "backfill"), connection=queue.connection, serializer=queue.serializer
+        )
+        self.queues = [queue, backfill]
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily("depthq_queue_depth", "Jobs waiting in the queue", labels=["queue"])
         failed = GaugeMetricFamily("depthq_failed_jobs", "Jobs in the failed registry", labels=["queue"])
         try:
-            depth.add_metric([self.queue.name], self.queue.count)
-            failed.add_metric([self.queue.name], self.queue.failed_job_registry.count)
+            for queue in self.queues:
+                depth.add_metric([queue.name], queue.count)
+                failed.add_metric([queue.name], queue.failed_job_registry.count)
         except RedisError as exc:
             # An outage shows as missing series (and the process's own figures stay scrapeable).
             log.warning("metrics: queue figures unavailable (%s)", exc)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 from redis import Redis
-from redis.exceptions import WatchError
+from redis.exceptions import RedisError, WatchError
 from rq import Queue, Retry
 from rq.exceptions import DeserializationError, DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
@@ -37,6 +37,7 @@ from depthq.contract import (
     JOB_FUNCTION,
     SERIALIZER,
     JobPayload,
+    Lane,
     aliases_key,
     done_key,
     file_sha256,
@@ -45,6 +46,7 @@ from depthq.contract import (
     job_id,
     make_queue,
     photo_key,
+    record_recent,
     requested_outputs,
     result_key,
     source_stamp,
@@ -109,10 +111,16 @@ class _Unread:
 
 
 class Enqueuer:
-    def __init__(self, config: Config, connection: Redis):
+    """One lane's enqueuer (`live` for what events report, `backfill` for what scans find); a photo's
+    job id is the same in both, so one photo never has a job in each."""
+
+    def __init__(self, config: Config, connection: Redis, lane: Lane = "live"):
         self.config = config
         self.connection = connection
-        self.queue = make_queue(connection, config)
+        self.lane = lane
+        self.queue = make_queue(connection, config, lane)
+        # What Redis keys are named by (in-flight photos, aliases, attempts): the same for both lanes.
+        self.name = config.queue.name
         self.watch_root = config.producer.watch.resolve()
         self.outputs = requested_outputs(config)
         retries = config.worker.retries
@@ -204,6 +212,17 @@ class Enqueuer:
             out[place] = (out[place][0], Submitted("duplicate", jid, photo.payload.source, photo.version))
         return out
 
+    def pending_jobs(self, jids: Sequence[str]) -> set[str]:
+        """Which of these jobs are still queued, running or waiting to retry: one round trip for all."""
+        if not jids:
+            return set()
+        with self.connection.pipeline(transaction=False) as look:
+            for jid in jids:
+                look.hget(Job.key_for(jid), "status")
+            statuses = look.execute()
+        pending = {s.value for s in _PENDING}
+        return {jid for jid, status in zip(jids, statuses, strict=True) if status and status.decode() in pending}
+
     def _read(self, path: Path, force: bool = False) -> Submitted | _Unread | _Photo:
         """What the disk says about a photo: done already, still changing, not ours to read, or its job."""
         source, unreadable = self.relative(path)
@@ -256,7 +275,7 @@ class Enqueuer:
         if time.monotonic() < self._full_until:
             return False
         t = self.config.transport
-        key = inflight_key(self.queue.name)
+        key = inflight_key(self.name)
         held = {k.decode(): int(v) for k, v in self.connection.hgetall(key).items()}
 
         def full() -> bool:
@@ -278,7 +297,7 @@ class Enqueuer:
         With `grace`, photos put in the last minute are left alone: their job may be about to be
         enqueued (by `depthq enqueue` beside the watcher, say), between the bytes and the job.
         """
-        q = self.queue.name
+        q = self.name
         recent = self.config.transport.blob_ttl_s - (_ORPHAN_GRACE_S if grace else 0)
         with self.connection.pipeline(transaction=False) as look:
             for jid in jids:
@@ -334,6 +353,9 @@ class Enqueuer:
             "source_stat": source_stamp(st),
         }
         write_outputs(self.config.output.dir, source, {"error": json_bytes(record)})
+        with contextlib.suppress(RedisError), self.connection.pipeline(transaction=False) as pipe:
+            record_recent(pipe, self.name, source)  # the gallery shows the refusal among the newest
+            pipe.execute()
         return Submitted("refused", "", source)
 
     def _sha256(self, path: Path, source: str, st: os.stat_result) -> str:
@@ -355,8 +377,8 @@ class Enqueuer:
         q = self.config.queue
         if data is not None:
             with self.connection.pipeline(transaction=True) as tx:
-                tx.set(photo_key(self.queue.name, jid), data, ex=self.config.transport.blob_ttl_s)
-                tx.hsetnx(inflight_key(self.queue.name), jid, len(data))
+                tx.set(photo_key(self.name, jid), data, ex=self.config.transport.blob_ttl_s)
+                tx.hsetnx(inflight_key(self.name), jid, len(data))
                 tx.execute()
         self.queue.enqueue(
             JOB_FUNCTION,
@@ -446,7 +468,7 @@ class Enqueuer:
         except (DeserializationError, LookupError, TypeError):
             existing = None  # a foreign job under our id: never ours to reuse
         if self.by_redis:
-            if existing == payload.source and self.connection.exists(result_key(self.queue.name, jid)):
+            if existing == payload.source and self.connection.exists(result_key(self.name, jid)):
                 log.debug("%s: job %s is done, its result waiting for the collector", payload.source, jid)
                 return Submitted("duplicate", jid, payload.source)
             if existing != payload.source and status not in _OVER:
@@ -462,10 +484,10 @@ class Enqueuer:
             log.debug("%s: job %s already %s", payload.source, jid, status)
             return Submitted("duplicate", jid, payload.source)
         if status == JobStatus.FINISHED:
-            done_for = None if self.by_redis else self.connection.get(done_key(self.queue.name, jid))
+            done_for = None if self.by_redis else self.connection.get(done_key(self.name, jid))
             return self._own_job(jid, payload, same_as=done_for.decode() if done_for else None, data=data)
         done_for = self._add_alias(
-            keys=[done_key(self.queue.name, jid), aliases_key(self.queue.name, jid)],
+            keys=[done_key(self.name, jid), aliases_key(self.name, jid)],
             args=[payload.source, max(self.config.queue.result_ttl_s, 60)],
         )
         if done_for is None:
@@ -502,8 +524,8 @@ class Enqueuer:
             return  # it is going to run anyway
         if job is not None:
             self._delete(job)
-        self.connection.delete(done_key(self.queue.name, jid))
-        attempts.forget(self.connection, self.queue.name, jid)  # asked for: the deaths so far no longer count
+        self.connection.delete(done_key(self.name, jid))
+        attempts.forget(self.connection, self.name, jid)  # asked for: the deaths so far no longer count
 
     def _delete(self, job: Job) -> None:
         """rq's delete, which also fetches each of the job's executions, and raises ValueError for one

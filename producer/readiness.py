@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -22,9 +24,16 @@ class Eligibility:
     def __init__(self, extensions: list[str], ignore: list[str]):
         self.extensions = {e.lower().lstrip(".") for e in extensions}
         self.ignore = list(ignore)
+        # One regular expression for every pattern: a rescan asks this of every name of a million.
+        self._ignored = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in self.ignore) or "(?!)")
 
     def ignored(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, pat) for pat in self.ignore)
+        return self._ignored.match(name) is not None
+
+    def photo_name(self, name: str) -> bool:
+        """A photo's name, for a file in a folder already walked (its folders passed `ignored`)."""
+        dot = name.rfind(".")
+        return dot >= 0 and name[dot + 1 :].lower() in self.extensions and self._ignored.match(name) is None
 
     def __call__(self, rel: PurePath) -> bool:
         return self.why_not(rel) is None
@@ -123,4 +132,43 @@ class SettleTracker:
                 elif now - pend.stable_since >= self.settle_s:
                     self._pending.pop(path, None)
                     ready.append(path)
+        return ready
+
+
+class SettleQueue:
+    """Files a scan found, released in the order found once `settle_s` has passed since their stat
+    and a second stat agrees. Unlike `SettleTracker`, a look costs only what is due: a backlog of
+    100k found photos is not re-stat'ed on every look."""
+
+    def __init__(self, settle_s: float, clock: Callable[[], float] = time.monotonic):
+        self.settle_s = settle_s
+        self.clock = clock
+        self._queue: deque[tuple[float, Path, int, int]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, path: Path, size: int, mtime_ns: int) -> None:
+        self._queue.append((self.clock() + self.settle_s, path, size, mtime_ns))
+
+    def next_due_in(self) -> float | None:
+        if not self._queue:
+            return None
+        return max(0.0, self._queue[0][0] - self.clock())
+
+    def pop_due(self, limit: int) -> list[Path]:
+        """Up to `limit` files whose settle time has passed and which have not changed; a changed one
+        waits another settle time, a vanished one is dropped."""
+        ready: list[Path] = []
+        now = self.clock()
+        while self._queue and len(ready) < limit and self._queue[0][0] <= now:
+            _, path, size, mtime_ns = self._queue.popleft()
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+                ready.append(path)
+            else:
+                self._queue.append((now + self.settle_s, path, st.st_size, st.st_mtime_ns))
         return ready

@@ -34,14 +34,16 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserver
 
 from depthq.config import Config
-from depthq.contract import is_finished, short_hostname, watches_key
+from depthq.contract import short_hostname, watches_key
 from depthq.metrics import serve
 from producer.enqueue import Enqueuer, SourceError, Submitted
+from producer.index import PhotoIndex, Queued
 from producer.metrics import ProducerMetrics
-from producer.readiness import Eligibility, SettleTracker
+from producer.poller import FolderPoller
+from producer.readiness import Eligibility, SettleQueue, SettleTracker
+from producer.scan import FolderScanner, ScanStats
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +56,6 @@ _BATCH = 500
 # long: a lone photo is never held back.
 _GATHER_TICK_S = 0.02
 _GATHER_MAX_S = 0.5
-# Bounds the memory of what was enqueued since the last full rescan (past it, a rescan after lost
-# events just submits more duplicates, which cost time, not correctness).
-_QUEUED_MAX = 100_000
 # watchdog tells no handler when the kernel's inotify queue overflows and events are lost; it only
 # logs a warning on this logger. 10,000 renames at once overflow it here (bench/burst.py), and
 # without a rescan at once the lost photos would wait for `producer.rescan_s`. With the log level
@@ -131,9 +130,19 @@ class _Handler(FileSystemEventHandler):
 
 
 class Watcher:
-    def __init__(self, config: Config, enqueuer: Enqueuer, metrics: ProducerMetrics | None = None):
+    """Events go to the live lane from the loop in `run`; scans go to the backfill lane from a thread of
+    their own, so a rescan of a million photos never holds up a photo dropped meanwhile."""
+
+    def __init__(
+        self,
+        config: Config,
+        enqueuer: Enqueuer,
+        metrics: ProducerMetrics | None = None,
+        index: PhotoIndex | None = None,
+    ):
         self.config = config
         self.enqueuer = enqueuer
+        self.backfill = Enqueuer(config, enqueuer.connection, lane="backfill")
         self.metrics = metrics
         self.redis_full = False
         # (watches held, folders walked) at the last rescan; Linux inotify only.
@@ -144,12 +153,19 @@ class Watcher:
         self.output_root = config.output.dir.resolve()
         self.eligible = Eligibility(config.producer.extensions, config.producer.ignore)
         self.tracker = SettleTracker(config.producer.settle_ms / 1000.0)
+        self.found = SettleQueue(config.producer.settle_ms / 1000.0)
         self._ready: queue.SimpleQueue[Path] = queue.SimpleQueue()
         self._armed = False
         self._overflow = _OverflowAlarm()
-        # Photos given a job since the last full rescan, with their (size, mtime_ns) then: what a
-        # rescan after lost events need not submit again (thousands of duplicates, after a burst).
-        self._queued: dict[Path, tuple[int, int]] = {}
+        # Without the index beside the output (read-only output, another watcher on it), one in memory:
+        # the same answers, only not kept across restarts.
+        self.index = index or PhotoIndex.open_beside(self.output_root) or PhotoIndex(Path(":memory:"))
+        self.scanner = FolderScanner(self.root, self.output_root, self.eligible, self.index, self.backfill.pending_jobs)
+        self.last_scan: ScanStats | None = None
+        self._scan_wanted = threading.Event()
+        self._scan_causes: set[str] = set()
+        self._stopping = threading.Event()
+        self._submit_lock = threading.Lock()
 
     @property
     def armed(self) -> bool:
@@ -161,10 +177,6 @@ class Watcher:
         self._armed = value
         if self.metrics is not None:
             self.metrics.watching.set(1 if value else 0)
-
-    def _count_rescan(self, cause: str) -> None:
-        if self.metrics is not None:
-            self.metrics.rescans.labels(cause).inc()
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
@@ -185,43 +197,74 @@ class Watcher:
         else:
             self.tracker.saw_change(path)
 
-    def make_observer(self) -> BaseObserver:
+    def make_observer(self) -> BaseObserver | FolderPoller:
         if self.config.producer.polling:
-            return PollingObserver(timeout=self.config.producer.poll_interval_s)
+            return FolderPoller(self, self.config.producer.poll_interval_s)
         return Observer()
 
-    def rescan(self) -> int:
-        """Queue every eligible photo with no finished output; they still pass the settle check."""
-        self._queued.clear()
-        return self._scan(skip_queued=False)
+    def request_scan(self, cause: str) -> None:
+        """Ask the scan thread for a walk of the whole tree (one more, if one is running)."""
+        self._scan_causes.add(cause)
+        self._scan_wanted.set()
 
-    def _rescan_lost(self) -> int:
-        """After inotify lost events: the same scan, less the photos given a job since the last one
-        and unchanged since. A job already exists for each; what is missing is what the events lost."""
-        return self._scan(skip_queued=True)
+    def rescan(self, cause: str = "periodic") -> int:
+        """Walk the whole tree once, here and now; every photo that needs a job is handed to the
+        backfill lane (after the settle check), a batch at a time while the walk goes on."""
+        if self.metrics is not None:
+            self.metrics.rescans.labels(cause).inc()
+        stats = ScanStats()
+        started = time.monotonic()
+        for batch in self.scanner.walk(stats, self._stopping):
+            for found in batch:
+                self.found.add(found.path, found.size, found.mtime_ns)
+            self._submit_found(wait=False)
+        self.last_scan = stats
+        log.log(
+            logging.INFO if stats.found or cause != "periodic" else logging.DEBUG,
+            "%s scan of %s: %d photo(s) in %d folder(s) in %.1f s; %d done, %d with a pending job, %d to do "
+            "(%d sidecar(s) read)",
+            cause,
+            self.root,
+            stats.photos,
+            stats.folders,
+            time.monotonic() - started,
+            stats.done,
+            stats.pending,
+            stats.found,
+            stats.sidecars_read,
+        )
+        if self.armed:  # watches are only held while an observer runs
+            self._check_watches(stats.folders)
+        return stats.found
 
-    def _scan(self, skip_queued: bool) -> int:
-        found = 0
-        folders = 0
+    def _submit_found(self, wait: bool) -> None:
+        """Submit what the scans found once it has settled; with `wait`, until none is left."""
+        while not self._stopping.is_set():
+            ready = self.found.pop_due(_BATCH)
+            if ready:
+                self.submit_many(ready, self.backfill)
+                continue
+            due = self.found.next_due_in()
+            if not wait or due is None:
+                return
+            self._stopping.wait(min(max(due, 0.01), _IDLE_TICK_S))
 
-        def count_folder() -> None:
-            nonlocal folders
-            folders += 1
-
-        for path in self.eligible.scan(self.root, exclude=self.output_root, folders=count_folder):
+    def _scans(self) -> None:
+        """The scan thread: a walk when asked (start-up, re-arm, periodic, inotify overflow), then the
+        backlog it found, hashed and enqueued here and never in the event loop."""
+        while not self._stopping.is_set():
+            if not self._scan_wanted.wait(_IDLE_TICK_S):
+                continue
+            self._scan_wanted.clear()
+            causes, self._scan_causes = self._scan_causes, set()
+            cause = "start" if "start" in causes else next(iter(sorted(causes)), "periodic")
             try:
-                st = path.stat()
-            except OSError:
-                continue
-            if skip_queued and self._queued.get(path) == (st.st_size, st.st_mtime_ns):
-                continue
-            if not is_finished(self.output_root, path.relative_to(self.root).as_posix(), st):
-                self.tracker.saw_change(path)
-                found += 1
-        if found:
-            log.info("rescan of %s: %d photo(s) without output", self.root, found)
-        self._check_watches(folders)
-        return found
+                self.rescan(cause)
+                self._submit_found(wait=True)
+            except Exception:
+                # A scan's surprise (an unreadable folder tree, a Redis error mid-batch) must never
+                # end the scans for good: the next one, at the latest after rescan_s, tries again.
+                log.exception("the %s scan of %s failed; the next one tries again", cause, self.root)
 
     def _check_watches(self, folders: int) -> None:
         """watchdog ignores a failed inotify_add_watch (ENOSPC: fs.inotify.max_user_watches reached) for
@@ -256,9 +299,10 @@ class Watcher:
             )
             self._watch_shortfall_said = True
 
-    def submit(self, path: Path) -> None:
+    def submit(self, path: Path, enqueuer: Enqueuer | None = None) -> None:
+        enqueuer = enqueuer or self.enqueuer
         try:
-            result = self.enqueuer.submit(path)
+            result = enqueuer.submit(path)
         except FileNotFoundError:
             return  # gone before we got to it; nothing to do
         except SourceError as exc:
@@ -273,29 +317,29 @@ class Watcher:
             log.exception("could not enqueue %s (an unexpected error); the next rescan tries it again", path)
             self._count("error")
             return
-        self._record(path, result)
+        self._record([(path, result)])
 
-    def submit_many(self, paths: list[Path]) -> None:
+    def submit_many(self, paths: list[Path], enqueuer: Enqueuer | None = None) -> None:
         """Enqueue what is ready, a batch at a time; anything unusual goes through `submit` one by one."""
+        enqueuer = enqueuer or self.enqueuer
         paths = list(dict.fromkeys(paths))  # an event and a rescan can both name a photo
         for start in range(0, len(paths), _BATCH):
             chunk = paths[start : start + _BATCH]
             if len(chunk) == 1:
-                self.submit(chunk[0])
+                self.submit(chunk[0], enqueuer)
                 continue
             try:
-                results = self.enqueuer.submit_many(chunk)
+                results = enqueuer.submit_many(chunk)
             except RedisError as exc:
                 self._cannot_enqueue_yet(chunk, exc)
                 continue
             except Exception:
                 log.exception("could not enqueue %d photo(s) together; trying them one by one", len(chunk))
                 results = [(path, None) for path in chunk]
+            self._record([(path, result) for path, result in results if result is not None])
             for path, result in results:
                 if result is None:
-                    self.submit(path)
-                else:
-                    self._record(path, result)
+                    self.submit(path, enqueuer)
 
     def _cannot_enqueue_yet(self, paths: list[Path], exc: Exception) -> None:
         """Look again after the settle time. A Redis at maxmemory refuses every photo for as long as it
@@ -315,22 +359,31 @@ class Watcher:
             self._count("retry_later")
             self.tracker.saw_change(path)
 
-    def _record(self, path: Path, result: Submitted) -> None:
-        if self.redis_full:
-            log.warning("Redis takes writes again; the photos that waited follow")
-            self.redis_full = False
-        self._count(result.outcome)
-        if result.outcome in ("changed", "deferred"):
-            # Still being written, or Redis is full (redis transport): look again after the settle time.
-            self.tracker.saw_change(path)
-        elif result.version is not None:
-            # This version has a job: a rescan that found it meanwhile need not submit it again.
-            self.tracker.forget_version(path, *result.version)
-            if len(self._queued) < _QUEUED_MAX:
-                self._queued[path] = result.version
+    def _record(self, results: list[tuple[Path, Submitted]]) -> None:
+        given: list[tuple[Path, Queued]] = []
+        for path, result in results:
+            if self.redis_full:
+                log.warning("Redis takes writes again; the photos that waited follow")
+                self.redis_full = False
+            self._count(result.outcome)
+            if result.outcome in ("changed", "deferred"):
+                # Still being written, or Redis is full (redis transport): look again after the settle time.
+                self.tracker.saw_change(path)
+            elif result.version is not None:
+                # This version has a job: a live copy of it waiting to settle is dropped, and rescans
+                # leave it alone while its job is pending.
+                self.tracker.forget_version(path, *result.version)
+                if result.job_id:
+                    given.append((path, Queued(*result.version, result.job_id)))
+        self.scanner.record_queued(given)
 
-    def _arm(self) -> BaseObserver:
+    def _arm(self) -> BaseObserver | FolderPoller:
         observer = self.make_observer()
+        if isinstance(observer, FolderPoller):
+            observer.start()
+            every = observer.interval_s
+            log.info("watching %s (polling its folders every %.1f s), output in %s", self.root, every, self.output_root)
+            return observer
         observer.schedule(_Handler(self), str(self.root), recursive=True, event_filter=list(_EVENTS))
         try:
             observer.start()
@@ -341,16 +394,19 @@ class Watcher:
             # rescan find the rest; _check_watches says what to raise, with the numbers.
             with contextlib.suppress(Exception):
                 observer.stop()
-            observer = self.make_observer()
+            observer = Observer()
             observer.schedule(_Handler(self), str(self.root), recursive=False, event_filter=list(_EVENTS))
             observer.start()
-        kind = "polling" if self.config.producer.polling else type(observer).__name__
-        log.info("watching %s (%s), output in %s", self.root, kind, self.output_root)
+        log.info("watching %s (%s), output in %s", self.root, type(observer).__name__, self.output_root)
         return observer
 
-    def _healthy(self, observer: BaseObserver) -> bool:
+    def _healthy(self, observer: BaseObserver | FolderPoller) -> bool:
         """watchdog's emitters stop silently when their folder vanishes (an SMB/NFS share going away)."""
-        return self.root.is_dir() and all(emitter.is_alive() for emitter in observer.emitters)
+        if not self.root.is_dir():
+            return False
+        if isinstance(observer, FolderPoller):
+            return observer.is_alive()
+        return all(emitter.is_alive() for emitter in observer.emitters)
 
     def run(self, stop: threading.Event) -> None:
         if not self.root.is_dir():
@@ -359,12 +415,16 @@ class Watcher:
             )
         inotify_log = logging.getLogger(_INOTIFY_LOGGER)
         inotify_log.addHandler(self._overflow)
-        observer: BaseObserver | None = None
+        observer: BaseObserver | FolderPoller | None = None
+        self._stopping.clear()
+        scans = threading.Thread(target=self._scans, name="depthq-scans", daemon=True)
         try:
             observer = self._arm()
             self.armed = True
-            self._count_rescan("start")
-            self.rescan()
+            # Watching first, then the start-up scan in its thread: photos dropped from now on are
+            # enqueued at once, while the scan works through what is already there.
+            self.request_scan("start")
+            scans.start()
             next_rescan = time.monotonic() + self.config.producer.rescan_s
             next_health = time.monotonic() + self.config.producer.poll_interval_s
             while not stop.is_set():
@@ -378,11 +438,9 @@ class Watcher:
                 if self._overflow.raised.is_set():
                     self._overflow.raised.clear()
                     log.warning("inotify dropped events (queue overflow); rescanning %s now", self.root)
-                    self._count_rescan("overflow")
-                    self._rescan_lost()
+                    self.request_scan("overflow")
                 if time.monotonic() >= next_rescan:
-                    self._count_rescan("periodic")
-                    self.rescan()
+                    self.request_scan("periodic")
                     next_rescan = time.monotonic() + self.config.producer.rescan_s
                 due = self.tracker.next_due_in()
                 wait = _IDLE_TICK_S if due is None else min(_IDLE_TICK_S, max(due, 0.01))
@@ -390,12 +448,16 @@ class Watcher:
                     first = self._ready.get(timeout=wait)
                     self.submit_many([first, *self._gather_burst()])
         finally:
+            self._stopping.set()
             inotify_log.removeHandler(self._overflow)
             if observer is not None:
                 observer.stop()
                 observer.join(timeout=5)
+            if scans.is_alive():
+                scans.join(timeout=10)
+            self.index.close()
 
-    def _check_health(self, observer: BaseObserver | None) -> BaseObserver | None:
+    def _check_health(self, observer: BaseObserver | FolderPoller | None) -> BaseObserver | FolderPoller | None:
         """Stand down while the watched folder is gone; re-arm and rescan once it is back."""
         if observer is not None and not self._healthy(observer):
             log.warning("%s is gone or no longer watched (unmounted share?); waiting for it to come back", self.root)
@@ -407,7 +469,7 @@ class Watcher:
             observer = self._arm()
             self.armed = True
             log.info("%s is back; rescanning for what arrived meanwhile", self.root)
-            self.rescan()
+            self.request_scan("rearm")
         return observer
 
     def _gather_burst(self) -> list[Path]:

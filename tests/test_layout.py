@@ -22,7 +22,7 @@ import yaml
 from redis import Redis
 
 from depthq.config import Config
-from depthq.contract import make_queue
+from depthq.contract import make_queues
 from depthq.redis_server import free_port
 from tests.photos import write_jpeg
 from tests.waiting import wait_for
@@ -137,7 +137,7 @@ def test_watch_and_dashboard_never_import_numpy_torch_or_coremltools(
     light_config: Path, make_config: Callable[..., Config], redis_client: Redis, tmp_path: Path
 ) -> None:
     config = yaml.safe_load(light_config.read_text())
-    queue = make_queue(redis_client, make_config())
+    lanes = make_queues(redis_client, make_config())  # dropped while the start-up scan runs: either lane
     watch_log, dash_log = tmp_path / "watch.log", tmp_path / "dashboard.log"
     watch = _probe(["watch", "--config", str(light_config)], watch_log)
     dashboard = _probe(["dashboard", "--config", str(light_config)], dash_log)
@@ -153,7 +153,10 @@ def test_watch_and_dashboard_never_import_numpy_torch_or_coremltools(
     try:
         # The watcher has hashed and enqueued a photo; the dashboard has served its pages and the gallery.
         write_jpeg(Path(config["producer"]["watch"]) / "dropped.jpg")
-        wait_for(lambda: queue.count == 1 or watch.poll() is not None, f"the watcher to enqueue (log: {watch_log})")
+        wait_for(
+            lambda: sum(q.count for q in lanes) == 1 or watch.poll() is not None,
+            f"the watcher to enqueue (log: {watch_log})",
+        )
         wait_for(lambda: answers("/0/data/queues.json") or dashboard.poll() is not None, "the dashboard")
         assert watch.poll() is None and dashboard.poll() is None, watch_log.read_text() + dash_log.read_text()
         assert answers("/gallery/") and answers("/gallery/results.json")

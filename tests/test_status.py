@@ -109,14 +109,21 @@ def test_oldest_queued_age_and_json_output(
     config: Config, redis_client: Redis, redis_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     Enqueuer(config, redis_client).submit(write_jpeg(config.producer.watch / "waiting.jpg"))
+    for i in range(2):  # what a scan found: the backfill lane
+        Enqueuer(config, redis_client, lane="backfill").submit(
+            write_jpeg(config.producer.watch / f"{i}.jpg", seed=10 + i)
+        )
     assert main(["status", "--json", "--redis-url", redis_url]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert status["queued"] == 1 and status["oldest_queued_age_s"] >= 0
+    assert status["queued"] == 3 and status["oldest_queued_age_s"] >= 0
+    assert {lane: s["queued"] for lane, s in status["lanes"].items()} == {"live": 1, "backfill": 2}
+    assert status["lanes"]["backfill"]["queue"] == "depthq-backfill"
     assert [w["minutes"] for w in status["windows"]] == [5, 60]
     assert status["transit"] is None  # the shared transport keeps nothing in Redis but the job
     assert main(["status", "--redis-url", redis_url]) == 0
     table = capsys.readouterr().out
     assert "queue depthq" in table and "oldest queued" in table and "0 worker(s) on 0 host(s)" in table
+    assert "3 (1 live, 2 backfill)" in table
 
 
 def test_a_young_service_is_rated_over_the_time_it_has_run(config: Config, redis_client: Redis) -> None:

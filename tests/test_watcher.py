@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 from redis import Redis
+from rq.job import Job
 from watchdog.events import FileClosedEvent, FileCreatedEvent, FileModifiedEvent, FileMovedEvent
 
 from depthq.config import Config
+from depthq.contract import LANES, SERIALIZER, make_queue
 from producer.enqueue import Enqueuer
 from producer.metrics import ProducerMetrics
 from producer.watcher import Watcher, _Handler
@@ -45,8 +47,13 @@ def running(config: Config, redis_client: Redis) -> Iterator[Enqueuer]:
         yield enqueuer
 
 
+def jobs(enqueuer: Enqueuer) -> list[str]:
+    """Job ids in both lanes: what events sent (live) and what scans found (backfill)."""
+    return [jid for lane in LANES for jid in make_queue(enqueuer.connection, enqueuer.config, lane).job_ids]
+
+
 def wait_count(enqueuer: Enqueuer, n: int) -> None:
-    wait_for(lambda: enqueuer.queue.count >= n, f"{n} jobs (have {enqueuer.queue.count})", 30)
+    wait_for(lambda: len(jobs(enqueuer)) >= n, f"{n} jobs", 30)
 
 
 @pytest.mark.parametrize("polling", [False, True], ids=["native", "polling"])
@@ -71,17 +78,19 @@ def test_missing_watch_folder_is_a_clear_error(make_config: Callable[..., Config
 def test_output_inside_the_watched_folder_is_not_fed_back(
     make_config: Callable[..., Config], redis_client: Redis
 ) -> None:
-    config = make_config()
+    config = make_config(producer={"settle_ms": 0})
     config.output.dir = config.producer.watch / "depth-out"
-    watcher = Watcher(config, Enqueuer(config, redis_client))
+    enqueuer = Enqueuer(config, redis_client)
+    watcher = Watcher(config, enqueuer)
     preview = write_jpeg(config.output.dir / "x.jpg.preview.jpg")  # eligible anywhere else
-    real = write_jpeg(config.producer.watch / "real.jpg", seed=4)
+    write_jpeg(config.producer.watch / "real.jpg", seed=4)
     watcher.consider(preview, finished=True)
     watcher.consider(preview, finished=False)
+    assert watcher._ready.empty() and watcher.tracker.next_due_in() is None
     assert watcher.rescan() == 1
-    assert watcher._ready.empty()
-    watcher.tracker.settle_s = 0
-    assert watcher.tracker.pop_ready() == [real]
+    assert [Job.fetch(j, connection=redis_client, serializer=SERIALIZER).args[0]["source"] for j in jobs(enqueuer)] == [
+        "real.jpg"
+    ]
 
 
 def test_events_mark_files_ready_only_when_written(make_config: Callable[..., Config], redis_client: Redis) -> None:
@@ -151,7 +160,7 @@ def test_photos_that_arrived_while_the_producer_was_down(
         write_jpeg(inbox / "new" / f"{i}.jpg", seed=100 + i)
     with running(config, redis_client) as enqueuer:
         wait_count(enqueuer, 90)
-        assert enqueuer.queue.count == 90
+        assert len(jobs(enqueuer)) == 90
     build_worker(config, redis_client, backend).work(burst=True)
     assert len(list((config.output.dir / "new").glob("*.json"))) == 90
     assert {p: p.stat().st_mtime_ns for p in (config.output.dir / "old").glob("*.json")} == done_before
@@ -165,8 +174,8 @@ def test_periodic_rescan_finds_what_events_missed(make_config: Callable[..., Con
     scans: list[int] = []
     start_up_scan = watcher.rescan
 
-    def rescan() -> int:
-        found = start_up_scan()
+    def rescan(cause: str = "periodic") -> int:
+        found = start_up_scan(cause)
         scans.append(found)
         if len(scans) == 1:  # photos land right after the start-up scan, and no event reports them
             for i in range(5):
@@ -199,7 +208,7 @@ def test_a_burst_seen_by_events_and_the_start_up_scan_is_enqueued_once(
             os.replace(inbox / f"{i:03d}.jpg.part", inbox / f"{i:03d}.jpg")
         wait_count(enqueuer, count)
         time.sleep(0.5)  # what the start-up scan also found comes due after settle_ms, to be turned away
-    ids = enqueuer.queue.job_ids
+    ids = jobs(enqueuer)
     assert len(ids) == len(set(ids)) == count
     assert len(list(redis_client.scan_iter(match="rq:job:*"))) == count
     assert outcome("enqueued") == count
@@ -212,11 +221,10 @@ def test_an_inotify_overflow_rescans_at_once(make_config: Callable[..., Config],
     enqueuer = Enqueuer(config, redis_client)
     watcher = Watcher(config, enqueuer)
     with watching(watcher):
-        wait_for(lambda: watcher.armed, "the watcher to start")
-        time.sleep(0.3)  # past the start-up scan
+        wait_for(lambda: watcher.last_scan is not None, "the start-up scan")
         for i in range(3):
             write_jpeg(config.producer.watch / f"lost-{i}.jpg", seed=i)
-        assert enqueuer.queue.count == 0
+        assert jobs(enqueuer) == []
         logging.getLogger("watchdog.observers.inotify_c").warning(
             "Inotify queue overflowed; filesystem events were lost"
         )
@@ -230,29 +238,43 @@ def test_a_photo_with_a_job_is_not_submitted_again_by_a_rescan_that_also_saw_it(
     """An event queued a photo, a rescan found it too, then the event's submit gave it a job: the
     rescan's copy is dropped instead of coming due as a duplicate."""
     config = make_config()
-    watcher = Watcher(config, Enqueuer(config, redis_client))
+    enqueuer = Enqueuer(config, redis_client)
+    metrics = ProducerMetrics(enqueuer.queue)
+    watcher = Watcher(config, enqueuer, metrics)
     photo = write_jpeg(config.producer.watch / "a.jpg")
     _Handler(watcher).on_any_event(FileClosedEvent(str(photo)))
-    assert watcher.rescan() == 1
+    assert watcher.rescan() == 1  # found, and waiting out the settle time in the backfill lane
     watcher.submit_many(watcher._take_ready())
-    assert watcher.enqueuer.queue.count == 1
-    assert watcher.tracker.next_due_in() is None
+    watcher.found.settle_s = 0
+    watcher._submit_found(wait=True)  # the scan's copy comes due: its job exists already
+    assert len(jobs(enqueuer)) == 1
+    assert [metrics.files.labels(o)._value.get() for o in ("enqueued", "duplicate")] == [1, 1]
 
 
-def test_a_rescan_after_lost_events_skips_what_has_a_job(
-    make_config: Callable[..., Config], redis_client: Redis
+def test_a_rescan_passes_over_photos_whose_job_is_pending(
+    make_config: Callable[..., Config], redis_client: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = make_config()
-    watcher = Watcher(config, Enqueuer(config, redis_client))
+    """A backlog waiting for workers is neither re-hashed nor re-submitted by every rescan; a photo whose
+    job is gone (deleted from the dashboard, say) without an output is submitted again."""
+    config = make_config(producer={"settle_ms": 0})
+    enqueuer = Enqueuer(config, redis_client)
+    watcher = Watcher(config, enqueuer)
     queued = write_jpeg(config.producer.watch / "queued.jpg", seed=1)
     changed = write_jpeg(config.producer.watch / "changed.jpg", seed=2)
     watcher.submit_many([queued, changed])
     write_jpeg(changed, seed=3)  # a new version after its job: it needs one of its own
-    lost = write_jpeg(config.producer.watch / "lost.jpg", seed=4)  # its events were lost
-    assert watcher._rescan_lost() == 2
-    watcher.tracker.settle_s = 0
-    assert sorted(watcher.tracker.pop_ready()) == [changed, lost]
-    assert watcher.rescan() == 3  # the periodic rescan still looks at everything without output
+    write_jpeg(config.producer.watch / "lost.jpg", seed=4)  # its events were lost
+    hashed: list[str] = []
+    monkeypatch.setattr("producer.enqueue.file_sha256", lambda path: hashed.append(path.name) or "0" * 64)
+    assert watcher.rescan() == 2
+    assert watcher.last_scan is not None and watcher.last_scan.pending == 1
+    assert sorted(hashed) == ["changed.jpg", "lost.jpg"]
+    fetched = [Job.fetch(j, connection=redis_client, serializer=SERIALIZER) for j in jobs(enqueuer)]
+    (queued_job,) = [job for job in fetched if job.args[0]["source"] == "queued.jpg"]
+    queued_job.delete()
+    hashed.clear()
+    assert watcher.rescan() == 1  # only queued.jpg: the others' jobs are pending
+    assert hashed == ["queued.jpg"]
 
 
 def test_one_photos_surprise_in_submit_never_stops_the_watcher(
@@ -262,20 +284,21 @@ def test_one_photos_surprise_in_submit_never_stops_the_watcher(
     config = make_config(producer={"settle_ms": 50})
     enqueuer = Enqueuer(config, redis_client)
     metrics = ProducerMetrics(enqueuer.queue)
-    submit = enqueuer.submit
+    submit = Enqueuer.submit
 
-    def cursed(path, force=False):  # type: ignore[no-untyped-def]
+    def cursed(self: Enqueuer, path: Path, force: bool = False):  # type: ignore[no-untyped-def]
         if path.name == "cursed.jpg":
             raise ValueError("Execution 1234 not found in Redis")  # what rq's job.delete() raised
-        return submit(path, force)
+        return submit(self, path, force)
 
-    monkeypatch.setattr(enqueuer, "submit", cursed)
+    monkeypatch.setattr(Enqueuer, "submit", cursed)  # both lanes' enqueuers
     with watching(Watcher(config, enqueuer, metrics)) as watcher:
+        wait_for(lambda: watcher.last_scan is not None, "the start-up scan")
         write_jpeg(config.producer.watch / "cursed.jpg")
         wait_for(lambda: metrics.files.labels("error")._value.get() >= 1, "the surprise to be counted")
         write_jpeg(config.producer.watch / "fine.jpg", seed=1)
         wait_count(enqueuer, 1)
-    assert watcher.enqueuer.queue.count == 1
+    assert len(jobs(enqueuer)) == 1
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's; macOS uses FSEvents")

@@ -294,7 +294,7 @@ def test_the_retry_scheduler_takes_over_the_lock_of_a_vanished_worker(config: Co
     assert acquire_or_refresh_lock(redis_client, key, "vanished-worker", 2) == "acquired"
     queue = make_queue(redis_client, config)
     job = queue.enqueue_at(datetime.now(UTC), "worker.job.process", {"source": "x"})
-    survivor = SchedulerThread(config.queue.name, redis_client, dead_after_s=2)
+    survivor = SchedulerThread([config.queue.name], redis_client, dead_after_s=2)
     survivor.start()
     try:
         wait_for(lambda: job.id in queue.get_job_ids(), "the survivor to enqueue the due retry", timeout=30)

@@ -34,7 +34,7 @@ from rq.worker import WorkerStatus
 from depthq import attempts
 from depthq.config import PARENT_PIPE_ENV, Config
 from depthq.connection import connect, redact, resolve_url
-from depthq.contract import JOB_FUNCTION, SERIALIZER, WORKER_FIELDS, make_queue, short_hostname
+from depthq.contract import JOB_FUNCTION, SERIALIZER, WORKER_FIELDS, make_queue, make_queues, short_hostname
 from depthq.metrics import serve
 from worker import job as job_module
 from worker.backends import Backend, create_backend
@@ -281,9 +281,9 @@ class SchedulerThread(threading.Thread):
     and a worker without it tries every tick, so retries resume within `dead_after_s` + 1 s.
     """
 
-    def __init__(self, queue_name: str, connection: Redis, dead_after_s: int, interval: int = 1):
+    def __init__(self, queue_names: list[str], connection: Redis, dead_after_s: int, interval: int = 1):
         super().__init__(name="rq-scheduler", daemon=True)
-        self.scheduler = RQScheduler([queue_name], connection=connection, interval=interval, serializer=SERIALIZER)
+        self.scheduler = RQScheduler(queue_names, connection=connection, interval=interval, serializer=SERIALIZER)
         self.connection = connection
         self.lock_ttl_s = dead_after_s
         self.stop_event = threading.Event()
@@ -323,9 +323,8 @@ def build_worker(
     config: Config, connection: Redis, backend: Backend, metrics: WorkerMetrics | None = None
 ) -> DepthWorker:
     name = worker_name(backend.name)
-    queue = make_queue(connection, config)
     worker = DepthWorker(
-        [queue],
+        make_queues(connection, config),  # live first: a fresh drop goes ahead of a backfill
         name=name,
         connection=connection,
         serializer=SERIALIZER,
@@ -402,7 +401,7 @@ def run(config: Config, burst: bool = False, backend: Backend | None = None) -> 
         redact(url),
         config.queue.name,
     )
-    scheduler = SchedulerThread(config.queue.name, connection, config.worker.dead_after_s)
+    scheduler = SchedulerThread([q.name for q in worker.queues], connection, config.worker.dead_after_s)
     scheduler.start()
     try:
         worker.work(burst=burst, with_scheduler=False, logging_level=logging.getLogger().level)

@@ -21,6 +21,7 @@ from rq.registry import FailedJobRegistry
 from depthq import attempts
 from depthq.config import Config
 from depthq.contract import (
+    LANES,
     SERIALIZER,
     JobPayload,
     PayloadError,
@@ -42,8 +43,13 @@ class FailedJob:
     error: str
 
 
-def _registry(connection: Redis, config: Config) -> FailedJobRegistry:
-    return make_queue(connection, config).failed_job_registry
+def _registries(connection: Redis, config: Config) -> dict[str, FailedJobRegistry]:
+    """Failed job id -> the registry (live or backfill lane) that holds it."""
+    held: dict[str, FailedJobRegistry] = {}
+    for lane in LANES:
+        registry = make_queue(connection, config, lane).failed_job_registry
+        held.update(dict.fromkeys(registry.get_job_ids(), registry))
+    return held
 
 
 def _last_line(text: str | None) -> str:
@@ -52,9 +58,8 @@ def _last_line(text: str | None) -> str:
 
 
 def list_failed(connection: Redis, config: Config) -> list[FailedJob]:
-    registry = _registry(connection, config)
     rows = []
-    for jid in registry.get_job_ids():
+    for jid in _registries(connection, config):
         try:
             job = Job.fetch(jid, connection=connection, serializer=SERIALIZER)
         except NoSuchJobError:
@@ -77,7 +82,7 @@ def list_failed(connection: Redis, config: Config) -> list[FailedJob]:
 def _select(connection: Redis, config: Config, ids: list[str], everything: bool) -> list[str]:
     """Job ids to act on; a source path selects the failed jobs of that photo."""
     if everything:
-        return _registry(connection, config).get_job_ids()
+        return list(_registries(connection, config))
     failed = list_failed(connection, config)
     by_source = {f.source: f.job_id for f in failed if f.source}
     known = {f.job_id for f in failed}
@@ -93,10 +98,11 @@ def _select(connection: Redis, config: Config, ids: list[str], everything: bool)
 def _each(
     connection: Redis, config: Config, ids: list[str], everything: bool, act: Callable[[FailedJobRegistry, str], Any]
 ) -> list[str]:
-    registry = _registry(connection, config)
+    registries = _registries(connection, config)
     chosen = _select(connection, config, ids, everything)
     for jid in chosen:
-        act(registry, jid)
+        if jid in registries:
+            act(registries[jid], jid)
     return chosen
 
 

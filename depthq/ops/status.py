@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +18,7 @@ from redis import Redis
 from redis.exceptions import ResponseError
 from rich.console import Console
 from rich.table import Table
-from rq import Worker
+from rq import Queue, Worker
 from rq.exceptions import NoSuchJobError
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
@@ -27,6 +28,7 @@ from depthq.contract import (
     ALERTS,
     COLLECTOR_GROUP,
     COMPLETIONS_WINDOW_S,
+    LANES,
     SERIALIZER,
     WORKER_FIELDS,
     Completion,
@@ -83,7 +85,22 @@ class Transit:
 
 
 @dataclass(frozen=True)
+class LaneStatus:
+    """One of the two queues: `live` (photos events reported) or `backfill` (what scans found)."""
+
+    queue: str
+    queued: int
+    taken: int
+    running: int
+    scheduled: int
+    failed: int
+    oldest_queued_age_s: float | None
+
+
+@dataclass(frozen=True)
 class Status:
+    """Both lanes added up (what a glance needs), and each lane in `lanes`."""
+
     queue: str
     queued: int
     # Taken from the queue by a worker, not yet started: rq's intermediate list. A job stuck there
@@ -100,6 +117,7 @@ class Status:
     alerts: list[str] = field(default_factory=list)
     # Watcher host -> (inotify watches, folders under the watch root) at its last rescan (Linux).
     watches: dict[str, tuple[int, int]] = field(default_factory=dict)
+    lanes: dict[str, LaneStatus] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -211,12 +229,36 @@ def _transit(connection: Redis, queue_name: str) -> Transit | None:
 
 def gather(connection: Redis, config: Config, now: float | None = None) -> Status:
     now = time.time() if now is None else now
-    queue = make_queue(connection, config)
-    raw = connection.zrangebyscore(completions_key(queue.name), now - COMPLETIONS_WINDOW_S, "+inf")
+    name = config.queue.name
+    raw = connection.zrangebyscore(completions_key(name), now - COMPLETIONS_WINDOW_S, "+inf")
     completions = [Completion.from_member(m) for m in raw]
+    lanes = {lane: _lane(connection, make_queue(connection, config, lane), now) for lane in LANES}
+    ages = [lane.oldest_queued_age_s for lane in lanes.values() if lane.oldest_queued_age_s is not None]
+    return Status(
+        queue=name,
+        queued=sum(lane.queued for lane in lanes.values()),
+        taken=sum(lane.taken for lane in lanes.values()),
+        running=sum(lane.running for lane in lanes.values()),
+        scheduled=sum(lane.scheduled for lane in lanes.values()),
+        failed=sum(lane.failed for lane in lanes.values()),
+        oldest_queued_age_s=max(ages, default=None),
+        lanes=lanes,
+        workers=_workers(connection, config, now),
+        windows=[_window(completions, now, m) for m in WINDOWS_MIN],
+        transit=_transit(connection, name),
+        alerts=[a.decode() for a in connection.mget([alert_key(name, n) for n in ALERTS]) if a]
+        + _redis_full(connection),
+        watches={
+            host.decode(): tuple(int(n) for n in counts.split()[:2])  # type: ignore[misc]
+            for host, counts in connection.hgetall(watches_key(name)).items()
+        },
+    )
+
+
+def _lane(connection: Redis, queue: Queue, now: float) -> LaneStatus:
     head = queue.get_job_ids(0, 1)
     oldest = _fetch(connection, head[0] if head else None)
-    return Status(
+    return LaneStatus(
         queue=queue.name,
         queued=queue.count,
         taken=connection.llen(IntermediateQueue.get_intermediate_queue_key(queue.key)),
@@ -224,15 +266,6 @@ def gather(connection: Redis, config: Config, now: float | None = None) -> Statu
         scheduled=queue.scheduled_job_registry.count,
         failed=queue.failed_job_registry.count,
         oldest_queued_age_s=_age(oldest.enqueued_at, now) if oldest else None,
-        workers=_workers(connection, config, now),
-        windows=[_window(completions, now, m) for m in WINDOWS_MIN],
-        transit=_transit(connection, queue.name),
-        alerts=[a.decode() for a in connection.mget([alert_key(queue.name, n) for n in ALERTS]) if a]
-        + _redis_full(connection),
-        watches={
-            host.decode(): tuple(int(n) for n in counts.split()[:2])  # type: ignore[misc]
-            for host, counts in connection.hgetall(watches_key(queue.name)).items()
-        },
     )
 
 
@@ -263,11 +296,19 @@ def render(status: Status, console: Console) -> None:
     summary = Table(title=f"queue {status.queue}", show_header=False, title_justify="left")
     summary.add_column(style="bold")
     summary.add_column(justify="right")
-    summary.add_row("queued", str(status.queued))
+    live, backfill = status.lanes.get("live"), status.lanes.get("backfill")
+
+    def by_lane(total: int, count: Callable[[LaneStatus], int]) -> str:
+        if live is None or backfill is None:
+            return str(total)
+        return f"{total} ({count(live)} live, {count(backfill)} backfill)"
+
+    summary.add_row("queued", by_lane(status.queued, lambda lane: lane.queued))
     summary.add_row("taken, not yet started", str(status.taken))
-    summary.add_row("running", str(status.running))
+    summary.add_row("running", by_lane(status.running, lambda lane: lane.running))
     summary.add_row("waiting to retry", str(status.scheduled))
-    summary.add_row("failed", f"[red]{status.failed}[/red]" if status.failed else "0")
+    failed = by_lane(status.failed, lambda lane: lane.failed)
+    summary.add_row("failed", f"[red]{failed}[/red]" if status.failed else "0")
     summary.add_row("oldest queued", _seconds(status.oldest_queued_age_s))
     for host, (watches, folders) in sorted(status.watches.items()):
         short = "" if watches >= folders else " [red](some folders unwatched: see the watcher's log)[/red]"
