@@ -34,6 +34,7 @@ from depthq.contract import (
     aliases_key,
     done_key,
     record_completion,
+    record_recent,
 )
 from worker.backends.base import Backend, describe_model
 from worker.depth import metric_depth
@@ -305,6 +306,18 @@ def _record_failure(rt: Runtime, p: JobPayload, job: Job | None, exc: BaseExcept
     if stamp is not None:
         record["source_stat"] = stamp
     io.store(record["job_id"]).write_error(p.source, record)
+    _recent(rt, [p.source])
+
+
+def _recent(rt: Runtime, sources: list[str]) -> None:
+    """Name the photos with new outputs for the gallery, which shows the newest without listing the tree."""
+    try:
+        with rt.connection.pipeline(transaction=False) as pipe:
+            for source in sources:
+                record_recent(pipe, rt.config.queue.name, source)
+            pipe.execute()
+    except RedisError as exc:
+        log.warning("could not list %s among the newest results (%s)", ", ".join(sources), exc)
 
 
 def _finish(rt: Runtime, job: Job | None, timings: dict[str, float]) -> None:
@@ -441,4 +454,5 @@ def process(payload: dict[str, Any]) -> dict[str, Any]:
                 attempts.end(rt.connection, rt.config.queue.name, job.id, rt.host, os.getpid())
     _output_trouble(rt, None)
     _finish(rt, job, result["timings_ms"])
+    _recent(rt, [p.source, *result["aliases"]])
     return result

@@ -17,7 +17,7 @@ from flask import Flask, Response, request
 
 from depthq.config import Config, ConfigError, read_password_file
 from depthq.connection import embedded_url_file, redact, url_with_credentials
-from depthq.contract import SERIALIZER
+from depthq.contract import SERIALIZER, recent_key
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ def create_app(config: Config, redis_url: str, allow_no_auth: bool = False) -> F
             watch_root=Path(config.producer.watch),
             size=settings.gallery_size,
             refresh_s=settings.refresh_s,
+            recent=lambda n: [s.decode() for s in app.redis_conn.lrange(recent_key(config.queue.name), 0, n - 1)],
         ),
         url_prefix="/gallery",
     )

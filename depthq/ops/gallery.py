@@ -1,7 +1,10 @@
 """The results gallery: the latest depth results as cards, beside rq-dashboard in `depthq dashboard`.
 
-It reads only the output folder and the watch root, never Redis, so it shows what the store holds, not
-what the queue believes. It runs on the producer side: Pillow and pillow_heif, never numpy or torch.
+Which photos are newest comes from the bounded list workers keep in Redis (`contract.recent_key`), so
+an open page costs a few stats, not a listing of an output tree of a million files (~9 s). What a card
+shows comes from the output folder alone: it shows what the store holds, not what the queue believes.
+Only while that list is empty (a new Redis) is the tree listed, as before. It runs on the producer
+side: Pillow and pillow_heif, never numpy or torch.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -197,8 +200,11 @@ class _Listing:
     unreadable: the rest of the archive is not opened to make up for them.
     """
 
-    def __init__(self, output_dir: Path, size: int, ttl_s: float) -> None:
+    def __init__(
+        self, output_dir: Path, size: int, ttl_s: float, recent: Callable[[int], list[str]] | None = None
+    ) -> None:
         self.output_dir = output_dir
+        self.recent = recent
         self.size = size
         self.ttl_s = ttl_s
         self._lock = threading.Lock()
@@ -216,7 +222,9 @@ class _Listing:
     def _collect(self) -> list[dict[str, Any]]:
         # A photo has at most two records (a result and a newer failure of a replaced photo), so the
         # newest 2 x size files name at least `size` photos; only those are opened.
-        newest = heapq.nlargest(2 * self.size, _scan(self.output_dir), key=lambda f: f.mtime_ns)
+        named = self._named_recently()
+        found = named if named else _scan(self.output_dir)
+        newest = heapq.nlargest(2 * self.size, found, key=lambda f: f.mtime_ns)
         cards: list[dict[str, Any]] = []
         seen: set[str] = set()
         for found in newest:
@@ -230,6 +238,25 @@ class _Listing:
             if len(cards) == self.size:
                 break
         return cards
+
+    def _named_recently(self) -> list[_Found]:
+        """The sidecars and error files of the photos the workers named last: a stat each, no listing."""
+        if self.recent is None:
+            return []
+        try:
+            sources = list(dict.fromkeys(self.recent(4 * self.size)))
+        except Exception as exc:  # Redis away: the tree listing still shows the results
+            log.warning("gallery: no list of the newest results (%s); listing the output folder", exc)
+            return []
+        found: list[_Found] = []
+        for source in sources:
+            for kind, suffix_kind in (("result", "json"), ("error", "error")):
+                try:
+                    path = output_path(self.output_dir, source, suffix_kind)
+                    found.append(_Found(path.stat().st_mtime_ns, path, source, kind))
+                except (OSError, PayloadError):
+                    continue  # not written yet (redis transport), removed, or a name that is not ours
+        return found
 
     def _read(self, found: _Found) -> dict[str, Any] | None:
         try:
@@ -287,10 +314,17 @@ def _jpeg_thumbnail(path: Path) -> bytes:
     return buf.getvalue()
 
 
-def gallery_blueprint(output_dir: Path, watch_root: Path, size: int, refresh_s: float) -> Blueprint:
+def gallery_blueprint(
+    output_dir: Path,
+    watch_root: Path,
+    size: int,
+    refresh_s: float,
+    recent: Callable[[int], list[str]] | None = None,
+) -> Blueprint:
     """The gallery's routes, to mount at `/gallery`. `refresh_s` is how often an open page polls for
-    new results; the folder listing is cached for half of it, so any number of tabs cost one scan."""
-    listing = _Listing(output_dir, size, refresh_s / 2)
+    new results; the listing is cached for half of it, so any number of tabs cost one look.
+    `recent(n)` names the n photos with the newest outputs (Redis); without it the tree is listed."""
+    listing = _Listing(output_dir, size, refresh_s / 2, recent)
     cache = _ThumbCache(_THUMB_CACHE_BYTES)
     decode_slots = threading.BoundedSemaphore(_DECODE_SLOTS)
     bp = Blueprint("gallery", __name__, template_folder="templates")
