@@ -178,7 +178,7 @@ def test_half_precisions_against_float32(released: Path) -> None:
     for dtype in ("float16", "bfloat16"):
         b = backend(released, dtype=dtype)
         assert next(b._model.parameters()).dtype == getattr(torch, dtype)
-        assert b.model_info["precision"] == dtype and b.model_info["attention"] == "sdpa"
+        assert b.model_info["precision"] == dtype and b.attention == "sdpa"
         pred = b.predict(rgb)
         assert pred.inverse_depth.dtype == np.float32  # the map leaves the model as float32 whatever it ran in
         assert pred.fov_deg == pytest.approx(ref_pred.fov_deg, abs=0.05)
@@ -206,7 +206,6 @@ def test_compile_happens_in_load_as_one_graph_and_matches_eager(
     with caplog.at_level(logging.INFO, logger="worker.backends.torch_backend"):
         compiled = backend(released, compile="default")
     assert compiled.compile_s is not None and compiled.compile_s > 0
-    assert compiled.model_info["compile"] == "default"
     assert any("compiled the model in" in r.getMessage() for r in caplog.records)
     # The whole model is one graph: a graph break would leave eager gaps (and split any CUDA graph).
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])

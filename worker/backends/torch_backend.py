@@ -99,6 +99,7 @@ class TorchBackend:
         # for torch's slower resize. Tests turn it on for a CPU model to run the tensor path.
         self.on_device = False
         self.compile_s: float | None = None
+        self.attention = "unloaded"
         self.warnings: tuple[str, ...] = ()
         self.model_info: dict[str, object] = {"name": model.path}
 
@@ -135,15 +136,14 @@ class TorchBackend:
             "path": str(folder),
             "precision": dtype_name,
             "revision": revision_of(folder),
-            "attention": attention_of(self._model),
-            "compile": mode or "off",
         }
+        self.attention = attention_of(self._model)
         log.info(
             "loaded %s on %s (%s, attention %s, %s), input %dx%d",
             folder,
             self.device,
             dtype_name,
-            self.model_info["attention"],
+            self.attention,
             f"torch.compile {mode}" if mode else "eager",
             self.input_size,
             self.input_size,
