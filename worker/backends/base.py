@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -17,7 +17,8 @@ class Prediction:
     gives none.
     """
 
-    inverse_depth: np.ndarray
+    # np.ndarray, or a torch tensor on the model's device (CUDA), for `metric_depth` to finish there
+    inverse_depth: Any
     fov_deg: float | None
     already_metric: bool = False
 
