@@ -1,10 +1,12 @@
-"""The hot folder: watchdog events plus a periodic rescan feed the settle tracker; ready files are enqueued.
+"""The hot folder: watchdog events feed the live lane, scans feed the backfill lane.
 
 Events only say "look at this file"; nothing is enqueued from the watchdog thread itself. The main
-loop decides when a file is finished, and a rescan (`producer.rescan_s`) catches whatever events were
-dropped (inotify overflow, a producer that was down); an inotify overflow also triggers one at once.
-Whatever is ready at once is enqueued together (`Enqueuer.submit_many`), so a burst of thousands of
-photos costs a few round trips per few hundred.
+loop decides when a file is finished and enqueues it on the live queue. Scans (at start, every
+`producer.rescan_s`, after an inotify overflow, when a vanished folder returns) catch whatever events
+never came; they walk, hash and enqueue on the backfill queue from a thread of their own
+(`producer.scan`, against `producer.index`), so a rescan of a million photos never holds up a photo
+dropped meanwhile, and workers take that photo first. Whatever is ready at once is enqueued together
+(`Enqueuer.submit_many`), so a burst of thousands of photos costs a few round trips per few hundred.
 """
 
 from __future__ import annotations
