@@ -50,6 +50,12 @@ CREATE TABLE IF NOT EXISTS queued (
 ) WITHOUT ROWID;
 """
 
+_FOLDER_QUERY = """
+SELECT 0, name, size, mtime, kind FROM done WHERE folder=?
+UNION ALL SELECT 1, name, size, mtime_ns, job_id FROM queued WHERE folder=?
+UNION ALL SELECT 2, folder, mtime_ns, 0, '' FROM outputs WHERE folder=?
+"""
+
 
 @dataclass(frozen=True)
 class Done:
@@ -122,21 +128,19 @@ class PhotoIndex:
         """Everything known about the photos directly in `folder` ('' for the root): name -> (size,
         mtime, kind) of what is done (plain tuples: a rescan asks this of every photo), name -> the
         job given to a version, and the output folder's mtime when all of it was last seen listed."""
+        done: dict[str, tuple[int, int, str]] = {}
+        queued: dict[str, Queued] = {}
+        listed_at: int | None = None
         with self._lock:
-            done = {
-                name: (size, mtime, kind)
-                for name, size, mtime, kind in self._db.execute(
-                    "SELECT name, size, mtime, kind FROM done WHERE folder=?", (folder,)
-                )
-            }
-            queued = {
-                name: Queued(size, mtime_ns, job_id)
-                for name, size, mtime_ns, job_id in self._db.execute(
-                    "SELECT name, size, mtime_ns, job_id FROM queued WHERE folder=?", (folder,)
-                )
-            }
-            row = self._db.execute("SELECT mtime_ns FROM outputs WHERE folder=?", (folder,)).fetchone()
-        return done, queued, row[0] if row else None
+            rows = self._db.execute(_FOLDER_QUERY, (folder, folder, folder)).fetchall()  # one query a folder
+        for table, name, size, mtime, text in rows:
+            if table == 0:
+                done[name] = (size, mtime, text)
+            elif table == 1:
+                queued[name] = Queued(size, mtime, text)
+            else:
+                listed_at = size
+        return done, queued, listed_at
 
     def record_listed(self, folder: str, mtime_ns: int) -> None:
         """Every output in this folder was listed and checked while the folder had this mtime."""

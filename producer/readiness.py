@@ -25,15 +25,10 @@ class Eligibility:
         self.extensions = {e.lower().lstrip(".") for e in extensions}
         self.ignore = list(ignore)
         # One regular expression for every pattern: a rescan asks this of every name of a million.
-        self._ignored = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in self.ignore) or "(?!)")
+        self.ignored_pattern = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in self.ignore) or "(?!)")
 
     def ignored(self, name: str) -> bool:
-        return self._ignored.match(name) is not None
-
-    def photo_name(self, name: str) -> bool:
-        """A photo's name, for a file in a folder already walked (its folders passed `ignored`)."""
-        dot = name.rfind(".")
-        return dot >= 0 and name[dot + 1 :].lower() in self.extensions and self._ignored.match(name) is None
+        return self.ignored_pattern.match(name) is not None
 
     def __call__(self, rel: PurePath) -> bool:
         return self.why_not(rel) is None

@@ -128,15 +128,20 @@ class FolderScanner:
         stats.folder_names.add(rel)
         subfolders: list[tuple[str, str]] = []
         photos: list[tuple[str, os.stat_result]] = []
-        photo_name, ignored, exclude = self.eligible.photo_name, self.eligible.ignored, self._exclude
+        # Eligibility.why_not for a name in a folder already walked, inlined: this loop sees every file.
+        extensions, ignored_match = self.eligible.extensions, self.eligible.ignored_pattern.match
+        ignored, exclude = self.eligible.ignored, self._exclude
         for entry in entries:
             name = entry.name
             try:
                 if entry.is_dir():
                     if not entry.is_symlink() and not ignored(name) and entry.path != exclude:
                         subfolders.append((entry.path, f"{rel}/{name}" if rel else name))
-                elif photo_name(name) and entry.is_file():
-                    photos.append((name, entry.stat()))
+                    continue
+                dot = name.rfind(".")
+                if dot < 0 or name[dot + 1 :].lower() not in extensions or ignored_match(name) or not entry.is_file():
+                    continue
+                photos.append((name, entry.stat()))
             except OSError:
                 continue  # gone between the listing and the stat
         subfolders.sort()

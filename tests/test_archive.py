@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
+from pathlib import PurePath
 
 import numpy as np
 from redis import Redis
+from rq.job import Job
 
 from depthq.config import Config
-from depthq.contract import LANES, RECENT_MAX, make_queue, output_path, recent_key
+from depthq.contract import LANES, RECENT_MAX, SERIALIZER, make_queue, output_path, recent_key
 from producer.enqueue import Enqueuer
 from producer.index import INDEX_NAME
 from producer.poller import FolderPoller
@@ -201,3 +203,23 @@ def test_a_scan_thread_never_holds_up_the_event_loop(make_config: Callable[..., 
             release.set()
     finally:
         release.set()
+
+
+def test_the_scan_takes_exactly_the_files_the_watcher_would(
+    make_config: Callable[..., Config], redis_client: Redis
+) -> None:
+    """The walk's inlined name test agrees with `Eligibility`, which events and `depthq enqueue` use."""
+    config = make_config(producer={"settle_ms": 0})
+    names = ["a.jpg", "B.JPEG", "c.heic", ".hidden.jpg", "._mac.jpg", "~lock.jpg", "x.jpg.part", "notes.txt",
+             "noext", "d.tmp", "e.webp", "jpg", ".jpg", "f.Png", "g.jpg.crdownload"]  # fmt: skip
+    for name in names:
+        (config.producer.watch / name).write_bytes(name.encode())
+    watcher = Watcher(config, Enqueuer(config, redis_client))
+    watcher.rescan("start")
+    took = sorted(
+        Job.fetch(j, connection=redis_client, serializer=SERIALIZER).args[0]["source"]
+        for j in jobs(Enqueuer(config, redis_client))
+    )
+    assert took == sorted(n for n in names if watcher.eligible(PurePath(n)))
+    assert took == ["B.JPEG", "a.jpg", "c.heic", "e.webp", "f.Png"]
+    watcher.index.close()
