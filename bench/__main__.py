@@ -17,6 +17,7 @@ BENCHMARKS = {
     "scaleout": "bench.scaleout",
     "gpu": "bench.gpu",
     "convert": "bench.convert",
+    "archive": "bench.archive",
 }
 
 
