@@ -132,7 +132,11 @@ class ModelConfig(_Section):
 
 class OutputConfig(_Section):
     dir: Path = Path("depth-out")
-    formats: list[Literal["tiff", "png16"]] = Field(default_factory=list)
+    formats: list[Literal["tiff", "png16", "ply", "exr"]] = Field(default_factory=list)
+    # The PLY point cloud: at most this many points (the model's output grid, coarsened to fit), and
+    # none farther than this many meters along the optical axis (sky, haze, the model's far clamp).
+    ply_max_points: int = Field(default=2_500_000, ge=1)
+    ply_max_depth_m: float = Field(default=100.0, gt=0)
 
 
 class DashboardConfig(_Section):

@@ -35,6 +35,8 @@ OUTPUT_SUFFIXES = {
     "json": ".json",
     "tiff": ".depth.tiff",
     "png16": ".depth.png",
+    "ply": ".points.ply",
+    "exr": ".depth.exr",
 }
 ERROR_SUFFIX = ".error.json"
 
@@ -168,8 +170,9 @@ def inflight_key(queue_name: str) -> str:
 
 
 COLLECTOR_GROUP = "collectors"
-# Output kinds a result carries zstd-compressed (raw float32 maps); the others are PNG or JSON.
-COMPRESSED_KINDS = frozenset({"npy", "tiff"})
+# Output kinds a result carries zstd-compressed (raw float32 maps and points); the others are PNG,
+# ZIP-compressed EXR or JSON, compressed already.
+COMPRESSED_KINDS = frozenset({"npy", "tiff", "ply"})
 # The hash field of a result that failed: its error record, written as <photo>.error.json.
 ERROR_KIND = "error"
 

@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 
+from depthq.camera import Camera, pinhole
 from worker.array_ops import Array, ops_for
 from worker.errors import ModelOutputError
 
@@ -38,6 +39,14 @@ class MetricDepth:
     focal_length_source: FocalSource | None
     fov_deg: float | None
     fov_vertical_deg: float | None
+
+    @property
+    def camera(self) -> Camera | None:
+        """The pinhole this depth map was measured with (`depthq.camera`), for the sidecar and the PLY."""
+        if self.focal_length_px is None:
+            return None
+        height, width = self.depth.shape
+        return pinhole(self.focal_length_px, width, height)
 
 
 def focal_px_from_fov(fov_deg: float, width: int) -> float:

@@ -25,6 +25,7 @@ from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
 from depthq import attempts
+from depthq.camera import Camera, pinhole
 from depthq.config import Config
 from depthq.contract import (
     Completion,
@@ -47,6 +48,7 @@ from worker.errors import (
     TimedOutError,
     WorkerDiedError,
 )
+from worker.formats import Scene
 from worker.images import load_image
 from worker.metrics import WorkerMetrics
 from worker.preview import preview_png
@@ -155,8 +157,24 @@ def _sidecar_for(sidecar: dict[str, Any], source: str, job_id: str, timings: dic
     }
 
 
+def _stored_camera(sidecar: dict[str, Any]) -> Camera | None:
+    """A stored result's camera; sidecars from before `camera` existed have what it is made of."""
+    camera = Camera.from_dict(sidecar.get("camera"))
+    if camera is not None:
+        return camera
+    f_px, width, height = (sidecar.get(k) for k in ("focal_length_px", "width", "height"))
+    if isinstance(f_px, int | float) and f_px > 0 and isinstance(width, int) and isinstance(height, int):
+        return pinhole(f_px, width, height)
+    return None
+
+
+def _scene(rt: Runtime, rgb: np.ndarray, camera: Camera) -> Scene:
+    out = rt.config.output
+    return Scene(rgb, camera, rt.backend.input_size, out.ply_max_points, out.ply_max_depth_m)
+
+
 def _try_copy(
-    io: SharedTransport, p: JobPayload, job_id: str, photo: Photo, t0: float, queue_wait: float
+    rt: Runtime, io: SharedTransport, p: JobPayload, job_id: str, photo: Photo, t0: float, queue_wait: float
 ) -> dict[str, Any] | None:
     """A byte-identical photo was already computed: reuse its stored result instead of the model."""
     assert p.same_as is not None
@@ -169,10 +187,17 @@ def _try_copy(
     depth, preview, sidecar = stored
     t_write = time.perf_counter()
     timings = {"queue_wait": _ms(queue_wait), "decode": 0.0, "inference": 0.0, "postprocess": 0.0}
-    io.output.write_data(p.source, depth, preview, p.outputs)
+    camera = _stored_camera(sidecar)
+    scene = None
+    if "ply" in p.outputs and camera is not None:
+        # The point cloud's colours: a decode, still far cheaper than the model.
+        image = load_image(photo.data, p.source, rt.config.worker.max_image_pixels)
+        scene = _scene(rt, image.rgb, camera)
+    io.output.write_data(p.source, depth, preview, p.outputs, scene)
     timings["write"] = _ms(time.perf_counter() - t_write)
     timings["total"] = _ms(time.perf_counter() - t0 + queue_wait)
     copied = {**_sidecar_for(sidecar, p.source, job_id, timings), "copied_from": p.same_as}
+    copied["camera"] = camera.to_dict() if camera is not None else None
     io.output.write_sidecar(p.source, {**copied, "source_stat": photo.stamp})
     return {"source": p.source, "copied_from": p.same_as, "timings_ms": timings}
 
@@ -185,7 +210,7 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
     io = rt.transports[p.transport]
     photo = io.read(p, job_id)
     if p.same_as is not None and isinstance(io, SharedTransport):
-        copied = _try_copy(io, p, job_id, photo, t0, queue_wait)
+        copied = _try_copy(rt, io, p, job_id, photo, t0, queue_wait)
         if copied is not None:
             return copied
     sha = hashlib.sha256(photo.data).hexdigest()
@@ -217,6 +242,8 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
         raise ModelOutputError(f"{p.source}: {exc}") from None
     preview = preview_png(md.depth, rt.backend.input_size)
     depth = md.depth
+    camera = md.camera
+    scene = _scene(rt, image.rgb, camera) if camera is not None and "ply" in p.outputs else None
     stats = depth_stats(depth, rt.backend.input_size)
     t_post = time.perf_counter()
     timings = {
@@ -240,6 +267,7 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
         "focal_length_source": md.focal_length_source,
         "focal_length_35mm": image.focal_length_35mm,
         "fov_model_deg": prediction.fov_deg,
+        "camera": camera.to_dict() if camera is not None else None,
         "depth": stats,
         "model": {**ran, "backend": rt.backend.name, "device": rt.backend.device},
         "worker": {"host": rt.host, "name": rt.worker_name},
@@ -248,13 +276,15 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
     if requested is not None:
         sidecar["model"]["requested"] = requested
         warnings.append(f"the job asked for model {requested}; this worker ran {ran['name']} ({rt.backend.name})")
+    if "ply" in p.outputs and camera is None:
+        warnings.append("no point cloud: neither the model nor the photo's EXIF gives a focal length")
     if p.sha256 and sha != p.sha256:
         # The file changed after it was enqueued; this describes what was actually read.
         warnings.append("the photo changed after it was enqueued; this result is for its current content")
     if warnings:
         sidecar["warnings"] = warnings
     store = io.store(job_id, p, photo)
-    store.write_data(p.source, depth, preview, p.outputs)
+    store.write_data(p.source, depth, preview, p.outputs, scene)
     timings["write"] = _ms(time.perf_counter() - t_post)
     timings["total"] = _ms(time.perf_counter() - t0 + queue_wait)
     store.write_sidecar(p.source, _sidecar_for(sidecar, p.source, job_id, timings))
@@ -264,7 +294,7 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
     aliases = _drain_aliases(rt, job_id, p.source) if job and sha == p.sha256 else []
     for alias in aliases if isinstance(io, SharedTransport) else []:
         sidecar_alias = _sidecar_for(sidecar, alias, job_id, timings)
-        _write_alias(io, alias, sha, depth, preview, sidecar_alias, p)
+        _write_alias(io, alias, sha, depth, preview, sidecar_alias, p, scene)
     log.info("%s: depth %.2f-%.2f m, %s ms", p.source, stats["min"], stats["max"], timings)
     return {"source": p.source, "aliases": aliases, "timings_ms": timings}
 
@@ -277,6 +307,7 @@ def _write_alias(
     preview: bytes,
     sidecar: dict[str, Any],
     p: JobPayload,
+    scene: Scene | None,
 ) -> None:
     """Outputs for a byte-identical copy, stamped with the copy's own stat, if it still holds that content."""
     try:
@@ -288,7 +319,7 @@ def _write_alias(
         log.info("%s changed since it was queued as a copy of %s; it gets its own job", alias, p.source)
         return
     sidecar.update(copied_from=p.source, source_stat=photo.stamp)
-    io.output.write_result(alias, depth, preview, sidecar, p.outputs)
+    io.output.write_result(alias, depth, preview, sidecar, p.outputs, scene)
 
 
 def _record_failure(rt: Runtime, p: JobPayload, job: Job | None, exc: BaseException) -> None:

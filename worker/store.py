@@ -9,7 +9,6 @@ travels as one hash and one stream entry, written in one transaction: the collec
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import shutil
@@ -20,7 +19,6 @@ from typing import IO, Any, Protocol
 
 import numpy as np
 import zstandard
-from PIL import Image
 from redis import Redis
 from rq.job import Job
 
@@ -34,32 +32,7 @@ from depthq.contract import (
 )
 from depthq.files import atomic_bytes, json_bytes, staged_write, write_outputs
 from worker.errors import OutputUnavailableError
-
-
-def _tiff(depth: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(depth.astype(np.float32)).save(buf, format="TIFF")
-    return buf.getvalue()
-
-
-def _png16(depth: np.ndarray) -> bytes:
-    """uint16 millimetres, saturating at 65.535 m."""
-    mm = np.clip(np.rint(depth * 1000.0), 0, 65535).astype(np.uint16)
-    buf = io.BytesIO()
-    Image.fromarray(mm).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _npy(depth: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, depth.astype(np.float32, copy=False))
-    return buf.getvalue()
-
-
-def _extra_formats(depth: np.ndarray, formats: Iterable[str]) -> dict[str, bytes]:
-    wanted = set(formats)
-    encoders = {"tiff": _tiff, "png16": _png16}
-    return {kind: encode(depth) for kind, encode in encoders.items() if kind in wanted}
+from worker.formats import Scene, extra_files, npy_bytes
 
 
 class HandedOverError(Exception):
@@ -72,9 +45,14 @@ class HandedOverError(Exception):
 
 
 class Store(Protocol):
-    """What a job writes, in this order: write_data, then write_sidecar; or write_error alone."""
+    """What a job writes, in this order: write_data, then write_sidecar; or write_error alone.
 
-    def write_data(self, source: str, depth: np.ndarray, preview: bytes, formats: Iterable[str]) -> None: ...
+    `scene` (the photo's colours and camera) is needed for a PLY only; without one, none is written.
+    """
+
+    def write_data(
+        self, source: str, depth: np.ndarray, preview: bytes, formats: Iterable[str], scene: Scene | None = None
+    ) -> None: ...
 
     def write_sidecar(self, source: str, sidecar: dict[str, Any]) -> None: ...
 
@@ -122,14 +100,16 @@ class OutputStore:
     def path(self, source: str, kind: str) -> Path:
         return output_path(self.root, source, kind)
 
-    def write_data(self, source: str, depth: np.ndarray, preview: bytes, formats: Iterable[str]) -> None:
+    def write_data(
+        self, source: str, depth: np.ndarray, preview: bytes, formats: Iterable[str], scene: Scene | None = None
+    ) -> None:
         """Everything but the sidecar, staged. Callers write the sidecar after, so it can carry the write time."""
         files: dict[str, Callable[[IO[bytes]], Any]] = {
             # np.save streams into the file: no second copy of a 48 MB map in memory.
             "npy": lambda f: np.save(f, depth.astype(np.float32, copy=False)),
             "preview": lambda f: f.write(preview),
         }
-        for kind, data in _extra_formats(depth, formats).items():
+        for kind, data in extra_files(depth, formats, scene).items():
             files[kind] = lambda f, data=data: f.write(data)
         self._discard()
         with _environment_failures(self.root):
@@ -156,9 +136,15 @@ class OutputStore:
         self._staged = []
 
     def write_result(
-        self, source: str, depth: np.ndarray, preview: bytes, sidecar: dict[str, Any], formats: Iterable[str]
+        self,
+        source: str,
+        depth: np.ndarray,
+        preview: bytes,
+        sidecar: dict[str, Any],
+        formats: Iterable[str],
+        scene: Scene | None = None,
     ) -> None:
-        self.write_data(source, depth, preview, formats)
+        self.write_data(source, depth, preview, formats, scene)
         self.write_sidecar(source, sidecar)
 
     def read_result(self, source: str) -> tuple[np.ndarray, bytes, dict[str, Any]] | None:
@@ -210,8 +196,10 @@ class RedisResultStore:
         self.compressor = zstandard.ZstdCompressor(level=zstd_level)
         self._pending: dict[str, bytes] = {}
 
-    def write_data(self, source: str, depth: np.ndarray, preview: bytes, formats: Iterable[str]) -> None:
-        files = {"npy": _npy(depth), "preview": preview, **_extra_formats(depth, formats)}
+    def write_data(
+        self, source: str, depth: np.ndarray, preview: bytes, formats: Iterable[str], scene: Scene | None = None
+    ) -> None:
+        files = {"npy": npy_bytes(depth), "preview": preview, **extra_files(depth, formats, scene)}
         # Lossless; a float32 map compresses to about 0.84, and PNGs are compressed already.
         self._pending = {k: self.compressor.compress(v) if k in COMPRESSED_KINDS else v for k, v in files.items()}
 
