@@ -6,7 +6,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import numpy as np
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -26,8 +29,10 @@ from werkzeug.serving import make_server
 
 import depthq.ops.gallery as gallery
 from depthq.config import Config
+from depthq.depthmap import DepthMap
 from producer.enqueue import Enqueuer
 from tests.photos import write_jpeg
+from tests.tiny_model import expected_depth
 from worker.backends import Backend
 from worker.worker import build_worker
 
@@ -250,6 +255,51 @@ def test_importing_the_gallery_keeps_numpy_out() -> None:
     )
 
 
+def _closed_form_distance(camera: dict[str, Any], z: float, a: tuple[int, int], b: tuple[int, int]) -> float:
+    """Two pixels of a constant-depth map: both at z, so only their x and y differ."""
+    return z * math.hypot((b[0] - a[0]) / camera["fx"], (b[1] - a[1]) / camera["fy"])
+
+
+def test_measure_gives_the_3d_distance_from_the_full_map_and_the_camera(config: Config, compute) -> None:
+    compute(write_jpeg(config.producer.watch / "m.jpg", width=400, height=300))
+    camera = sidecar(config, "m.jpg")["camera"]
+    client = client_for(config)
+    answer = client.get("/gallery/measure/m.jpg?a=10,20&b=390,280").get_json()
+    z = expected_depth(400, 300)
+    assert answer["a"]["depth_m"] == pytest.approx(z, rel=1e-6) and answer["b"]["depth_m"] == pytest.approx(z, rel=1e-6)
+    assert answer["a"]["point_m"] == pytest.approx(
+        [(10 - camera["cx"]) * z / camera["fx"], (20 - camera["cy"]) * z / camera["fy"], z], rel=1e-6
+    )
+    assert answer["distance_m"] == pytest.approx(_closed_form_distance(camera, z, (10, 20), (390, 280)), rel=1e-6)
+    for bad in ("a=400,0&b=0,0", "a=1&b=0,0", "b=0,0", "a=x,y&b=0,0", "a=-1,0&b=0,0"):
+        assert client.get(f"/gallery/measure/m.jpg?{bad}").status_code == 400
+    assert client.get("/gallery/measure/nothing.jpg?a=0,0&b=1,1").status_code == 404
+    assert client.get("/gallery/measure/../m.jpg?a=0,0&b=1,1").status_code == 404
+
+
+def test_the_hover_grid_is_the_map_every_step_pixels(config: Config, compute) -> None:
+    """Read without numpy (the dashboard never loads it), equal to numpy's reading of the same file."""
+    compute(write_jpeg(config.producer.watch / "g.jpg", width=600, height=200))
+    grid = client_for(config).get("/gallery/depth/g.jpg").get_json()
+    depth = np.load(config.output.dir / "g.jpg.depth.npy")
+    step = grid["step"]
+    assert (grid["width"], grid["height"], step) == (600, 200, 3)  # the long side within 256
+    np.testing.assert_allclose(np.array(grid["rows"]), depth[::step, ::step], atol=5e-4)
+    assert DepthMap.open(config.output.dir / "g.jpg.depth.npy").at(599, 199) == float(depth[199, 599])
+
+
+def test_the_result_page_links_its_photo_preview_and_endpoints(config: Config, compute) -> None:
+    compute(write_jpeg(config.producer.watch / "r.jpg", width=400, height=300))
+    client = client_for(config)
+    card = client.get("/gallery/results.json").get_json()["results"][0]
+    assert card["result_url"] == "/gallery/result/r.jpg"
+    page = client.get(card["result_url"]).get_data(as_text=True)
+    assert "/gallery/photo/r.jpg" in page and "/gallery/depth/r.jpg" in page and "/gallery/measure/r.jpg" in page
+    photo = client.get("/gallery/photo/r.jpg")
+    assert photo.status_code == 200 and jpeg_size(photo.data) == (400, 300)  # under VIEW_PX: not enlarged
+    assert client.get("/gallery/result/none.jpg").status_code == 404
+
+
 # --- in a browser ---------------------------------------------------------------------------------
 
 
@@ -354,3 +404,57 @@ def test_the_page_shows_results_as_they_land(
         artifacts = Path(os.environ["TEST_ARTIFACTS"])
         artifacts.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, artifacts / "gallery.png")
+
+
+def test_the_result_page_measures_between_two_clicked_pixels(
+    config: Config, compute, browser: Any, served: str, tmp_path: Path
+) -> None:
+    """Hover shows the depth under the pointer; two clicks show the 3D distance the closed form gives."""
+    from playwright.sync_api import expect
+
+    compute(write_jpeg(config.producer.watch / "room.jpg", width=400, height=300, seed=5))
+    camera = sidecar(config, "room.jpg")["camera"]
+    z = expected_depth(400, 300)
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    crashes: list[str] = []
+    page.on("pageerror", lambda exc: crashes.append(str(exc)))
+    page.goto(served)
+    page.locator("article.card .foot a.open").first.click()
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.view img')].every(i => i.complete && i.naturalWidth > 0)",
+        timeout=10_000,
+    )
+    photo = page.locator("#photo")
+    box = photo.bounding_box()
+    assert box is not None
+
+    def at(u: int, v: int) -> tuple[float, float]:
+        return box["x"] + (u + 0.5) * box["width"] / 400, box["y"] + (v + 0.5) * box["height"] / 300
+
+    expect(page.locator("body")).to_have_attribute("data-grid", "ready", timeout=10_000)
+    page.mouse.move(*at(200, 150))
+    expect(page.locator("#hover")).to_contain_text("(200, 150) at ")
+    assert float(page.locator("#hover").get_attribute("data-meters")) == pytest.approx(z, rel=0.01)
+    a, b = (40, 30), (360, 270)
+    page.mouse.click(*at(*a))
+    page.mouse.click(*at(*b))
+    distance = page.locator("#distance")
+    expect(distance).to_have_attribute("data-meters", re.compile(r"^[0-9.]+$"), timeout=10_000)
+    assert float(distance.get_attribute("data-meters")) == pytest.approx(
+        _closed_form_distance(camera, z, a, b), rel=0.01
+    )
+    assert float(distance.inner_text().removesuffix(" m")) == pytest.approx(
+        _closed_form_distance(camera, z, a, b), rel=0.01
+    )
+    expect(page.locator("#point-a")).to_contain_text("(40, 30)")
+    expect(page.locator("#point-b")).to_contain_text("(360, 270)")
+    assert page.locator(".view .mark").count() == 4  # A and B on the photo and on the depth
+    assert not crashes
+    shot = tmp_path / "measure.png"
+    page.screenshot(path=str(shot), full_page=True)
+    context.close()
+    if os.environ.get("TEST_ARTIFACTS"):
+        artifacts = Path(os.environ["TEST_ARTIFACTS"])
+        artifacts.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, artifacts / "measure.png")

@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import pillow_heif
-from flask import Blueprint, Response, abort, jsonify, render_template, url_for
+from flask import Blueprint, Response, abort, jsonify, render_template, request, url_for
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from depthq.camera import Camera, back_project
 from depthq.contract import ERROR_SUFFIX, OUTPUT_SUFFIXES, PayloadError, output_path, safe_relative
+from depthq.depthmap import DepthMap
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,10 @@ pillow_heif.register_heif_opener()
 
 # Long side of a thumbnail, in pixels: a card is about this wide on a laptop screen.
 THUMB_PX = 320
+# Long side of the photo and the preview on a result's measuring page: two of them side by side.
+VIEW_PX = 1024
+# Long side of the depth grid a measuring page hovers over (~200 KB of JSON); clicks read exact pixels.
+HOVER_GRID_PX = 256
 _THUMB_QUALITY = 80
 # About 1,500 thumbnails of ~20 KB: a few screens of gallery for every open tab, in a bounded footprint.
 _THUMB_CACHE_BYTES = 32 * 1024 * 1024
@@ -172,6 +178,7 @@ def _card(found: _Found, record: dict[str, Any]) -> dict[str, Any]:
     depth, worker, model = _section(record, "depth"), _section(record, "worker"), _section(record, "model")
     card.update(
         preview_url=url_for(".preview", source=found.source, v=found.mtime_ns),
+        result_url=url_for(".result", source=found.source),
         width=_number(record.get("width")),
         height=_number(record.get("height")),
         fov_deg=_number(record.get("fov_deg")),
@@ -292,8 +299,8 @@ def _inside(root: Path, path: Path) -> Path:
     return resolved
 
 
-def _jpeg_thumbnail(path: Path) -> bytes:
-    """Upright JPEG, long side at most THUMB_PX.
+def _jpeg_thumbnail(path: Path, px: int = THUMB_PX) -> bytes:
+    """Upright JPEG, long side at most `px`.
 
     `draft` lets libjpeg decode at 1/2 to 1/8 scale and pillow_heif pick an embedded HEIC thumbnail,
     so a 48 MP JPEG costs about 0.1 s instead of a full decode (PNG has no such shortcut).
@@ -302,12 +309,12 @@ def _jpeg_thumbnail(path: Path) -> bytes:
         # Pillow still refuses real bombs (DecompressionBombError); the warning band is a camera's range.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as img:
-            img.draft("RGB", (THUMB_PX, THUMB_PX))
+            img.draft("RGB", (px, px))
             upright = ImageOps.exif_transpose(img)
             if upright.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
                 # 16-bit and float images would clip to white in a plain convert; scale them to 8 bits.
                 upright = upright.convert("I").point(lambda v: v / 257).convert("L")
-            upright.thumbnail((THUMB_PX, THUMB_PX))
+            upright.thumbnail((px, px))
             rgb = upright.convert("RGB")
     buf = io.BytesIO()
     rgb.save(buf, format="JPEG", quality=_THUMB_QUALITY, optimize=True)
@@ -337,18 +344,18 @@ def gallery_blueprint(
             "results": listing.latest(),
         }
 
-    def thumbnail_response(root: Path, path: Path) -> Response:
+    def thumbnail_response(root: Path, path: Path, px: int = THUMB_PX) -> Response:
         real = _inside(root, path)
         try:
             st = real.stat()
         except OSError:
             abort(404)
-        key = (str(real), st.st_mtime_ns, st.st_size)
+        key = (f"{real}@{px}", st.st_mtime_ns, st.st_size)
         data = cache.get(key)
         if data is None:
             try:
                 with decode_slots:
-                    data = _jpeg_thumbnail(real)
+                    data = _jpeg_thumbnail(real, px)
             except (FileNotFoundError, PermissionError):
                 abort(404)
             except _DECODE_ERRORS as exc:
@@ -384,5 +391,83 @@ def gallery_blueprint(
     def preview(source: str) -> Response:
         relative(source)
         return thumbnail_response(output_dir, output_path(output_dir, source, "preview"))
+
+    def stored(source: str) -> tuple[dict[str, Any], DepthMap]:
+        """A result's sidecar and depth map, both inside the output folder, or 404."""
+        relative(source)
+        try:
+            record = json.loads(_inside(output_dir, output_path(output_dir, source, "json")).read_bytes())
+            depth_map = DepthMap.open(_inside(output_dir, output_path(output_dir, source, "npy")))
+        except (OSError, ValueError) as exc:  # DepthMapError is a ValueError, as is bad JSON
+            log.info("gallery: no depth map to measure for %s (%s)", source, exc)
+            abort(404)
+        if not isinstance(record, dict):
+            abort(404)
+        return record, depth_map
+
+    @bp.get("/result/<path:source>")
+    def result(source: str) -> str:
+        record, depth_map = stored(source)
+        version = int(_inside(output_dir, output_path(output_dir, source, "json")).stat().st_mtime_ns)
+        return render_template(
+            "result.html",
+            source=source,
+            width=depth_map.width,
+            height=depth_map.height,
+            has_camera=Camera.from_dict(record.get("camera")) is not None,
+            photo_url=url_for(".photo", source=source, v=version),
+            preview_url=url_for(".preview_large", source=source, v=version),
+            depth_url=url_for(".depth", source=source, v=version),
+            measure_url=url_for(".measure", source=source),
+            gallery_url=url_for(".page"),
+        )
+
+    @bp.get("/photo/<path:source>")
+    def photo(source: str) -> Response:
+        return thumbnail_response(watch_root, watch_root.joinpath(*relative(source)), VIEW_PX)
+
+    @bp.get("/preview-large/<path:source>")
+    def preview_large(source: str) -> Response:
+        relative(source)
+        return thumbnail_response(output_dir, output_path(output_dir, source, "preview"), VIEW_PX)
+
+    @bp.get("/depth/<path:source>")
+    def depth(source: str) -> Response:
+        """The map on a coarse grid, meters to the millimetre: what the page shows under the pointer."""
+        _, depth_map = stored(source)
+        step, rows = depth_map.grid(HOVER_GRID_PX)
+        response = jsonify(
+            {
+                "unit": "m",
+                "width": depth_map.width,
+                "height": depth_map.height,
+                "step": step,
+                "rows": [[round(d, 3) if math.isfinite(d) else None for d in row] for row in rows],
+            }
+        )
+        response.headers["Cache-Control"] = "private, max-age=86400"  # the URL carries the version
+        return response
+
+    @bp.get("/measure/<path:source>")
+    def measure(source: str) -> Response:
+        """The straight-line 3D distance between pixels `a` and `b` ("u,v" each), from the full map's
+        exact depths and the sidecar's camera, through the same back-projection as the PLY."""
+        record, depth_map = stored(source)
+        camera = Camera.from_dict(record.get("camera"))
+        if camera is None:
+            return Response("this result has no camera (no focal length was known)", 409, mimetype="text/plain")
+        points = []
+        for name in ("a", "b"):
+            try:
+                u, v = (int(n) for n in request.args.get(name, "").split(","))
+                z = depth_map.at(u, v)
+            except (ValueError, IndexError):
+                return Response(f"{name} must be a pixel 'u,v' inside the photo", 400, mimetype="text/plain")
+            if not math.isfinite(z):
+                return Response(f"no depth at {name}", 422, mimetype="text/plain")
+            x, y, z = back_project(u, v, z, camera)
+            points.append({"u": u, "v": v, "depth_m": z, "point_m": [x, y, z]})
+        distance = math.dist(points[0]["point_m"], points[1]["point_m"])
+        return jsonify({"a": points[0], "b": points[1], "distance_m": distance})
 
     return bp
