@@ -188,7 +188,7 @@ def test_thumbnails_are_small_upright_jpegs(config: Config, compute) -> None:
 def test_thumbnails_are_cached_until_the_photo_changes(config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
     made: list[Path] = []
     real = gallery._jpeg_thumbnail
-    monkeypatch.setattr(gallery, "_jpeg_thumbnail", lambda path: made.append(path) or real(path))
+    monkeypatch.setattr(gallery, "_jpeg_thumbnail", lambda path, px: made.append(path) or real(path, px))
     photo = write_jpeg(config.producer.watch / "p.jpg", seed=1)
     client = client_for(config)
     first = client.get("/gallery/thumb/p.jpg").data
