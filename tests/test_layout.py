@@ -9,6 +9,7 @@ running the real commands against a real Redis and reading `sys.modules` in the 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from redis import Redis
@@ -160,6 +162,14 @@ def test_watch_and_dashboard_never_import_numpy_torch_or_coremltools(
         wait_for(lambda: answers("/0/data/queues.json") or dashboard.poll() is not None, "the dashboard")
         assert watch.poll() is None and dashboard.poll() is None, watch_log.read_text() + dash_log.read_text()
         assert answers("/gallery/") and answers("/gallery/results.json")
+        # A stored result (written here, with numpy, as a worker writes one) measured by the dashboard.
+        output = Path(config["output"]["dir"])
+        output.mkdir(parents=True, exist_ok=True)
+        np.save(output / "m.jpg.depth.npy", np.full((30, 40), 2.0, dtype=np.float32))
+        camera = {"model": "pinhole", "fx": 40.0, "fy": 40.0, "cx": 19.5, "cy": 14.5, "width": 40, "height": 30}
+        (output / "m.jpg.json").write_text(json.dumps({"source": "m.jpg", "camera": camera}))
+        assert answers("/gallery/result/m.jpg") and answers("/gallery/depth/m.jpg")
+        assert answers("/gallery/measure/m.jpg?a=0,0&b=39,29")
         for proc in (watch, dashboard):
             proc.send_signal(signal.SIGUSR1)
         wait_for(lambda: _heavy(watch_log) and _heavy(dash_log), "both to report their modules")
