@@ -78,8 +78,9 @@ def reference_stages(data: bytes, inverse: np.ndarray) -> None:
     Image.fromarray(np.ascontiguousarray(coloured)).save(io.BytesIO(), format="JPEG", quality=90)
 
 
-def _ours(folder: Path, name: str) -> Any:
-    """depthq's job on `name` in `folder`, minus the forward pass; returns a callable per run."""
+def _ours(folder: Path, name: str, extra: tuple[str, ...] = ()) -> Any:
+    """depthq's job on `name` in `folder`, minus the forward pass, writing the base outputs and `extra`
+    ones; returns a callable per run."""
     from worker import job as job_module
 
     config = load_config(
@@ -93,7 +94,8 @@ def _ours(folder: Path, name: str) -> Any:
         worker_name="bench",
         connection=None,  # type: ignore[arg-type]  # only used with a real job, never with job=None
     )
-    payload = JobPayload(source=name, size=0, mtime=0.0, sha256="", model="stand-in", outputs=list(BASE_OUTPUTS))
+    outputs = [*BASE_OUTPUTS, *extra]
+    payload = JobPayload(source=name, size=0, mtime=0.0, sha256="", model="stand-in", outputs=outputs)
     return lambda: job_module._compute(runtime, payload, None)
 
 
@@ -199,6 +201,33 @@ def ideas(folder: Path, repeat: int) -> list[list[str]]:
     return rows
 
 
+# The optional outputs, in `output.formats` order; each is timed as the whole job with it added.
+EXTRA_FORMATS = ("tiff", "png16", "ply", "exr")
+
+
+def formats(folder: Path, name: str, repeat: int) -> list[list[str]]:
+    """What each optional output adds to the whole job on a 12 MP photo, and the size of its file: the
+    job with the format minus the job without, both measured here, alternating, so drift cancels."""
+    from depthq.contract import output_path
+
+    base = _ours(folder, name)
+    rows = []
+    for kind in EXTRA_FORMATS:
+        with_kind = _ours(folder, name, (kind,))
+        base_wall, base_cpu = _measure(base, repeat)
+        kind_wall, kind_cpu = _measure(with_kind, repeat)
+        size = output_path(folder / "out", name, kind).stat().st_size
+        rows.append(
+            [
+                kind,
+                f"+{ms(median(kind_wall) - median(base_wall))}",
+                f"+{ms(median(kind_cpu) - median(base_cpu))}",
+                f"{size / 1e6:.1f} MB",
+            ]
+        )
+    return rows
+
+
 @contextmanager
 def _one_core() -> Iterator[None]:
     """Pinned to one core with one thread each for OpenCV and torch, and all restored afterwards:
@@ -260,6 +289,7 @@ def _run(quick: bool) -> dict[str, Any]:
                     verdict(ok),
                 ]
             )
+        format_rows = formats(folder, "photo.jpg", repeat)
         idea_rows = ideas(folder, repeat)
     print(results["machine"])
     print_table(
@@ -270,5 +300,11 @@ def _run(quick: bool) -> dict[str, Any]:
     print_table(
         "ideas, each measured against what it replaces", ["idea", "time", "cost in the model's input"], idea_rows
     )
+    print_table(
+        "what each optional output adds, 12 MP JPEG, whole job (medians)",
+        ["output.formats", "wall", "CPU", "file"],
+        format_rows,
+    )
     results["ideas"] = idea_rows
+    results["formats"] = format_rows
     return results
