@@ -45,7 +45,11 @@ def test_sidecar_camera_is_the_closed_form_pinhole(
 ) -> None:
     config = make_config()
     photo = write_jpeg(
-        config.producer.watch / "p.jpg", width=stored[0], height=stored[1], orientation=orientation, focal_35mm=focal_35mm
+        config.producer.watch / "p.jpg",
+        width=stored[0],
+        height=stored[1],
+        orientation=orientation,
+        focal_35mm=focal_35mm,
     )
     Enqueuer(config, redis_client).submit(photo)
     build_worker(config, redis_client, tiny_backend).work(burst=True, with_scheduler=False)
