@@ -440,7 +440,7 @@ def whole_job(
     from PIL import Image
     from transformers import DepthProForDepthEstimation
 
-    from bench.overhead import _photo
+    from bench.overhead import synthetic_photo
     from depthq.supervisor import THREAD_ENV, worker_threads
 
     rows = []
@@ -450,7 +450,7 @@ def whole_job(
         jpegs = []
         for seed in range(JOB_PHOTOS):
             buffer = io.BytesIO()
-            Image.fromarray(_photo(*JOB_SIZE, seed=seed)).save(buffer, format="JPEG", quality=90)
+            Image.fromarray(synthetic_photo(*JOB_SIZE, seed=seed)).save(buffer, format="JPEG", quality=90)
             jpegs.append(buffer.getvalue())
         ctx = mp.get_context("spawn")  # never fork a process that holds CUDA
         cores = len(os.sched_getaffinity(0))
@@ -562,12 +562,12 @@ def run(quick: bool = False) -> dict[str, Any]:
     device = torch.device("cuda")
     gpu = torch.cuda.get_device_name(device)
     console.print(f"GPU: {gpu}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-    from bench.overhead import _photo
+    from bench.overhead import synthetic_photo
     from worker.preprocess import model_input
 
     sizes = [JOB_SIZE] * PARITY_PHOTOS
     photos = [
-        model_input(torch.from_numpy(_photo(*JOB_SIZE, seed=100 + i)).to(device), size)[None]
+        model_input(torch.from_numpy(synthetic_photo(*JOB_SIZE, seed=100 + i)).to(device), size)[None]
         for i in range(PARITY_PHOTOS)
     ]
     runs = QUICK_RUNS if quick else RUNS

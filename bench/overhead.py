@@ -44,7 +44,7 @@ GOAL_RATIO = 0.10
 GOAL_MS = 150.0
 
 
-def _photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+def synthetic_photo(width: int, height: int, seed: int = 0) -> np.ndarray:
     """Smooth shapes plus a little sensor noise: compresses like a photo, unlike pure noise."""
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 255, (height // 64 + 2, width // 64 + 2, 3), dtype=np.uint8)
@@ -123,7 +123,7 @@ def ideas(folder: Path, repeat: int) -> list[list[str]]:
 
     rows = []
     big = folder / "photo48.jpg"
-    Image.fromarray(_photo(8064, 6048, seed=1)).save(big, format="JPEG", quality=90)
+    Image.fromarray(synthetic_photo(8064, 6048, seed=1)).save(big, format="JPEG", quality=90)
     data = big.read_bytes()
     full_wall, _ = _measure(lambda: model_input(load_image(data, "48", 10**9).rgb, MODEL_SIDE), max(2, repeat // 3))
     reduced_wall, _ = _measure(
@@ -139,7 +139,7 @@ def ideas(folder: Path, repeat: int) -> list[list[str]]:
         ]
     )
 
-    rgb = _photo(4032, 3024)
+    rgb = synthetic_photo(4032, 3024)
     float_wall, _ = _measure(lambda: model_input(rgb, MODEL_SIDE), repeat)
 
     def uint8_input() -> np.ndarray:
@@ -260,7 +260,7 @@ def _run(quick: bool) -> dict[str, Any]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="depthq-bench-overhead-", dir=".") as tmp:
         folder = Path(tmp)
-        rgb = _photo(4032, 3024)
+        rgb = synthetic_photo(4032, 3024)
         # HEIC at quality 60: smaller than the JPEG, as a phone's HEIC is.
         for fmt, name, quality in (("JPEG", "photo.jpg", 90), ("HEIF", "photo.heic", 60)):
             Image.fromarray(rgb).save(folder / name, format=fmt, quality=quality)

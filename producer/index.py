@@ -150,36 +150,32 @@ class PhotoIndex:
     def record_done(self, rows: Iterable[tuple[str, str, Done]]) -> None:
         """(folder, name, what its sidecar says): done, and so no longer queued."""
         rows = list(rows)
-        if not rows:
-            return
-        with self._lock, self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany(
-                "INSERT OR REPLACE INTO done VALUES (?, ?, ?, ?, ?)",
-                [(f, n, d.size, d.mtime, d.kind) for f, n, d in rows],
-            )
-            self._db.executemany("DELETE FROM queued WHERE folder=? AND name=?", [(f, n) for f, n, _ in rows])
+        done = [(f, n, d.size, d.mtime, d.kind) for f, n, d in rows]
+        self._write(
+            ("INSERT OR REPLACE INTO done VALUES (?, ?, ?, ?, ?)", done),
+            ("DELETE FROM queued WHERE folder=? AND name=?", [(f, n) for f, n, _ in rows]),
+        )
 
     def record_queued(self, rows: Iterable[tuple[str, str, Queued]]) -> None:
-        rows = list(rows)
-        if not rows:
-            return
-        with self._lock, self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany(
-                "INSERT OR REPLACE INTO queued VALUES (?, ?, ?, ?, ?)",
-                [(f, n, q.size, q.mtime_ns, q.job_id) for f, n, q in rows],
-            )
+        queued = [(f, n, q.size, q.mtime_ns, q.job_id) for f, n, q in rows]
+        self._write(("INSERT OR REPLACE INTO queued VALUES (?, ?, ?, ?, ?)", queued))
 
     def forget(self, rows: Iterable[tuple[str, str]]) -> None:
         """Entries the disk contradicts (output deleted by hand, photo gone): dropped, not trusted."""
         rows = list(rows)
-        if not rows:
+        self._write(
+            ("DELETE FROM done WHERE folder=? AND name=?", rows),
+            ("DELETE FROM queued WHERE folder=? AND name=?", rows),
+        )
+
+    def _write(self, *statements: tuple[str, list[tuple[object, ...]]]) -> None:
+        """Each statement over its rows, all in one transaction; nothing at all when there are no rows."""
+        if not any(rows for _, rows in statements):
             return
         with self._lock, self._db:
             self._db.execute("BEGIN")
-            self._db.executemany("DELETE FROM done WHERE folder=? AND name=?", rows)
-            self._db.executemany("DELETE FROM queued WHERE folder=? AND name=?", rows)
+            for sql, rows in statements:
+                self._db.executemany(sql, rows)
 
     def forget_folders_except(self, folders: set[str]) -> int:
         """After a whole walk: drop the entries of folders that no longer exist. Returns how many."""

@@ -167,7 +167,6 @@ class Watcher:
         self._scan_wanted = threading.Event()
         self._scan_causes: set[str] = set()
         self._stopping = threading.Event()
-        self._submit_lock = threading.Lock()
 
     @property
     def armed(self) -> bool:

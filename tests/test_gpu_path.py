@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.overhead import synthetic_photo as photo
 from depthq.config import ModelConfig, load_config
 from depthq.supervisor import THREAD_ENV, _cores, _worker_env, worker_threads
 from tests.tiny_model import RELEASED_INPUT_SIZE, build_released_geometry_model
@@ -34,15 +35,6 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device: the CPU tests 
 # A 12 MP photo's upright size, and a smaller one whose resizes are cheap on a CPU.
 W12, H12 = 4032, 3024
 W, H = 1600, 1200
-
-
-def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """Smooth shapes plus sensor noise: a photo's gradients, where pure noise would be the worst case."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 255, (height // 64 + 2, width // 64 + 2, 3), dtype=np.uint8)
-    smooth = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
-    noise = rng.integers(-3, 4, smooth.shape, dtype=np.int16)
-    return np.clip(smooth.astype(np.int16) + noise, 0, 255).astype(np.uint8)
 
 
 def smooth_cid(size: int = RELEASED_INPUT_SIZE, seed: int = 0) -> np.ndarray:
