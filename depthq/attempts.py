@@ -89,6 +89,15 @@ def end(connection: Redis, queue_name: str, jid: str, host: str, pid: int) -> No
         tx.execute()
 
 
+def cancel(connection: Redis, queue_name: str, jid: str, host: str, pid: int) -> None:
+    """The attempt never got to the photo: the environment failed it (a full disk). It counts neither
+    as started nor as ended, so days of waiting for space spend none of the photo's attempts."""
+    with connection.pipeline(transaction=True) as tx:
+        tx.hincrby(attempts_key(queue_name, jid), "started", -1)
+        tx.delete(running_key(queue_name, host, pid))
+        tx.execute()
+
+
 def record_death(connection: Redis, queue_name: str, host: str, pid: int, why: str) -> str | None:
     """Why the worker process `pid` died in its attempt, unless that was said already; returns its job."""
     jid = connection.get(running_key(queue_name, host, pid))

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -169,6 +170,17 @@ def inflight_key(queue_name: str) -> str:
     return f"depthq:{queue_name}:inflight"
 
 
+def taking_key(queue_name: str, worker_name: str) -> str:
+    """List of the job ids a worker took from the lanes and has not yet started (moved there by the same
+    command that took them, so a worker stopped or killed in between loses none: `worker.dequeue`)."""
+    return f"depthq:{queue_name}:taking:{worker_name}"
+
+
+def taking_pattern(queue_name: str) -> str:
+    """SCAN pattern for every worker's `taking_key`."""
+    return f"depthq:{queue_name}:taking:*"
+
+
 COLLECTOR_GROUP = "collectors"
 # Output kinds a result carries zstd-compressed (raw float32 maps and points); the others are PNG,
 # ZIP-compressed EXR or JSON, compressed already.
@@ -232,6 +244,23 @@ def record_completion(pipe: Any, queue_name: str, completion: Completion) -> Non
     pipe.expire(key, COMPLETIONS_WINDOW_S)
 
 
+def error_record(
+    source: str, job_id: str, kind: str, message: str, stamp: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """`<photo>.error.json`: what went wrong with which photo, as the job, the producer (refusals) and
+    the collector (results it cannot write) all record it. `stamp` is the photo's `source_stamp`, which
+    makes the error "done" for exactly this version of the photo."""
+    record: dict[str, Any] = {
+        "source": source,
+        "job_id": job_id,
+        "error": {"type": kind, "message": message},
+        "created_at": datetime.now(UTC).isoformat(),
+    }
+    if stamp is not None:
+        record["source_stat"] = stamp
+    return record
+
+
 def file_sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -241,11 +270,49 @@ def requested_outputs(config: Config) -> list[str]:
     return [*BASE_OUTPUTS, *(f for f in config.output.formats if f not in BASE_OUTPUTS)]
 
 
-def output_path(output_root: Path, source: str, kind: str) -> Path:
-    """`<output>/<rel dir>/<full input name><suffix>`: IMG_1.HEIC gives IMG_1.HEIC.json."""
-    rel = safe_relative(source)
+# A file name's limit: 255 bytes on Linux (ext4, xfs, btrfs, tmpfs), 255 UTF-8 bytes on APFS and SMB.
+NAME_MAX = 255
+# What a temporary name adds to its output's name: "." + "." + 8 random characters + ".tmp" (depthq.files).
+TEMP_NAME_OVERHEAD = 14
+_LONGEST_SUFFIX = max(len(s.encode()) for s in (*OUTPUT_SUFFIXES.values(), ERROR_SUFFIX))
+# The longest photo name (UTF-8 bytes) whose outputs, and their temporary names, keep it whole: 229.
+MAX_KEPT_NAME = NAME_MAX - _LONGEST_SUFFIX - TEMP_NAME_OVERHEAD
+_NAME_HASH_CHARS = 16
+_MAX_KEPT_EXTENSION = 16
+
+
+def output_base(name: str) -> str:
+    """What a photo's output names start with: its full name, as long as that leaves room for the
+    longest suffix and a temporary name within NAME_MAX. A longer name (230 to 255 bytes, which the
+    photo's own filesystem took) is shortened the same way on every host: its start, cut at a
+    character, then `~`, 16 hex digits of the full name's SHA-256, then its extension
+    (`<start>~1f3a...9c.jpg.json`). The sidecar's `source` names the photo in full.
+    """
+    if len(name) * 4 <= MAX_KEPT_NAME:  # no name of this many characters is too long in UTF-8
+        return name
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= MAX_KEPT_NAME:
+        return name
+    dot = raw.rfind(b".")
+    extension = raw[dot:] if dot > 0 and len(raw) - dot <= _MAX_KEPT_EXTENSION else b""
+    tail = b"~" + hashlib.sha256(raw).hexdigest()[:_NAME_HASH_CHARS].encode() + extension
+    room = MAX_KEPT_NAME - len(tail)
+    while room > 0 and raw[room] & 0xC0 == 0x80:  # never cut a character in two
+        room -= 1
+    return (raw[:room] + tail).decode("utf-8", "surrogateescape")
+
+
+def output_name(name: str, kind: str) -> str:
+    """The file name of one output of the photo called `name` (no folder): see `output_path`."""
     suffix = ERROR_SUFFIX if kind == "error" else OUTPUT_SUFFIXES[kind]
-    return output_root.joinpath(*rel.parts[:-1], rel.name + suffix)
+    return output_base(name) + suffix
+
+
+def output_path(output_root: Path, source: str, kind: str) -> Path:
+    """`<output>/<rel dir>/<full input name><suffix>`: IMG_1.HEIC gives IMG_1.HEIC.json (a name too long
+    for that keeps a shortened form, `output_base`)."""
+    rel = safe_relative(source)
+    return output_root.joinpath(*rel.parts[:-1], output_name(rel.name, kind))
 
 
 def source_stamp(st: os.stat_result) -> dict[str, int]:

@@ -10,6 +10,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -33,6 +34,44 @@ FILE_MODE = 0o666 & ~_process_umask()
 
 def _temp_prefix(path: Path) -> str:
     return f".{path.name}."
+
+
+# `.<output name>.<8 random characters>.tmp`: mkstemp's characters. An output name leaves room for
+# this within NAME_MAX (contract.TEMP_NAME_OVERHEAD), so a temporary name is never too long.
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+# Every temporary file is renamed or removed by its writer within one job (queue.job_timeout_s, after
+# which a worker's own watchdog ends it) or one collector write: one older than that by this margin
+# was left by a writer that died, and no one will ever finish it.
+STALE_TEMP_MARGIN_S = 60
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file in the output folder is one of depthq's temporary files."""
+    return name.startswith(".") and name.endswith(".tmp") and _TEMP_NAME.match(name) is not None
+
+
+def stale_temp_age_s(job_timeout_s: float) -> float:
+    """How old a temporary file must be before nothing can still be writing it."""
+    return job_timeout_s + STALE_TEMP_MARGIN_S
+
+
+def remove_stale_temps_in(folder: Path, names: Iterable[str], older_than_s: float, now: float) -> tuple[int, int]:
+    """Of these names in `folder`, remove the temporary files older than `older_than_s`, left by a
+    writer that died mid-write. Returns (removed, younger ones left for their writer)."""
+    removed = young = 0
+    for name in names:
+        if not is_temp_name(name):
+            continue
+        path = folder / name
+        try:
+            if now - path.stat().st_mtime < older_than_s:
+                young += 1
+                continue
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            continue  # renamed into place or removed by its writer meanwhile
+    return removed, young
 
 
 def staged_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:

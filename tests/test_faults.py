@@ -24,6 +24,8 @@ from rq.serializers import PickleSerializer
 from depthq.config import Config
 from depthq.contract import SERIALIZER, make_queue
 from producer.enqueue import Enqueuer
+from tests import disk
+from tests.endstate import settle
 from tests.photos import write_jpeg
 from tests.waiting import wait_for
 from worker.backends import Backend
@@ -141,19 +143,8 @@ def test_pickled_job_pushed_by_hand_is_refused_unrun(
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 1 MiB tmpfs for the outputs (root only)."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs for the full-disk test needs root")
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True
-    )
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
-    try:
+    with disk.small_disk(tmp_path / "small-disk") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_full_output_disk_holds_photos_back_and_they_finish_once_space_returns(
@@ -292,3 +283,39 @@ def test_a_plain_rq_worker_on_the_queue_is_flagged_and_spends_no_attempt(
     for i, jid in enumerate(jids):
         assert json.loads((config.output.dir / f"{i}.jpg.json").read_text())["job_id"] == jid
         assert int(redis_client.hget(attempts.attempts_key(config.queue.name, jid), "started")) == 1
+
+
+# --- a job handed to a worker that is stopped before it can start it ------------------------------------------
+
+
+def test_a_job_taken_by_a_stopped_worker_is_given_back_when_it_is_killed(
+    config: Config, redis_client: Redis, spawn_worker
+) -> None:
+    """A worker waiting on the lanes is frozen (SIGSTOP); Redis hands the next job to its waiting
+    connection all the same. rq's BLPOP took the id out of every list, so once the frozen worker was
+    killed the job stayed "queued" in no queue, for good. Here the id waits in the worker's taking list,
+    and goes back to its lane once the worker is known to be gone."""
+    from depthq.contract import taking_key
+
+    frozen = spawn_worker()
+    wait_for(lambda: redis_client.hget(f"rq:worker:{_name(redis_client)}", "state") == b"idle", "an idle worker", 60)
+    name = _name(redis_client)
+    os.kill(frozen.pid, signal.SIGSTOP)
+    photo = write_jpeg(config.producer.watch / "handed.jpg")
+    jid = Enqueuer(config, redis_client).submit(photo).job_id
+    taking = taking_key(config.queue.name, name)
+    wait_for(lambda: redis_client.lrange(taking, 0, -1) == [jid.encode()], "Redis to hand the job to the frozen worker")
+    assert make_queue(redis_client, config).count == 0  # in no lane: only the taking list has it
+    frozen.kill()
+    frozen.wait()
+    spawn_worker()
+    took = wait_for(lambda: (config.output.dir / "handed.jpg.json").exists(), "the job, done by the other worker", 90)
+    print(f"the job given back and done {took:.1f} s after the frozen worker was killed (dead_after_s {DEAD_AFTER_S})")
+    assert not redis_client.exists(taking)
+    assert json.loads((config.output.dir / "handed.jpg.json").read_text())["job_id"] == jid
+    settle(config, redis_client)
+
+
+def _name(redis_client: Redis) -> str:
+    names = [key.decode().removeprefix("rq:worker:") for key in redis_client.keys("rq:worker:*")]
+    return names[0] if len(names) == 1 else ""

@@ -20,8 +20,10 @@ from rq.scheduler import RQScheduler
 from rq.scripts import acquire_or_refresh_lock
 
 from depthq.config import Config
-from depthq.contract import SERIALIZER, JobPayload, file_sha256, make_queue
+from depthq.contract import SERIALIZER, JobPayload, file_sha256, make_queue, make_queues, output_path
 from producer.enqueue import Enqueuer
+from tests import disk
+from tests.endstate import assert_end_state
 from tests.photos import write_jpeg
 from tests.test_depth import torch_model_input
 from tests.tiny_model import FOV_DEG, expected_depth
@@ -230,6 +232,9 @@ def test_copies_are_computed_once(config: Config, redis_client: Redis, run_worke
     meta_c = _sidecar(config, "c.jpg")
     assert meta_c["copied_from"] == "a.jpg"
     assert meta_c["timings_ms"]["inference"] == 0.0
+    # The copy's job ended as done, once: not retried, not failed (its result once lacked "aliases").
+    assert make_queue(redis_client, config, "live").finished_job_registry.count == 2
+    assert_end_state(config, redis_client)
 
 
 def test_force_recomputes(config: Config, redis_client: Redis, run_worker) -> None:
@@ -244,29 +249,64 @@ def test_force_recomputes(config: Config, redis_client: Redis, run_worker) -> No
     assert _sidecar(config, "a.jpg")["created_at"] > first
 
 
-def test_deleted_before_the_job_runs_is_an_error_not_a_crash(config: Config, redis_client: Redis, run_worker) -> None:
+def test_deleted_before_the_job_runs_ends_quietly_and_returns_if_the_photo_does(
+    config: Config, redis_client: Redis, run_worker
+) -> None:
     photo = write_jpeg(config.producer.watch / "gone.jpg")
-    Enqueuer(config, redis_client).submit(photo)
+    enq = Enqueuer(config, redis_client)
+    jid = enq.submit(photo).job_id
+    data = photo.read_bytes()
     photo.unlink()
     run_worker()
-    error = json.loads((config.output.dir / "gone.jpg.error.json").read_text())
-    assert "no longer exists" in error["error"]["message"]
+    # Nothing to compute, and no error file for a photo that is not there; the job is over, not failed.
+    assert not config.output.dir.exists() or not list(config.output.dir.glob("gone.jpg*"))
+    job = Job.fetch(jid, connection=redis_client, serializer=SERIALIZER)
+    assert job.get_status() == JobStatus.FINISHED and job.return_value() == {"source": "gone.jpg", "gone": True}
+    assert_end_state(config, redis_client)
+    photo.write_bytes(data)  # it comes back (moved back in): computed then
+    assert enq.submit(photo).outcome == "requeued"
+    run_worker()
+    assert _sidecar(config, "gone.jpg")["source"] == "gone.jpg"
+    assert_end_state(config, redis_client)
 
 
-def test_photo_moved_inside_the_folder_while_queued(config: Config, redis_client: Redis, run_worker) -> None:
+def test_photo_moved_inside_the_folder_while_queued_is_computed_under_its_new_name_at_once(
+    config: Config, redis_client: Redis, run_worker
+) -> None:
     enq = Enqueuer(config, redis_client)
     photo = write_jpeg(config.producer.watch / "a.jpg")
-    enq.submit(photo)
+    jid = enq.submit(photo).job_id
     moved = config.producer.watch / "sorted" / "a.jpg"
     moved.parent.mkdir()
     photo.rename(moved)
     assert enq.submit(moved).outcome == "aliased"  # the rename event, while the job waits
     run_worker()
-    assert "no longer exists" in json.loads((config.output.dir / "a.jpg.error.json").read_text())["error"]["message"]
-    assert not (config.output.dir / "sorted" / "a.jpg.error.json").exists()  # the failure is not the copy's
-    assert enq.submit(moved).outcome == "requeued"  # the producer's next look
+    meta = _sidecar(config, "sorted/a.jpg")
+    assert meta["source"] == "sorted/a.jpg" and "copied_from" not in meta
+    assert not (config.output.dir / "a.jpg.error.json").exists()  # nothing recorded for a name that is gone
+    assert Job.fetch(jid, connection=redis_client, serializer=SERIALIZER).return_value()["source"] == "sorted/a.jpg"
+    assert enq.submit(moved).outcome == "done"  # the next rescan finds nothing to do
+    assert_end_state(config, redis_client)
+
+
+def test_copies_of_a_bad_photo_get_its_error_at_once(config: Config, redis_client: Redis, run_worker) -> None:
+    """Zero-byte files all share one hash: the first one's job fails, and every copy queued as its alias
+    gets the same error file then, not at the next rescan."""
+    enq = Enqueuer(config, redis_client)
+    names = ["empty1.jpg", "empty2.jpg", "sub/empty3.jpg"]
+    for name in names:
+        path = config.producer.watch / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    outcomes = [enq.submit(config.producer.watch / name).outcome for name in names]
+    assert outcomes == ["enqueued", "aliased", "aliased"]
     run_worker()
-    assert _sidecar(config, "sorted/a.jpg")["source"] == "sorted/a.jpg"
+    for name in names:
+        error = json.loads((config.output.dir / (name + ".error.json")).read_text())
+        assert error["source"] == name and error["error"]["type"] == "bad_input"
+        assert error["source_stat"]["size"] == 0
+    assert [enq.submit(config.producer.watch / name).outcome for name in names] == ["done"] * 3
+    assert_end_state(config, redis_client, bad=["empty1.jpg"])
 
 
 def test_copy_never_gets_another_photos_depth(config: Config, redis_client: Redis, run_worker) -> None:
@@ -424,3 +464,58 @@ def test_an_idle_worker_lets_go_of_its_command_channel_promptly(
     assert not worker.pubsub_thread.is_alive()
     assert took < 10, f"unsubscribing took {took:.1f} s"  # bounded by the poll (1 s), not rq's 60 s
     assert dict(redis_client.pubsub_numsub(channel)).get(channel.encode()) == 0
+
+
+def test_depthq_status_stops_saying_the_disk_is_full_once_any_worker_writes_again(
+    make_config: Callable[..., Config], redis_client: Redis, backend: Backend, tmp_path: Path
+) -> None:
+    """Only the worker that met the full disk cleared the alert, so after a restart `depthq status`
+    said "output disk full ... 0.0 MiB free" for 15 minutes of a disk with room."""
+    from depthq.ops.status import gather
+
+    with disk.small_disk(tmp_path / "small-out", "1m") as out:
+        config = make_config(output={"dir": str(out)}, worker={"retry_backoff_s": [0]})
+        filler = disk.fill(out, leave_bytes=0)
+        enq = Enqueuer(config, redis_client)
+        held = enq.submit(write_jpeg(config.producer.watch / "held.jpg", seed=1)).job_id
+        build_worker(config, redis_client, backend).work(burst=True)  # the worker that meets the full disk
+        assert any(a.startswith("output disk full") for a in gather(redis_client, config).alerts)
+        assert Job.fetch(held, connection=redis_client, serializer=SERIALIZER).get_status() == JobStatus.SCHEDULED
+        filler.unlink()
+        enq.submit(write_jpeg(config.producer.watch / "next.jpg", seed=2))
+        build_worker(config, redis_client, backend).work(burst=True)  # a fresh worker: it never saw the disk full
+        assert (out / "next.jpg.json").exists()
+        assert gather(redis_client, config).alerts == []
+        scheduler = RQScheduler([q.name for q in make_queues(redis_client, config)], connection=redis_client)
+        scheduler.acquire_locks()
+
+        def back_on_its_lane() -> bool:  # once its back-off (whole seconds in rq's registry) is over
+            scheduler.enqueue_scheduled_jobs()
+            return held in make_queue(redis_client, config).job_ids
+
+        wait_for(back_on_its_lane, "the held photo's job back on its lane", 10)
+        scheduler.release_locks()
+        build_worker(config, redis_client, backend).work(burst=True)
+        assert (out / "held.jpg.json").exists() and not list(out.glob("*.error.json"))
+        assert_end_state(config, redis_client)
+
+
+@pytest.mark.parametrize("length", [230, 255])
+def test_a_photo_with_a_name_too_long_for_its_outputs_gets_them_under_a_shortened_name(
+    config: Config, redis_client: Redis, run_worker, length: int
+) -> None:
+    name = "片" * ((length - 4) // 3) + "x" * ((length - 4) % 3) + ".jpg"
+    assert len(name.encode()) == length
+    photo = write_jpeg(config.producer.watch / "day" / name)
+    enq = Enqueuer(config, redis_client)
+    enq.submit(photo)
+    run_worker()
+    sidecar = output_path(config.output.dir, f"day/{name}", "json")
+    meta = json.loads(sidecar.read_text())
+    assert (
+        meta["source"] == f"day/{name}"
+        and meta["depth"]["file"] == output_path(config.output.dir, f"day/{name}", "npy").name
+    )
+    assert "~" in sidecar.name and len(sidecar.name.encode()) < 255
+    assert enq.submit(photo).outcome == "done"  # the producer finds it by the same rule
+    assert_end_state(config, redis_client)

@@ -15,6 +15,17 @@ class BadInputError(ExpectedError):
     kind = "bad_input"
 
 
+class SourceUnreadableError(BadInputError):
+    """The photo's file cannot be read at its name (moved or deleted, not a file, no permission, a
+    link out of the root): a fact about the name, not the content. A byte-identical copy queued as an
+    alias of the same job is read instead, and the name only gets an error file if none can be."""
+
+
+class SourceGoneError(SourceUnreadableError):
+    """The photo no longer exists at its name: moved or deleted before its turn. Not recorded against
+    it (there is nothing to record it against); the job ends, and the photo is sent again if it returns."""
+
+
 class RefusedJobError(ExpectedError):
     """A job this worker will not run: a foreign function or a payload outside the contract."""
 
@@ -42,17 +53,38 @@ class ModelOutputError(RuntimeError):
     kind = "model_output"
 
 
-class OutputUnavailableError(RuntimeError):
-    """The output folder refused a write for a reason of its own (full, over quota, read-only, I/O
-    error): a failure of the environment, not of the photo. Retried with back-off, never recorded
-    against the photo, so it is done by itself once the folder takes writes again."""
+class EnvironmentUnavailableError(RuntimeError):
+    """A folder refused a read or a write for a reason of its own (full, over quota, read-only, an I/O
+    error, a share gone): a failure of the environment, not of the photo. The job is put back with
+    back-off without spending a retry (`DepthWorker._postpone`), never recorded against the photo, so it
+    is done by itself once the folder works again (`depthq.environment` says which failures these are)."""
 
-    def __init__(self, root: str, free: str, cause: OSError):
+    setting = "a folder"
+    fix = "fix the folder"
+
+    def __init__(self, root: str, free: str, cause: BaseException):
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+        detail = f" ({free})" if free else ""
         super().__init__(
-            f"output.dir {root}: {cause.strerror or cause} ({free}); photos wait and are retried with "
-            "back-off: free space there (or fix the mount or quota) and they finish by themselves"
+            f"{self.setting} {root}: {reason}{detail}; photos wait and are retried with back-off: "
+            f"{self.fix}, and they finish by themselves"
         )
         self.cause = cause
+
+
+class OutputUnavailableError(EnvironmentUnavailableError):
+    """The output folder refused a write: full, over quota, read-only, an I/O error."""
+
+    setting = "output.dir"
+    fix = "free space there (or fix the mount or quota)"
+
+
+class SourceUnavailableError(EnvironmentUnavailableError):
+    """The photo's folder failed a read for a reason of the mount's (an I/O error, a share gone), not
+    the photo's: a missing or unreadable file is a `SourceUnreadableError` instead."""
+
+    setting = "the photo's folder"
+    fix = "check the share or disk the photos are on"
 
 
 class ModelUnavailableError(RuntimeError):

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,8 @@ from depthq.contract import (
     alert_key,
     aliases_key,
     done_key,
+    error_record,
+    output_name,
     record_completion,
     record_recent,
 )
@@ -41,10 +43,13 @@ from worker.backends.base import Backend, describe_model
 from worker.depth import metric_depth
 from worker.errors import (
     BadInputError,
+    EnvironmentUnavailableError,
     ExpectedError,
     ModelOutputError,
     OutputUnavailableError,
     RefusedJobError,
+    SourceGoneError,
+    SourceUnreadableError,
     TimedOutError,
     WorkerDiedError,
 )
@@ -54,6 +59,10 @@ from worker.metrics import WorkerMetrics
 from worker.preview import preview_png
 from worker.store import HandedOverError, SupersededError
 from worker.transport import AlreadyDoneError, Photo, PhotoGoneError, SharedTransport, Transport
+
+# The job's result, as rq stores it: the photo it was computed for (a byte-identical copy's name, when
+# the job's own photo was gone), the copies that got the same result, and the timings.
+JobResult = dict[str, Any]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +77,8 @@ class Runtime:
     worker_name: str
     connection: Redis
     metrics: WorkerMetrics | None = None
+    # Whether this worker's last write to the output folder failed: the outage and its end are said once each.
+    output_failing: bool = False
 
 
 _runtime: Runtime | None = None
@@ -122,7 +133,34 @@ def _drain_aliases(rt: Runtime, jid: str, source: str) -> list[str]:
         pipe.delete(aliases_key(q.name, jid))
         pipe.set(done_key(q.name, jid), source, ex=max(q.result_ttl_s, 60))
         members, _, _ = pipe.execute()
-    return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members if m)
+    return _names(members, source)
+
+
+def _take_aliases(rt: Runtime, jid: str) -> list[str]:
+    """Take the copies queued as aliases without marking the job done: for a job whose own photo is gone
+    or cannot be used, each copy is then computed instead, or recorded with the same error."""
+    q = rt.config.queue
+    with rt.connection.pipeline(transaction=True) as pipe:
+        pipe.smembers(aliases_key(q.name, jid))
+        pipe.delete(aliases_key(q.name, jid))
+        members, _ = pipe.execute()
+    return _names(members, None)
+
+
+def _return_aliases(rt: Runtime, jid: str, aliases: list[str]) -> None:
+    """Put back copies taken by `_take_aliases`: the job's result is written for them when it is done."""
+    q = rt.config.queue
+    with rt.connection.pipeline(transaction=True) as pipe:
+        pipe.sadd(aliases_key(q.name, jid), *aliases)
+        pipe.expire(aliases_key(q.name, jid), max(q.result_ttl_s, 60))
+        pipe.execute()
+
+
+def _names(members: Any, source: str | None) -> list[str]:
+    """The alias set's names, without the job's own photo (a job enqueued again for a copy that had
+    been its alias finds itself in the set: it is no copy of itself)."""
+    names = (m.decode() if isinstance(m, bytes) else str(m) for m in members if m)
+    return sorted(name for name in names if name != source)
 
 
 def depth_stats(depth: np.ndarray, model_side: int) -> dict[str, Any]:
@@ -146,7 +184,7 @@ def depth_stats(depth: np.ndarray, model_side: int) -> dict[str, Any]:
 
 
 def _sidecar_for(sidecar: dict[str, Any], source: str, job_id: str, timings: dict[str, float]) -> dict[str, Any]:
-    npy_name = Path(source).name + ".depth.npy"
+    npy_name = output_name(Path(source).name, "npy")
     return {
         **sidecar,
         "source": source,
@@ -175,9 +213,11 @@ def _scene(rt: Runtime, rgb: np.ndarray, camera: Camera) -> Scene:
 
 def _try_copy(
     rt: Runtime, io: SharedTransport, p: JobPayload, job_id: str, photo: Photo, t0: float, queue_wait: float
-) -> dict[str, Any] | None:
+) -> JobResult | None:
     """A byte-identical photo was already computed: reuse its stored result instead of the model."""
     assert p.same_as is not None
+    if p.same_as == p.source:
+        return None  # its own earlier result: that is no copy, and the photo is computed
     stored = io.output.read_result(p.same_as)
     sha = hashlib.sha256(photo.data).hexdigest()
     stored_model = stored[2].get("model", {}) if stored is not None else {}
@@ -199,16 +239,42 @@ def _try_copy(
     copied = {**_sidecar_for(sidecar, p.source, job_id, timings), "copied_from": p.same_as}
     copied["camera"] = camera.to_dict() if camera is not None else None
     io.output.write_sidecar(p.source, {**copied, "source_stat": photo.stamp})
-    return {"source": p.source, "copied_from": p.same_as, "timings_ms": timings}
+    log.info("%s: depth copied from %s, %s ms (job %s)", p.source, p.same_as, timings, job_id)
+    return {"source": p.source, "copied_from": p.same_as, "aliases": [], "timings_ms": timings}
 
 
-def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
+def _read_photo(rt: Runtime, io: Transport, p: JobPayload, job: Job | None) -> tuple[JobPayload, Photo]:
+    """The job's photo; if it cannot be read at its name (moved or deleted while queued), a byte-identical
+    copy queued as its alias is read instead, and the job is that copy's: a photo moved inside the
+    folder gets its depth under its new name at once, not at the next rescan."""
+    job_id = job.id if job else "local"
+    try:
+        return p, io.read(p, job_id)
+    except SourceUnreadableError:
+        if job is None or not isinstance(io, SharedTransport) or p.same_as is not None:
+            raise
+        aliases = _take_aliases(rt, job_id)
+        for i, alias in enumerate(aliases):
+            try:
+                photo = io.read_source(p.root, alias)
+            except SourceUnreadableError:
+                continue
+            if hashlib.sha256(photo.data).hexdigest() != p.sha256:
+                continue  # changed since it was queued: it is new content, and gets its own job
+            if aliases[i + 1 :]:
+                _return_aliases(rt, job_id, aliases[i + 1 :])
+            log.info("%s cannot be read at its name; computing its byte-identical copy %s instead", p.source, alias)
+            return replace(p, source=alias), photo
+        raise
+
+
+def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> JobResult:
     t0 = time.perf_counter()
     queue_wait = _queue_wait_s(job)
     job_id = job.id if job else "local"
     _stage(rt, job, "decoding")
     io = rt.transports[p.transport]
-    photo = io.read(p, job_id)
+    p, photo = _read_photo(rt, io, p, job)
     if p.same_as is not None and isinstance(io, SharedTransport):
         copied = _try_copy(rt, io, p, job_id, photo, t0, queue_wait)
         if copied is not None:
@@ -295,7 +361,7 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> dict[str, Any]:
     for alias in aliases if isinstance(io, SharedTransport) else []:
         sidecar_alias = _sidecar_for(sidecar, alias, job_id, timings)
         _write_alias(io, alias, sha, depth, preview, sidecar_alias, p, scene)
-    log.info("%s: depth %.2f-%.2f m, %s ms", p.source, stats["min"], stats["max"], timings)
+    log.info("%s: depth %.2f-%.2f m, %s ms (job %s)", p.source, stats["min"], stats["max"], timings, job_id)
     return {"source": p.source, "aliases": aliases, "timings_ms": timings}
 
 
@@ -323,21 +389,29 @@ def _write_alias(
 
 
 def _record_failure(rt: Runtime, p: JobPayload, job: Job | None, exc: BaseException) -> None:
-    """An error file for this source only: copies queued as aliases may well be fine (a photo moved
-    inside the folder leaves its old name failing), so the producer gives them their own job."""
+    """The error file of the job's photo. Copies queued as aliases have the same content, so the same
+    fate: each gets the error too, naming the photo it is a copy of, at once rather than at the next
+    rescan (zero-byte files, which all share one hash, are the common case). Not for a photo that could
+    not be read at its name: that says nothing of the content, and `_read_photo` tried the copies."""
     kind = "timed_out" if isinstance(exc, JobTimeoutException) else getattr(exc, "kind", type(exc).__name__)
-    record: dict[str, Any] = {
-        "source": p.source,
-        "job_id": job.id if job else "local",
-        "error": {"type": kind, "message": str(exc)},
-        "created_at": datetime.now(UTC).isoformat(),
-    }
     io = rt.transports[p.transport]
-    stamp = io.stamp(p)
-    if stamp is not None:
-        record["source_stat"] = stamp
-    io.store(record["job_id"]).write_error(p.source, record)
-    _recent(rt, [p.source])
+    job_id = job.id if job else "local"
+    store = io.store(job_id)
+    store.write_error(p.source, error_record(p.source, job_id, kind, str(exc), io.stamp(p)))
+    named = [p.source]
+    same_content = not isinstance(exc, SourceUnreadableError)
+    if job is not None and isinstance(io, SharedTransport) and p.same_as is None and same_content:
+        for alias in _take_aliases(rt, job_id):
+            try:
+                photo = io.read_source(p.root, alias)
+            except BadInputError:
+                continue
+            if hashlib.sha256(photo.data).hexdigest() != p.sha256:
+                continue  # changed since it was queued: it gets its own job
+            message = f"{alias}: the same content as {p.source}, which failed: {exc}"
+            store.write_error(alias, error_record(alias, job_id, kind, message, photo.stamp))
+            named.append(alias)
+    _recent(rt, named)
 
 
 def _recent(rt: Runtime, sources: list[str]) -> None:
@@ -369,34 +443,33 @@ def _finish(rt: Runtime, job: Job | None, timings: dict[str, float]) -> None:
     try:
         with rt.connection.pipeline(transaction=False) as pipe:
             record_completion(pipe, rt.config.queue.name, completion)
+            # A result was written, so the output folder takes writes: whichever worker (perhaps one
+            # since restarted) said it was full, `depthq status` must not say so any longer.
+            pipe.delete(alert_key(rt.config.queue.name, "output"))
             pipe.execute()
     except RedisError as exc:
         log.warning("job %s: could not record its completion for `depthq status` (%s)", job.id, exc)
 
 
-# Whether this worker's last write to the output folder failed: the outage and its end get one log line each.
-_output_failing = False
-# How long `depthq status` shows the alert after the last failed write; each failure renews it.
+# How long `depthq status` shows the alert after the last failed write; each failure renews it, and any
+# worker's next successful write clears it (`_finish`).
 _ALERT_TTL_S = 900
 
 
 def _output_trouble(rt: Runtime, exc: OutputUnavailableError | None) -> None:
     """Say once that the output folder refuses writes (and once that it takes them again), and keep
     the condition in Redis for `depthq status` while it lasts."""
-    global _output_failing
-    key = alert_key(rt.config.queue.name, "output")
-    try:
-        if exc is not None:
-            rt.connection.set(key, f"output disk full or unwritable: {exc}", ex=_ALERT_TTL_S)
-        elif _output_failing:
-            rt.connection.delete(key)
-    except RedisError as redis_exc:
-        log.warning("could not record the output folder's state for depthq status (%s)", redis_exc)
-    if exc is not None and not _output_failing:
+    if exc is not None:
+        try:
+            message = f"output disk full or unwritable: {exc}"
+            rt.connection.set(alert_key(rt.config.queue.name, "output"), message, ex=_ALERT_TTL_S)
+        except RedisError as redis_exc:
+            log.warning("could not record the output folder's state for depthq status (%s)", redis_exc)
+    if exc is not None and not rt.output_failing:
         log.error("%s", exc)
-    elif exc is None and _output_failing:
+    elif exc is None and rt.output_failing:
         log.warning("output.dir %s takes writes again; the photos held back follow", rt.config.output.dir)
-    _output_failing = exc is not None
+    rt.output_failing = exc is not None
 
 
 def _failed(rt: Runtime) -> None:
@@ -428,7 +501,7 @@ def _judge_deaths(rt: Runtime, p: JobPayload, before: attempts.Attempts) -> None
     )
 
 
-def process(payload: dict[str, Any]) -> dict[str, Any]:
+def process(payload: dict[str, Any]) -> JobResult:
     rt = _current_runtime()
     job = get_current_job()
     try:
@@ -442,6 +515,7 @@ def process(payload: dict[str, Any]) -> dict[str, Any]:
         # The running marker outlives the hard time limit, so whoever sees this process die can still read it.
         marker_ttl_s = 2 * rt.config.queue.job_timeout_s + 3 * rt.config.worker.dead_after_s
         before = attempts.begin(rt.connection, rt.config.queue.name, job.id, rt.host, os.getpid(), marker_ttl_s)
+    environment_failed = False
     try:
         if counted:
             _judge_deaths(rt, p, before)
@@ -454,10 +528,20 @@ def process(payload: dict[str, Any]) -> dict[str, Any]:
     except SupersededError as exc:
         log.info("%s", exc)
         return {"source": p.source, "superseded": True}
-    except OutputUnavailableError as exc:
-        # The folder's fault, not the photo's: no error file; DepthWorker puts the job back with back-off.
+    except SourceGoneError as exc:
+        # Moved or deleted before its turn, with no copy to compute instead: nothing to do, and no error
+        # file for a photo that is not there. Should it come back, the watcher sees it and sends it again.
+        log.info("%s; nothing to compute", exc)
+        return {"source": p.source, "gone": True}
+    except EnvironmentUnavailableError as exc:
+        # The folder's fault, not the photo's: no error file, no attempt spent; DepthWorker puts the job
+        # back with back-off.
+        environment_failed = True
         _failed(rt)
-        _output_trouble(rt, exc)
+        if isinstance(exc, OutputUnavailableError):
+            _output_trouble(rt, exc)
+        else:
+            log.error("%s", exc)
         raise
     except PhotoGoneError as exc:
         # Not the photo's fault: no error file, so the producer's next look gives it a new job.
@@ -481,9 +565,11 @@ def process(payload: dict[str, Any]) -> dict[str, Any]:
         raise
     finally:
         if counted:
-            with contextlib.suppress(RedisError):  # Redis gone: the attempt then reads as died, and is retried
-                attempts.end(rt.connection, rt.config.queue.name, job.id, rt.host, os.getpid())
+            # Redis gone: the attempt then reads as died, and is retried.
+            with contextlib.suppress(RedisError):
+                end = attempts.cancel if environment_failed else attempts.end
+                end(rt.connection, rt.config.queue.name, job.id, rt.host, os.getpid())
     _output_trouble(rt, None)
     _finish(rt, job, result["timings_ms"])
-    _recent(rt, [p.source, *result["aliases"]])
+    _recent(rt, [result["source"], *result["aliases"]])
     return result

@@ -8,10 +8,8 @@ travels as one hash and one stream entry, written in one transaction: the collec
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +28,8 @@ from depthq.contract import (
     result_key,
     results_stream,
 )
-from depthq.files import atomic_bytes, json_bytes, staged_write, write_outputs
+from depthq.environment import free_space, is_environment_failure
+from depthq.files import atomic_bytes, json_bytes, staged_write
 from worker.errors import OutputUnavailableError
 from worker.formats import Scene, extra_files, npy_bytes
 
@@ -59,24 +58,16 @@ class Store(Protocol):
     def write_error(self, source: str, error: dict[str, Any]) -> None: ...
 
 
-# A write refused for these is the folder's fault, not the photo's: retried, never recorded against it.
-ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
-
-
 @contextmanager
 def _environment_failures(root: Path) -> Iterator[None]:
-    """Turn a full, read-only or failing output folder into OutputUnavailableError, naming its free space."""
+    """Turn a full, read-only or failing output folder into OutputUnavailableError, naming its free space,
+    however the failure shows itself (an errno, numpy's short write: `depthq.environment`)."""
     try:
         yield
     except OSError as exc:
-        if exc.errno not in ENVIRONMENT_ERRNOS:
+        if not is_environment_failure(exc):
             raise
-        try:
-            usage = shutil.disk_usage(root)
-            free = f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.0f} MiB"
-        except OSError:
-            free = "free space unknown"
-        raise OutputUnavailableError(str(root), free, exc) from exc
+        raise OutputUnavailableError(str(root), free_space(root), exc) from exc
 
 
 class SupersededError(Exception):
@@ -112,21 +103,33 @@ class OutputStore:
         for kind, data in extra_files(depth, formats, scene).items():
             files[kind] = lambda f, data=data: f.write(data)
         self._discard()
-        with _environment_failures(self.root):
-            for kind, write in files.items():
-                path = self.path(source, kind)
-                self._staged.append((staged_write(path, write), path))
+        try:
+            with _environment_failures(self.root):
+                for kind, write in files.items():
+                    path = self.path(source, kind)
+                    self._staged.append((staged_write(path, write), path))
+        except BaseException:
+            self._discard()  # the files staged before the one that failed would be left for good
+            raise
 
     def write_sidecar(self, source: str, sidecar: dict[str, Any]) -> None:
-        """The last file of a set: its presence tells readers the set is complete."""
+        """The last file of a set: its presence tells readers the set is complete.
+
+        The sidecar is staged too before anything is renamed, so every byte of the set is on disk
+        before the first rename: a disk that fills up leaves the old set as it was, never new data
+        files beside an old sidecar."""
         try:
+            with _environment_failures(self.root):
+                sidecar_path = self.path(source, "json")
+                data = json_bytes(sidecar)
+                self._staged.append((staged_write(sidecar_path, lambda f: f.write(data)), sidecar_path))
             if self.fence is not None:
                 self.fence()
             with _environment_failures(self.root):
                 for tmp, path in self._staged:
                     os.replace(tmp, path)
                 self._staged = []
-                write_outputs(self.root, source, {"json": json_bytes(sidecar)})
+                self.path(source, ERROR_KIND).unlink(missing_ok=True)  # superseded by this result
         finally:
             self._discard()
 

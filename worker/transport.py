@@ -9,6 +9,7 @@ shared disk at all. The job code above this sees the same two calls either way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ from depthq.contract import (
     safe_relative,
     source_stamp,
 )
-from worker.errors import BadInputError, ExpectedError
+from depthq.environment import is_environment_failure
+from worker.errors import BadInputError, ExpectedError, SourceGoneError, SourceUnavailableError, SourceUnreadableError
 from worker.store import HandedOverError, OutputStore, RedisResultStore, Store, SupersededError, job_owner
 
 
@@ -71,13 +73,16 @@ def source_path(watch_root: Path, source: str) -> Path:
     try:
         resolved = path.resolve(strict=True)
     except FileNotFoundError:
-        raise BadInputError(f"{source}: the file no longer exists in {watch_root} (moved or deleted)") from None
+        raise SourceGoneError(f"{source}: the file no longer exists in {watch_root} (moved or deleted)") from None
     except OSError as exc:
-        raise BadInputError(f"{source}: cannot be read ({exc.strerror})") from None
+        _unless_unavailable(watch_root, exc)
+        raise SourceUnreadableError(f"{source}: cannot be read ({exc.strerror})") from None
     if not resolved.is_relative_to(watch_root.resolve()):
-        raise BadInputError(f"{source}: resolves outside the watch root {watch_root}; symlinks out of it are refused")
+        raise SourceUnreadableError(
+            f"{source}: resolves outside the watch root {watch_root}; symlinks out of it are refused"
+        )
     if not resolved.is_file():
-        raise BadInputError(f"{source}: not a regular file")
+        raise SourceUnreadableError(f"{source}: not a regular file")
     return resolved
 
 
@@ -87,11 +92,23 @@ def read_file(path: Path, source: str) -> Photo:
         with path.open("rb") as f:
             return Photo(f.read(), source_stamp(os.fstat(f.fileno())))
     except FileNotFoundError:
-        raise BadInputError(f"{source}: the file no longer exists (moved or deleted)") from None
+        raise SourceGoneError(f"{source}: the file no longer exists (moved or deleted)") from None
     except PermissionError:
-        raise BadInputError(f"{source}: permission denied; make the file readable by the worker's user") from None
+        raise SourceUnreadableError(
+            f"{source}: permission denied; make the file readable by the worker's user"
+        ) from None
     except IsADirectoryError:
-        raise BadInputError(f"{source}: is a folder, not a photo") from None
+        raise SourceUnreadableError(f"{source}: is a folder, not a photo") from None
+    except OSError as exc:
+        _unless_unavailable(path.parent, exc)
+        raise SourceUnreadableError(f"{source}: cannot be read ({exc.strerror})") from None
+
+
+def _unless_unavailable(folder: Path, exc: OSError) -> None:
+    """An I/O error or a share gone is the mount's failure, retried without cost to the photo; a
+    permission problem stays the photo's (its error file says how to fix it)."""
+    if is_environment_failure(exc) and exc.errno not in (errno.EACCES, errno.EPERM):
+        raise SourceUnavailableError(str(folder), "", exc) from exc
 
 
 class SharedTransport:
