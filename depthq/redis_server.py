@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -118,9 +117,7 @@ class EmbeddedRedis:
             *self.extra_args,
         ]
         # Its own session, so a terminal's Ctrl-C cannot stop Redis before the workers have finished.
-        self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent_preexec()
-        )
+        self.process = subprocess.Popen(die_with_parent(args), stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout_s
         # No retries of its own: this loop is the retry, and redis-py would back off for seconds on
         # a password prompt, which already means "ready".
@@ -149,6 +146,21 @@ class EmbeddedRedis:
         log.info("embedded redis-server %s on %s, data in %s", self.binary, self.url, self.data_dir)
         return self.url
 
+    def died(self) -> str | None:
+        """Why the server is gone, if it is (reaping it, so no zombie is left); None while it runs."""
+        if self.process is None:
+            return None
+        code = self.process.poll()
+        if code is None:
+            return None
+        return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+
+    def restart(self) -> str:
+        """Start it again on the same port and data folder, so its AOF brings the queues back and every
+        client, which knows only the URL, reconnects to it."""
+        self.fixed_port = self.port
+        return self.start()
+
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return
@@ -164,22 +176,25 @@ class EmbeddedRedis:
 OWNER_FILE = "redis.owner"
 
 
-def die_with_parent_preexec() -> Callable[[], None] | None:
-    """Linux only: a child started with this gets SIGTERM from the kernel when its parent dies.
+# Linux: PR_SET_PDEATHSIG makes the kernel send the server SIGTERM (it flushes its AOF and exits) when
+# the thread that started it ends, even by SIGKILL. A small stub sets it and then becomes the server
+# (exec keeps it): unlike a preexec_fn, that is safe in a process with threads, and `depthq up`
+# restarts its Redis while its threads run.
+_DIE_WITH_PARENT = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(0)  # the parent died before the request took hold
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
-    For children started before any thread (preexec_fn is not safe once threads run). Elsewhere None:
-    the parent's death is noticed by the next `depthq up` (Redis) or through a pipe (workers)."""
+
+def die_with_parent(argv: list[str]) -> list[str]:
+    """`argv`, started so that it gets SIGTERM when this process dies (Linux). Elsewhere unchanged: the
+    parent's death is noticed by the next `depthq up` (Redis) or through a pipe (workers)."""
     if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-
-    return preexec
+        return argv
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
 def _owner_stamp(pid: int) -> str:

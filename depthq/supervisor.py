@@ -27,6 +27,7 @@ from depthq.config import CONFIG_ENV, EXIT_FINAL, PARENT_PIPE_ENV, Config, ensur
 from depthq.connection import connect, embedded_url_file, redact
 from depthq.contract import short_hostname
 from depthq.redis_server import OWNER_FILE, EmbeddedRedis, start_for
+from depthq.taking import give_back_process
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,40 @@ def _worker_env(env: dict[str, str], config: Config, index: int) -> dict[str, st
         threads = str(worker_threads(config.up.workers, _cores()))
         out.update(dict.fromkeys(THREAD_ENV, threads))
     return out
+
+
+class _RedisWatch:
+    """The embedded Redis, restarted when it dies (SIGKILL, OOM killer, a crash): on the same port and
+    data folder, so its AOF brings the queues back and every client reconnects by itself. The death and
+    each restart are logged; a restart that fails is tried again with back-off."""
+
+    def __init__(self, server: EmbeddedRedis | None):
+        self.server = server
+        self.died_at: float | None = None
+        self.retry_at = 0.0
+        self.backoff_s = 1.0
+
+    def supervise(self) -> None:
+        if self.server is None:
+            return
+        if self.died_at is None:
+            why = self.server.died()
+            if why is None:
+                return
+            self.died_at = time.monotonic()
+            log.error("the embedded redis-server on %s %s; restarting it with its data", self.server.url, why)
+        if time.monotonic() < self.retry_at:
+            return
+        try:
+            self.server.restart()
+        except (RuntimeError, OSError) as exc:
+            self.retry_at = time.monotonic() + self.backoff_s
+            log.error("the embedded redis-server did not restart (%s); trying again in %.0f s", exc, self.backoff_s)
+            self.backoff_s = min(self.backoff_s * 2, _MAX_RESTART_BACKOFF_S)
+            return
+        gone_s = time.monotonic() - self.died_at
+        log.warning("the embedded redis-server is back on %s, %.1f s after it went", self.server.url, gone_s)
+        self.died_at, self.backoff_s = None, 1.0
 
 
 class WorkerCannotStart(Exception):
@@ -244,11 +279,15 @@ def run_up(
     def on_death(pid: int, why: str) -> None:
         try:
             jid = attempts.record_death(connection, config.queue.name, short_hostname(), pid, why)
+            # What it took from the lanes and never started goes back now, not dead_after_s from now.
+            given = give_back_process(connection, config.queue.name, short_hostname(), pid)
         except RedisError as exc:
             log.warning("could not record why worker pid %d died (%s)", pid, exc)
             return
         if jid is not None:
             log.error("worker pid %d died in job %s (%s); the job goes to the next worker", pid, jid, why)
+        if given:
+            log.warning("worker pid %d had taken %s and not started; back on their lanes", pid, given)
 
     children = [
         _Child(i, _worker_env(env, config, i), config.worker.dead_after_s, on_death) for i in range(config.up.workers)
@@ -270,7 +309,9 @@ def run_up(
 
         thread = threading.Thread(target=watch, name="watcher", daemon=True)
         thread.start()
+        redis_watch = _RedisWatch(server)
         while not stop.wait(_SUPERVISE_TICK_S):
+            redis_watch.supervise()
             try:
                 for child in children:
                     child.supervise()

@@ -21,7 +21,11 @@ from typing import Any
 
 import numpy as np
 from redis import Redis
-from redis.exceptions import OutOfMemoryError, RedisError
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, RedisError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 from rq import SimpleWorker
 from rq.exceptions import DeserializationError, StopRequested
 from rq.executions import Execution
@@ -34,11 +38,21 @@ from rq.worker import WorkerStatus
 from depthq import attempts
 from depthq.config import PARENT_PIPE_ENV, Config
 from depthq.connection import connect, redact, resolve_url
-from depthq.contract import JOB_FUNCTION, SERIALIZER, WORKER_FIELDS, make_queue, make_queues, short_hostname
+from depthq.contract import (
+    JOB_FUNCTION,
+    SERIALIZER,
+    WORKER_FIELDS,
+    make_queue,
+    make_queues,
+    short_hostname,
+    taking_key,
+)
 from depthq.metrics import serve
+from depthq.taking import alive_key, give_back, give_back_dead
 from worker import job as job_module
 from worker.backends import Backend, create_backend
-from worker.errors import ExpectedError, OutputUnavailableError, RefusedJobError
+from worker.dequeue import TakingQueue
+from worker.errors import EnvironmentUnavailableError, ExpectedError, RefusedJobError
 from worker.metrics import WorkerMetrics
 from worker.store import HandedOverError, OutputStore
 from worker.transport import RedisTransport, SharedTransport
@@ -104,6 +118,10 @@ class DepthWorker(SimpleWorker):
         self.backend = backend
         self.redis_full = False
         self.log = _RoutineAtDebug(self.log, {})
+        # Redis keys are named by the live lane's name (`queue.name`), as everywhere in depthq.
+        self.depthq_queue = self.queues[0].name
+        self.taking_key = taking_key(self.depthq_queue, self.name)
+        self.queue_class = TakingQueue.for_worker(self.taking_key)
 
     def subscribe(self) -> None:
         """rq's command channel (kill a job, shut down from the dashboard), polled each second.
@@ -149,12 +167,66 @@ class DepthWorker(SimpleWorker):
             return result
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """rq's heartbeat, plus the key that says this worker lives (`depthq.taking`)."""
         if pipeline is not None:  # part of a caller's transaction: that caller meets the refusal
+            pipeline.set(alive_key(self.depthq_queue, self.name), 1, ex=self.dead_after_s)
             return super().heartbeat(timeout, pipeline)
-        return self._through_full_redis(lambda: super(DepthWorker, self).heartbeat(timeout))
+
+        def beat() -> None:
+            with self.connection.pipeline() as pipe:
+                self.heartbeat(timeout, pipe)
+                pipe.execute()
+
+        return self._through_full_redis(beat)
 
     def run_maintenance_tasks(self) -> None:
-        return self._through_full_redis(super().run_maintenance_tasks)
+        self._through_full_redis(super().run_maintenance_tasks)
+        self._through_full_redis(self._give_back_for_the_dead)
+
+    def _give_back_for_the_dead(self) -> None:
+        for worker, jids in give_back_dead(self.connection, self.depthq_queue).items():
+            self.log.warning(
+                "worker %s is gone; %d job(s) it had taken go back to their lanes: %s", worker, len(jids), jids
+            )
+
+    def register_death(self) -> None:
+        """Stopping: what this worker took and never started goes back first (a stop request can end a
+        wait on the lanes just as Redis hands it a job)."""
+        try:
+            given = give_back(self.connection, self.depthq_queue, self.name)
+            self.connection.delete(alive_key(self.depthq_queue, self.name))
+        except RedisError as exc:
+            self.log.warning("could not give back the jobs taken but not started (%s); another worker will", exc)
+        else:
+            if given:
+                self.log.info("gave back %d job(s) taken but not started: %s", len(given), given)
+        super().register_death()
+
+    def prepare_execution(self, job: Job) -> Execution | None:
+        """rq's, with the job's id leaving the taking list in the same transaction that records the job as
+        started: never in neither. None when the job is no longer this worker's to start: it was given
+        back while this worker was stopped, and another worker took it meanwhile."""
+        with self.connection.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(self.taking_key)
+                    held = pipe.lpos(self.taking_key, job.id) is not None
+                    if not held and not self.connection.lrem(
+                        Queue.redis_queue_namespace_prefix + job.origin, 1, job.id
+                    ):
+                        self.log.warning(
+                            "job %s was given back while this worker was stopped, and is another's now", job.id
+                        )
+                        return None
+                    pipe.multi()
+                    execution = Execution.create(job, self.get_heartbeat_ttl(job), pipeline=pipe, worker_name=self.name)
+                    self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+                    pipe.lrem(self.taking_key, 1, job.id)
+                    pipe.execute()
+                except WatchError:
+                    continue
+                self.executions[execution.id] = execution
+                return execution
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
         return self._through_full_redis(
@@ -179,6 +251,9 @@ class DepthWorker(SimpleWorker):
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         execution = self.prepare_execution(job)
+        if execution is None:
+            self.set_state(WorkerStatus.IDLE)
+            return
         stop = threading.Event()
         beat = threading.Thread(target=self._heartbeat_while, args=(job, execution, stop), daemon=True)
         beat.start()
@@ -230,7 +305,7 @@ class DepthWorker(SimpleWorker):
                 execution.delete(job=job, pipeline=pipe)
                 pipe.execute()
             return
-        if isinstance(exc_info[1], OutputUnavailableError):
+        if isinstance(exc_info[1], EnvironmentUnavailableError):
             self._postpone(job, queue, execution)
             return
         super()._finalize_failure(job, queue, execution, exc_info)
@@ -351,9 +426,15 @@ def build_worker(
     return worker
 
 
-def stop_with_parent(fd: int, grace_s: float) -> threading.Thread:
+# While stopping because `depthq up` is gone, how often the worker looks whether its Redis went too.
+_PARENT_GONE_POLL_S = 0.25
+
+
+def stop_with_parent(fd: int, grace_s: float, redis_url: str | None = None) -> threading.Thread:
     """`depthq up` passes a pipe whose write end only it holds: EOF means it died (even SIGKILLed).
-    Then stop as on SIGTERM (the photo in hand first), and for good after `grace_s`."""
+    Then stop as on SIGTERM (the photo in hand first), and for good after `grace_s`; at once if its
+    Redis is gone too (the embedded one dies with `depthq up`): nothing of the photo in hand could be
+    recorded then, and the job is taken up again when the service comes back."""
 
     def watch() -> None:
         with contextlib.suppress(OSError):
@@ -361,8 +442,14 @@ def stop_with_parent(fd: int, grace_s: float) -> threading.Thread:
                 pass
         log.warning("depthq up, which started this worker, is gone; stopping")
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(grace_s)
-        log.error("still running %.0f s after depthq up went; exiting now", grace_s)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            if redis_url is not None and not _answers(redis_url):
+                log.error("its Redis is gone too; nothing of the job in hand can be recorded: exiting now")
+                break
+            time.sleep(_PARENT_GONE_POLL_S)
+        else:
+            log.error("still running %.0f s after depthq up went; exiting now", grace_s)
         logging.shutdown()
         os._exit(1)
 
@@ -371,10 +458,25 @@ def stop_with_parent(fd: int, grace_s: float) -> threading.Thread:
     return thread
 
 
+def _answers(url: str) -> bool:
+    """Whether a Redis answers at `url` within a second (no retries: this is the retry)."""
+    probe = Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1, retry=Retry(NoBackoff(), 0))
+    try:
+        probe.ping()
+    except (RedisConnectionError, RedisTimeoutError):
+        return False
+    except RedisError:
+        return True  # it answered, if only to ask for a password
+    finally:
+        probe.close()
+    return True
+
+
 def run(config: Config, burst: bool = False, backend: Backend | None = None) -> int:
     """`depthq work`. `backend` replaces the configured one (the benchmarks' stand-in model)."""
     if PARENT_PIPE_ENV in os.environ:
-        stop_with_parent(int(os.environ[PARENT_PIPE_ENV]), config.queue.job_timeout_s + HARD_LIMIT_GRACE_S)
+        grace_s = config.queue.job_timeout_s + HARD_LIMIT_GRACE_S
+        stop_with_parent(int(os.environ[PARENT_PIPE_ENV]), grace_s, resolve_url(config))
     # `kill -USR1 <pid>` writes every thread's stack to the log: where a stuck worker is stuck. (Not
     # where stderr is no file, as when a test captures it.)
     with contextlib.suppress(io.UnsupportedOperation, AttributeError, ValueError):
