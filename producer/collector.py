@@ -7,6 +7,11 @@ the job's photo and result deleted from Redis, in one transaction. A collector t
 leaves its entry pending: it reads its own pending entries first when it comes back, and any collector
 claims entries left idle for `transport.claim_after_s`. Writing a file twice is harmless (each write
 replaces the whole file), so nothing is lost and nothing is half-written.
+
+A result that cannot be written is judged one at a time (`depthq.environment`): a full or failing disk
+leaves it pending, to be written once the disk takes writes again, while the others are still tried; a
+result that can never be written (a name or folder the filesystem refuses) is that photo's failure: it
+gets an error file saying so, and is acknowledged. No single result holds up the ones behind it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import logging
 import socket
 import threading
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import zstandard
@@ -29,12 +33,15 @@ from depthq.contract import (
     ERROR_KIND,
     OUTPUT_SUFFIXES,
     PayloadError,
+    alert_key,
+    error_record,
     inflight_key,
     photo_key,
     result_key,
     results_stream,
     safe_relative,
 )
+from depthq.environment import describe, free_space, is_environment_failure
 from depthq.files import json_bytes, remove_stale_temps, write_outputs
 
 log = logging.getLogger(__name__)
@@ -44,6 +51,11 @@ _BATCH = 16
 # How long one blocking read waits for new results; bounds how fast a stop is noticed.
 _BLOCK_MS = 1000
 _KNOWN_KINDS = frozenset(OUTPUT_SUFFIXES) | {ERROR_KIND}
+# While the output disk refuses writes, the results held back are tried again after this long, doubling.
+_RETRY_FIRST_S = 1.0
+_RETRY_MAX_S = 30.0
+# How long `depthq status` shows that the output refuses writes after the last refusal.
+_ALERT_TTL_S = 900
 
 
 def _text(value: Any) -> str:
@@ -63,6 +75,8 @@ class Collector:
         self.claim_after_ms = config.transport.claim_after_s * 1000
         self.decompressor = zstandard.ZstdDecompressor()
         self.collected = 0
+        # Whether the last write met a full or failing disk: the outage and its end are said once each.
+        self.disk_failing = False
 
     def ensure_group(self) -> None:
         try:
@@ -73,40 +87,46 @@ class Collector:
 
     def run(self, stop: threading.Event) -> None:
         """Collect until `stop`; a Redis outage is waited out, then this collector's pending entries
-        (read, maybe half-written, before the outage) are taken first. Nothing stops it but `stop`:
-        the watcher beside it would otherwise go on filling Redis with nobody taking results out."""
+        (read, maybe half-written, before the outage) are taken first. Entries the disk would not take
+        are tried again on a back-off while new ones keep coming. Nothing stops it but `stop`: the
+        watcher beside it would otherwise go on filling Redis with nobody taking results out."""
         log.info("collecting results from %s into %s as %s", self.stream, self.output_root, self.name)
-        pending_first = True
+        next_pending = 0.0  # when to go over the entries held back (now: at start, a restart may have left some)
+        retry_s = _RETRY_FIRST_S
         next_claim = 0.0
         while not stop.is_set():
             try:
-                self.output_root.mkdir(parents=True, exist_ok=True)
-                if pending_first:
-                    pending_first = self.collect_pending()
+                if time.monotonic() >= next_pending:
+                    held_back = self.collect_pending()
+                    next_pending = time.monotonic() + retry_s if held_back else float("inf")
+                    retry_s = min(retry_s * 2, _RETRY_MAX_S) if held_back else _RETRY_FIRST_S
                 if time.monotonic() >= next_claim:
                     self.claim_abandoned()
                     next_claim = time.monotonic() + self.config.transport.claim_after_s / 2
-                self.collect_new(block_ms=_BLOCK_MS)
+                if self.collect_new(block_ms=_BLOCK_MS) and self.disk_failing:
+                    next_pending = min(next_pending, time.monotonic() + retry_s)  # new ones held back too
             except RedisError as exc:
                 log.warning("collector: redis unavailable (%s); retrying", exc)
-                pending_first = True
+                next_pending = 0.0
                 stop.wait(1.0)
-            except OSError as exc:
-                # A full or unmounted output disk: the entry stays pending, and is written once it can be.
-                log.error("collector: cannot write into %s (%s); retrying in 5 s", self.output_root, exc)
-                pending_first = True
-                stop.wait(5.0)
             except Exception:
                 log.exception("collector: unexpected error; retrying in 5 s")
-                pending_first = True
+                next_pending = 0.0
                 stop.wait(5.0)
 
-    def collect_pending(self) -> bool:
-        """This collector's own entries read but not acknowledged (it stopped mid-write). True while more remain."""
-        entries = self._read("0")
-        for entry_id, fields in entries:
-            self.collect(entry_id, fields, taken_over=True)
-        return len(entries) == _BATCH
+    def collect_pending(self) -> int:
+        """This collector's own entries, read and not yet written (it stopped mid-write, or the disk
+        refused them), a page at a time, each tried once. Returns how many are still held back."""
+        held_back = 0
+        after = "0"
+        while True:
+            entries = self._read(after)
+            for entry_id, fields in entries:
+                after = _text(entry_id)
+                if not self.collect(entry_id, fields, taken_over=True):
+                    held_back += 1
+            if len(entries) < _BATCH:
+                return held_back
 
     def claim_abandoned(self) -> int:
         """Entries another collector read and then went silent on for claim_after_s: ours now."""
@@ -125,6 +145,7 @@ class Collector:
                 return claimed
 
     def collect_new(self, block_ms: int | None = None) -> int:
+        """New entries, each tried once; those the disk refuses stay pending (`collect_pending`)."""
         entries = self._read(">", block_ms)
         for entry_id, fields in entries:
             self.collect(entry_id, fields)
@@ -144,14 +165,15 @@ class Collector:
             return self._read(from_id, block_ms)
         return list(reply[0][1]) if reply else []
 
-    def collect(self, entry_id: Any, fields: dict[Any, Any] | None, taken_over: bool = False) -> None:
-        """Write one result's files, then forget it in Redis. Raises (leaving it pending) if a write fails.
+    def collect(self, entry_id: Any, fields: dict[Any, Any] | None, taken_over: bool = False) -> bool:
+        """Write one result's files, then forget it in Redis. False if the disk refused them: the entry
+        stays pending, to be tried again. A result that can never be written becomes an error file.
 
         `taken_over`: a collector was here before and may have died mid-write; its temporary files go.
         """
         if not fields:
             self._forget(entry_id, None)  # deleted meanwhile: pending, with nothing left to read
-            return
+            return True
         jid = _text(fields.get(b"job", b""))
         source = _text(fields.get(b"source", b""))
         try:
@@ -159,25 +181,80 @@ class Collector:
         except PayloadError as exc:
             log.error("collector: result %s refused, not written: %s", _text(entry_id), exc)
             self._forget(entry_id, None)
-            return
+            return True
         stored = self.connection.hgetall(result_key(self.queue_name, jid))
         if not stored:
             # Another collector finished it, or a retried job sent it twice: already written.
             log.debug("collector: result of job %s (%s) is already collected", jid, source)
             self._forget(entry_id, None)
-            return
+            return True
         try:
             files = self._decode(source, stored)
         except zstandard.ZstdError as exc:
             # Never better on a second read: the photo gets an error file saying so, and is freed.
-            files = {ERROR_KIND: self._unreadable(jid, source, exc)}
-        if taken_over and remove_stale_temps(self.output_root, source, files):
-            log.info("collector: removed the temporary files of an interrupted write of %s", source)
-        write_outputs(self.output_root, source, files)
+            message = (
+                f"{source}: the worker's result could not be decompressed ({exc}); is a worker running "
+                "another depthq version? The producer's next rescan sends the photo again"
+            )
+            log.error("collector: %s", message)
+            files = {ERROR_KIND: json_bytes(error_record(source, jid, "unreadable_result", message))}
+        if not self._write(source, jid, files, taken_over):
+            return False
         self._forget(entry_id, jid)
         self.collected += 1
         what = "error file" if ERROR_KIND in files else f"{len(files)} file(s)"
         log.info("collected %s: %s (job %s)", source, what, jid)
+        return True
+
+    def _write(self, source: str, jid: str, files: dict[str, bytes], taken_over: bool) -> bool:
+        """The files, or, if this result can never be written here, an error file naming why. False if
+        the disk refuses writes for now (full, read-only, failing): nothing is the photo's fault then."""
+        try:
+            if taken_over and remove_stale_temps(self.output_root, source, files):
+                log.info("collector: removed the temporary files of an interrupted write of %s", source)
+            write_outputs(self.output_root, source, files)
+        except OSError as exc:
+            if is_environment_failure(exc):
+                self._disk_trouble(exc)
+                return False
+            if ERROR_KIND in files and len(files) == 1:
+                # Not even its error file can be written: say so here, and let the result go.
+                log.error("collector: %s: not even its error file can be written (%s); result dropped", source, exc)
+                return True
+            message = (
+                f"{source}: its result cannot be written into {self.output_root} ({describe(exc)}); "
+                "nothing is wrong with the disk, so this is not retried: rename the photo or the folder "
+                "that is in the way, and it is computed again"
+            )
+            log.error("collector: %s", message)
+            record = error_record(source, jid, "unwritable_result", message)
+            return self._write(source, jid, {ERROR_KIND: json_bytes(record)}, taken_over=False)
+        self._disk_trouble(None)
+        return True
+
+    def _disk_trouble(self, exc: OSError | None) -> None:
+        """Say once that the output disk refuses writes, and once that it takes them again; meanwhile
+        `depthq status` shows it (the same alert workers raise with the shared transport)."""
+        key = alert_key(self.queue_name, "output")
+        try:
+            if exc is not None:
+                message = f"output disk full or unwritable: output.dir {self.output_root}: {describe(exc)}"
+                self.connection.set(key, f"{message} ({free_space(self.output_root)})", ex=_ALERT_TTL_S)
+            elif self.disk_failing:
+                self.connection.delete(key)
+        except RedisError as redis_exc:
+            log.warning("collector: could not record the output folder's state for depthq status (%s)", redis_exc)
+        if exc is not None and not self.disk_failing:
+            log.error(
+                "collector: cannot write into %s (%s, %s); the results wait in Redis and are written once "
+                "it takes writes again: free space there (or fix the mount)",
+                self.output_root,
+                describe(exc),
+                free_space(self.output_root),
+            )
+        elif exc is None and self.disk_failing:
+            log.warning("collector: %s takes writes again; the results held back follow", self.output_root)
+        self.disk_failing = exc is not None
 
     def _decode(self, source: str, stored: dict[Any, Any]) -> dict[str, bytes]:
         files: dict[str, bytes] = {}
@@ -188,21 +265,6 @@ class Collector:
                 continue
             files[kind] = self.decompressor.decompress(data) if kind in COMPRESSED_KINDS else data
         return files
-
-    def _unreadable(self, jid: str, source: str, exc: Exception) -> bytes:
-        message = (
-            f"{source}: the worker's result could not be decompressed ({exc}); is a worker running "
-            "another depthq version? The producer's next rescan sends the photo again"
-        )
-        log.error("collector: %s", message)
-        return json_bytes(
-            {
-                "source": source,
-                "job_id": jid,
-                "error": {"type": "unreadable_result", "message": message},
-                "created_at": datetime.now(UTC).isoformat(),
-            }
-        )
 
     def _forget(self, entry_id: Any, jid: str | None) -> None:
         """Acknowledge the entry and free what the job held in Redis, together."""

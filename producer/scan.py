@@ -20,11 +20,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from depthq.contract import ERROR_SUFFIX, OUTPUT_SUFFIXES, finished_kind
+from depthq.contract import finished_kind, output_name
+from depthq.files import remove_stale_temps_in
 from producer.index import Done, PhotoIndex, Queued
 from producer.readiness import Eligibility
 
-_SUFFIX = {"json": OUTPUT_SUFFIXES["json"], "error": ERROR_SUFFIX}
 # Photos whose job status is looked up in one Redis round trip.
 _STATUS_BATCH = 2000
 # An output folder whose mtime is younger than this is listed again next time, whatever it says: a
@@ -49,6 +49,7 @@ class ScanStats:
     pending: int = 0  # given a job that is still queued or running
     found: int = 0  # needs a job
     sidecars_read: int = 0
+    temps_removed: int = 0  # temporary files a writer that died left behind
     folder_names: set[str] = field(default_factory=set)
 
 
@@ -69,8 +70,11 @@ class FolderScanner:
         eligible: Eligibility,
         index: PhotoIndex,
         pending_jobs: Callable[[list[str]], set[str]],
+        stale_temp_s: float = float("inf"),
     ):
+        """`stale_temp_s`: how old a temporary file in the output must be to be one a dead writer left."""
         self.root = root
+        self.stale_temp_s = stale_temp_s
         self.output_root = output_root
         self.eligible = eligible
         self.index = index
@@ -164,21 +168,20 @@ class FolderScanner:
         awaiting: list[tuple[Found, str]] = []
         learned: list[tuple[str, str, Done]] = []
         contradicted: list[tuple[str, str]] = []
-        json_suffix, error_suffix = _SUFFIX["json"], _SUFFIX["error"]
         for name, st in photos:
             known = done.get(name)
             if (
                 known is not None
                 and known[0] == st.st_size
                 and known[1] == int(st.st_mtime)
-                and (outputs is None or name + (json_suffix if known[2] == "json" else error_suffix) in outputs)
+                and (outputs is None or output_name(name, known[2]) in outputs)
             ):
                 stats.done += 1
                 continue
             # Unknown to the index, or contradicted by it: the sidecar decides (without a listing to
             # say whether there is one, the read finds out).
             if (outputs is None and known is None) or (
-                outputs is not None and (name + json_suffix in outputs or name + error_suffix in outputs)
+                outputs is not None and (output_name(name, "json") in outputs or output_name(name, "error") in outputs)
             ):
                 stats.sidecars_read += 1
                 kind = finished_kind(self.output_root, f"{rel}/{name}" if rel else name, st)
@@ -197,10 +200,16 @@ class FolderScanner:
         if done or queued:
             names = {name for name, _ in photos}
             contradicted.extend((rel, name) for name in (done.keys() | queued.keys()) - names)  # photos gone
-        self.index.forget(contradicted)
-        self.index.record_done(learned)
-        if outputs is not None and out_mtime is not None and time.time_ns() - out_mtime > _RACY_NS:
-            self.index.record_listed(rel, out_mtime)
+        temps = 0
+        if outputs:
+            # A writer killed mid-write leaves its temporary file; once older than any job can run, no
+            # one will finish it. A younger one keeps the folder from counting as checked, so the next
+            # rescan lists it again and removes the file once it is old enough.
+            removed, young = remove_stale_temps_in(Path(out_dir), outputs, self.stale_temp_s, time.time())
+            stats.temps_removed += removed
+            temps = removed + young
+        checked = outputs is not None and out_mtime is not None and not temps and time.time_ns() - out_mtime > _RACY_NS
+        self.index.update_folder(rel, contradicted, learned, out_mtime if checked else None)
         found.sort(key=lambda f: f.path)
         return _Folder(found, awaiting, subfolders)
 

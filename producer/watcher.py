@@ -39,6 +39,7 @@ from watchdog.observers.api import BaseObserver
 
 from depthq.config import Config
 from depthq.contract import short_hostname, watches_key
+from depthq.files import stale_temp_age_s
 from depthq.metrics import serve
 from producer.enqueue import Enqueuer, SourceError, Submitted
 from producer.index import PhotoIndex, Queued
@@ -161,8 +162,16 @@ class Watcher:
         self._overflow = _OverflowAlarm()
         # Without the index beside the output (read-only output, another watcher on it), one in memory:
         # the same answers, only not kept across restarts.
+        self._index_given = index is not None
         self.index = index or PhotoIndex.open_beside(self.output_root) or PhotoIndex(Path(":memory:"))
-        self.scanner = FolderScanner(self.root, self.output_root, self.eligible, self.index, self.backfill.pending_jobs)
+        self.scanner = FolderScanner(
+            self.root,
+            self.output_root,
+            self.eligible,
+            self.index,
+            self.backfill.pending_jobs,
+            stale_temp_age_s(config.queue.job_timeout_s),
+        )
         self.last_scan: ScanStats | None = None
         self._scan_wanted = threading.Event()
         self._scan_causes: set[str] = set()
@@ -213,6 +222,7 @@ class Watcher:
         backfill lane (after the settle check), a batch at a time while the walk goes on."""
         if self.metrics is not None:
             self.metrics.rescans.labels(cause).inc()
+        self._reopen_index()
         stats = ScanStats()
         started = time.monotonic()
         for batch in self.scanner.walk(stats, self._stopping):
@@ -237,6 +247,18 @@ class Watcher:
         if self.armed:  # watches are only held while an observer runs
             self._check_watches(stats.folders)
         return stats.found
+
+    def _reopen_index(self) -> None:
+        """The index beside the output, once it can be had: at start the disk may have been full, or
+        the folder missing. Until then the one in memory serves (same answers, not kept)."""
+        if not self.index.in_memory or self._index_given:
+            return
+        index = PhotoIndex.open_beside(self.output_root, again=True)
+        if index is None:
+            return
+        log.info("the photo index %s is open again", index.path)
+        old, self.index, self.scanner.index = self.index, index, index
+        old.close()
 
     def _submit_found(self, wait: bool) -> None:
         """Submit what the scans found once it has settled; with `wait`, until none is left."""
@@ -429,25 +451,32 @@ class Watcher:
             next_rescan = time.monotonic() + self.config.producer.rescan_s
             next_health = time.monotonic() + self.config.producer.poll_interval_s
             while not stop.is_set():
-                if time.monotonic() >= next_health:
-                    observer = self._check_health(observer)
-                    next_health = time.monotonic() + self.config.producer.poll_interval_s
-                    if observer is None:
-                        stop.wait(_IDLE_TICK_S)
-                        continue
-                self.submit_many(self._take_ready() + self.tracker.pop_ready())
-                if self._overflow.raised.is_set():
-                    self._overflow.raised.clear()
-                    log.warning("inotify dropped events (queue overflow); rescanning %s now", self.root)
-                    self.request_scan("overflow")
-                if time.monotonic() >= next_rescan:
-                    self.request_scan("periodic")
-                    next_rescan = time.monotonic() + self.config.producer.rescan_s
-                due = self.tracker.next_due_in()
-                wait = _IDLE_TICK_S if due is None else min(_IDLE_TICK_S, max(due, 0.01))
-                with contextlib.suppress(queue.Empty):
-                    first = self._ready.get(timeout=wait)
-                    self.submit_many([first, *self._gather_burst()])
+                try:
+                    if time.monotonic() >= next_health:
+                        observer = self._check_health(observer)
+                        next_health = time.monotonic() + self.config.producer.poll_interval_s
+                        if observer is None:
+                            stop.wait(_IDLE_TICK_S)
+                            continue
+                    self.submit_many(self._take_ready() + self.tracker.pop_ready())
+                    if self._overflow.raised.is_set():
+                        self._overflow.raised.clear()
+                        log.warning("inotify dropped events (queue overflow); rescanning %s now", self.root)
+                        self.request_scan("overflow")
+                    if time.monotonic() >= next_rescan:
+                        self.request_scan("periodic")
+                        next_rescan = time.monotonic() + self.config.producer.rescan_s
+                    due = self.tracker.next_due_in()
+                    wait = _IDLE_TICK_S if due is None else min(_IDLE_TICK_S, max(due, 0.01))
+                    with contextlib.suppress(queue.Empty):
+                        first = self._ready.get(timeout=wait)
+                        self.submit_many([first, *self._gather_burst()])
+                except Exception:
+                    # Nothing that goes wrong here may stop the watcher (under systemd or launchd that
+                    # would be a crash loop): say it, rescan for whatever was in hand, and go on.
+                    log.exception("the watcher met an unexpected error; rescanning %s, and going on", self.root)
+                    self.request_scan("error")
+                    stop.wait(_IDLE_TICK_S)
         finally:
             self._stopping.set()
             inotify_log.removeHandler(self._overflow)

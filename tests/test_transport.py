@@ -18,17 +18,21 @@ from rq.job import Job, JobStatus
 import producer.collector as collector_module
 from depthq.config import Config
 from depthq.contract import (
+    MAX_KEPT_NAME,
     SERIALIZER,
     JobPayload,
     PayloadError,
     inflight_key,
     is_finished,
+    output_path,
     photo_key,
     result_key,
     results_stream,
 )
 from producer.collector import Collector
 from producer.enqueue import Enqueuer
+from tests import disk
+from tests.endstate import assert_end_state, temporary_files
 from tests.photos import write_jpeg
 from tests.tiny_model import expected_depth
 from worker.backends import Backend
@@ -213,7 +217,7 @@ def test_a_restarted_collector_finishes_its_own_pending_entries_first(
     assert len(first._read(">")) == 1
     again = Collector(producer_config, redis_client, name="collector@a")
     assert again.collect_new() == 0
-    assert again.collect_pending() is False
+    assert again.collect_pending() == 0  # written: nothing held back
     assert (producer_config.output.dir / "a.jpg.json").exists()
 
 
@@ -397,3 +401,98 @@ def test_a_copy_of_a_collected_photo_leaves_nothing_behind_in_redis(
     q = producer_config.queue.name
     assert not redis_client.exists(photo_key(q, first.job_id))  # the bytes put under the done job's id
     assert redis_client.hkeys(inflight_key(q)) == [copy.job_id.encode()]
+
+
+def test_a_result_that_can_never_be_written_is_that_photos_error_and_holds_up_no_other(
+    producer_config: Config, worker_config: Config, redis_client: Redis, tiny_backend: Backend
+) -> None:
+    """One result the collector could not write (it took "File name too long" for a full disk) was
+    retried every 5 s for ever, and nothing behind it was collected. A result no retry can write is
+    that photo's failure; only the disk's own trouble is waited out."""
+    watch, out = producer_config.producer.watch, producer_config.output.dir
+    enqueuer = Enqueuer(producer_config, redis_client)
+    enqueuer.submit(write_jpeg(watch / "blocked" / "a.jpg", seed=1))
+    out.mkdir(parents=True)
+    (out / "blocked").write_text("a file where the photo's output folder goes")
+    for i in range(3):
+        enqueuer.submit(write_jpeg(watch / f"b{i}.jpg", seed=10 + i))
+    _work(worker_config, redis_client, tiny_backend)
+    collector = Collector(producer_config, redis_client)
+    collector.ensure_group()
+    assert collector.collect_new() == 4
+    assert collector.collect_pending() == 0  # nothing held back: the blocked one is settled too
+    assert all((out / f"b{i}.jpg.json").exists() for i in range(3))
+    (out / "blocked").unlink()  # the error file could not go there either: said in the log, and let go
+    assert redis_client.xlen(results_stream(producer_config.queue.name)) == 0
+    assert_end_state(producer_config, redis_client)
+
+
+def test_a_result_the_collector_cannot_write_gets_an_error_file_naming_why(
+    producer_config: Config, worker_config: Config, redis_client: Redis, tiny_backend: Backend
+) -> None:
+    watch, out = producer_config.producer.watch, producer_config.output.dir
+    enqueuer = Enqueuer(producer_config, redis_client)
+    photo = write_jpeg(watch / "a.jpg", seed=1)
+    enqueuer.submit(photo)
+    (out / "a.jpg.depth.npy").mkdir(parents=True)  # a folder where the depth map goes
+    (out / "a.jpg.depth.npy" / "keep").write_text("x")
+    enqueuer.submit(write_jpeg(watch / "b.jpg", seed=2))
+    _work(worker_config, redis_client, tiny_backend)
+    collector = Collector(producer_config, redis_client)
+    collector.ensure_group()
+    assert collector.collect_new() == 2
+    error = json.loads((out / "a.jpg.error.json").read_text())
+    assert error["error"]["type"] == "unwritable_result" and "a.jpg" in error["error"]["message"]
+    assert "rename the photo or the folder" in error["error"]["message"]
+    assert error["job_id"]
+    assert (out / "b.jpg.json").exists()
+    assert_end_state(producer_config, redis_client)
+
+
+def test_a_full_output_disk_holds_results_in_redis_and_they_follow_once_it_has_room(
+    make_config: Callable[..., Config],
+    worker_config: Config,
+    redis_client: Redis,
+    tiny_backend: Backend,
+    tmp_path: Path,
+) -> None:
+    from depthq.ops.status import gather
+
+    with disk.small_disk(tmp_path / "small-out", "1m") as out:
+        config = make_config(transport={"mode": "redis"}, output={"dir": str(out)})
+        enqueuer = Enqueuer(config, redis_client)
+        for i in range(3):
+            enqueuer.submit(write_jpeg(config.producer.watch / f"p{i}.jpg", seed=i))
+        _work(worker_config, redis_client, tiny_backend)
+        filler = disk.fill(out, leave_bytes=0)
+        collector = Collector(config, redis_client)
+        collector.ensure_group()
+        assert collector.collect_new() == 3
+        assert collector.collect_pending() == 3  # each tried, each held back: nothing is their fault
+        assert collector.disk_failing and any("output disk full" in a for a in gather(redis_client, config).alerts)
+        assert not list(out.glob("*.error.json")) and temporary_files(out) == []
+        filler.unlink()
+        assert collector.collect_pending() == 0
+        assert all((out / f"p{i}.jpg.json").exists() for i in range(3))
+        assert not collector.disk_failing and not gather(redis_client, config).alerts
+        assert_end_state(config, redis_client)
+
+
+@pytest.mark.parametrize("length", [229, 230, 255])
+def test_long_names_travel_through_redis_and_come_back_done(
+    producer_config: Config, worker_config: Config, redis_client: Redis, tiny_backend: Backend, length: int
+) -> None:
+    name = "ü" * ((length - 5) // 2) + "x" * ((length - 5) % 2) + ".jpeg"
+    assert len(name.encode()) == length
+    photo = write_jpeg(producer_config.producer.watch / name)
+    enqueuer = Enqueuer(producer_config, redis_client)
+    enqueuer.submit(photo)
+    _work(worker_config, redis_client, tiny_backend)
+    collector = Collector(producer_config, redis_client)
+    collector.ensure_group()
+    assert collector.collect_new() == 1
+    sidecar = output_path(producer_config.output.dir, name, "json")
+    assert json.loads(sidecar.read_text())["source"] == name
+    assert (sidecar.name == name + ".json") == (length <= MAX_KEPT_NAME)
+    assert enqueuer.submit(photo).outcome == "done"
+    assert_end_state(producer_config, redis_client)
