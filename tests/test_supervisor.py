@@ -14,8 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import yaml
+from PIL import Image
 from redis import Redis
+from redis.exceptions import RedisError
 
 from tests.photos import write_jpeg
 from tests.waiting import wait_for
@@ -234,3 +237,81 @@ def test_a_stopped_worker_is_noticed_then_replaced(tmp_path: Path, tiny_model: P
         assert proc.poll() is None
     finally:
         assert stop(proc) == 0
+
+
+# --- its Redis killed ---------------------------------------------------------------------------------
+
+
+def test_its_redis_killed_is_restarted_on_the_same_port_with_its_data(tmp_path: Path, tiny_model: Path) -> None:
+    """depthq up neither restarted its Redis nor said a word when it was SIGKILLed: the dead server
+    stayed a zombie, nothing was processed, and a stop took job_timeout_s + 30 s."""
+    config = {
+        "model": {"path": str(tiny_model), "device": "cpu"},
+        "producer": {"settle_ms": 200, "rescan_s": 3600},
+        "worker": {"dead_after_s": 10},
+    }
+    proc, log = start_up(tmp_path, config)
+    inbox, out = tmp_path / "inbox", tmp_path / "depth-out"
+    try:
+        redis = _ready(proc, log, tmp_path, 1)
+        url = (tmp_path / "redis-data" / "redis.url").read_text().strip()
+        write_jpeg(inbox / "before.jpg", seed=1)
+        wait_for(lambda: (out / "before.jpg.json").exists(), f"a photo done before the kill ({log})")
+        redis.set("kept", "across the kill")
+        old = psutil.Process(int(redis.info("server")["process_id"]))
+        old.kill()
+        killed = time.monotonic()
+        wait_for(lambda: "is back on" in log.read_text(), f"the restart to be logged ({log})")
+        print(f"embedded Redis SIGKILLed: back {time.monotonic() - killed:.1f} s later")
+        text = log.read_text()
+        assert f"the embedded redis-server on {url} killed by SIGKILL; restarting it with its data" in text
+        assert (tmp_path / "redis-data" / "redis.url").read_text().strip() == url  # the same port
+        assert not old.is_running() or old.status() != psutil.STATUS_ZOMBIE  # reaped
+        redis = Redis.from_url(url)
+        wait_for(lambda: _answers(redis) and redis.get("kept") == b"across the kill", "its data, back from the AOF")
+        write_jpeg(inbox / "after.jpg", seed=2)
+        wait_for(lambda: (out / "after.jpg.json").exists(), f"a photo dropped after the restart ({log})", 120)
+        assert proc.poll() is None
+        stopping = time.monotonic()
+    finally:
+        code = stop(proc)
+    print(f"and stopped {time.monotonic() - stopping:.1f} s after SIGTERM")
+    assert code == 0, log.read_text()
+
+
+def _answers(redis: Redis) -> bool:
+    try:
+        return bool(redis.ping())
+    except RedisError:
+        return False
+
+
+def test_depthq_up_sigkilled_with_busy_workers_leaves_no_process_soon(tmp_path: Path, tiny_model: Path) -> None:
+    """Its workers waited out the job timeout for a Redis that had gone with depthq up (28-34 s with
+    a 25 s timeout, 10 minutes with the default); a worker whose Redis went too stops at once now."""
+    config = {
+        "model": {"path": str(tiny_model), "device": "cpu"},
+        "producer": {"settle_ms": 200, "rescan_s": 3600},
+        "queue": {"job_timeout_s": 120},
+        "up": {"workers": 2},
+    }
+    proc, log = start_up(tmp_path, config, env={**FAULTS, "FAULT_SLEEP_S": "60"})
+    redis = _ready(proc, log, tmp_path, 2)
+    pids = [int(redis.info("server")["process_id"]), *worker_pids(log)]
+    for i in range(2):  # a minute in the model each; one pixel apart, so not copies of each other
+        with Image.open(solid_png(tmp_path / "inbox" / f".slow{i}.png", "yellow")) as image:
+            image.putpixel((0, 0), (255, 255, i))
+            image.save(tmp_path / "inbox" / f"slow{i}.png")
+    wait_for(lambda: _busy(redis) == 2, f"both workers busy ({log})", 60)
+    proc.kill()
+    proc.wait()
+    killed = time.monotonic()
+    wait_for(lambda: not any(alive(pid) for pid in pids), "its Redis and both busy workers to go", timeout=150)
+    gone_s = time.monotonic() - killed
+    print(f"depthq up SIGKILLed with 2 busy workers: all gone {gone_s:.1f} s later (job_timeout_s 120)")
+    assert "its Redis is gone too" in log.read_text()
+
+
+def _busy(redis: Redis) -> int:
+    """Workers busy with a job (rq's worker hashes; their per-worker sets are left out)."""
+    return sum(redis.hget(key, "state") == b"busy" for key in redis.keys("rq:worker:*") if key.count(b":") == 2)
