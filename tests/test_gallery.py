@@ -118,6 +118,18 @@ def test_results_are_the_newest_sidecars_first_limited_to_size(config: Config, c
     assert shown["preview_url"].startswith("/gallery/preview/trip/b.jpg?v=")
 
 
+def test_a_photo_with_a_name_too_long_to_keep_is_shown_under_its_own_name(config: Config, compute) -> None:
+    """Its outputs carry a shortened name (contract.output_base); the listing reads the real one from
+    the sidecar, so the card, its thumbnail and its preview are the photo's."""
+    name = "長" * 80 + ".jpg"  # 244 bytes
+    compute(write_jpeg(config.producer.watch / name, seed=3))
+    client = client_for(config)
+    (card,) = client.get("/gallery/results.json").get_json()["results"]
+    assert card["source"] == name and card["kind"] == "result"
+    assert client.get(card["thumb_url"]).status_code == 200
+    assert client.get(card["preview_url"]).status_code == 200
+
+
 def test_a_failed_photo_is_a_card_with_its_error(config: Config, compute) -> None:
     broken = config.producer.watch / "broken.jpg"
     broken.write_text("this is not a JPEG")

@@ -9,6 +9,7 @@ side: Pillow and pillow_heif, never numpy or torch.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import io
 import json
@@ -240,6 +241,9 @@ class _Listing:
             record = self._read(found)
             if record is None:
                 continue
+            found = self._named(found, record)
+            if found.source in seen:
+                continue
             seen.add(found.source)
             cards.append(_card(found, record))
             if len(cards) == self.size:
@@ -277,6 +281,19 @@ class _Listing:
             self._warn_once(found, f"gallery: skipping {found.path}: not a JSON object")
             return None
         return record
+
+    def _named(self, found: _Found, record: dict[str, Any]) -> _Found:
+        """The photo a record belongs to: the listing's name, or, for a name too long to keep whole in
+        its outputs' names (`contract.output_base`), the record's own `source`, once it checks out."""
+        source = _text(record.get("source"))
+        if source is None or source == found.source:
+            return found
+        try:
+            if output_path(self.output_dir, source, "json" if found.kind == "result" else "error") == found.path:
+                return dataclasses.replace(found, source=source)
+        except PayloadError:
+            pass
+        return found
 
     def _warn_once(self, found: _Found, message: str) -> None:
         key = (str(found.path), found.mtime_ns)
