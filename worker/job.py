@@ -244,13 +244,14 @@ def _try_copy(
 
 
 def _read_photo(rt: Runtime, io: Transport, p: JobPayload, job: Job | None) -> tuple[JobPayload, Photo]:
-    """The job's photo; if it cannot be read at its name (moved or deleted while queued), a byte-identical
+    """The job's photo; if it is no longer at its name (moved or deleted while queued), a byte-identical
     copy queued as its alias is read instead, and the job is that copy's: a photo moved inside the
     folder gets its depth under its new name at once, not at the next rescan."""
     job_id = job.id if job else "local"
     try:
         return p, io.read(p, job_id)
-    except SourceUnreadableError:
+    except SourceGoneError:
+        # Only a name with no file: a photo there that cannot be read gets its own error file.
         if job is None or not isinstance(io, SharedTransport) or p.same_as is not None:
             raise
         aliases = _take_aliases(rt, job_id)
