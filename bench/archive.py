@@ -3,7 +3,7 @@ folders (10 per folder: a folder per shoot).
 
 The tree is what the pipeline leaves behind, made directly: small distinct `.jpg` files (the producer
 hashes photos, it never decodes them), and beside each in the output folder its sidecar (with the
-`source_stat` a worker records) and depth map (empty: only its name is listed). A
+`source_stat` a worker records), depth map and preview (empty: only their names are listed). A
 private Redis, the real `Watcher`, default settings except where a row says otherwise.
 
 Rows, each against its goal (issue 15) and, where one applies, a floor measured in the same run:
@@ -15,6 +15,8 @@ Rows, each against its goal (issue 15) and, where one applies, a floor measured 
 - idle CPU and rescans caused by inotify overflows, over a quiet window, with every folder watched;
 - a backlog of pending photos (no workers): what a second rescan re-submits and re-hashes;
 - polling (`producer.polling: true`): RSS and idle CPU against watchdog's PollingObserver on the same tree;
+- `depthq audit` of the done tree beside the running watcher (index warm) and without the index (every
+  sidecar read), and of the pending backlog, each against that run's rescan;
 - and the per-photo costs fitted over both sizes, extrapolated to 1M photos in 10,000 folders.
 """
 
@@ -40,6 +42,7 @@ from bench.common import console, machine, median, ms, p95, print_table, private
 from depthq.config import Config, load_config
 from depthq.contract import LANES, SERIALIZER, job_id, make_queue
 from producer import enqueue as enqueue_module
+from producer.audit import audit
 from producer.enqueue import Enqueuer
 from producer.metrics import ProducerMetrics
 from producer.watcher import Watcher
@@ -78,6 +81,7 @@ def build_tree(root: Path, photos: int, done: bool, tag: str) -> tuple[Path, Pat
             sidecar = {"source": f"{folder}/{name}", "source_stat": {"size": st.st_size, "mtime": int(st.st_mtime)}}
             (out / folder / f"{name}.json").write_text(json.dumps(sidecar))
             (out / folder / f"{name}.depth.npy").touch()
+            (out / folder / f"{name}.preview.png").touch()
     (inbox / "live").mkdir(parents=True, exist_ok=True)
     return inbox, out
 
@@ -153,6 +157,26 @@ def _enqueued_at(connection: Redis, jid: str) -> float | None:
     return job.enqueued_at.timestamp() if job.enqueued_at else None
 
 
+def measure_audit(config: Config, connection: Redis, photos: int, **expect: int) -> dict[str, Any]:
+    """`depthq audit` timed in this thread (wall and CPU, median of 3) with the index (beside its writer,
+    when a watcher holds it) and without it; each must find exactly `expect` among `photos`."""
+    row: dict[str, Any] = {}
+    for mode, use_index in (("index", True), ("no_index", False)):
+        walls, cpus = [], []
+        for _ in range(3):
+            wall0, cpu0 = time.monotonic(), time.thread_time()
+            report = audit(config, connection, use_index=use_index)
+            walls.append(time.monotonic() - wall0)
+            cpus.append(time.thread_time() - cpu0)
+            found = {k: n for k, n in report.counts.items() if n}
+            assert found == {"photos": photos, **expect}, found
+            assert report.index == use_index
+            assert report.sidecars_read == (0 if use_index else expect.get("done", 0)), report.sidecars_read
+        row[f"{mode}_wall_s"], row[f"{mode}_cpu_s"] = median(walls), median(cpus)
+        row[f"{mode}_hashed"] = report.hashed
+    return row
+
+
 def _process_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -179,6 +203,7 @@ def measure_done(redis_url: str, photos: int, idle_s: float) -> dict[str, Any]:
         row["rescan_cpu_s"] = median([_cpu(lambda: watcher.rescan("periodic")) for _ in range(3)])
         stats = watcher.last_scan
         assert stats is not None and stats.done == photos and stats.sidecars_read == 0, stats
+        row["audit"] = measure_audit(config, connection, photos, done=photos)  # the watcher holds the index
         watcher.index.close()
 
         # Start-up: the index is warm; a photo is dropped the moment the watch is armed.
@@ -272,6 +297,7 @@ def measure_pending(redis_url: str, photos: int) -> dict[str, Any]:
             enqueue_module.file_sha256 = real_hash
         row["resubmitted"], row["rehashed"] = submitted, hashed
         row["pending_seen"] = watcher.last_scan.pending if watcher.last_scan else None
+        row["audit"] = measure_audit(config, connection, photos, queued=photos)
         watcher.index.close()
     return row
 
@@ -314,6 +340,25 @@ def measure_polling(redis_url: str, photos: int, idle_s: float) -> dict[str, Any
 def _fit(xs: tuple[int, int], ys: tuple[float, float], at: int) -> float:
     slope = (ys[1] - ys[0]) / (xs[1] - xs[0])
     return ys[1] + slope * (at - xs[1])
+
+
+def _audit_rows(
+    audit_row: dict[str, Any], rescan_cpu_s: float, photos: int, without: str = "reads every sidecar"
+) -> list[tuple[str, str, str, str]]:
+    """The audit beside the rescan of the same run: wall time, then CPU against the rescan's CPU."""
+    rows = []
+    for mode, what in (("index", "index warm, beside the watcher"), ("no_index", f"no index: {without}")):
+        wall, cpu = audit_row[f"{mode}_wall_s"], audit_row[f"{mode}_cpu_s"]
+        hashed = audit_row[f"{mode}_hashed"]
+        rows.append(
+            (
+                f"  depthq audit, {what}",
+                f"{wall:.2f} s ({wall / photos * 1e6:.1f} µs/photo)",
+                f"CPU {cpu:.2f} s = {cpu / rescan_cpu_s:.2f}x this rescan's {rescan_cpu_s:.2f} s",
+                f"{hashed} hashed",
+            )
+        )
+    return rows
 
 
 def run(quick: bool = False) -> None:
@@ -359,6 +404,7 @@ def run(quick: bool = False) -> None:
                 f"armed {r['armed_s']:.2f} s",
                 f"<= {GOAL_STARTUP_S:.0f} s {verdict(r['startup_s'] <= GOAL_STARTUP_S)}",
             ),
+            *_audit_rows(r["audit"], r["rescan_cpu_s"], n),
             (
                 f"  idle, {r['watches'][0] if r['watches'] else '?'} watches",
                 f"{r['idle_cpu'] * 100:.2f} % of a core",
@@ -380,6 +426,7 @@ def run(quick: bool = False) -> None:
             f"{pending['pending_seen']:,} seen pending, {pending['second_cpu_s']:.2f} s CPU",
             f"0 / 0 {verdict(ok)}",
         ),
+        *_audit_rows(pending["audit"], pending["second_cpu_s"], pending["photos"], "hashes every photo"),
         (
             f"polling {polling['photos']:,} photos, idle",
             f"{polling['depthq_cpu'] * 100:.2f} % CPU",

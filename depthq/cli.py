@@ -139,6 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--backend", help="worker.backend")
     doctor.add_argument("--no-model", action="store_true", help="skip loading the model (a watcher-only host)")
 
+    audit = sub.add_parser(
+        "audit", help="what is not as it should be: photos with no result or job, lost jobs, orphans, leftovers"
+    )
+    _add_common(audit, "watch", "output", "redis_url")
+    audit.add_argument("--json", action="store_true", help="the counts and the first --limit of each kind, as JSON")
+    audit.add_argument("--limit", type=int, default=10, help="photos or jobs shown of each kind (default 10)")
+    audit.add_argument("--hash", action="store_true", help="also hash every done photo against its sidecar (slow)")
+    audit.add_argument("--no-index", action="store_true", help="read every sidecar instead of trusting the index")
+    audit.add_argument(
+        "--repair",
+        action="store_true",
+        help="enqueue lost and stale photos (backfill lane), requeue jobs queued nowhere, remove old temporary "
+        "files; never deletes outputs",
+    )
+
     failed = sub.add_parser("failed", help="the failed jobs: list, retry or purge them")
     fsub = failed.add_subparsers(dest="failed_command", required=True)
     fl = fsub.add_parser("list", help="failed jobs with their photo and error")
@@ -343,6 +358,25 @@ def cmd_failed(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(config: Config, args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from producer.audit import audit, render, repair
+
+    connection = _connect(config)
+    report = audit(config, connection, limit=max(0, args.limit), check_hash=args.hash, use_index=not args.no_index)
+    if args.repair:
+        repair(config, connection, report)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        render(report, Console())
+    # What the audit found, even when --repair then put it right: run it again to see the result.
+    return 0 if report.ok else 1
+
+
 def cmd_doctor(config: Config, args: argparse.Namespace) -> int:
     from depthq.doctor import doctor
 
@@ -360,6 +394,7 @@ _COMMANDS = {
     "status": cmd_status,
     "failed": cmd_failed,
     "doctor": cmd_doctor,
+    "audit": cmd_audit,
 }
 
 

@@ -117,6 +117,8 @@ class PhotoIndex:
         self._lock_file: int | None = None
         # Whether the last write was refused by the disk: the outage and its end are said once each.
         self.failing = False
+        # Whether the last read failed (said once): a reader then stops asking, and reads sidecars.
+        self._unreadable = False
         if not self.in_memory and not read_only:
             self._lock_file = self._take_writer_lock(path.with_name(LOCK_NAME))
         try:
@@ -257,12 +259,19 @@ class PhotoIndex:
         done: dict[str, tuple[int, int, str]] = {}
         queued: dict[str, Queued] = {}
         listed_at: int | None = None
-        try:
-            with self._lock:
-                rows = self._db.execute(_FOLDER_QUERY, (folder, folder, folder)).fetchall()  # one query a folder
-        except sqlite3.Error as exc:
-            log.warning("the photo index %s cannot be read (%s); reading the sidecars of %r", self.path, exc, folder)
-            rows = []
+        if self.read_only and self._unreadable:
+            rows = []  # it failed once: a reader reads the sidecars from then on, without waiting on it
+        else:
+            try:
+                with self._lock:
+                    rows = self._db.execute(_FOLDER_QUERY, (folder, folder, folder)).fetchall()  # one a folder
+            except sqlite3.Error as exc:
+                if not self._unreadable:
+                    log.warning("the photo index %s cannot be read (%s); reading the sidecars", self.path, exc)
+                self._unreadable = True
+                rows = []
+            else:
+                self._unreadable = False
         for table, name, size, mtime, text in rows:
             if table == 0:
                 done[name] = (size, mtime, text)

@@ -1,0 +1,930 @@
+"""`depthq audit`: for a folder left alone for a month, what is not as it should be, and why.
+
+It reads what the rescan reads (the watched folder, the output folder, the photo index) and asks Redis
+about each photo without a result, then reports, for every eligible photo, one of:
+- **done** or **errors**: its sidecar (or error file) records this very size and mtime;
+- **stale**: a sidecar or error file records another version, and no job is pending for this one;
+- **queued**, **running**, **retrying**, **collecting** (in flight) or **failed** (a failed job and no
+  error file): the state of the job that will give it a result;
+- **lost**: no result, and no job that will make one;
+
+so these add up to `photos`. On top of that: **partial** (a result with data files missing, or data
+files with no sidecar and no pending job), **both** (a sidecar and an error file), **orphans**
+(outputs of photos that are gone), **temporary** (temporary files in the output tree),
+**queued_nowhere** (jobs queued in no lane and taken by no worker: lost too) and **duplicated** (a job
+id twice in the lanes, or a photo with two pending jobs).
+
+What it costs, like the rescan: per folder, a listing of it and of its output folder (every one: the
+audit must see data files, not only sidecars) and one index query; per photo, a stat. A sidecar is
+read only where the index does not know the photo (or `--hash` asks). Only a photo with no result is
+hashed, and only when the job the index names for its version is not pending. Redis is read in
+bulk, once, before the walk: every job's status (SCAN, then HMGET in pipelined batches), each lane and
+each taking list (LRANGE); only what then looks lost or queued nowhere is looked up again, fresh, at
+the end (the audit runs beside a live service).
+
+It changes nothing unless asked (`repair`): then lost and stale photos go to the backfill lane by the
+rescan's path, a job queued nowhere goes back onto its lane, and temporary files older than any job
+are removed. Outputs, orphans and error files are never deleted; the index, the running watcher's,
+is only read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rich.console import Console
+from rich.table import Table
+from rq.exceptions import NoSuchJobError
+from rq.intermediate_queue import IntermediateQueue
+from rq.job import Job, JobStatus
+
+from depthq.config import Config, ConfigError
+from depthq.contract import (
+    ERROR_SUFFIX,
+    LANES,
+    OUTPUT_SUFFIXES,
+    SERIALIZER,
+    aliases_key,
+    file_sha256,
+    job_id,
+    make_queue,
+    output_base,
+    output_path,
+    result_key,
+    source_stamp,
+    taking_pattern,
+)
+from depthq.files import is_temp_name, remove_stale_temps_in, stale_temp_age_s
+from producer.enqueue import Enqueuer, SourceError, Submitted
+from producer.index import INDEX_FILES, PhotoIndex
+from producer.readiness import Eligibility
+
+# Every kind the audit counts, in the order it reports them.
+KINDS = (
+    "done",
+    "errors",
+    "lost",
+    "queued",
+    "running",
+    "retrying",
+    "failed",
+    "collecting",
+    "orphans",
+    "stale",
+    "partial",
+    "both",
+    "temporary",
+    "queued_nowhere",
+    "duplicated",
+)
+# Any of these makes the audit fail (exit 1). In flight, failed (the user's to retry), orphans and
+# temporary files do not.
+FAILING = ("lost", "queued_nowhere", "stale", "partial", "both", "duplicated")
+IN_FLIGHT = frozenset({"queued", "running", "retrying", "collecting"})
+_STATE_OF_STATUS = {
+    JobStatus.QUEUED.value: "queued",
+    JobStatus.DEFERRED.value: "queued",
+    JobStatus.STARTED.value: "running",
+    JobStatus.SCHEDULED.value: "retrying",  # waiting out a back-off, a full output disk included
+    JobStatus.FAILED.value: "failed",
+}  # finished, stopped, canceled: over, and no result for this photo
+_PENDING_STATUSES = frozenset({JobStatus.QUEUED.value, JobStatus.STARTED.value, JobStatus.SCHEDULED.value})
+# When two jobs speak for one photo, the one nearest a result.
+_RANK = {"collecting": 5, "running": 4, "retrying": 3, "queued": 2, "failed": 1, "lost": 0}
+# Photos whose jobs are looked up in one Redis round trip; rq jobs read per round trip.
+_BATCH = 2000
+_JOB_PREFIX = Job.redis_job_namespace_prefix
+_DATA_KINDS = tuple(kind for kind in OUTPUT_SUFFIXES if kind != "json")
+_ALL_SUFFIXES = (*OUTPUT_SUFFIXES.values(), ERROR_SUFFIX)
+# An output name's suffixes by its last extension, longest first: ".png" may be a preview or a png16.
+_SUFFIXES_BY_EXTENSION: dict[str, list[str]] = {}
+for _suffix in sorted(_ALL_SUFFIXES, key=len, reverse=True):
+    _SUFFIXES_BY_EXTENSION.setdefault(_suffix[_suffix.rfind(".") :], []).append(_suffix)
+# `output_base`'s shortened form of a long name: `<start>~<16 hex digits><extension>`.
+_SHORTENED = re.compile(r"~[0-9a-f]{16}(\.[^.]{1,15})?$")
+# A temporary name is `.<output name>.<8 characters>.tmp` (depthq.files).
+_TEMP_TAIL = len(".12345678.tmp")
+
+
+@dataclass
+class _Unfinished:
+    """A photo with no result for its current version, until Redis says what will become of it."""
+
+    source: str
+    path: str
+    st: os.stat_result
+    # The job the index says this very version was given.
+    given: str | None
+    # What the sidecar or error file there records instead, when there is one.
+    stale: dict[str, Any] | None = None
+    # Data files of the photo in the listing, with neither sidecar nor error file.
+    data_files: list[str] = field(default_factory=list)
+    # --hash found another sha256 than the sidecar's: the enqueuer needs `force` to see it.
+    force: bool = False
+    sha256: str | None = None
+    state: str = "lost"
+    job: str | None = None
+    lane: str | None = None
+    why: str = ""
+
+
+@dataclass
+class AuditReport:
+    """What `audit` found: counts of every kind, the first `limit` of each, and what `repair` needs."""
+
+    watch: str
+    output: str
+    limit: int
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("photos", *KINDS), 0))
+    items: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    seconds: float = 0.0
+    folders: int = 0
+    sidecars_read: int = 0
+    hashed: int = 0
+    index: bool = False
+    hash_checked: bool = False
+    repair: dict[str, Any] | None = None
+    # For `repair`: every lost and stale photo, every job queued nowhere (id -> lane queue name), and
+    # every temporary file (folder -> names).
+    to_enqueue: list[_Unfinished] = field(default_factory=list, repr=False)
+    nowhere: dict[str, str] = field(default_factory=dict, repr=False)
+    temporary: dict[str, list[str]] = field(default_factory=dict, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.counts[kind] for kind in FAILING)
+
+    def add(self, kind: str, item: dict[str, Any]) -> None:
+        self.counts[kind] += 1
+        if self.counts[kind] <= self.limit:
+            self.items.setdefault(kind, []).append(item)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "ok": self.ok,
+            "counts": dict(self.counts),
+            "items": {kind: self.items[kind] for kind in KINDS if self.items.get(kind)},
+            "seconds": round(self.seconds, 3),
+            "watch": self.watch,
+            "output": self.output,
+            "folders": self.folders,
+            "sidecars_read": self.sidecars_read,
+            "hashed": self.hashed,
+            "index": self.index,
+            "hash_checked": self.hash_checked,
+        }
+        if self.repair is not None:
+            out["repair"] = self.repair
+        return out
+
+
+def _read_json(path: str) -> tuple[bool, dict[str, Any] | None]:
+    """(whether there was a file to read, its JSON object or None)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return False, None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return True, None
+    return True, data if isinstance(data, dict) else None
+
+
+def _stamp(st: os.stat_result) -> dict[str, int]:
+    return source_stamp(st)
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("utf-8", "replace")
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _unread_job(source: str, st: os.stat_result) -> str:
+    """The job id `Enqueuer._refusal` gives a photo it must not read (keyed by name and version)."""
+    return "unread-" + hashlib.sha256(f"{source}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:32]
+
+
+def _copy_job(jid: str, source: str) -> str:
+    """The id `Enqueuer._own_job` gives a copy of content whose job is another photo's."""
+    return f"{jid}-{hashlib.sha256(source.encode()).hexdigest()[:8]}"
+
+
+class Auditor:
+    """One audit of the watched folder against the output folder, the index and Redis."""
+
+    def __init__(
+        self, config: Config, connection: Redis, limit: int = 10, check_hash: bool = False, use_index: bool = True
+    ):
+        self.config = config
+        self.connection = connection
+        self.root = config.producer.watch.resolve()
+        self.output_root = config.output.dir.resolve()
+        self.check_hash = check_hash
+        self.use_index = use_index
+        self.eligible = Eligibility(config.producer.extensions, config.producer.ignore)
+        self.name = config.queue.name
+        self.model = config.model.path
+        self.by_redis = config.transport.mode == "redis"
+        # What every result has beside its sidecar. Not `output.formats`: a format added later is written
+        # for new photos only, so an older result without it is complete for what it was asked.
+        self.required = ["npy", "preview"]
+        self.lanes = {make_queue(connection, config, lane).name: lane for lane in LANES}
+        self.stale_temp_s = stale_temp_age_s(config.queue.job_timeout_s)
+        self.report = AuditReport(str(self.root), str(self.output_root), limit)
+        self._waiting: list[_Unfinished] = []
+        # Every depthq job as the snapshot before the walk found it, and every list a job waits in.
+        self._known: dict[str, tuple[str | None, str | None, str | None, bool]] = {}
+        self._listed: dict[str, list[str]] = {}
+        self._now = time.time()
+
+    # --- the walk --------------------------------------------------------------------------------
+
+    def run(self) -> AuditReport:
+        started = time.monotonic()
+        if not self.root.is_dir():
+            raise ConfigError(f"producer.watch: {self.root} is not a folder (not mounted?); nothing to audit")
+        self._snapshot()
+        index = PhotoIndex.open_reader(self.output_root) if self.use_index else None
+        self.report.index = index is not None
+        self.report.hash_checked = self.check_hash
+        try:
+            self._walk(index)
+        finally:
+            if index is not None:
+                index.close()
+        self._resolve_waiting()
+        self._recheck()
+        self._jobs()
+        self._error_details()
+        self.report.seconds = time.monotonic() - started
+        return self.report
+
+    def _walk(self, index: PhotoIndex | None) -> None:
+        stack: list[tuple[str, str]] = [(str(self.root), "")]
+        exclude = str(self.output_root)
+        extensions, ignored_match = self.eligible.extensions, self.eligible.ignored_pattern.match
+        while stack:
+            path, rel = stack.pop()
+            try:
+                with os.scandir(path) as it:
+                    entries = list(it)
+            except OSError:
+                continue
+            self.report.folders += 1
+            subfolders: list[tuple[str, str]] = []
+            photos: list[tuple[str, os.stat_result]] = []
+            # Eligibility's rules, inlined as in producer.scan: this loop sees every file.
+            for entry in entries:
+                name = entry.name
+                try:
+                    if entry.is_dir():
+                        if not entry.is_symlink() and not ignored_match(name) and entry.path != exclude:
+                            subfolders.append((entry.path, f"{rel}/{name}" if rel else name))
+                        continue
+                    dot = name.rfind(".")
+                    if dot < 0 or name[dot + 1 :].lower() not in extensions or ignored_match(name):
+                        continue
+                    if not entry.is_file():
+                        continue
+                    photos.append((name, entry.stat()))
+                except OSError:
+                    continue  # gone between the listing and the stat
+            photos.sort()
+            subfolders.sort(reverse=True)
+            stack.extend(subfolders)
+            known = index.folder(rel) if index is not None else ({}, {}, None)
+            watched = {p.rsplit("/", 1)[-1] for _, p in subfolders}
+            self._folder(path, rel, photos, known[0], known[1], watched)
+            if len(self._waiting) >= _BATCH:
+                self._resolve_waiting()
+
+    @staticmethod
+    def _list_output(out_dir: str) -> set[str]:
+        """An output folder's names (files and folders); none when it does not exist."""
+        try:
+            return set(os.listdir(out_dir))
+        except OSError:
+            return set()
+
+    def _folder(
+        self,
+        path: str,
+        rel: str,
+        photos: list[tuple[str, os.stat_result]],
+        done: dict[str, tuple[int, int, str]],
+        queued: dict[str, Any],
+        watched: set[str],
+    ) -> None:
+        report = self.report
+        report.counts["photos"] += len(photos)
+        prefix = f"{rel}/" if rel else ""
+        out_dir = os.path.join(self.output_root, rel) if rel else str(self.output_root)
+        names = self._list_output(out_dir)
+        bases: dict[str, str] = {}
+        json_suffix = OUTPUT_SUFFIXES["json"]
+        for name, st in photos:
+            base = output_base(name)
+            bases[base] = name
+            has_json, has_error = base + json_suffix in names, base + ERROR_SUFFIX in names
+            size, mtime = st.st_size, int(st.st_mtime)
+            kind: str | None = None
+            sidecar: dict[str, Any] | None = None
+            recorded: dict[str, Any] = {}
+            row = done.get(name)
+            if (
+                row is not None
+                and row[0] == size
+                and row[1] == mtime
+                and base + (json_suffix if row[2] == "json" else ERROR_SUFFIX) in names
+            ):
+                kind = row[2]  # the index's word, its file still listed: no read
+            elif has_json or has_error:
+                now = {"size": size, "mtime": mtime}
+                if has_json:
+                    sidecar = self._read(os.path.join(out_dir, base + json_suffix))
+                    recorded["json"] = sidecar.get("source_stat") if sidecar is not None else None
+                    if recorded["json"] == now:
+                        kind = "json"
+                if kind is None and has_error:
+                    error = self._read(os.path.join(out_dir, base + ERROR_SUFFIX))
+                    recorded["error"] = error.get("source_stat") if error is not None else None
+                    if recorded["error"] == now:
+                        kind = "error"
+            source = prefix + name
+            if has_json and has_error:
+                current = {"json": "the sidecar", "error": "the error file"}.get(kind or "", "neither")
+                report.add("both", {"source": source, "records_this_version": current})
+            if kind == "json" and self.check_hash:
+                if sidecar is None:
+                    sidecar = self._read(os.path.join(out_dir, base + json_suffix)) or {}
+                photo = self._hash(os.path.join(path, name))
+                if photo is not None and sidecar.get("sha256") and sidecar["sha256"] != photo:
+                    stale = {
+                        "file": "json",
+                        "recorded": sidecar.get("source_stat"),
+                        "now": _stamp(st),
+                        "sha256_recorded": sidecar["sha256"],
+                        "sha256_now": photo,
+                    }
+                    self._wait(_Unfinished(source, os.path.join(path, name), st, None, stale, force=True, sha256=photo))
+                    continue
+            if kind == "json":
+                report.counts["done"] += 1
+                missing = [k for k in self.required if base + OUTPUT_SUFFIXES[k] not in names]
+                if missing:
+                    report.add("partial", {"source": source, "missing": missing, "state": "done"})
+                if report.counts["done"] <= report.limit:
+                    report.items.setdefault("done", []).append({"source": source})
+                continue
+            if kind == "error":
+                report.add("errors", {"source": source, "file": prefix + base + ERROR_SUFFIX})
+                continue
+            given = queued.get(name)
+            unfinished = _Unfinished(
+                source,
+                os.path.join(path, name),
+                st,
+                given.job_id if given is not None and (given.size, given.mtime_ns) == (size, st.st_mtime_ns) else None,
+            )
+            if recorded:
+                which = "json" if "json" in recorded else "error"
+                unfinished.stale = {"file": which, "recorded": recorded[which], "now": _stamp(st)}
+            else:
+                unfinished.data_files = [k for k in _DATA_KINDS if base + OUTPUT_SUFFIXES[k] in names]
+            self._wait(unfinished)
+        # What is neither an output of a photo here nor the output folder of a watched folder.
+        rest = names - {base + suffix for base in bases for suffix in _ALL_SUFFIXES} - watched - INDEX_FILES
+        if rest:
+            self._leftovers(out_dir, prefix, rest, bases, folder_exists=True)
+
+    def _orphan_tree(self, out_dir: str, rel: str) -> None:
+        """An output folder whose watched folder is gone (or is not watched): all of it is orphaned."""
+        if out_dir == str(self.root):
+            return  # the watched folder inside the output folder: its photos are not outputs
+        self._leftovers(out_dir, f"{rel}/", self._list_output(out_dir), {}, folder_exists=False)
+
+    def _leftovers(
+        self, out_dir: str, prefix: str, names: set[str], bases: dict[str, str], folder_exists: bool
+    ) -> None:
+        """Temporary files, orphaned folders, and outputs of no photo present, grouped by the photo
+        they were for."""
+        groups: dict[str, list[str]] = {}
+        for name in sorted(names):
+            path = os.path.join(out_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                self._orphan_tree(path, prefix + name)
+                continue
+            if is_temp_name(name):
+                self._temporary(out_dir, prefix, name, bases)
+                continue
+            suffix = next((x for x in _SUFFIXES_BY_EXTENSION.get(name[name.rfind(".") :], ()) if name.endswith(x)), "")
+            groups.setdefault(name[: -len(suffix)] if suffix else name, []).append(name)
+        for base, files in sorted(groups.items()):
+            source = prefix + base
+            if _SHORTENED.search(base):
+                for suffix in (OUTPUT_SUFFIXES["json"], ERROR_SUFFIX):
+                    if base + suffix in files:
+                        named = self._read(os.path.join(out_dir, base + suffix))
+                        if named is not None and isinstance(named.get("source"), str):
+                            source = named["source"]
+                            break
+            self.report.add("orphans", {"source": source, "files": sorted(files), "folder_gone": not folder_exists})
+
+    def _temporary(self, out_dir: str, prefix: str, name: str, bases: dict[str, str]) -> None:
+        path = os.path.join(out_dir, name)
+        try:
+            age = self._now - os.stat(path).st_mtime
+        except OSError:
+            return  # renamed into place or removed by its writer meanwhile
+        output = name[1:-_TEMP_TAIL]
+        photo = output
+        for suffix in _SUFFIXES_BY_EXTENSION.get(output[output.rfind(".") :], ()):
+            if output.endswith(suffix):
+                photo = bases.get(output[: -len(suffix)], output[: -len(suffix)])
+                break
+        self.report.temporary.setdefault(out_dir, []).append(name)
+        self.report.add(
+            "temporary",
+            {
+                "source": prefix + photo,
+                "file": prefix + name,
+                "age_s": round(age, 1),
+                "removable": age >= self.stale_temp_s,
+            },
+        )
+
+    def _read(self, path: str) -> dict[str, Any] | None:
+        found, data = _read_json(path)
+        self.report.sidecars_read += found
+        return data
+
+    def _hash(self, path: str) -> str | None:
+        try:
+            sha = file_sha256(Path(path))
+        except OSError:
+            return None
+        self.report.hashed += 1
+        return sha
+
+    def _wait(self, unfinished: _Unfinished) -> None:
+        self._waiting.append(unfinished)
+
+    # --- what Redis says of the photos without a result ----------------------------------------
+
+    def _snapshot(self) -> None:
+        """Every depthq job's status, origin and photo, read once before the walk (SCAN, then HMGET in
+        pipelined batches), and then every list a job waits in. A photo's job found pending here and
+        its result not yet there when the walk reaches it is in flight still (a worker writes the
+        sidecar before the job is over); what looks lost is looked at again, fresh, at the end."""
+        ids = []
+        for key in self.connection.scan_iter(match=_JOB_PREFIX + "*", count=1000):
+            jid = key.decode("utf-8", "replace")[len(_JOB_PREFIX) :]
+            if ":" not in jid:  # rq:job:<id>:dependents and the like are no jobs
+                ids.append(jid)
+        known: dict[str, tuple[str | None, str | None, str | None, bool]] = {}
+        for batch in _chunks(ids, _BATCH):
+            with self.connection.pipeline(transaction=False) as pipe:
+                for jid in batch:
+                    pipe.hmget(Job.key_for(jid), "status", "origin", "description")
+                replies = pipe.execute(raise_on_error=False)
+            for jid, reply in zip(batch, replies, strict=True):
+                if isinstance(reply, Exception) or reply[0] is None:
+                    continue  # not a job's hash, or gone meanwhile
+                status, origin, source = (_text(v) for v in reply)
+                if origin in self.lanes:  # another rq queue's job on the same Redis is none of ours
+                    known[jid] = (status, origin, source, False)
+        if self.by_redis:
+            prefix = result_key(self.name, "")
+            for key in self.connection.scan_iter(match=result_key(self.name, "*"), count=1000):
+                jid = key.decode("utf-8", "replace")[len(prefix) :]
+                if jid in known:
+                    known[jid] = (*known[jid][:3], True)
+        self._known = known
+        self._listed = self._lists()
+
+    def _from_snapshot(self, jids: Iterable[str]) -> dict[str, tuple[str | None, str | None, str | None, bool]]:
+        return {jid: self._known[jid] for jid in jids if jid in self._known}
+
+    def _look(self, jids: Iterable[str]) -> dict[str, tuple[str | None, str | None, str | None, bool]]:
+        """Job id -> (status, origin, source, result waiting for the collector), now, in one round trip."""
+        ids = list(dict.fromkeys(j for j in jids if j))
+        if not ids:
+            return {}
+        with self.connection.pipeline(transaction=False) as pipe:
+            for jid in ids:
+                pipe.hmget(Job.key_for(jid), "status", "origin", "description")
+                if self.by_redis:
+                    pipe.exists(result_key(self.name, jid))
+            replies = pipe.execute()
+        step = 2 if self.by_redis else 1
+        out = {}
+        for i, jid in enumerate(ids):
+            status, origin, source = (_text(v) for v in replies[i * step])
+            out[jid] = (status, origin, source, bool(replies[i * step + 1]) if self.by_redis else False)
+        return out
+
+    def _judge(self, u: _Unfinished, jids: list[str], look: dict[str, Any], alias_of: str | None = None) -> bool:
+        """Set the photo's state from the jobs that speak for it; True when one will give it a result."""
+        best, best_job, best_lane = "lost", None, None
+        u.why = ""
+        for jid in jids:
+            if jid not in look:
+                continue
+            status, origin, source, has_result = look[jid]
+            if source != u.source and jid != alias_of:
+                continue
+            state = "collecting" if has_result else _STATE_OF_STATUS.get(status or "", "lost")
+            if jid == alias_of and state not in IN_FLIGHT:
+                continue  # an alias gets its result only from a job that is still to run
+            if _RANK[state] > _RANK[best]:
+                best, best_job, best_lane = state, jid, self.lanes.get(origin or "")
+        u.state, u.job, u.lane = best, best_job, best_lane
+        return best in IN_FLIGHT
+
+    def _resolve_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for batch in _chunks(waiting, _BATCH):
+            self._resolve(batch)
+            for u in batch:
+                self._settle(u)
+
+    def _resolve(self, batch: list[_Unfinished], fresh: bool = False) -> None:
+        """Each photo's state from its jobs: as the snapshot had them, or `fresh` from Redis."""
+        jobs = self._look if fresh else self._from_snapshot
+        # First the job the index names for this very version: pending, it needs no hashing.
+        look = jobs(u.given for u in batch if u.given)
+        rest = [u for u in batch if not self._judge(u, [u.given] if u.given else [], look)]
+        # Then by content (the photo's job, a copy's own job, or an alias on another photo's job), and
+        # by name and version (the refusal job of a photo the producer would not read).
+        hashed: list[tuple[_Unfinished, list[str], str]] = []
+        for u in rest:
+            if u.sha256 is None:
+                u.sha256 = self._hash(u.path)
+            jids = [u.given] if u.given else []
+            jid = job_id(u.sha256, self.model) if u.sha256 is not None else ""
+            jids += [_unread_job(u.source, u.st), *((jid, _copy_job(jid, u.source)) if jid else ())]
+            hashed.append((u, jids, jid))
+        if not hashed:
+            return
+        look.update(jobs(j for _, jids, _ in hashed for j in jids))
+        # A copy that arrived while its content's job was pending for another photo is an alias of it.
+        others = [
+            (u, jid)
+            for u, _, jid in hashed
+            if jid in look and look[jid][2] != u.source and look[jid][0] in _PENDING_STATUSES
+        ]
+        aliased: set[int] = set()
+        if others:
+            with self.connection.pipeline(transaction=False) as pipe:
+                for u, jid in others:
+                    pipe.sismember(aliases_key(self.name, jid), u.source)
+                aliased = {id(u) for (u, _), member in zip(others, pipe.execute(), strict=True) if member}
+        for u, jids, jid in hashed:
+            self._judge(u, jids, look, alias_of=jid if id(u) in aliased else None)
+            if u.state == "lost" and u.job is None and jid:
+                status, _, source, _ = look.get(jid, (None, None, None, False))
+                u.job = jid
+                if status is None:
+                    u.why = "no job for this version"
+                elif source == u.source:
+                    u.why = f"its job is {status}, with no result for this version"
+                else:
+                    u.why = f"its content's job is {source}'s ({status})"
+            elif u.state == "failed":
+                u.why = "the job failed and left no error file"
+
+    def _settle(self, u: _Unfinished) -> None:
+        """Count a resolved photo, or hold it for the re-check at the end (lost and stale ones)."""
+        if u.state in IN_FLIGHT:
+            self.report.add(
+                u.state,
+                {"source": u.source, "job_id": u.job, "lane": u.lane, "stale_output": u.stale is not None},
+            )
+            return
+        if u.stale is not None or u.state == "lost":
+            self.report.to_enqueue.append(u)
+            return
+        self.report.add("failed", {"source": u.source, "job_id": u.job, "lane": u.lane, "why": u.why})
+        self._partial(u)
+
+    def _partial(self, u: _Unfinished) -> None:
+        if u.data_files:
+            self.report.add("partial", {"source": u.source, "data_files": u.data_files, "state": u.state})
+
+    def _recheck(self) -> None:
+        """Lost and stale photos again, now that the walk is over: a result or a job may have come
+        for one meanwhile (the audit runs beside a live service). Only those few are looked at twice."""
+        suspects, self.report.to_enqueue = self.report.to_enqueue, []
+        still: list[_Unfinished] = []
+        for u in suspects:
+            try:
+                st = os.stat(u.path)
+            except OSError:
+                self.report.counts["photos"] -= 1  # gone meanwhile: no longer a photo
+                continue
+            if (st.st_size, st.st_mtime_ns) == (u.st.st_size, u.st.st_mtime_ns) and not u.force:
+                kind = self._finished(u.source, st)
+                if kind is not None:
+                    self.report.counts["done" if kind == "json" else "errors"] += 1
+                    continue
+            still.append(u)
+        for batch in _chunks(still, _BATCH):
+            self._resolve(batch, fresh=True)
+            for u in batch:
+                if u.state in IN_FLIGHT or (u.state == "failed" and u.stale is None):
+                    self._settle(u)
+                    continue
+                self.report.to_enqueue.append(u)
+                if u.stale is not None:
+                    self.report.add(
+                        "stale", {"source": u.source, **u.stale, "state": u.state, "job_id": u.job, "why": u.why}
+                    )
+                else:
+                    self.report.add("lost", {"source": u.source, "job_id": u.job, "why": u.why, "now": _stamp(u.st)})
+                    self._partial(u)
+
+    def _finished(self, source: str, st: os.stat_result) -> str | None:
+        for kind in ("json", "error"):
+            record = self._read(str(output_path(self.output_root, source, kind)))
+            if record is not None and record.get("source_stat") == _stamp(st):
+                return kind
+        return None
+
+    # --- the jobs themselves ----------------------------------------------------------------------
+
+    def _lists(self) -> dict[str, list[str]]:
+        """Every list a depthq job waits in: each lane, and what workers took and have not started
+        (depthq's taking lists, and rq's own intermediate list of each lane)."""
+        keys: list[str] = []
+        for lane in LANES:
+            key = make_queue(self.connection, self.config, lane).key
+            keys += [key, IntermediateQueue.get_intermediate_queue_key(key)]
+        keys += sorted(k.decode() for k in self.connection.scan_iter(match=taking_pattern(self.name), count=1000))
+        with self.connection.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.lrange(key, 0, -1)
+            replies = pipe.execute(raise_on_error=False)
+        return {
+            key: [v.decode() for v in reply]
+            for key, reply in zip(keys, replies, strict=True)
+            if not isinstance(reply, Exception)
+        }
+
+    def _jobs(self) -> None:
+        """Queued jobs in no list, and jobs twice over, from the snapshot."""
+        jobs, lists = self._known, self._listed
+        listed = Counter(jid for ids_ in lists.values() for jid in ids_)
+        suspects = [jid for jid, (status, *_) in jobs.items() if status == "queued" and jid not in listed]
+        if suspects:
+            # Statuses were read before the lists: a job may have moved on meanwhile. Look again.
+            again = self._look(suspects)
+            listed_now = {jid for ids_ in self._lists().values() for jid in ids_}
+            suspects = [j for j in suspects if again[j][0] == "queued" and j not in listed_now]
+        for jid in suspects:
+            _, origin, source, _ = jobs[jid]
+            self.report.nowhere[jid] = origin or ""
+            self.report.add(
+                "queued_nowhere",
+                {"source": source, "job_id": jid, "lane": self.lanes.get(origin or ""), "queue": origin},
+            )
+        for item in self.report.items.get("queued", []):
+            item["queued_nowhere"] = item["job_id"] in self.report.nowhere
+        where: dict[str, list[str]] = {}
+        for key, ids_ in lists.items():
+            for jid in ids_:
+                where.setdefault(jid, []).append(key)
+        for jid, count in sorted(listed.items()):
+            if count > 1:
+                source = jobs[jid][2] if jid in jobs else None
+                self.report.add("duplicated", {"source": source, "job_id": jid, "lists": where[jid]})
+        # Two pending jobs for one photo's same content (a job id starts with the content's hash) would
+        # compute it twice; for two contents (a photo rewritten while its old job waits) they would not:
+        # the older one's result is dropped as superseded.
+        pending: dict[tuple[str, str], list[str]] = {}
+        for jid, (status, _, source, _) in jobs.items():
+            if status in _PENDING_STATUSES and source is not None:
+                pending.setdefault((source, jid.split("-", 1)[0]), []).append(jid)
+        for (source, _), jids in sorted(pending.items()):
+            if len(jids) > 1:
+                self.report.add("duplicated", {"source": source, "job_ids": sorted(jids)})
+
+    def _error_details(self) -> None:
+        """What the error files shown say: read for the first few only."""
+        for item in self.report.items.get("errors", []):
+            record = self._read(os.path.join(self.output_root, item["file"])) or {}
+            error = record.get("error") if isinstance(record.get("error"), dict) else {}
+            item["error"] = f"{error.get('type', '?')}: {error.get('message', '')}".strip()
+
+
+def audit(
+    config: Config, connection: Redis, limit: int = 10, check_hash: bool = False, use_index: bool = True
+) -> AuditReport:
+    """Audit the watched folder, its outputs, the index and Redis (see the module's docstring)."""
+    return Auditor(config, connection, limit, check_hash, use_index).run()
+
+
+# --- repair ---------------------------------------------------------------------------------------
+
+_ENQUEUE_BATCH = 500
+
+
+def repair(config: Config, connection: Redis, report: AuditReport) -> dict[str, Any]:
+    """Put right what can be put right without deleting anything of value: lost and stale photos
+    through the rescan's path (backfill lane), jobs queued nowhere back onto their lane, temporary
+    files older than any job could still be writing. Returns what it did."""
+    started = time.monotonic()
+    done: dict[str, Any] = {"enqueued": {}, "requeued_jobs": [], "temporary_removed": 0, "temporary_left": 0}
+    problems: list[str] = []
+    older_than = stale_temp_age_s(config.queue.job_timeout_s)
+    for folder, names in sorted(report.temporary.items()):
+        removed, young = remove_stale_temps_in(Path(folder), names, older_than, time.time())
+        done["temporary_removed"] += removed
+        done["temporary_left"] += young
+    queues = {make_queue(connection, config, lane).name: make_queue(connection, config, lane) for lane in LANES}
+    for jid, origin in sorted(report.nowhere.items()):
+        try:
+            job = Job.fetch(jid, connection=connection, serializer=SERIALIZER)
+            if job.get_status(refresh=False) != JobStatus.QUEUED:
+                continue  # it moved on since the audit
+            queues[origin].enqueue_job(job)
+            done["requeued_jobs"].append(jid)
+        except NoSuchJobError:
+            continue
+        except RedisError as exc:
+            problems.append(f"job {jid}: {exc}")
+    enqueuer = Enqueuer(config, connection, lane="backfill")
+    outcomes: Counter[str] = Counter()
+
+    def one(path: Path, force: bool = False) -> None:
+        try:
+            result = enqueuer.submit(path, force=force)
+        except FileNotFoundError:
+            outcomes["gone"] += 1
+            return
+        except (SourceError, OSError, RedisError) as exc:
+            outcomes["not enqueued"] += 1
+            problems.append(f"{path}: {exc}")
+            return
+        outcomes[result.outcome] += 1
+
+    plain = [Path(u.path) for u in report.to_enqueue if not u.force]
+    for chunk in (plain[i : i + _ENQUEUE_BATCH] for i in range(0, len(plain), _ENQUEUE_BATCH)):
+        try:
+            results: list[tuple[Path, Submitted | None]] = enqueuer.submit_many(chunk)
+        except RedisError as exc:
+            outcomes["not enqueued"] += len(chunk)
+            problems.append(f"{len(chunk)} photo(s): {exc}")
+            continue
+        for path, result in results:
+            if result is None:
+                one(path)
+            else:
+                outcomes[result.outcome] += 1
+    for u in report.to_enqueue:
+        if u.force:
+            one(Path(u.path), force=True)  # same size and mtime, other content: only --force sees it
+    done["enqueued"] = dict(sorted(outcomes.items()))
+    done["errors"] = problems
+    done["seconds"] = round(time.monotonic() - started, 3)
+    report.repair = done
+    return done
+
+
+# --- rendering ------------------------------------------------------------------------------------
+
+_MEANING = {
+    "errors": "an error file records this version",
+    "lost": "no result, and no job that will make one",
+    "queued": "waiting in a lane",
+    "running": "a worker has it",
+    "retrying": "waiting out a back-off before its next attempt",
+    "failed": "the job failed and left no error file (`depthq failed list`)",
+    "collecting": "its result waits in Redis for the collector",
+    "orphans": "outputs of photos that are gone: listed, never deleted",
+    "stale": "a sidecar or error file of another version, and no job for this one",
+    "partial": "a result with files missing, or data files with no sidecar",
+    "both": "a sidecar and an error file",
+    "temporary": "temporary files; removable: older than any job could run",
+    "queued_nowhere": "queued in no lane and taken by no worker: it will never run",
+    "duplicated": "a job twice in the lanes, or a photo with two pending jobs",
+}
+
+
+# The columns each kind's table shows (the JSON has every field), when any row has something to say.
+_COLUMNS = {
+    "errors": ("source", "error"),
+    "lost": ("source", "why", "job_id"),
+    "failed": ("source", "why", "lane", "job_id"),
+    "orphans": ("source", "files", "folder_gone"),
+    "stale": ("source", "recorded", "now", "sha256_recorded", "sha256_now", "state"),
+    "partial": ("source", "missing", "data_files", "state"),
+    "both": ("source", "records_this_version"),
+    "temporary": ("file", "age_s", "removable"),
+    "queued_nowhere": ("source", "lane", "job_id"),
+    "duplicated": ("source", "job_id", "job_ids", "lists"),
+}
+_IN_FLIGHT_COLUMNS = ("source", "lane", "job_id", "stale_output", "queued_nowhere")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, dict):
+        if set(value) == {"size", "mtime"}:
+            return f"{value['size']} B, {datetime.fromtimestamp(value['mtime']):%Y-%m-%d %H:%M}"
+        return ", ".join(f"{k} {_cell(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(_cell(v) for v in value)
+    if isinstance(value, str) and _SHA256.match(value):
+        return value[:16] + "..."
+    return str(value)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def render(report: AuditReport, console: Console) -> None:
+    console.print(f"audit of {report.watch} against {report.output}")
+    summary = Table(show_header=False)
+    summary.add_column(style="bold")
+    summary.add_column(justify="right")
+    summary.add_row("photos", str(report.counts["photos"]))
+    for kind in KINDS:
+        count = report.counts[kind]
+        shown = str(count)
+        if count and kind in FAILING:
+            shown = f"[red]{count}[/red]"
+        elif count and kind in ("failed", "orphans", "temporary"):
+            shown = f"[yellow]{count}[/yellow]"
+        summary.add_row(kind, shown)
+    console.print(summary)
+    how = "the index" if report.index else "no index"
+    hashed = f", {report.hashed} photo(s) hashed" + (" (--hash: every done photo)" if report.hash_checked else "")
+    console.print(
+        f"{report.folders} folder(s) in {report.seconds:.2f} s; {how}, {report.sidecars_read} sidecar(s) read{hashed}"
+    )
+    for kind in KINDS:
+        items = report.items.get(kind)
+        if not items or kind == "done":
+            continue
+        count = report.counts[kind]
+        more = f", the first {len(items)}" if count > len(items) else ""
+        table = Table(title=f"{kind}: {count} ({_MEANING[kind]}){more}", title_justify="left")
+        shown = _COLUMNS.get(kind, _IN_FLIGHT_COLUMNS)
+        columns = [c for c in shown if any(_cell(i.get(c)) for i in items)]
+        for column in columns:
+            header = "age" if column == "age_s" else column.replace("_", " ")
+            table.add_column(header, overflow="fold", no_wrap=column.startswith("job_id"))
+        for item in items:
+            table.add_row(*(_age(item[c]) if c == "age_s" else _cell(item.get(c)) for c in columns))
+        console.print(table)
+    if report.repair is not None:
+        r = report.repair
+        enqueued = ", ".join(f"{n} {outcome}" for outcome, n in r["enqueued"].items()) or "none"
+        console.print(f"repair: lost and stale photos sent to the backfill lane: {enqueued}")
+        if r["requeued_jobs"]:
+            console.print(f"repair: {len(r['requeued_jobs'])} job(s) queued nowhere pushed back onto their lane")
+        if r["temporary_removed"] or r["temporary_left"]:
+            console.print(
+                f"repair: {r['temporary_removed']} temporary file(s) removed, {r['temporary_left']} younger "
+                "left for their writer"
+            )
+        for problem in r["errors"]:
+            console.print(f"[red]repair: {problem}[/red]")
+    if report.ok:
+        console.print("[green]ok[/green]: nothing lost, stale, partial or duplicated")
+        return
+    wrong = ", ".join(f"{report.counts[k]} {k}" for k in FAILING if report.counts[k])
+    console.print(f"[red]not ok[/red]: {wrong}")
+    if report.repair is None and (report.counts["lost"] or report.counts["stale"] or report.counts["queued_nowhere"]):
+        console.print("`depthq audit --repair` enqueues the lost and stale photos and requeues the jobs queued nowhere")
+    if report.counts["partial"] or report.counts["both"]:
+        console.print("partial or both: `depthq enqueue --force PHOTO` computes the photo again")
