@@ -500,6 +500,9 @@ class Enqueuer:
         if self.by_redis:
             # The bytes just put under `jid` are not needed if its job is over: free them now.
             self._drop_orphans([jid], grace=False)
+        # A copy queued as an alias of `jid` earlier, whose job then ended without taking it (its photo
+        # changed meanwhile): this job is its own now, and the set must not hand it to `jid` again.
+        self.connection.srem(aliases_key(self.name, jid), payload.source)
         own = JobPayload(**{**payload.to_dict(), "same_as": same_as})
         own_id = f"{jid}-{hashlib.sha256(payload.source.encode()).hexdigest()[:8]}"
         try:

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from redis import Redis
+from rq.exceptions import DeserializationError
 from rq.job import Job, JobStatus
 from rq.registry import DeferredJobRegistry, FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
@@ -83,7 +84,11 @@ def failed_sources(config: Config, connection: Redis) -> dict[str, str]:
         registry = FailedJobRegistry(lane_queue_name(config.queue.name, lane), connection=connection)
         for jid in registry.get_job_ids():
             job = Job.fetch(jid, connection=connection, serializer=SERIALIZER)
-            source = job.args[0].get("source", jid) if job.args and isinstance(job.args[0], dict) else jid
+            try:
+                args = job.args
+            except DeserializationError:
+                args = ()  # a pickled or foreign job: named by its id
+            source = args[0].get("source", jid) if args and isinstance(args[0], dict) else jid
             out[source] = (job.latest_result().exc_string if job.latest_result() else "").strip()[-300:]
     return out
 

@@ -18,6 +18,7 @@ from producer.enqueue import Enqueuer
 from producer.index import INDEX_NAME
 from producer.poller import FolderPoller
 from producer.watcher import Watcher
+from tests.endstate import assert_end_state
 from tests.photos import write_jpeg
 from tests.test_watcher import jobs, watching
 from tests.waiting import wait_for
@@ -70,6 +71,7 @@ def test_the_index_survives_deletion(
     assert all(path.exists() for path in written.values())
     assert json.loads(written["json"].read_text())["source"] == victim
     assert sorted(config.output.dir.rglob("*.jpg.json")) == sidecars
+    assert_end_state(config, redis_client)
 
 
 class _DropsALivePhoto:
@@ -123,12 +125,14 @@ def test_a_live_drop_during_a_long_backfill_is_done_before_it(
     assert done_order.index("just now.jpg") == 3
     assert len(done_order) == 16 and backfill.count == 0
     assert output_path(config.output.dir, "just now.jpg", "json").exists()
+    assert_end_state(config, redis_client)
 
 
 def test_polling_lists_only_the_folders_that_changed(
     make_config: Callable[..., Config], redis_client: Redis, monkeypatch
 ) -> None:
     """A poll is one stat per folder; a new photo makes only its own folder (and a new one) be listed."""
+    # Ends with jobs queued on purpose: what the poll enqueued is the point, and no worker runs.
     config = make_config(producer={"polling": True, "poll_interval_s": 3600, "settle_ms": 0})
     for day in range(30):
         write_jpeg(config.producer.watch / f"day{day:02d}" / "old.jpg", width=32, height=24, seed=day)
@@ -179,10 +183,12 @@ def test_the_gallery_reads_the_newest_from_the_recent_list(
     cards = client.get("/gallery/results.json").get_json()["results"]
     assert "elsewhere/x.jpg" in {card["source"] for card in cards}
     assert 4 * config.dashboard.gallery_size <= RECENT_MAX  # enough names for a full page
+    assert_end_state(config, redis_client)
 
 
 def test_a_scan_thread_never_holds_up_the_event_loop(make_config: Callable[..., Config], redis_client: Redis) -> None:
     """While a rescan is stuck (a hung share), a live drop is still enqueued."""
+    # Ends with jobs queued on purpose: that the live drop was enqueued is the point, and no worker runs.
     config = make_config(producer={"settle_ms": 0})
     enqueuer = Enqueuer(config, redis_client)
     watcher = Watcher(config, enqueuer)
@@ -209,6 +215,7 @@ def test_the_scan_takes_exactly_the_files_the_watcher_would(
     make_config: Callable[..., Config], redis_client: Redis
 ) -> None:
     """The walk's inlined name test agrees with `Eligibility`, which events and `depthq enqueue` use."""
+    # Ends with jobs queued on purpose: which files the scan enqueued is the point, and no worker runs.
     config = make_config(producer={"settle_ms": 0})
     names = ["a.jpg", "B.JPEG", "c.heic", ".hidden.jpg", "._mac.jpg", "~lock.jpg", "x.jpg.part", "notes.txt",
              "noext", "d.tmp", "e.webp", "jpg", ".jpg", "f.Png", "g.jpg.crdownload"]  # fmt: skip

@@ -17,6 +17,7 @@ from redis import Redis
 
 from depthq.config import Config
 from producer.enqueue import Enqueuer
+from tests.endstate import assert_end_state
 from tests.photos import png_with_size, write_jpeg
 from tests.tiny_model import expected_depth
 from worker.backends import Backend
@@ -115,6 +116,7 @@ def test_each_kind_ends_as_depth_or_a_clear_error(
         assert not (out / f"{name}.json").exists()
         assert enqueuer.submit(photo).outcome == "done"  # recorded once: no retry loop on rescans
     assert (out / "zz-next.jpg.json").exists()
+    assert_end_state(config, redis_client, bad=[name] if outcome == "error" else [])
 
 
 def test_symlink_out_of_the_root_gets_an_error_file_and_its_target_is_never_read(
@@ -129,6 +131,7 @@ def test_symlink_out_of_the_root_gets_an_error_file_and_its_target_is_never_read
     assert "outside the watch root" in error["error"]["message"]
     assert not (config.output.dir / "link.jpg.json").exists()
     assert enqueuer.submit(config.producer.watch / "link.jpg").outcome == "done"
+    assert_end_state(config, redis_client, bad=["link.jpg"])
 
 
 def test_folder_named_like_a_photo_is_a_folder(config: Config, redis_client: Redis, backend: Backend) -> None:
@@ -141,6 +144,7 @@ def test_folder_named_like_a_photo_is_a_folder(config: Config, redis_client: Red
     _run(config, redis_client, backend)
     assert (config.output.dir / "x.jpg" / "inner.jpg.json").exists()
     assert not (config.output.dir / "x.jpg.error.json").exists()
+    assert_end_state(config, redis_client)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads mode-000 files; run as a normal user to check this")
@@ -151,3 +155,4 @@ def test_unreadable_file_gets_an_error_file(config: Config, redis_client: Redis,
     _run(config, redis_client, backend)
     error = json.loads((config.output.dir / "locked.jpg.error.json").read_text())
     assert "permission denied" in error["error"]["message"]
+    assert_end_state(config, redis_client, bad=["locked.jpg"])

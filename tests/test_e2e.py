@@ -13,7 +13,7 @@ import time
 import unicodedata
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 from rq import Queue, Worker
 
+from depthq.config import Config, load_config
 from depthq.redis_server import free_port
+from tests.endstate import settle
 from tests.photos import write_jpeg
 from tests.tiny_model import expected_depth
 from tests.waiting import wait_for
@@ -43,6 +45,12 @@ class Service:
     redis: Redis
     producer_metrics: int
     worker_metrics: int
+    config: Config
+    bad: set[str] = field(default_factory=set)  # the bad inputs dropped so far: their jobs fail, as they should
+
+    def settle(self) -> None:
+        """How each test ends: the service settled, still up, nothing failed but the bad inputs."""
+        settle(self.config, self.redis, bad=self.bad, service=self.proc, log=self.log)
 
     def sidecar(self, rel: str) -> dict:
         path = self.out / (rel + ".json")
@@ -88,7 +96,10 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Itera
     assert proc.poll() is None, log.read_text()
     redis = Redis.from_url(url_file.read_text().strip())
     wait_for(lambda: len(Worker.all(connection=redis)) == 1, f"a registered worker (log: {log})")
-    yield Service(proc, root, inbox, out, log, redis, producer_metrics, worker_metrics)
+    config = load_config(
+        root / "config.yaml", overrides={"producer": {"watch": str(inbox)}, "output": {"dir": str(out)}}, environ={}
+    )
+    yield Service(proc, root, inbox, out, log, redis, producer_metrics, worker_metrics, config)
     if proc.poll() is None:  # a test failed before the shutdown test: still stop it all cleanly
         proc.terminate()
         try:
@@ -102,12 +113,14 @@ def test_photo_present_before_start_is_processed(service: Service) -> None:
     meta = service.sidecar("before-start.jpg")
     np.testing.assert_allclose(service.depth("before-start.jpg"), expected_depth(50, 40), rtol=1e-5)
     assert meta["focal_length_source"] == "model"
+    service.settle()
 
 
 def test_worker_name_shows_host_backend_and_pid(service: Service) -> None:
     (worker,) = Worker.all(connection=service.redis)
     host, backend, pid = worker.name.rsplit(".", 2)
     assert backend == "torch" and pid.isdigit() and host
+    service.settle()
 
 
 def test_dropped_photos_of_every_kind(service: Service) -> None:
@@ -142,6 +155,7 @@ def test_dropped_photos_of_every_kind(service: Service) -> None:
     assert service.depth("grey.png").shape == (30, 20)
     assert service.sidecar("2026/trip/day 1/deep.jpg")["source"] == "2026/trip/day 1/deep.jpg"
     assert service.sidecar(odd_name)["source"] == odd_name
+    service.settle()
 
 
 def test_slow_writer_is_enqueued_once_after_it_finishes(service: Service, tmp_path: Path) -> None:
@@ -156,6 +170,7 @@ def test_slow_writer_is_enqueued_once_after_it_finishes(service: Service, tmp_pa
     meta = service.sidecar("slow.jpg")
     assert meta["sha256"] == hashlib.sha256(data).hexdigest()
     assert not (service.out / "slow.jpg.error.json").exists()
+    service.settle()
 
 
 def test_part_file_renamed_into_place(service: Service) -> None:
@@ -163,6 +178,7 @@ def test_part_file_renamed_into_place(service: Service) -> None:
     part.rename(service.inbox / "download.jpg")
     assert service.sidecar("download.jpg")["source"] == "download.jpg"
     assert not (service.out / "download.jpg.part.json").exists()
+    service.settle()
 
 
 def test_duplicate_copy_is_computed_once(service: Service) -> None:
@@ -177,9 +193,11 @@ def test_duplicate_copy_is_computed_once(service: Service) -> None:
     assert copied[0]["copied_from"] == computed[0]["source"]
     assert copied[0]["timings_ms"]["inference"] == 0.0 or copied[0]["job_id"] == computed[0]["job_id"]
     np.testing.assert_array_equal(service.depth("orig.jpg"), service.depth("orig copy.jpg"))
+    service.settle()
 
 
 def test_corrupt_file_gets_an_error_and_the_worker_keeps_serving(service: Service) -> None:
+    service.bad.add("corrupt.jpg")
     (service.inbox / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     error_file = service.out / "corrupt.jpg.error.json"
     wait_for(error_file.exists, "corrupt.jpg.error.json")
@@ -188,6 +206,7 @@ def test_corrupt_file_gets_an_error_and_the_worker_keeps_serving(service: Servic
     write_jpeg(service.inbox / "after-corrupt.jpg", seed=10)
     assert service.sidecar("after-corrupt.jpg")["source"] == "after-corrupt.jpg"
     assert service.proc.poll() is None
+    service.settle()
 
 
 def test_twenty_photos_drop_to_json(service: Service, record_property: Callable[[str, object], None]) -> None:
@@ -202,6 +221,7 @@ def test_twenty_photos_drop_to_json(service: Service, record_property: Callable[
         latencies.append((service.out / (name + ".json")).stat().st_mtime - t)
     record_property("drop_to_json_s", {"max": max(latencies), "median": float(np.median(latencies))})
     assert len(latencies) == 20
+    service.settle()
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -220,6 +240,7 @@ def test_status_and_metrics_of_the_running_service(service: Service) -> None:
     """`depthq status` (finding the embedded Redis itself) and both /metrics pages, once the worker is idle."""
     for i in range(3):
         write_jpeg(service.inbox / "status" / f"{i}.jpg", width=48, height=32, seed=300 + i)
+    service.bad.add("status/broken.jpg")
     (service.inbox / "status" / "broken.jpg").write_bytes(b"not a photo")
     for i in range(3):
         service.sidecar(f"status/{i}.jpg")
@@ -261,6 +282,7 @@ def test_status_and_metrics_of_the_running_service(service: Service) -> None:
     assert p['depthq_producer_files_total{outcome="enqueued"}'] >= 4
     assert p["depthq_producer_watching{}"] == 1
     assert p['depthq_queue_depth{queue="depthq"}'] == 0
+    service.settle()
 
 
 def test_a_worker_that_dies_is_restarted(service: Service) -> None:
@@ -272,9 +294,11 @@ def test_a_worker_that_dies_is_restarted(service: Service) -> None:
     )
     write_jpeg(service.inbox / "after-restart.jpg", seed=11)
     assert service.sidecar("after-restart.jpg")["worker"]["name"] != old.name
+    service.settle()
 
 
 def test_ctrl_c_stops_everything_cleanly(service: Service) -> None:
+    service.settle()  # before the stop: its Redis goes with it
     os.killpg(service.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
     assert service.proc.wait(timeout=60) == 0, service.log.read_text()
     assert not (service.root / "redis-data" / "redis.url").exists()

@@ -25,7 +25,7 @@ from depthq.config import Config
 from depthq.contract import SERIALIZER, make_queue
 from producer.enqueue import Enqueuer
 from tests import disk
-from tests.endstate import settle
+from tests.endstate import assert_end_state, settle
 from tests.photos import write_jpeg
 from tests.waiting import wait_for
 from worker.backends import Backend
@@ -77,6 +77,10 @@ def config(make_config: Callable[..., Config]) -> Config:
     return make_config(worker={"dead_after_s": DEAD_AFTER_S, "retry_backoff_s": [0]})
 
 
+def _stage(redis_client: Redis, jid: str) -> str | None:
+    return Job.fetch(jid, connection=redis_client, serializer=SERIALIZER).get_meta(refresh=True).get("stage")
+
+
 def _started_by(redis_client: Redis, jid: str) -> str | None:
     job = Job.fetch(jid, connection=redis_client, serializer=SERIALIZER)
     return job.worker_name if job.get_status() == JobStatus.STARTED else None
@@ -104,6 +108,7 @@ def test_worker_killed_mid_job_is_recovered_by_another(
     assert outputs == ["big.jpg.depth.npy", "big.jpg.json", "big.jpg.preview.png"]  # one set, no temp files
     assert np.load(config.output.dir / "big.jpg.depth.npy").shape == (6000, 8000)
     assert Job.fetch(jid, connection=redis_client, serializer=SERIALIZER).get_status() == JobStatus.FINISHED
+    settle(config, redis_client)
 
 
 def test_sigterm_mid_job_finishes_the_job_then_exits(config: Config, redis_client: Redis, spawn_worker) -> None:
@@ -116,6 +121,7 @@ def test_sigterm_mid_job_finishes_the_job_then_exits(config: Config, redis_clien
     assert worker.wait(timeout=120) == 0
     assert (config.output.dir / "big.jpg.json").exists()  # warm shutdown: the job in hand completed
     assert Job.fetch(jid, connection=redis_client, serializer=SERIALIZER).get_status() == JobStatus.FINISHED
+    assert_end_state(config, redis_client)
 
 
 def test_pickled_job_pushed_by_hand_is_refused_unrun(
@@ -135,6 +141,7 @@ def test_pickled_job_pushed_by_hand_is_refused_unrun(
     assert (config.output.dir / "after.jpg.json").exists()  # the worker kept serving
     assert job.id in make_queue(redis_client, config).failed_job_registry.get_job_ids()
     assert "DeserializationError" in (job.latest_result().exc_string or "")
+    assert_end_state(config, redis_client, bad=[job.id])  # the hostile job, refused: known by its id
 
 
 # --- a full output disk ------------------------------------------------------------------------------------
@@ -178,6 +185,7 @@ def test_a_full_output_disk_holds_photos_back_and_they_finish_once_space_returns
     wait_for(lambda: not gather(redis_client, config).alerts, "the alert to clear")
     log = (tmp_path / "worker0.log").read_text()
     assert log.count("No space left on device") == 1, log  # the outage logs once, not once per try
+    settle(config, redis_client)
 
 
 # --- results fenced: a photo rewritten meanwhile, a worker frozen and resumed ---------------------------------
@@ -205,7 +213,8 @@ def test_a_photo_rewritten_while_its_old_job_runs_keeps_the_new_result(
     wait_for(lambda: len(redis_client.keys("rq:worker:*")) == 2, "two workers", 60)
     enqueuer = Enqueuer(config, redis_client)
     old = enqueuer.submit(photo).job_id
-    wait_for(lambda: _started_by(redis_client, old) is not None, "the old job to start", 60)
+    # Read and in the model (the slow part): a rewrite now comes after what the old job read.
+    wait_for(lambda: _stage(redis_client, old) == "inferring", "the old job to read its photo", 60)
     Image.fromarray(np.random.default_rng(5).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(photo)
     new = enqueuer.submit(photo).job_id
     assert new != old
@@ -222,6 +231,7 @@ def test_a_photo_rewritten_while_its_old_job_runs_keeps_the_new_result(
     logs = "".join(p.read_text() for p in tmp_path.glob("worker*.log"))
     assert logs.count("a.png changed while its depth was computed") == 1
     assert sorted(p.name for p in config.output.dir.iterdir()) == ["a.png.depth.npy", "a.png.json", "a.png.preview.png"]
+    settle(config, redis_client)
 
 
 def test_a_frozen_worker_resumed_after_its_job_was_handed_over_writes_nothing(
@@ -244,6 +254,7 @@ def test_a_frozen_worker_resumed_after_its_job_was_handed_over_writes_nothing(
     wait_for(lambda: "was handed to" in (tmp_path / "worker0.log").read_text(), "the resumed worker to drop its copy")
     assert {p.name: p.stat().st_mtime_ns for p in config.output.dir.iterdir()} == written
     assert frozen.poll() is None  # it goes on serving
+    settle(config, redis_client)
 
 
 # --- a worker that is not depthq's on the queue ---------------------------------------------------------------
@@ -283,6 +294,7 @@ def test_a_plain_rq_worker_on_the_queue_is_flagged_and_spends_no_attempt(
     for i, jid in enumerate(jids):
         assert json.loads((config.output.dir / f"{i}.jpg.json").read_text())["job_id"] == jid
         assert int(redis_client.hget(attempts.attempts_key(config.queue.name, jid), "started")) == 1
+    assert_end_state(config, redis_client)
 
 
 # --- a job handed to a worker that is stopped before it can start it ------------------------------------------
@@ -298,7 +310,7 @@ def test_a_job_taken_by_a_stopped_worker_is_given_back_when_it_is_killed(
     from depthq.contract import taking_key
 
     frozen = spawn_worker()
-    wait_for(lambda: redis_client.hget(f"rq:worker:{_name(redis_client)}", "state") == b"idle", "an idle worker", 60)
+    wait_for(lambda: _waiting_on_the_lanes(redis_client), "a worker waiting on the lanes", 60)
     name = _name(redis_client)
     os.kill(frozen.pid, signal.SIGSTOP)
     photo = write_jpeg(config.producer.watch / "handed.jpg")
@@ -314,6 +326,11 @@ def test_a_job_taken_by_a_stopped_worker_is_given_back_when_it_is_killed(
     assert not redis_client.exists(taking)
     assert json.loads((config.output.dir / "handed.jpg.json").read_text())["job_id"] == jid
     settle(config, redis_client)
+
+
+def _waiting_on_the_lanes(redis_client: Redis) -> bool:
+    """A client blocked in BLMOVE: the worker is waiting, so the next job is handed to it at once."""
+    return any("b" in c.get("flags", "") and c.get("cmd") == "blmove" for c in redis_client.client_list())
 
 
 def _name(redis_client: Redis) -> str:

@@ -17,6 +17,7 @@ from depthq.camera import pinhole
 from depthq.config import Config
 from producer.collector import Collector
 from producer.enqueue import Enqueuer
+from tests.endstate import assert_end_state
 from tests.photos import write_jpeg
 from tests.tiny_model import expected_depth
 from worker.backends import Backend
@@ -59,6 +60,7 @@ def test_ply_points_are_the_back_projected_depth_with_the_photos_colours(
     np.testing.assert_allclose(vertex["x"], (ui - camera["cx"]) * z / camera["fx"], rtol=1e-5, atol=1e-6)
     colours = np.stack([vertex["red"], vertex["green"], vertex["blue"]], axis=1)
     np.testing.assert_array_equal(colours, rgb[vi, ui])
+    assert_end_state(config, redis_client)
 
 
 def test_ply_leaves_out_points_past_the_depth_limit() -> None:
@@ -101,6 +103,7 @@ def test_exr_is_the_depth_map_as_channel_z(
     assert z.dtype == np.float32 and z.shape == (40, 60)
     np.testing.assert_array_equal(z, depth)
     assert compression == OpenEXR.ZIP_COMPRESSION
+    assert_end_state(config, redis_client)
 
 
 def test_the_redis_transport_carries_the_3d_files(
@@ -125,6 +128,7 @@ def test_the_redis_transport_carries_the_3d_files(
     with OpenEXR.File(str(out / "r.jpg.depth.exr")) as exr:
         np.testing.assert_array_equal(exr.channels()["Z"].pixels, depth)
     assert not list(out.glob(".*.tmp"))
+    assert_end_state(producer_config, redis_client)
 
 
 def test_copies_get_the_same_3d_files(
@@ -147,3 +151,4 @@ def test_copies_get_the_same_3d_files(
     for suffix in (".points.ply", ".depth.exr"):
         original = (out / f"a.jpg{suffix}").read_bytes()
         assert (out / f"b.jpg{suffix}").read_bytes() == original == (out / f"c.jpg{suffix}").read_bytes()
+    assert_end_state(config, redis_client)

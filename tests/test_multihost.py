@@ -21,8 +21,10 @@ from redis import Redis
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
+from depthq.config import load_config
 from depthq.contract import SERIALIZER, inflight_key, results_stream
 from tests.cluster import Cluster, cluster
+from tests.endstate import settle
 from tests.netns import unavailable_reason
 from tests.photos import write_jpeg
 from tests.waiting import wait_for
@@ -50,6 +52,16 @@ def _results(c: Cluster, folder: str) -> dict[str, dict]:
     return {p.name: json.loads(p.read_text()) for p in (c.out / folder).glob("*.jpg.json")}
 
 
+def _settle(c: Cluster) -> None:
+    """How each test ends: settled, as host a's Redis and disk see it, with the cluster still up."""
+    config = load_config(
+        environ={},
+        overrides={"producer": {"watch": str(c.inbox)}, "output": {"dir": str(c.out)}, "transport": {"mode": "redis"}},
+    )
+    c.wait(lambda: True, "the cluster to be up")  # fails, with the log, if a process died
+    settle(config, c.client(), log=c.root)
+
+
 def _queue_drained(redis: Redis) -> bool:
     return redis.llen("rq:queue:depthq") == 0 and StartedJobRegistry("depthq", connection=redis).count == 0
 
@@ -75,6 +87,7 @@ def test_fifty_photos_dropped_on_a_come_back_from_b_and_c(hosts: Cluster) -> Non
     assert redis.keys("depthq:depthq:photo:*") == [] and redis.keys("depthq:depthq:result:*") == []
     # b and c never saw a's folders: the workers' own output folders were never made either.
     assert not (c.root / "b" / "no-output-here").exists() and not (c.root / "c" / "no-output-here").exists()
+    _settle(c)
 
 
 def test_a_worker_cut_off_mid_job_is_recovered_by_the_other(hosts: Cluster) -> None:
@@ -118,6 +131,7 @@ def test_a_worker_cut_off_mid_job_is_recovered_by_the_other(hosts: Cluster) -> N
     assert sidecar.stat().st_mtime_ns == written and json.loads(sidecar.read_text())["worker"]["host"] == "c"
     assert redis.xlen(results_stream("depthq")) == 0 and redis.hlen(inflight_key("depthq")) == 0
     assert Job.fetch(jid, connection=redis, serializer=SERIALIZER).get_status() == "finished"  # not failed by b
+    _settle(c)
 
 
 def test_the_collector_killed_while_results_arrive_loses_none(hosts: Cluster) -> None:
@@ -147,3 +161,4 @@ def test_the_collector_killed_while_results_arrive_loses_none(hosts: Cluster) ->
     assert not list((c.out / "killed").glob(".*.tmp")) and not list((c.out / "killed").glob("*.error.json"))
     c.wait(lambda: redis.hlen(inflight_key("depthq")) == 0, "in-flight entries to be freed", timeout=30)
     assert redis.xlen(results_stream("depthq")) == 0
+    _settle(c)

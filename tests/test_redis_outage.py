@@ -14,12 +14,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from redis import Redis
 
+from depthq.config import Config, load_config
 from depthq.redis_server import EmbeddedRedis, free_port
+from tests.endstate import settle
 from tests.photos import write_jpeg
 from tests.waiting import wait_for
 
 PHOTOS = 200
+
+
+def _config(url: str, inbox: Path, out: Path) -> Config:
+    """What the processes run with, for the end-state check: the queue's name and the output folder."""
+    return load_config(
+        environ={}, overrides={"redis": {"url": url}, "producer": {"watch": str(inbox)}, "output": {"dir": str(out)}}
+    )
 
 
 def test_redis_killed_and_restarted_mid_stream(
@@ -42,6 +52,7 @@ def test_redis_killed_and_restarted_mid_stream(
         DEPTHQ_WORKER_DEAD_AFTER_S="10",
         DEPTHQ_WORKER_RETRY_BACKOFF_S="[1]",
     )
+    config = _config(redis.url, inbox, out)
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     for name, module in (("producer", "producer"), ("worker-a", "worker"), ("worker-b", "worker")):
         log = (tmp_path / f"{name}.log").open("wb")
@@ -65,6 +76,8 @@ def test_redis_killed_and_restarted_mid_stream(
         time.sleep(1)  # an outage of some length: the time Redis takes to come back is the point
         redis.start()  # same port, same append-only file
         wait_for(lambda: done() == PHOTOS, f"{PHOTOS} results (have {done()})", 240)
+        with Redis.from_url(redis.url) as client:
+            settle(config, client, log=tmp_path)  # while all still run: nothing left once the outage is over
     finally:
         for _, proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -96,9 +109,6 @@ pytestmark = pytest.mark.timeout(600)
 def test_redis_at_maxmemory_is_waited_out_by_producer_and_workers(tmp_path: Path, tiny_model: Path) -> None:
     """noeviction at maxmemory: every write is refused. Nobody dies or reloads a model, each says so
     once and once more when it clears, and `depthq status` says why nothing moves."""
-    from redis import Redis
-
-    from depthq.config import load_config
     from depthq.ops.status import gather
 
     data, inbox, out = tmp_path / "redis-data", tmp_path / "inbox", tmp_path / "out"
@@ -116,7 +126,7 @@ def test_redis_at_maxmemory_is_waited_out_by_producer_and_workers(tmp_path: Path
         DEPTHQ_MODEL_DEVICE="cpu",
         DEPTHQ_WORKER_DEAD_AFTER_S="10",
     )
-    config = load_config(environ={}, overrides={"redis": {"url": redis.url}})
+    config = _config(redis.url, inbox, out)
     procs = {}
     for name in ("producer", "worker"):
         log = (tmp_path / f"{name}.log").open("wb")
@@ -142,6 +152,7 @@ def test_redis_at_maxmemory_is_waited_out_by_producer_and_workers(tmp_path: Path
             assert text.count("Redis is full") == 1, (name, text)
             assert text.count("Redis takes writes again") == 1, (name, text)
         assert logs()["worker"].count(" ready in ") == 1  # never restarted, never reloaded its model
+        settle(config, client, log=tmp_path)
     finally:
         for proc in procs.values():
             proc.send_signal(signal.SIGTERM)

@@ -97,6 +97,7 @@ def test_photo_travels_through_redis_and_the_collector_writes_its_outputs(
     assert redis_client.hlen(inflight_key(q)) == 0 and redis_client.xlen(results_stream(q)) == 0
     assert is_finished(producer_config.output.dir, "trip/a.jpg", photo.stat())
     assert enqueuer.submit(photo).outcome == "done"
+    assert_end_state(producer_config, redis_client)
 
 
 def test_a_bad_photo_comes_back_as_an_error_file(
@@ -112,6 +113,7 @@ def test_a_bad_photo_comes_back_as_an_error_file(
     assert error["source_stat"] == {"size": broken.stat().st_size, "mtime": int(broken.stat().st_mtime)}
     assert not (producer_config.output.dir / "broken.jpg.json").exists()
     assert redis_client.hlen(inflight_key(producer_config.queue.name)) == 0
+    assert_end_state(producer_config, redis_client, bad=["broken.jpg"])
 
 
 def test_a_photo_over_the_size_cap_is_refused_with_an_error_file_naming_the_setting(
@@ -127,11 +129,13 @@ def test_a_photo_over_the_size_cap_is_refused_with_an_error_file_naming_the_sett
     assert redis_client.keys("rq:job:*") == [] and redis_client.keys("depthq:*photo*") == []
     # Refused once, not again on every rescan: the error file records this version of the photo.
     assert Enqueuer(config, redis_client).submit(photo).outcome == "done"
+    assert_end_state(config, redis_client)
 
 
 def test_the_producer_holds_photos_back_while_redis_holds_enough(
     make_config: Callable[..., Config], worker_config: Config, redis_client: Redis, tiny_backend: Backend
 ) -> None:
+    # Ends with the third photo's job queued on purpose: that it is let through at last is the point.
     config = make_config(transport={"mode": "redis", "max_inflight_jobs": 2})
     photos = [write_jpeg(config.producer.watch / f"{i}.jpg", seed=i) for i in range(3)]
     enqueuer = Enqueuer(config, redis_client)
@@ -146,6 +150,7 @@ def test_the_producer_holds_photos_back_while_redis_holds_enough(
 def test_bytes_cap_and_entries_of_deleted_jobs_do_not_hold_the_producer_back(
     make_config: Callable[..., Config], redis_client: Redis
 ) -> None:
+    # Ends with b's job queued on purpose (no worker runs): that it is let through is the point.
     a = write_jpeg(make_config().producer.watch / "a.jpg", seed=1)
     b = write_jpeg(make_config().producer.watch / "b.jpg", seed=2)
     config = make_config(transport={"mode": "redis", "max_inflight_bytes": a.stat().st_size + 10})
@@ -203,6 +208,7 @@ def test_a_collector_that_dies_mid_write_loses_nothing(
     assert not list(out.glob(".*.tmp"))  # the dead collector's half-written file is gone too
     assert redis_client.xlen(results_stream(producer_config.queue.name)) == 0
     assert not redis_client.exists(result_key(producer_config.queue.name, jid))
+    assert_end_state(producer_config, redis_client)
 
 
 def test_a_restarted_collector_finishes_its_own_pending_entries_first(
@@ -219,6 +225,7 @@ def test_a_restarted_collector_finishes_its_own_pending_entries_first(
     assert again.collect_new() == 0
     assert again.collect_pending() == 0  # written: nothing held back
     assert (producer_config.output.dir / "a.jpg.json").exists()
+    assert_end_state(producer_config, redis_client)
 
 
 def test_a_photo_whose_bytes_are_gone_fails_without_an_error_file_and_is_sent_again(
@@ -237,6 +244,7 @@ def test_a_photo_whose_bytes_are_gone_fails_without_an_error_file_and_is_sent_ag
     _work(worker_config, redis_client, tiny_backend)
     Collector(producer_config, redis_client).collect_new()
     assert (producer_config.output.dir / "a.jpg.json").exists()
+    assert_end_state(producer_config, redis_client)
 
 
 def test_a_copy_under_another_name_gets_its_own_job_and_outputs(
@@ -255,6 +263,7 @@ def test_a_copy_under_another_name_gets_its_own_job_and_outputs(
     assert collector.collect_new() == 2
     for rel in ("a.jpg", "copies/b.jpg"):
         assert json.loads((producer_config.output.dir / f"{rel}.json").read_text())["source"] == rel
+    assert_end_state(producer_config, redis_client)
 
 
 def test_the_shared_transport_reads_from_this_hosts_mount_of_the_named_root(
@@ -271,6 +280,7 @@ def test_the_shared_transport_reads_from_this_hosts_mount_of_the_named_root(
     _work(worker_config, redis_client, tiny_backend)
     meta = json.loads((worker_config.output.dir / "sub" / "a.jpg.json").read_text())
     assert meta["source"] == "sub/a.jpg"
+    assert_end_state(worker_config, redis_client)
 
 
 def test_a_worker_that_does_not_map_the_root_says_which_setting_to_add(
@@ -285,6 +295,7 @@ def test_a_worker_that_does_not_map_the_root_says_which_setting_to_add(
     assert job.get_status() == JobStatus.FAILED
     error = json.loads((worker_config.output.dir / "a.jpg.error.json").read_text())
     assert "transport.roots.photos" in error["error"]["message"]
+    assert_end_state(worker_config, redis_client, bad=["a.jpg"])  # failed on purpose: the root is not mapped
 
 
 def test_payloads_of_version_1_still_run_and_unknown_transports_are_refused() -> None:
@@ -318,11 +329,13 @@ def test_status_shows_what_redis_holds_and_whether_a_collector_runs(
     transit = gather(redis_client, producer_config).transit
     assert transit is not None and (transit.jobs, transit.bytes, transit.results_waiting) == (0, 0, 0)
     assert list(transit.collectors_idle_s) == ["collector@a"]
+    assert_end_state(producer_config, redis_client)
 
 
 def test_a_worker_whose_job_was_handed_over_sends_no_second_result(redis_client: Redis) -> None:
     from worker.store import HandedOverError, RedisResultStore
 
+    # Ends with the owner's result waiting on purpose: a unit test of the store, no job and no collector.
     redis_client.hset("rq:job:j1", "worker_name", "c.torch.2")  # the job another worker took over
     stale = RedisResultStore(redis_client, "depthq", "j1", "b.torch.1", ttl_s=60, zstd_level=1)
     with pytest.raises(HandedOverError, match=r"handed to c\.torch\.2"):
@@ -366,6 +379,7 @@ def test_failed_retry_sends_a_fixed_photo_again(
     Collector(producer_config, redis_client).collect_new()
     with pytest.raises(LookupError, match="producer's host"):
         failed.retry(redis_client, worker_config, [jid])
+    assert_end_state(producer_config, redis_client, bad=["fixme.jpg"])
 
 
 def test_a_result_that_cannot_be_decoded_becomes_an_error_file_and_the_collector_goes_on(
@@ -384,11 +398,13 @@ def test_a_result_that_cannot_be_decoded_becomes_an_error_file_and_the_collector
     assert not (out / "odd.jpg.depth.npy").exists() and not (out / "odd.jpg.json").exists()
     assert (out / "fine.jpg.json").exists()
     assert redis_client.hlen(inflight_key(q)) == 0 and not redis_client.exists(result_key(q, "bad"))
+    assert_end_state(producer_config, redis_client)
 
 
 def test_a_copy_of_a_collected_photo_leaves_nothing_behind_in_redis(
     producer_config: Config, worker_config: Config, redis_client: Redis, tiny_backend: Backend
 ) -> None:
+    # Ends with the copy's job queued on purpose: what Redis holds for it before it runs is the point.
     a = write_jpeg(producer_config.producer.watch / "a.jpg")
     enqueuer = Enqueuer(producer_config, redis_client)
     first = enqueuer.submit(a)

@@ -97,6 +97,7 @@ def test_photo_becomes_depth_preview_and_sidecar(config: Config, redis_client: R
     assert not list(out.glob(".*.tmp"))
     job = Job.fetch(submitted.job_id, connection=redis_client, serializer=SERIALIZER)
     assert job.get_status() == JobStatus.FINISHED
+    assert_end_state(config, redis_client)
 
 
 def test_exif_focal_length_wins_over_the_model(config: Config, redis_client: Redis, run_worker) -> None:
@@ -109,6 +110,7 @@ def test_exif_focal_length_wins_over_the_model(config: Config, redis_client: Red
     assert meta["fov_model_deg"] == pytest.approx(FOV_DEG)
     depth = np.load(config.output.dir / "exif.jpg.depth.npy")
     np.testing.assert_allclose(depth, expected_depth(90, 60, 26), rtol=1e-5)
+    assert_end_state(config, redis_client)
 
 
 def test_extra_formats(make_config: Callable[..., Config], redis_client: Redis, backend: Backend) -> None:
@@ -123,6 +125,7 @@ def test_extra_formats(make_config: Callable[..., Config], redis_client: Redis, 
         mm = np.asarray(png16)
         assert png16.mode.startswith("I")
     np.testing.assert_allclose(mm, np.rint(depth * 1000), atol=1)
+    assert_end_state(config, redis_client)
 
 
 def test_bad_photo_gets_an_error_file_no_retry_and_the_worker_goes_on(
@@ -149,6 +152,7 @@ def test_bad_photo_gets_an_error_file_no_retry_and_the_worker_goes_on(
     assert job.get_status() == JobStatus.FAILED
     assert attempts.count("broken.jpg") == 1  # no retry spent on a bad photo
     assert (config.output.dir / "good.jpg.json").exists()
+    assert_end_state(config, redis_client, bad=["broken.jpg"])
 
 
 @pytest.mark.parametrize("spent_elsewhere", [False, True])
@@ -187,6 +191,7 @@ def test_unexpected_error_is_retried(
     assert job.retries_left == config.worker.retries - 1
     assert (config.output.dir / "flaky.jpg.json").exists()
     assert not (config.output.dir / "flaky.jpg.error.json").exists()
+    assert_end_state(config, redis_client)
 
 
 def test_foreign_function_is_refused_unrun(config: Config, redis_client: Redis, run_worker, tmp_path: Path) -> None:
@@ -198,6 +203,7 @@ def test_foreign_function_is_refused_unrun(config: Config, redis_client: Redis, 
     job.refresh()
     assert job.get_status() == JobStatus.FAILED
     assert "RefusedJobError" in (job.latest_result().exc_string or "")
+    assert_end_state(config, redis_client, bad=[job.id])  # its argument is no payload: known by its id
 
 
 def test_payload_escaping_the_roots_is_refused(config: Config, redis_client: Redis, run_worker) -> None:
@@ -210,6 +216,7 @@ def test_payload_escaping_the_roots_is_refused(config: Config, redis_client: Red
     assert job.get_status() == JobStatus.FAILED
     assert "RefusedJobError" in (job.latest_result().exc_string or "")
     assert not list(config.output.dir.parent.glob("outside*"))
+    assert_end_state(config, redis_client, bad=["../../outside.jpg"])
 
 
 def test_copies_are_computed_once(config: Config, redis_client: Redis, run_worker) -> None:
@@ -247,6 +254,7 @@ def test_force_recomputes(config: Config, redis_client: Redis, run_worker) -> No
     assert enq.submit(photo, force=True).outcome == "enqueued"
     run_worker()
     assert _sidecar(config, "a.jpg")["created_at"] > first
+    assert_end_state(config, redis_client)
 
 
 def test_deleted_before_the_job_runs_ends_quietly_and_returns_if_the_photo_does(
@@ -325,10 +333,12 @@ def test_copy_never_gets_another_photos_depth(config: Config, redis_client: Redi
     meta = _sidecar(config, "b.jpg")
     assert (meta["width"], meta["height"]) == (64, 48)
     assert meta["sha256"] == file_sha256(b)
+    assert_end_state(config, redis_client)
 
 
 def test_the_retry_scheduler_takes_over_the_lock_of_a_vanished_worker(config: Config, redis_client: Redis) -> None:
     """A worker that vanished holding rq's scheduler lock must not hold up retries for minutes."""
+    # Ends with its job queued on purpose: the point is that the scheduler put it back; no worker runs.
     key = RQScheduler.get_locking_key(config.queue.name)
     # What a killed worker's scheduler leaves: its lock, with the TTL it last set (dead_after_s).
     assert acquire_or_refresh_lock(redis_client, key, "vanished-worker", 2) == "acquired"
@@ -395,6 +405,7 @@ def test_the_models_input_is_the_references_unless_fast_decode_is_set(
     else:
         assert difference <= 1e-4
     assert _sidecar(config, "big.jpg")["width"] == 3200
+    assert_end_state(config, redis_client)
 
 
 def test_routine_registry_cleaning_logs_at_debug_only(
@@ -407,6 +418,7 @@ def test_routine_registry_cleaning_logs_at_debug_only(
     cleaning = [r for r in caplog.records if "cleaning registries for queue" in r.getMessage()]
     assert cleaning and all(r.levelno == logging.DEBUG for r in cleaning)
     assert any(r.levelno == logging.INFO and "a.jpg" in r.getMessage() for r in caplog.records)  # the rest stays
+    assert_end_state(config, redis_client)
 
 
 def test_an_absurd_fov_from_the_model_is_blamed_on_the_model_and_retried(
@@ -431,6 +443,7 @@ def test_an_absurd_fov_from_the_model_is_blamed_on_the_model_and_retried(
     assert error["type"] == "model_output"
     assert "-12.5 degrees, which no camera has" in error["message"] and "not the photo" in error["message"]
     assert Job.fetch(jid, connection=redis_client, serializer=SERIALIZER).get_status() == JobStatus.FAILED
+    assert_end_state(config, redis_client, bad=["fine.jpg"])  # failed by the broken model, as it should be
 
 
 def test_the_sidecar_names_the_model_that_ran_and_the_one_asked_for_when_they_differ(
@@ -447,6 +460,7 @@ def test_the_sidecar_names_the_model_that_ran_and_the_one_asked_for_when_they_di
         f"the job asked for model apple/DepthPro-hf; this worker ran {meta['model']['name']} (torch)"
         in meta["warnings"]
     )
+    assert_end_state(producer_side, redis_client)
 
 
 def test_an_idle_worker_lets_go_of_its_command_channel_promptly(
