@@ -493,7 +493,8 @@ class Enqueuer:
         if done_for is None:
             log.info("%s: same content as %s (job %s); it will get the same depth", payload.source, existing, jid)
             return Submitted("aliased", jid, payload.source)
-        return self._own_job(jid, payload, same_as=done_for.decode())
+        # An empty marker: the job ended with no result to copy (its photo gone, or it failed).
+        return self._own_job(jid, payload, same_as=done_for.decode() or None)
 
     def _own_job(self, jid: str, payload: JobPayload, same_as: str | None, data: bytes | None = None) -> Submitted:
         """A job for this name alone: a copy of a stored result if there is one, else a computation."""

@@ -20,7 +20,7 @@ from rq.scheduler import RQScheduler
 from rq.scripts import acquire_or_refresh_lock
 
 from depthq.config import Config
-from depthq.contract import SERIALIZER, JobPayload, file_sha256, make_queue, make_queues, output_path
+from depthq.contract import SERIALIZER, JobPayload, done_key, file_sha256, make_queue, make_queues, output_path
 from producer.enqueue import Enqueuer
 from tests import disk
 from tests.endstate import assert_end_state
@@ -270,6 +270,9 @@ def test_deleted_before_the_job_runs_ends_quietly_and_returns_if_the_photo_does(
     assert not config.output.dir.exists() or not list(config.output.dir.glob("gone.jpg*"))
     job = Job.fetch(jid, connection=redis_client, serializer=SERIALIZER)
     assert job.get_status() == JobStatus.FINISHED and job.return_value() == {"source": "gone.jpg", "gone": True}
+    # Its copies are closed out: one the producer meets from now on (even before rq marks the job
+    # finished) gets a job of its own at once, not a place in a set no one will take it from.
+    assert redis_client.get(done_key(config.queue.name, jid)) == b""
     assert_end_state(config, redis_client)
     photo.write_bytes(data)  # it comes back (moved back in): computed then
     assert enq.submit(photo).outcome == "requeued"

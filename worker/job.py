@@ -147,6 +147,13 @@ def _take_aliases(rt: Runtime, jid: str) -> list[str]:
     return _names(members, None)
 
 
+def _close_aliases(rt: Runtime, jid: str) -> list[str]:
+    """Take the copies queued as aliases and mark the job as ended with no result to copy (an empty done
+    marker), in one step: a copy the producer finds after this gets a job of its own at once, instead
+    of waiting in a set that no one will take it from until the next rescan."""
+    return _drain_aliases(rt, jid, "")
+
+
 def _return_aliases(rt: Runtime, jid: str, aliases: list[str]) -> None:
     """Put back copies taken by `_take_aliases`: the job's result is written for them when it is done."""
     q = rt.config.queue
@@ -254,18 +261,21 @@ def _read_photo(rt: Runtime, io: Transport, p: JobPayload, job: Job | None) -> t
         # Only a name with no file: a photo there that cannot be read gets its own error file.
         if job is None or not isinstance(io, SharedTransport) or p.same_as is not None:
             raise
-        aliases = _take_aliases(rt, job_id)
-        for i, alias in enumerate(aliases):
-            try:
-                photo = io.read_source(p.root, alias)
-            except SourceUnreadableError:
-                continue
-            if hashlib.sha256(photo.data).hexdigest() != p.sha256:
-                continue  # changed since it was queued: it is new content, and gets its own job
-            if aliases[i + 1 :]:
-                _return_aliases(rt, job_id, aliases[i + 1 :])
-            log.info("%s cannot be read at its name; computing its byte-identical copy %s instead", p.source, alias)
-            return replace(p, source=alias), photo
+        # First the copies queued so far; then, closing the set (an empty done marker, so a copy arriving
+        # from now on gets a job of its own at once), the ones that came meanwhile.
+        for take in (_take_aliases, _close_aliases):
+            aliases = take(rt, job_id)
+            for i, alias in enumerate(aliases):
+                try:
+                    photo = io.read_source(p.root, alias)
+                except SourceUnreadableError:
+                    continue
+                if hashlib.sha256(photo.data).hexdigest() != p.sha256:
+                    continue  # changed since it was queued: it is new content, and gets its own job
+                if aliases[i + 1 :]:
+                    _return_aliases(rt, job_id, aliases[i + 1 :])
+                log.info("%s is no longer at its name; computing its byte-identical copy %s instead", p.source, alias)
+                return replace(p, source=alias), photo
         raise
 
 
@@ -402,7 +412,7 @@ def _record_failure(rt: Runtime, p: JobPayload, job: Job | None, exc: BaseExcept
     named = [p.source]
     same_content = not isinstance(exc, SourceUnreadableError)
     if job is not None and isinstance(io, SharedTransport) and p.same_as is None and same_content:
-        for alias in _take_aliases(rt, job_id):
+        for alias in _close_aliases(rt, job_id):
             try:
                 photo = io.read_source(p.root, alias)
             except BadInputError:
