@@ -18,23 +18,31 @@ BENCHMARKS = {
     "gpu": "bench.gpu",
     "convert": "bench.convert",
     "archive": "bench.archive",
+    "soak": "bench.soak",
 }
+# Run only when named: minutes by design, with options of their own (`python -m bench soak --minutes 5`).
+ON_REQUEST = {"soak"}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("names", nargs="*", default=["all"], help=f"all, or any of: {', '.join(BENCHMARKS)}")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions: a smoke run, not figures to quote")
-    args = parser.parse_args(argv)
-    names = list(BENCHMARKS) if args.names == ["all"] else args.names
+    args, rest = parser.parse_known_args(argv)
+    names = [n for n in BENCHMARKS if n not in ON_REQUEST] if args.names == ["all"] else args.names
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
+    if rest and names != ["soak"]:
+        parser.error(f"unrecognized arguments: {' '.join(rest)} (only `soak`, run alone, takes options of its own)")
+    status = 0
     for name in names:
         module = importlib.import_module(BENCHMARKS[name])
         print(f"\n== {name} ==", flush=True)
-        module.run(quick=args.quick)
-    return 0
+        result = module.run(quick=args.quick, argv=rest) if name in ON_REQUEST else module.run(quick=args.quick)
+        if isinstance(result, dict) and result.get("ok") is False:
+            status = 1  # a benchmark with a verdict (the soak) failed it
+    return status
 
 
 if __name__ == "__main__":

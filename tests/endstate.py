@@ -55,7 +55,7 @@ def waiting(config: Config, connection: Redis) -> list[str]:
             (ScheduledJobRegistry(name, connection=connection), "waiting to retry"),
             (DeferredJobRegistry(name, connection=connection), "deferred"),
         ):
-            ids = registry.get_job_ids()
+            ids = registry.get_job_ids(cleanup=False)  # looking must not move abandoned jobs on
             if ids:
                 out.append(f"{len(ids)} job(s) {what} on {name}: {ids[:5]}")
     for key in _keys(connection, taking_pattern(q)):

@@ -296,15 +296,17 @@ def test_depthq_up_sigkilled_with_busy_workers_leaves_no_process_soon(tmp_path: 
         "up": {"workers": 2},
     }
     proc, log = start_up(tmp_path, config, env={**FAULTS, "FAULT_SLEEP_S": "60"})
-    redis = _ready(proc, log, tmp_path, 2)
-    pids = [int(redis.info("server")["process_id"]), *worker_pids(log)]
-    for i in range(2):  # a minute in the model each; one pixel apart, so not copies of each other
-        with Image.open(solid_png(tmp_path / "inbox" / f".slow{i}.png", "yellow")) as image:
-            image.putpixel((0, 0), (255, 255, i))
-            image.save(tmp_path / "inbox" / f"slow{i}.png")
-    wait_for(lambda: _busy(redis) == 2, f"both workers busy ({log})", 60)
-    proc.kill()
-    proc.wait()
+    try:
+        redis = _ready(proc, log, tmp_path, 2)
+        pids = [int(redis.info("server")["process_id"]), *worker_pids(log)]
+        for i in range(2):  # a minute in the model each; one pixel apart, so not copies of each other
+            with Image.open(solid_png(tmp_path / "inbox" / f".slow{i}.png", "yellow")) as image:
+                image.putpixel((0, 0), (255, 255, i))
+                image.save(tmp_path / "inbox" / f"slow{i}.png")
+        wait_for(lambda: _busy(redis) == 2, f"both workers busy ({log})", 60)
+    finally:
+        proc.kill()  # what the test is about; and on its failure, nothing of this service is left running
+        proc.wait()
     killed = time.monotonic()
     wait_for(lambda: not any(alive(pid) for pid in pids), "its Redis and both busy workers to go", timeout=150)
     gone_s = time.monotonic() - killed
