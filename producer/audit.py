@@ -70,6 +70,7 @@ from depthq.files import is_temp_name, remove_stale_temps_in, stale_temp_age_s
 from producer.enqueue import Enqueuer, SourceError, Submitted
 from producer.index import INDEX_FILES, PhotoIndex
 from producer.readiness import Eligibility
+from producer.scan import sort_entries
 
 # Every kind the audit counts, in the order it reports them.
 KINDS = (
@@ -280,7 +281,6 @@ class Auditor:
     def _walk(self, index: PhotoIndex | None) -> None:
         stack: list[tuple[str, str]] = [(str(self.root), "")]
         exclude = str(self.output_root)
-        extensions, ignored_match = self.eligible.extensions, self.eligible.ignored_pattern.match
         while stack:
             path, rel = stack.pop()
             try:
@@ -289,27 +289,9 @@ class Auditor:
             except OSError:
                 continue
             self.report.folders += 1
-            subfolders: list[tuple[str, str]] = []
-            photos: list[tuple[str, os.stat_result]] = []
-            # Eligibility's rules, inlined as in producer.scan: this loop sees every file.
-            for entry in entries:
-                name = entry.name
-                try:
-                    if entry.is_dir():
-                        if not entry.is_symlink() and not ignored_match(name) and entry.path != exclude:
-                            subfolders.append((entry.path, f"{rel}/{name}" if rel else name))
-                        continue
-                    dot = name.rfind(".")
-                    if dot < 0 or name[dot + 1 :].lower() not in extensions or ignored_match(name):
-                        continue
-                    if not entry.is_file():
-                        continue
-                    photos.append((name, entry.stat()))
-                except OSError:
-                    continue  # gone between the listing and the stat
+            photos, subfolders = sort_entries(entries, rel, self.eligible, exclude)  # the rescan's rules
             photos.sort()
-            subfolders.sort(reverse=True)
-            stack.extend(subfolders)
+            stack.extend(reversed(subfolders))
             known = index.folder(rel) if index is not None else ({}, {}, None)
             watched = {p.rsplit("/", 1)[-1] for _, p in subfolders}
             self._folder(path, rel, photos, known[0], known[1], watched)

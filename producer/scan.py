@@ -60,6 +60,33 @@ class _Folder:
     subfolders: list[tuple[str, str]]  # (absolute path, relative name)
 
 
+def sort_entries(
+    entries: list[os.DirEntry[str]], rel: str, eligible: Eligibility, exclude: str
+) -> tuple[list[tuple[str, os.stat_result]], list[tuple[str, str]]]:
+    """One folder's listing (`rel` under the root), sorted into its eligible photos, each stat'ed, and the
+    subfolders to walk (absolute path, relative name): not symlinks, ignored names or `exclude` (the
+    output folder, when it lies inside the watched one). Eligibility's rules for a name in a folder
+    already walked, inlined: this loop sees every file of the archive, in the rescan and the audit."""
+    subfolders: list[tuple[str, str]] = []
+    photos: list[tuple[str, os.stat_result]] = []
+    extensions, ignored_match = eligible.extensions, eligible.ignored_pattern.match
+    for entry in entries:
+        name = entry.name
+        try:
+            if entry.is_dir():
+                if not entry.is_symlink() and not ignored_match(name) and entry.path != exclude:
+                    subfolders.append((entry.path, f"{rel}/{name}" if rel else name))
+                continue
+            dot = name.rfind(".")
+            if dot < 0 or name[dot + 1 :].lower() not in extensions or ignored_match(name) or not entry.is_file():
+                continue
+            photos.append((name, entry.stat()))
+        except OSError:
+            continue  # gone between the listing and the stat
+    subfolders.sort()
+    return photos, subfolders
+
+
 class FolderScanner:
     """Walks the watch root against the index. `pending_jobs(ids)` says which job ids are still pending."""
 
@@ -130,25 +157,7 @@ class FolderScanner:
         self.folder_mtimes[rel] = folder_mtime
         stats.folders += 1
         stats.folder_names.add(rel)
-        subfolders: list[tuple[str, str]] = []
-        photos: list[tuple[str, os.stat_result]] = []
-        # Eligibility.why_not for a name in a folder already walked, inlined: this loop sees every file.
-        extensions, ignored_match = self.eligible.extensions, self.eligible.ignored_pattern.match
-        ignored, exclude = self.eligible.ignored, self._exclude
-        for entry in entries:
-            name = entry.name
-            try:
-                if entry.is_dir():
-                    if not entry.is_symlink() and not ignored(name) and entry.path != exclude:
-                        subfolders.append((entry.path, f"{rel}/{name}" if rel else name))
-                    continue
-                dot = name.rfind(".")
-                if dot < 0 or name[dot + 1 :].lower() not in extensions or ignored_match(name) or not entry.is_file():
-                    continue
-                photos.append((name, entry.stat()))
-            except OSError:
-                continue  # gone between the listing and the stat
-        subfolders.sort()
+        photos, subfolders = sort_entries(entries, rel, self.eligible, self._exclude)
         stats.photos += len(photos)
         done, queued, listed_at = self.index.folder(rel)
         outputs: set[str] | None = set()
