@@ -25,6 +25,11 @@ ON_REQUEST = {"soak"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ON_REQUEST:  # its own options, and its own --help
+        quick = "--quick" in argv
+        result = importlib.import_module(BENCHMARKS[argv[0]]).run(quick, [a for a in argv[1:] if a != "--quick"])
+        return 1 if isinstance(result, dict) and result.get("ok") is False else 0
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("names", nargs="*", default=["all"], help=f"all, or any of: {', '.join(BENCHMARKS)}")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions: a smoke run, not figures to quote")
