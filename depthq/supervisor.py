@@ -27,7 +27,7 @@ from depthq.config import CONFIG_ENV, EXIT_FINAL, PARENT_PIPE_ENV, Config, ensur
 from depthq.connection import connect, embedded_url_file, redact
 from depthq.contract import short_hostname
 from depthq.redis_server import OWNER_FILE, EmbeddedRedis, start_for
-from depthq.taking import give_back_process
+from depthq.taking import expire_started, give_back_process
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +281,7 @@ def run_up(
             jid = attempts.record_death(connection, config.queue.name, short_hostname(), pid, why)
             # What it took from the lanes and never started goes back now, not dead_after_s from now.
             given = give_back_process(connection, config.queue.name, short_hostname(), pid)
+            expire_started(connection, short_hostname(), pid)
         except RedisError as exc:
             log.warning("could not record why worker pid %d died (%s)", pid, exc)
             return

@@ -94,3 +94,26 @@ def give_back_process(connection: Redis, queue_name: str, host: str, pid: int) -
         if worker.startswith(f"{host}.") and worker.endswith(f".{pid}"):
             given += give_back(connection, queue_name, worker)
     return given
+
+
+def expire_started(connection: Redis, host: str, pid: int) -> list[str]:
+    """Mark the jobs the dead worker process `pid` on `host` had started as abandoned now, so the next
+    maintenance pass of any worker hands them on. Its heartbeat would lapse by itself, but a worker in
+    a prediction that holds the GIL announces a lapse at the watchdog's limit (`DepthWorker.predicting`),
+    minutes away: `depthq up`, which saw the death, need not wait for it. Returns the job ids."""
+    from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE
+    from rq.registry import StartedJobRegistry
+    from rq.utils import parse_composite_key
+
+    expired: list[str] = []
+    for key in connection.scan_iter(match=WORKER_EXECUTIONS_KEY_TEMPLATE.format(f"{host}.*.{pid}")):
+        for member in connection.smembers(key):
+            composite = _text(member)
+            jid, _ = parse_composite_key(composite)
+            origin = connection.hget(Job.redis_job_namespace_prefix + jid, "origin")
+            if origin is None:
+                continue
+            registry = StartedJobRegistry(_text(origin), connection=connection)
+            if connection.zadd(registry.key, {composite: 1}, xx=True, ch=True):
+                expired.append(jid)
+    return expired

@@ -7,13 +7,19 @@ mean colour, so the test picks it by the file it drops, and every other photo is
 - green: SIGABRT (abort()), as a failed assertion in native code would;
 - blue: a deadlock inside C with the GIL released (pthread_mutex_lock twice), which no in-thread
   timeout can interrupt;
-- yellow: a plain sleep of FAULT_SLEEP_S seconds (default 3) before computing: a slow photo.
+- yellow: a plain sleep of FAULT_SLEEP_S seconds (default 3) before computing: a slow photo;
+- magenta: a deadlock inside C with the GIL held (the same mutex, called through ctypes.PyDLL, which
+  keeps the GIL), as a hang inside coremltools' bindings would: no Python thread runs again;
+- cyan: a sleep of FAULT_SLEEP_S seconds with the GIL held (libc's sleep through ctypes.PyDLL), then
+  computing: a long prediction of coremltools', during which no Python thread runs.
+With FAULT_HOLDS_GIL=1 the backend says it holds the GIL, as the Core ML backend does.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import os
 import time
 from typing import Any
@@ -27,6 +33,8 @@ SOLID = {
     "green": (0, 255, 0),
     "blue": (0, 0, 255),
     "yellow": (255, 255, 0),
+    "magenta": (255, 0, 255),
+    "cyan": (0, 255, 255),
 }
 
 
@@ -38,11 +46,16 @@ def fault_of(rgb: np.ndarray) -> str | None:
     return None
 
 
-def _deadlock() -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+def _deadlock(keep_gil: bool = False) -> None:
+    # PyDLL keeps the GIL through the call; CDLL releases it.
+    libc = (ctypes.PyDLL if keep_gil else ctypes.CDLL)(ctypes.util.find_library("c") or None)
     mutex = ctypes.create_string_buffer(64)  # pthread_mutex_t, zeroed: a default (non-recursive) mutex
     libc.pthread_mutex_lock(mutex)
-    libc.pthread_mutex_lock(mutex)  # never returns; ctypes released the GIL for the call
+    libc.pthread_mutex_lock(mutex)  # never returns
+
+
+def _sleep_holding_gil(seconds: float) -> None:
+    ctypes.PyDLL(ctypes.util.find_library("c") or None).sleep(math.ceil(seconds))
 
 
 class FaultyBackend:
@@ -50,6 +63,7 @@ class FaultyBackend:
         self.inner = inner
         self.name, self.device, self.model_name = inner.name, inner.device, inner.model_name
         self.warnings = inner.warnings
+        self.holds_gil = os.environ.get("FAULT_HOLDS_GIL") == "1"
 
     @property
     def input_size(self) -> int:
@@ -68,4 +82,8 @@ class FaultyBackend:
             _deadlock()
         elif fault == "yellow":
             time.sleep(float(os.environ.get("FAULT_SLEEP_S", "3")))
+        elif fault == "magenta":
+            _deadlock(keep_gil=True)
+        elif fault == "cyan":
+            _sleep_holding_gil(float(os.environ.get("FAULT_SLEEP_S", "3")))
         return self.inner.predict(rgb)

@@ -336,3 +336,26 @@ def _waiting_on_the_lanes(redis_client: Redis) -> bool:
 def _name(redis_client: Redis) -> str:
     names = [key.decode().removeprefix("rq:worker:") for key in redis_client.keys("rq:worker:*")]
     return names[0] if len(names) == 1 else ""
+
+
+def test_an_error_escaping_rqs_loop_exits_75_for_the_service_manager_to_restart(
+    config: Config, redis_client: Redis, spawn_worker, tmp_path: Path
+) -> None:
+    """rq's `work()` swallows whatever escapes its loop and returns as if asked to stop; launchd's
+    KeepAlive {SuccessfulExit: false} would then never start the worker again. Here something foreign
+    overwrote the live lane with a string: taking from it fails with WRONGTYPE, which nothing in the
+    loop expects. The worker exits 75 (EX_TEMPFAIL), saying why; a stop asked for still exits 0
+    (test_sigterm_mid_job_finishes_the_job_then_exits)."""
+    worker = spawn_worker()
+    wait_for(lambda: bool(redis_client.keys("rq:worker:*")), "the worker", 60)
+    lane = make_queue(redis_client, config).key
+    redis_client.set(lane, "not a list")
+    try:
+        code = worker.wait(timeout=120)
+    finally:
+        redis_client.delete(lane)
+    text = (tmp_path / "worker0.log").read_text()
+    assert code == 75, text
+    assert "found an unhandled exception" in text and "WRONGTYPE" in text, text
+    assert "stopped with no stop asked for" in text and "exiting 75" in text, text
+    assert_end_state(config, redis_client)

@@ -12,6 +12,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -77,6 +79,9 @@ class Runtime:
     worker_name: str
     connection: Redis
     metrics: WorkerMetrics | None = None
+    # Wraps each prediction: the worker's `DepthWorker.predicting` (a heartbeat that outlasts a
+    # prediction holding the GIL); nothing outside a worker.
+    predicting: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
     # Whether this worker's last write to the output folder failed: the outage and its end are said once each.
     output_failing: bool = False
 
@@ -296,7 +301,8 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> JobResult:
     image = load_image(photo.data, p.source, rt.config.worker.max_image_pixels, min_side=reduce_to)
     t_decoded = time.perf_counter()
     _stage(rt, job, "inferring", {"queue_wait": _ms(queue_wait), "decode": _ms(t_decoded - t0)})
-    prediction = rt.backend.predict(image.rgb)
+    with rt.predicting():
+        prediction = rt.backend.predict(image.rgb)
     t_inferred = time.perf_counter()
     _stage(
         rt,

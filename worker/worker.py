@@ -11,11 +11,13 @@ import contextlib
 import faulthandler
 import io
 import logging
+import math
 import os
 import signal
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -36,7 +38,7 @@ from rq.scripts import acquire_or_refresh_lock
 from rq.worker import WorkerStatus
 
 from depthq import attempts
-from depthq.config import PARENT_PIPE_ENV, Config
+from depthq.config import EXIT_RETRY, PARENT_PIPE_ENV, Config
 from depthq.connection import connect, redact, resolve_url
 from depthq.contract import (
     JOB_FUNCTION,
@@ -122,6 +124,10 @@ class DepthWorker(SimpleWorker):
         self.depthq_queue = self.queues[0].name
         self.taking_key = taking_key(self.depthq_queue, self.name)
         self.queue_class = TakingQueue.for_worker(self.taking_key)
+        # The job in hand, its execution, and when it started (monotonic): what `predicting` extends.
+        self._in_hand: tuple[Job, Execution, float] | None = None
+        # While a prediction holds the GIL: the monotonic time until which others must leave its job alone.
+        self._held_until: float | None = None
 
     def subscribe(self) -> None:
         """rq's command channel (kill a job, shut down from the dashboard), polled each second.
@@ -169,8 +175,9 @@ class DepthWorker(SimpleWorker):
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         """rq's heartbeat, plus the key that says this worker lives (`depthq.taking`)."""
         if pipeline is not None:  # part of a caller's transaction: that caller meets the refusal
-            pipeline.set(alive_key(self.depthq_queue, self.name), 1, ex=self.dead_after_s)
-            return super().heartbeat(timeout, pipeline)
+            ttl = self._held_ttl()
+            pipeline.set(alive_key(self.depthq_queue, self.name), 1, ex=max(self.dead_after_s, ttl))
+            return super().heartbeat(max(timeout, ttl + 60) if timeout and ttl else timeout, pipeline)
 
         def beat() -> None:
             with self.connection.pipeline() as pipe:
@@ -247,22 +254,70 @@ class DepthWorker(SimpleWorker):
         return record
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
-        return self.dead_after_s
+        return max(self.dead_after_s, self._held_ttl())
+
+    def _held_ttl(self) -> int:
+        """Seconds left of a GIL-holding prediction's hold (0 when none is under way)."""
+        if self._held_until is None:
+            return 0
+        return max(0, math.ceil(self._held_until - time.monotonic()))
+
+    def _hard_limit_s(self, job: Job) -> float:
+        """How long a job may run before the heartbeat thread ends this process (it records why)."""
+        return (job.timeout or self.job_timeout_s) + HARD_LIMIT_GRACE_S
+
+    def _watchdog_s(self, job: Job) -> float:
+        """When the GIL-free watchdog ends this process: after the heartbeat thread had its chance."""
+        return self._hard_limit_s(job) + self.dead_after_s
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         execution = self.prepare_execution(job)
         if execution is None:
             self.set_state(WorkerStatus.IDLE)
             return
+        self._in_hand = (job, execution, time.monotonic())
         stop = threading.Event()
         beat = threading.Thread(target=self._heartbeat_while, args=(job, execution, stop), daemon=True)
         beat.start()
+        watchdog = _arm_watchdog(self._watchdog_s(job))
         try:
             self.perform_job(job, queue, execution)
         finally:
+            if watchdog:
+                faulthandler.cancel_dump_traceback_later()
+            self._in_hand = None
             stop.set()
             beat.join()
         self.set_state(WorkerStatus.IDLE)
+
+    @contextlib.contextmanager
+    def predicting(self) -> Iterator[None]:
+        """Around `backend.predict`: a backend that holds the GIL through it (coremltools does, for every
+        prediction) stops the heartbeat thread, and a prediction longer than dead_after_s (a first
+        Neural Engine compile, cpu_only, memory pressure) would let another worker take the job while
+        this one still computes it. So, first, one heartbeat from here that tells the others how long
+        this prediction may take: until the watchdog (`_arm_watchdog`, which needs no GIL) has ended
+        this process for sure, plus dead_after_s. The cost: a worker killed in such a prediction has
+        its job handed over at that time, not dead_after_s after its death, unless `depthq up` saw the
+        death (it hands the job over at once). A backend that releases the GIL (torch) needs none of it."""
+        in_hand = self._in_hand
+        if in_hand is None or not getattr(self.backend, "holds_gil", False):
+            yield
+            return
+        job, execution, started = in_hand
+        self._held_until = started + self._watchdog_s(job) + self.dead_after_s
+        try:
+            self._beat_now(job, execution)
+            yield
+        finally:
+            self._held_until = None
+            self._beat_now(job, execution)
+
+    def _beat_now(self, job: Job, execution: Execution) -> None:
+        try:
+            self.maintain_heartbeats(job, execution)
+        except RedisError as exc:
+            self.log.warning("heartbeat for job %s failed (%s); the heartbeat thread retries", job.id, exc)
 
     def _heartbeat_while(self, job: Job, execution: Execution, stop: threading.Event) -> None:
         """Beat while the job runs, and end the process once it runs past its time limit.
@@ -273,7 +328,7 @@ class DepthWorker(SimpleWorker):
         process. `depthq up` (or launchd, systemd) starts a fresh worker; the job goes to the next one
         after dead_after_s, and the attempt counts as one the worker died in (depthq.attempts).
         """
-        limit_s = (job.timeout or self.job_timeout_s) + HARD_LIMIT_GRACE_S
+        limit_s = self._hard_limit_s(job)
         started = time.monotonic()
         while not stop.wait(self.dead_after_s / 3):
             running_s = time.monotonic() - started
@@ -339,6 +394,21 @@ class DepthWorker(SimpleWorker):
             self.log.warning("job %s refused: %s", job.id, exc)
             return
         super().handle_exception(job, *exc_info)
+
+
+def _arm_watchdog(after_s: float) -> bool:
+    """End this process after `after_s` unless disarmed: the last resort for a job stuck where no
+    Python thread can run (native code holding the GIL: coremltools' bindings never release it, so a
+    hang in Core ML would stop the heartbeat thread and its time limit too). faulthandler's watchdog
+    is a C thread: it writes every thread's stack to stderr, where the stuck call shows, and exits
+    with status 1; `depthq up` (or launchd, systemd) starts a fresh worker. False where stderr is no
+    file (a test capturing it): there the heartbeat thread's limit is all there is."""
+    stream = sys.__stderr__
+    try:
+        faulthandler.dump_traceback_later(after_s, exit=True, file=stream if stream is not None else sys.stderr)
+    except (io.UnsupportedOperation, AttributeError, ValueError, RuntimeError):
+        return False
+    return True
 
 
 def worker_name(backend: str) -> str:
@@ -411,6 +481,7 @@ def build_worker(
     )
     job_module.install(
         job_module.Runtime(
+            predicting=worker.predicting,
             config=config,
             backend=backend,
             transports={
@@ -510,4 +581,21 @@ def run(config: Config, burst: bool = False, backend: Backend | None = None) -> 
     finally:
         scheduler.stop_event.set()
         scheduler.join(timeout=5)
-    return 0
+    return exit_code(worker, burst)
+
+
+def exit_code(worker: DepthWorker, burst: bool) -> int:
+    """0 only for a stop someone asked for (a signal, rq's shutdown command) or a burst run's end.
+
+    rq's `work()` catches whatever escapes its loop, logs "found an unhandled exception, quitting" and
+    returns as if asked to stop. A 0 then would leave the worker down for good under launchd, whose
+    KeepAlive {SuccessfulExit: false} restarts only a failed exit; EX_TEMPFAIL (75) is restarted
+    there, under systemd and by `depthq up`."""
+    if burst or worker._stop_requested:
+        return 0
+    log.error(
+        "worker %s stopped with no stop asked for (the error above); exiting %d so its service manager starts it again",
+        worker.name,
+        EXIT_RETRY,
+    )
+    return EXIT_RETRY

@@ -32,6 +32,9 @@ class Backend(Protocol):
     input_size: int  # square side in pixels, read from the loaded model
     # Caveats about this model's output that every sidecar should carry (e.g. "no FOV head").
     warnings: tuple[str, ...]
+    # Optional, False if absent: whether `predict` holds the GIL throughout (coremltools' bindings
+    # do), so no other thread of the worker runs meanwhile: the worker then announces how long the
+    # prediction may take before it starts (`DepthWorker.predicting`).
 
     def load(self) -> None:
         """Load weights. Slow; called once per worker process, before it takes jobs."""

@@ -39,8 +39,6 @@ METERS_WARNING = (
 )
 NO_FOV_WARNING = "this Core ML model gives no field of view: photos without an EXIF focal length cannot be measured"
 
-NO_FOV_WARNING = "this Core ML model gives no field of view: photos without an EXIF focal length cannot be measured"
-
 COMPUTE_UNITS = {"all": "ALL", "cpu_and_ne": "CPU_AND_NE", "cpu_and_gpu": "CPU_AND_GPU", "cpu_only": "CPU_ONLY"}
 
 
@@ -80,6 +78,8 @@ def compiled_cache_path(package: Path, cache_root: Path) -> Path:
 
 class CoreMLBackend:
     name = "coreml"
+    # coremltools 9.0's bindings release the GIL nowhere, in loading or in predict().
+    holds_gil = True
 
     def __init__(self, model: ModelConfig):
         self.model_config = model
