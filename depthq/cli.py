@@ -203,7 +203,7 @@ def cmd_collect(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_work(config: Config, args: argparse.Namespace) -> int:
-    from worker.errors import BackendUnavailableError, ModelUnavailableError
+    from worker.errors import BackendNotReadyError, BackendUnavailableError, ModelUnavailableError
     from worker.worker import run
 
     try:
@@ -211,6 +211,9 @@ def cmd_work(config: Config, args: argparse.Namespace) -> int:
     except (ModelUnavailableError, BackendUnavailableError) as exc:
         print(f"depthq: {exc}", file=sys.stderr)
         return args.final_exit_code
+    except BackendNotReadyError as exc:
+        print(f"depthq: {exc}; exiting {EXIT_RETRY} to be started again", file=sys.stderr)
+        return EXIT_RETRY
     # The worker has stopped: its job is done, its files fsynced, Redis told. The interpreter's own
     # exit can then hang in garbage collection while torch's native threads are alive (seen here: a
     # worker stuck after its warm shutdown, a stack dump showing only "Garbage-collecting"), and a

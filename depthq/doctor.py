@@ -127,7 +127,7 @@ def _inotify(config: Config) -> Iterator[Check]:
 
 def _backend_and_model(config: Config) -> Iterator[Check]:
     from worker.backends import choose_backend, create_backend
-    from worker.errors import BackendUnavailableError, ModelUnavailableError
+    from worker.errors import BackendNotReadyError, BackendUnavailableError, ModelUnavailableError
 
     name = choose_backend(config)
     if config.worker.backend != "auto":
@@ -159,6 +159,9 @@ def _backend_and_model(config: Config) -> Iterator[Check]:
         predicted = time.perf_counter()
     except (ModelUnavailableError, BackendUnavailableError) as exc:
         yield Check("model", "FAIL", str(exc))
+        return
+    except BackendNotReadyError as exc:  # may pass: the worker's service manager starts it again
+        yield Check("model", "FAIL", f"{exc} (a worker would exit 75 and be started again)")
         return
     yield Check(
         "model",

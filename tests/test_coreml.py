@@ -3,9 +3,12 @@ needs macOS, so those tests are marked `macos` and skipped elsewhere (never fake
 
 from __future__ import annotations
 
+import argparse
+import gc
 import os
 import shutil
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -287,3 +290,93 @@ def test_meters_export_predicts_on_macos(exports: dict[str, Path], tmp_path: Pat
     backend.load()
     pred = backend.predict(np.full((20, 30, 3), 128, np.uint8))
     assert pred.already_metric and pred.inverse_depth.shape == (SIZE, SIZE)
+
+
+# --- what a Mac would hit (issue 22): the feed's lifetime, load failures told apart, the compiled reload ----
+
+
+class _Predictor:
+    """Stands where Core ML's predictor sits (there is none off macOS): it records what it was handed
+    and answers the meters contract, so the backend's own code around it runs for real."""
+
+    def __init__(self) -> None:
+        self.fed: list[weakref.ref[np.ndarray]] = []
+
+    def predict(self, feed: dict[str, object]) -> dict[str, np.ndarray]:
+        self.fed += [weakref.ref(v) for v in feed.values() if isinstance(v, np.ndarray)]
+        return {"depthMeters": np.full((1, 1, SIZE, SIZE), 2.0, np.float16)}
+
+
+def test_the_feed_outlives_its_prediction_until_the_next_one(exports: dict[str, Path]) -> None:
+    """Core ML may release a numpy input later, on its own queue, without the GIL: the backend keeps
+    the last feed referenced until the next prediction, and hands it float32, so coremltools makes
+    no temporary copy that Core ML alone would hold."""
+    backend = CoreMLBackend(ModelConfig(coreml_path=exports["meters"]))
+    backend._model = predictor = _Predictor()
+    backend.predict(np.full((20, 30, 3), 128, np.uint8))
+    (width,) = predictor.fed
+    gc.collect()
+    assert width() is not None and width().dtype == np.float32 and width().flags.c_contiguous
+    backend.predict(np.full((20, 40, 3), 128, np.uint8))
+    gc.collect()
+    assert width() is None  # released once the next feed replaced it
+    assert float(predictor.fed[1]()[0, 0, 0, 0]) == 40.0
+    array_feed = CoreMLBackend(ModelConfig(coreml_path=exports["older"])).inputs_for(np.zeros((8, 8, 3), np.uint8))
+    assert all(v.dtype == np.float32 and v.flags.c_contiguous for v in array_feed.values())
+
+
+def test_load_failures_are_told_apart_and_never_read_none(tmp_path: Path) -> None:
+    from worker.backends.coreml_backend import load_failure
+    from worker.errors import BackendNotReadyError
+
+    model, roomy = tmp_path / "DepthPro.mlpackage", 10**12
+    passing = [
+        'Error Domain=com.apple.CoreML Code=0 "Failed to connect to the compiler service"',
+        "compile failed: No space left on device",
+        "XPC connection interrupted",
+        None,
+    ]
+    for reason in passing:
+        error = load_failure(model, reason, roomy, 10**9)
+        assert isinstance(error, BackendNotReadyError), reason
+        assert str(model) in str(error) and not str(error).rstrip().endswith("None")
+    final = load_failure(model, "Error reading protobuf spec. validator error: bad model", roomy, 10**9)
+    assert isinstance(final, BackendUnavailableError) and "models download" in str(final)
+    full = load_failure(model, "Error reading protobuf spec", 10**9, 10**9)  # 1 GB free for a 2 GB compile
+    assert isinstance(full, BackendNotReadyError) and "free space there" in str(full)
+
+
+def test_a_load_worth_retrying_exits_75_and_a_final_one_the_final_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`depthq work`'s exit codes, through its real entry point: a model that never loads ends with
+    --final-exit-code (0 under launchd: no restart), one that may load later with 75 (restarted)."""
+    from depthq import cli
+    from worker import worker
+    from worker.errors import BackendNotReadyError
+
+    codes = []
+    for error in (BackendNotReadyError("compiler service gone"), BackendUnavailableError("needs macOS")):
+
+        def run(config: Config, burst: bool = False, error: Exception = error) -> int:
+            raise error
+
+        monkeypatch.setattr(worker, "run", run)
+        codes.append(cli.cmd_work(load_config(environ={}), argparse.Namespace(burst=False, final_exit_code=0)))
+    assert codes == [75, 0]
+
+
+@pytest.mark.macos
+def test_after_the_first_compile_the_worker_serves_the_kept_copy_on_macos(
+    converted: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first compile's copy in $TMPDIR is deleted only by the MLModel's destructor: the backend
+    reloads the kept copy and drops the MLModel, so that copy is gone at once."""
+    caplog.set_level("INFO")
+    backend = CoreMLBackend(ModelConfig(coreml_path=converted, cache_dir=tmp_path, compute_units="cpu_only"))
+    backend.load()
+    assert type(backend._model).__name__ == "CompiledMLModel"
+    (line,) = [r.getMessage() for r in caplog.records if "the first compile's" in r.getMessage()]
+    first_copy = Path(line.split("the first compile's ")[1].split(" is gone")[0])
+    assert not first_copy.exists(), first_copy
+    assert backend.predict(np.zeros((8, 8, 3), np.uint8)).inverse_depth.shape == (TINY_INPUT_SIZE, TINY_INPUT_SIZE)

@@ -93,3 +93,9 @@ class ModelUnavailableError(RuntimeError):
 
 class BackendUnavailableError(RuntimeError):
     """The configured backend cannot run on this machine; the message names the setting to change."""
+
+
+class BackendNotReadyError(RuntimeError):
+    """The model could not load for a reason that may pass by itself (a full disk under the compile,
+    Core ML's compiler service busy or gone, memory pressure): `depthq work` exits 75 (EX_TEMPFAIL),
+    and its service manager starts it again, instead of the final exit of a model that never loads."""
