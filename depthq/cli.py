@@ -407,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     final = getattr(args, "final_exit_code", EXIT_FINAL)
     try:
         config = load_config(args.config, overrides=_overrides(args))
+        # From here on, to logging.file if the config names one (a Mac mini's worker: launchd rotates nothing).
+        configure_logging(args.log_level, config.logging)
         return _COMMANDS[args.command](config, args)
     except RedisUnreachableError as exc:
         print(f"depthq: {exc}", file=sys.stderr)

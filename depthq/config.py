@@ -184,6 +184,23 @@ class UpConfig(_Section):
     workers: int = Field(1, ge=1)
 
 
+class LoggingConfig(_Section):
+    """Where depthq's own log lines go.
+
+    A service manager that keeps stdout in a file without rotating it (launchd) fills the disk over
+    months; a file named here is rotated by depthq itself. Null: stderr, for a terminal, `depthq up`'s
+    interleaved output, or systemd's journal, which rotates by itself.
+    """
+
+    # One process per file: each process rotates on its own, so several sharing a file shuffle lines
+    # between the backups. `depthq up`'s children inherit it: leave it null there.
+    file: Path | None = None
+    # Rotate when the file would pass this size: file -> file.1 -> ... -> file.<backups>, the oldest dropped.
+    max_bytes: int = Field(10 * 2**20, gt=0)
+    # At least 1: with 0 the standard library never rotates, and the file grows for ever again.
+    backups: int = Field(5, ge=1)
+
+
 class Config(_Section):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
@@ -194,6 +211,7 @@ class Config(_Section):
     dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
     transport: TransportConfig = Field(default_factory=TransportConfig)
     up: UpConfig = Field(default_factory=UpConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:

@@ -89,13 +89,16 @@ def test_plist_template_carries_what_launchd_needs() -> None:
     assert env["PATH"].split(":")[:2] == ["__VENV_BIN__", "/opt/homebrew/bin"]
     # Every other DEPTHQ_* variable is read as a config key: each must be one.
     load_config(environ={k: v for k, v in env.items() if k != "DEPTHQ_CONFIG"})
-    assert plist["StandardOutPath"].startswith("__LOG_DIR__/")
-    assert plist["StandardErrorPath"].startswith("__LOG_DIR__/")
+    # depthq's own log is a file it rotates; launchd's, which nothing rotates, keeps what escapes it.
+    assert env["DEPTHQ_LOGGING_FILE"] == "__LOG_FILE__"
+    assert plist["StandardOutPath"] == plist["StandardErrorPath"] == "__LOG_DIR__/worker.log"
     assert plist["WorkingDirectory"] == "__WORKDIR__"
 
 
-def run_script(script: Path, *args: str, home: Path, path: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {"HOME": str(home), "PATH": path or os.environ["PATH"], "LC_ALL": "C"}
+def run_script(
+    script: Path, *args: str, home: Path, path: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {"HOME": str(home), "PATH": path or os.environ["PATH"], "LC_ALL": "C", **(env or {})}
     return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=env, cwd=home, timeout=60)
 
 
@@ -104,6 +107,11 @@ def home(tmp_path: Path) -> Path:
     home = tmp_path / "Mac HD" / "home"
     home.mkdir(parents=True)
     return home
+
+
+def odd_log_dir(home: Path) -> Path:
+    """A log folder whose name YAML would misread unquoted, and XML and sed would mangle unescaped."""
+    return home / 'Logs: "old" #1 \\ & <x>' / "depthq"
 
 
 SEED = ("--redis-url", "redis://watcher.local:6379/0", "--watch", "photo share/in box", "--output", "out & <res>")
@@ -121,7 +129,7 @@ def test_render_only_fills_every_placeholder(home: Path) -> None:
         "--prefix",
         str(home / "my depthq"),
         "--log-dir",
-        str(home / "Logs" / "depthq"),
+        str(odd_log_dir(home)),
         "--log-level",
         "debug",
         home=home,
@@ -145,7 +153,11 @@ def test_render_only_fills_every_placeholder(home: Path) -> None:
     assert plist["EnvironmentVariables"]["DEPTHQ_CONFIG"] == str(config)
     assert plist["EnvironmentVariables"]["PATH"].startswith(f"{prefix}/venv/bin:")
     assert plist["WorkingDirectory"] == str(prefix)
-    assert plist["StandardOutPath"] == plist["StandardErrorPath"] == f"{home}/Logs/depthq/worker.log"
+    log_dir = odd_log_dir(home)
+    assert plist["StandardOutPath"] == plist["StandardErrorPath"] == f"{log_dir}/worker.log"
+    # The plist's DEPTHQ_LOGGING_FILE is read as YAML: ': ', ' #', quotes and backslashes survive it.
+    logging_env = {"DEPTHQ_LOGGING_FILE": plist["EnvironmentVariables"]["DEPTHQ_LOGGING_FILE"]}
+    assert load_config(environ=logging_env).logging.file == log_dir / "depthq-worker.log"
     if shutil.which("plutil"):
         subprocess.run(["plutil", "-lint", str(out / "com.depthq.worker.plist")], check=True)
 
@@ -201,11 +213,13 @@ def test_installer_names_what_is_missing_or_wrong(home: Path) -> None:
 
 
 FAKE_LAUNCHCTL = """#!/bin/sh
-# launchctl stand-in: records its calls; a service is loaded while $STATE exists.
-echo "$*" >> "{log}"
+# launchctl stand-in: records its calls. The agent is loaded while {state} exists; the login
+# session (gui/UID, one slash) always is.
+echo "launchctl $*" >> "{log}"
 case $1 in
-  print) [ -e "{state}" ] ;;
+  print) case $2 in */*/*) [ -e "{state}" ] ;; esac ;;
   bootout) rm -f "{state}" ;;
+  bootstrap) : > "{state}" ;;
 esac
 """
 
@@ -233,6 +247,178 @@ def test_uninstall_boots_out_removes_the_plist_and_keeps_the_rest_unless_purged(
     purged = run_script(UNINSTALL, "--purge", home=home, path=path)
     assert purged.returncode == 0, purged.stderr
     assert not (home / "depthq").exists()
+
+
+# The whole install, on Linux: launchctl, uname, the Pythons and depthq are stand-ins that record their
+# calls in one file, and PATH holds only them and the few tools the script runs, so the system's own
+# Pythons stay out of sight.
+FAKE_PYTHON = """#!/bin/sh
+# A Python @VERSION@ stand-in: answers the installer's version probe and its coremltools check, and
+# `-m venv DIR` makes a venv of stand-ins (this script as DIR/bin/python, and a depthq).
+echo "$0 $*" >> "@LOG@"
+case $1 in
+  -c)
+    case $2 in
+      *version_info*) echo @VERSION@ ;;
+      *libcoremlpython*) @NATIVE@ ;;
+      *) exit 3 ;;
+    esac ;;
+  -m)
+    if [ "$2" = venv ]; then
+      mkdir -p "$3/bin" && cp "$0" "$3/bin/python" && cp "@DEPTHQ@" "$3/bin/depthq"
+    fi ;;
+esac
+"""
+NO_NATIVE_LIBRARIES = """echo "ModuleNotFoundError: No module named 'coremltools.libcoremlpython'" >&2; exit 1"""
+FAKE_DEPTHQ = """#!/bin/sh
+echo "depthq $*" >> "@LOG@"
+"""
+FAKE_UNAME = """#!/bin/sh
+case $1 in -s) echo Darwin ;; -m) echo arm64 ;; esac
+"""
+# What install-worker.sh and the stand-ins run, besides bash's builtins.
+TOOLS = ("bash", "sed", "grep", "tr", "dirname", "basename", "id", "mkdir", "mv", "rm", "chmod", "cp", "cat", "sleep")
+
+
+class FakeMac:
+    """A home with stand-in commands on PATH and a Homebrew prefix that is not on it, as over ssh."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.bin = home / "bin"
+        self.brew = home / "homebrew"
+        self.calls_file = home / "calls.log"
+        self.loaded = home / "agent-loaded"
+        self.venv = home / "depthq" / "venv"
+        tools = home / "tools"
+        for directory in (self.bin, tools, self.brew):
+            directory.mkdir()
+        for name in TOOLS:
+            (tools / name).symlink_to(need_tool(name, "coreutils"))
+        self._write(self.bin / "launchctl", FAKE_LAUNCHCTL.format(log=self.calls_file, state=self.loaded))
+        self._write(self.bin / "uname", FAKE_UNAME)
+        self.depthq = self._write(home / "stand-in-depthq", FAKE_DEPTHQ.replace("@LOG@", str(self.calls_file)))
+        self.path = f"{self.bin}:{tools}"
+
+    @staticmethod
+    def _write(path: Path, text: str) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(0o755)
+        return path
+
+    def python(self, path: Path, version: str, native: bool = True) -> Path:
+        """A Python `version` at `path`, whose venvs have coremltools' native libraries if `native`."""
+        text = FAKE_PYTHON.replace("@VERSION@", version).replace("@LOG@", str(self.calls_file))
+        text = text.replace("@DEPTHQ@", str(self.depthq))
+        text = text.replace("@NATIVE@", "exit 0" if native else NO_NATIVE_LIBRARIES)
+        return self._write(path, text)
+
+    def install(self, *args: str) -> subprocess.CompletedProcess[str]:
+        # A prefix that does not exist first: the search goes on to the next.
+        prefixes = f"{self.home}/no-homebrew-here:{self.brew}"
+        return run_script(INSTALL, *args, home=self.home, path=self.path, env={"DEPTHQ_BREW_PREFIXES": prefixes})
+
+    def calls(self) -> list[str]:
+        return self.calls_file.read_text().splitlines() if self.calls_file.exists() else []
+
+
+@pytest.fixture
+def mac(home: Path) -> FakeMac:
+    return FakeMac(home)
+
+
+def first(calls: list[str], text: str) -> int:
+    """The index of the first call that contains `text`; fails, listing the calls, if none does."""
+    found = [i for i, call in enumerate(calls) if text in call]
+    assert found, f"no call with {text!r} in:\n" + "\n".join(calls)
+    return found[0]
+
+
+SERVICE = f"gui/{os.getuid()}/com.depthq.worker"
+
+
+def test_installer_finds_the_newest_supported_python_by_full_path_off_path(mac: FakeMac) -> None:
+    # Homebrew's python3 after an upgrade, on PATH, is a 3.14: coremltools has no native libraries for it.
+    mac.python(mac.bin / "python3", "3.14")
+    mac.python(mac.brew / "bin" / "python3.14", "3.14")
+    mac.python(mac.brew / "bin" / "python3.11", "3.11")
+    newest = mac.python(mac.brew / "opt" / "python@3.12" / "bin" / "python3.12", "3.12")
+    result = mac.install(*SEED, "--skip-model")
+    assert result.returncode == 0, result.stderr
+    assert f"creating {mac.venv} with {newest} (Python 3.12)" in result.stdout
+    assert f"{newest} -m venv {mac.venv}" in mac.calls()
+    assert not any("python3.14 -m" in call or "python3 -m" in call for call in mac.calls())
+
+
+def test_installer_refuses_pythons_that_coremltools_has_no_native_libraries_for(mac: FakeMac) -> None:
+    mac.loaded.touch()  # a worker runs: a refusal must leave it alone
+    mac.python(mac.bin / "python3", "3.14")
+    given = mac.install(*SEED, "--python", "python3")
+    assert given.returncode == 1
+    assert "--python python3 is Python 3.14" in given.stderr
+    assert "only for Python 3.13, 3.12 or 3.11" in given.stderr
+    assert "brew install python@3.13" in given.stderr
+
+    searched = mac.install(*SEED)
+    assert searched.returncode == 1
+    assert f"no Python 3.13, 3.12 or 3.11 found (passed over: {mac.bin}/python3 (3.14);)" in searched.stderr
+
+    # A venv a 3.14 made before this fix, with a good Python at hand: the venv itself is refused.
+    mac.python(mac.venv / "bin" / "python", "3.14")
+    mac.python(mac.brew / "bin" / "python3.13", "3.13")
+    old_venv = mac.install(*SEED)
+    assert old_venv.returncode == 1
+    assert f"{mac.venv} has Python 3.14" in old_venv.stderr and f"rm -rf '{mac.venv}'" in old_venv.stderr
+    # A venv whose Python was uninstalled since.
+    (mac.venv / "bin" / "python").write_text("#!/bin/sh\nexit 127\n")
+    dead_venv = mac.install(*SEED)
+    assert dead_venv.returncode == 1
+    assert f"{mac.venv}/bin/python does not run" in dead_venv.stderr and "rm -rf" in dead_venv.stderr
+
+    calls = mac.calls()
+    assert not [call for call in calls if call.startswith("launchctl") and "print" not in call], calls
+    assert not [call for call in calls if " -m " in call or call.startswith("depthq")], calls
+    assert mac.loaded.exists()
+
+
+def test_rerun_stops_the_worker_before_touching_the_venv_and_starts_it_after(mac: FakeMac) -> None:
+    mac.python(mac.brew / "bin" / "python3.13", "3.13")
+    fresh = mac.install(*SEED)
+    assert fresh.returncode == 0, fresh.stderr
+    calls = mac.calls()
+    assert not any("bootout" in call for call in calls)  # nothing was loaded
+    assert first(calls, "depthq doctor") < first(calls, f"launchctl bootstrap gui/{os.getuid()} ")
+    assert mac.loaded.exists()
+    assert "depthq-worker.log" in fresh.stdout
+
+    mac.calls_file.unlink()
+    rerun = mac.install()  # the config exists now: no flags needed
+    assert rerun.returncode == 0, rerun.stderr
+    calls = mac.calls()
+    bootout = first(calls, f"launchctl bootout {SERVICE}")
+    assert bootout < first(calls, f"{mac.venv}/bin/python -m pip install")
+    assert bootout < first(calls, "depthq models download") < first(calls, "depthq doctor")
+    assert first(calls, "depthq doctor") < first(calls, f"launchctl bootstrap gui/{os.getuid()} ")
+    assert first(calls, "launchctl bootstrap") < first(calls, f"launchctl kickstart {SERVICE}")
+    assert not any(" -m venv " in call for call in calls)  # the venv is upgraded, not rebuilt
+    assert "the worker is stopped" not in rerun.stderr
+
+
+def test_a_venv_without_coremltools_native_libraries_stops_the_install(mac: FakeMac) -> None:
+    mac.loaded.touch()
+    mac.python(mac.brew / "bin" / "python3.12", "3.12", native=False)
+    result = mac.install(*SEED)
+    assert result.returncode == 1
+    assert "No module named 'coremltools.libcoremlpython'" in result.stderr
+    assert f"coremltools in {mac.venv} has no native libraries" in result.stderr
+    assert "Its Python is 3.12" in result.stderr
+    # It stopped the worker before the venv changed, does not start one that cannot read its model,
+    # and says so.
+    assert "the worker is stopped" in result.stderr
+    calls = mac.calls()
+    assert first(calls, "launchctl bootout") < first(calls, "-m pip install")
+    assert not any(call.startswith(("depthq", "launchctl bootstrap")) for call in calls), calls
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)

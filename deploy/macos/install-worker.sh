@@ -2,13 +2,110 @@
 # Install or update the depthq worker on a Mac mini: a venv, a config file, the Core ML model and a
 # launchd LaunchAgent that starts `depthq work` at login and restarts it whenever it exits.
 #
-# Safe to re-run: it updates the venv from this checkout, re-renders the agent and restarts it. It
-# never overwrites an existing config file. Written for macOS's own bash 3.2.
+# Safe to re-run: it stops the agent first (the worker finishes the photo in hand), so the venv is
+# never upgraded under a running worker and the doctor's model load never runs beside the worker's;
+# then it updates the venv from this checkout, re-renders the agent and starts it again. It never
+# overwrites an existing config file. Written for macOS's own bash 3.2.
+#
+# The venv's Python must be one that coremltools ships its native libraries for (SUPPORTED_PYTHONS
+# below): with any other, coremltools installs without them, cannot read a Core ML model, and the
+# worker falls back to torch. Without --python, the newest supported Python is picked, looked for by
+# full path in Homebrew too, since a non-login SSH shell has no Homebrew on PATH.
+#
+# Environment:
+#   DEPTHQ_BREW_PREFIXES  Homebrew prefixes to look for Pythons in, separated by colons as in PATH
+#                         (default: /opt/homebrew:/usr/local); the tests point it at stand-ins.
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/common.sh
 . "$(dirname "$0")/common.sh"
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 TEMPLATE="$REPO/deploy/macos/$LABEL.plist"
+
+# ---------------------------------------------------------------------------------------- Python
+
+# The Pythons that coremltools 9.0 (pyproject.toml's minimum, and the newest release) ships macOS
+# arm64 wheels for, with its native libraries libcoremlpython and libmodelpackage: cp310 to cp313 on
+# PyPI. For 3.14 there is only the source, which pip installs without them. depthq needs >= 3.11.
+# Newest first. Widen it only when a coremltools release has wheels for more.
+SUPPORTED_PYTHONS="3.13 3.12 3.11"
+BREW_PREFIXES=${DEPTHQ_BREW_PREFIXES:-/opt/homebrew:/usr/local}
+NEWEST_PYTHON=${SUPPORTED_PYTHONS%% *}
+
+# "3.13, 3.12 or 3.11", for messages.
+supported_list() {
+  local rest=${SUPPORTED_PYTHONS% *}
+  printf '%s or %s' "$(printf '%s' "$rest" | sed 's/ /, /g')" "${SUPPORTED_PYTHONS##* }"
+}
+
+# A Python's major.minor ("3.13"); fails for anything that does not run as a Python.
+python_version() {
+  "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null
+}
+
+is_supported_version() {
+  case " $SUPPORTED_PYTHONS " in
+    *" $1 "*) return 0 ;;
+    *) return 1 ;;
+  esac
+}
+
+# Where to look, newest version first: PATH, then Homebrew's and python.org's by full path, since a
+# non-login SSH shell (ssh mac 'deploy/...') has no /opt/homebrew/bin on PATH. Last, plain python3.
+python_candidates() {
+  local version
+  for version in $SUPPORTED_PYTHONS; do
+    printf '%s\n' "python$version"
+    brew_pythons "$version"
+    printf '%s\n' "/Library/Frameworks/Python.framework/Versions/$version/bin/python$version"
+  done
+  printf '%s\n' python3
+}
+
+# Homebrew's Python $1 in each prefix: its bin/ link, and the keg's own (there even when unlinked).
+brew_pythons() {
+  local prefix IFS=:
+  for prefix in $BREW_PREFIXES; do
+    printf '%s\n' "$prefix/bin/python$1" "$prefix/opt/python@$1/bin/python$1"
+  done
+}
+
+# Sets FOUND_PYTHON to the first supported candidate; REJECTED lists the Pythons passed over and why.
+FOUND_PYTHON=""
+REJECTED=""
+find_python() {
+  local candidate path version
+  while IFS= read -r candidate; do
+    path=$(command -v "$candidate" 2>/dev/null) || continue
+    if ! version=$(python_version "$path"); then
+      REJECTED="$REJECTED $path (does not run);"
+    elif is_supported_version "$version"; then
+      FOUND_PYTHON=$path
+      return 0
+    else
+      REJECTED="$REJECTED $path ($version);"
+    fi
+  done <<EOF
+$(python_candidates)
+EOF
+  return 1
+}
+
+how_to_get_python() {
+  printf 'brew install python@%s (Homebrew: https://brew.sh), then re-run (or pass --python %s)' \
+    "$NEWEST_PYTHON" "$(brew_prefix)/bin/python$NEWEST_PYTHON"
+}
+
+# The first Homebrew prefix there is (/usr/local on an Intel Mac), else the first listed.
+brew_prefix() {
+  local prefix IFS=:
+  for prefix in $BREW_PREFIXES; do
+    if [ -d "$prefix" ]; then
+      printf '%s' "$prefix"
+      return
+    fi
+  done
+  printf '%s' "${BREW_PREFIXES%%:*}"
+}
 
 usage() {
   cat <<EOF
@@ -33,9 +130,12 @@ Options:
   --prefix DIR           venv, models and working directory (default: ~/depthq)
   --venv DIR             the venv (default: PREFIX/venv)
   --config FILE          the config file (default: ~/Library/Application Support/depthq/config.yaml)
-  --log-dir DIR          where worker.log goes (default: ~/Library/Logs/depthq)
+  --log-dir DIR          where the logs go (default: ~/Library/Logs/depthq): depthq-worker.log,
+                         rotated by depthq (config.yaml's logging section), and worker.log, launchd's
+                         file for what escapes it (a crash, a stack dump), which nothing rotates
   --log-level LEVEL      DEBUG, INFO or WARNING (default: INFO)
-  --python PYTHON        the Python (>= 3.11) to build the venv with (default: the newest found)
+  --python PYTHON        the Python to build the venv with: $(supported_list) (default: the newest
+                         found); coremltools has no native libraries for the others
   --render-only DIR      only write the plist (and the config, default DIR/config.yaml) into DIR:
                          no venv, pip, model download or launchctl; works on any OS
   -h, --help             this text
@@ -203,6 +303,7 @@ render_plist() {
     -e "$(substitution __CONFIG__ "$CONFIG")" \
     -e "$(substitution __LOG_LEVEL__ "$LOG_LEVEL")" \
     -e "$(substitution __LOG_DIR__ "$LOG_DIR")" \
+    -e "$(substitution __LOG_FILE__ "$(yaml_quote "$LOG_DIR/depthq-worker.log")")" \
     -e "$(substitution __WORKDIR__ "$WORKDIR")" \
     "$TEMPLATE" >"$tmp"
   if grep -q '__[A-Z_]*__' "$tmp"; then
@@ -238,35 +339,58 @@ SERVICE="$DOMAIN/$LABEL"
 launchctl print "$DOMAIN" >/dev/null 2>&1 || die "no login session for $(id -un): a LaunchAgent runs \
 inside it. Log in at the Mac (or turn on automatic login, see deploy/README.md), then re-run"
 
-python_ok() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; }
-
-find_python() {
-  local candidate
-  for candidate in "$PYTHON" python3.13 python3.12 python3.11 /opt/homebrew/bin/python3 python3; do
-    [ -n "$candidate" ] || continue
-    if command -v "$candidate" >/dev/null 2>&1 && python_ok "$candidate"; then
-      command -v "$candidate"
-      return 0
-    fi
-  done
-  return 1
-}
-
+# Every check that can refuse comes before the agent stops: a refusal leaves the running worker alone.
+PY=""
+if [ -n "$PYTHON" ]; then
+  PY=$(command -v "$PYTHON" 2>/dev/null) || die "--python $PYTHON: no such program"
+  version=$(python_version "$PY") || die "--python $PYTHON does not run as a Python"
+  is_supported_version "$version" || die "--python $PYTHON is Python $version; coremltools 9.0 ships its \
+native libraries (needed to read a Core ML model) only for Python $(supported_list). $(how_to_get_python)"
+fi
 if [ -x "$VENV/bin/python" ]; then
-  python_ok "$VENV/bin/python" || die "$VENV has a Python older than 3.11; remove it (rm -rf '$VENV') and re-run"
-else
-  if [ -n "$PYTHON" ] && ! python_ok "$PYTHON"; then
-    die "--python $PYTHON is not a Python >= 3.11"
-  fi
-  py=$(find_python) || die "python3 >= 3.11 not found; brew install python@3.12 (or pass --python /path/to/python3.12)"
-  say "creating $VENV with $py"
+  # A venv whose Python was uninstalled no longer runs: a clear message, not a bare "not supported".
+  version=$(python_version "$VENV/bin/python") || die "$VENV/bin/python does not run (was the Python it \
+was made with removed?). Remove the venv (rm -rf '$VENV') and re-run"
+  is_supported_version "$version" || die "$VENV has Python $version, which coremltools 9.0 has no native \
+libraries for (the worker could not read a Core ML model). Remove it (rm -rf '$VENV') and re-run: a new venv \
+gets Python $(supported_list)"
+  [ -z "$PYTHON" ] || say "note: $VENV exists, so --python is not used (remove the venv to rebuild it)"
+  PY=""
+elif [ -z "$PY" ]; then
+  find_python || die "no Python $(supported_list) found${REJECTED:+ (passed over:$REJECTED)}: coremltools \
+9.0 ships its native libraries only for those. $(how_to_get_python)"
+  PY=$FOUND_PYTHON
+fi
+
+# The venv is about to change and the doctor loads a second model: neither beside a running worker.
+AGENT_STOPPED=0
+if stop_agent "$SERVICE"; then
+  AGENT_STOPPED=1
+fi
+AGENT_STARTED=0
+# On a failure from here on, say that the worker is stopped (it was running before) and how to start it.
+report_stopped_agent() {
+  [ "$AGENT_STOPPED" = 1 ] && [ "$AGENT_STARTED" = 0 ] || return 0
+  say "the worker is stopped: fix the error above and re-run this script (to start it meanwhile, as" \
+    "installed now: launchctl bootstrap $DOMAIN '$PLIST')" >&2
+}
+trap report_stopped_agent EXIT
+
+if [ -n "$PY" ]; then
+  say "creating $VENV with $PY (Python $(python_version "$PY"))"
   mkdir -p "$(dirname "$VENV")"
-  "$py" -m venv "$VENV"
+  "$PY" -m venv "$VENV"
 fi
 
 say "installing depthq from $REPO into $VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet --upgrade "$REPO"
+# Without these two, coremltools cannot read a model's spec, `auto` picks torch (not installed here),
+# and the doctor would blame the model.
+"$VENV/bin/python" -c 'import coremltools.libcoremlpython, coremltools.libmodelpackage' ||
+  die "coremltools in $VENV has no native libraries (the import above failed), so the worker cannot \
+read a Core ML model. Its Python is $(python_version "$VENV/bin/python"); coremltools 9.0 ships them for \
+Python $(supported_list). Remove the venv (rm -rf '$VENV') and re-run; $(how_to_get_python)"
 
 write_config
 mkdir -p "$WORKDIR" "$LOG_DIR"
@@ -290,13 +414,14 @@ say "checking this Mac with depthq doctor"
 
 render_plist
 
-stop_agent "$SERVICE" || true
 # A service disabled earlier (launchctl disable) refuses to bootstrap.
 launchctl enable "$SERVICE"
 launchctl bootstrap "$DOMAIN" "$PLIST" || die "launchctl bootstrap $DOMAIN $PLIST failed (above)"
 # Not `kickstart -k`: RunAtLoad has just started the worker, and -k would kill it while it loads the
 # model. Without -k this only starts it if it is not running.
 launchctl kickstart "$SERVICE"
+AGENT_STARTED=1
 
 say "installed: $SERVICE runs $VENV/bin/depthq work --config '$CONFIG'"
-say "log: tail -f '$LOG_DIR/worker.log'    state: launchctl print $SERVICE | grep -E 'state|pid'"
+say "log: tail -f '$LOG_DIR/depthq-worker.log' (crashes and stack dumps: '$LOG_DIR/worker.log')"
+say "state: launchctl print $SERVICE | grep -E 'state|pid'"
