@@ -203,6 +203,7 @@ def cmd_collect(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_work(config: Config, args: argparse.Namespace) -> int:
+    from worker.access import FolderAccessError
     from worker.errors import BackendNotReadyError, BackendUnavailableError, ModelUnavailableError
     from worker.worker import run
 
@@ -211,6 +212,9 @@ def cmd_work(config: Config, args: argparse.Namespace) -> int:
     except (ModelUnavailableError, BackendUnavailableError) as exc:
         print(f"depthq: {exc}", file=sys.stderr)
         return args.final_exit_code
+    except FolderAccessError as exc:
+        print(f"depthq: {exc}", file=sys.stderr)
+        return EXIT_RETRY
     except BackendNotReadyError as exc:
         print(f"depthq: {exc}; exiting {EXIT_RETRY} to be started again", file=sys.stderr)
         return EXIT_RETRY

@@ -52,6 +52,7 @@ from depthq.contract import (
 from depthq.metrics import serve
 from depthq.taking import alive_key, give_back, give_back_dead
 from worker import job as job_module
+from worker.access import check_folder_access
 from worker.backends import Backend, create_backend
 from worker.dequeue import TakingQueue
 from worker.errors import EnvironmentUnavailableError, ExpectedError, RefusedJobError
@@ -552,6 +553,7 @@ def run(config: Config, burst: bool = False, backend: Backend | None = None) -> 
     # where stderr is no file, as when a test captures it.)
     with contextlib.suppress(io.UnsupportedOperation, AttributeError, ValueError):
         faulthandler.register(signal.SIGUSR1, all_threads=True)
+    check_folder_access(config)  # before minutes of loading a model it could never use here
     url = resolve_url(config)
     connection = connect(url, config.redis)
     t0 = time.perf_counter()
