@@ -12,14 +12,18 @@ through ctypes.PyDLL, which keeps the GIL, and says it holds the GIL as the Core
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 from redis import Redis
+from rq.job import Job
 
 from depthq import attempts
 from depthq.config import load_config
+from depthq.contract import SERIALIZER
 from tests.endstate import settle
 from tests.photos import write_jpeg
 from tests.test_supervisor import FAULTS, _ready, solid_png, start_up, stop, worker_pids
@@ -93,3 +97,35 @@ def test_a_prediction_holding_the_gil_past_dead_after_s_is_computed_once(tmp_pat
         _settle(tmp_path, config, redis, proc, log)
     finally:
         assert stop(proc) == 0, log.read_text()
+
+
+def test_a_worker_killed_in_a_gil_held_prediction_has_its_job_handed_over_at_once(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """The announced hold would keep the job for job_timeout_s + 5 s + 2 x dead_after_s (145 s here);
+    `depthq up` saw the death, so it marks the job abandoned and the other worker takes it at its next
+    maintenance (every dead_after_s / 2)."""
+    config = _config(tiny_model, job_timeout_s=120)
+    held_s = 20
+    proc, log = start_up(tmp_path, config, env={**FAULTS, "FAULT_HOLDS_GIL": "1", "FAULT_SLEEP_S": str(held_s)})
+    inbox, out = tmp_path / "inbox", tmp_path / "depth-out"
+    try:
+        redis = _ready(proc, log, tmp_path, 2)
+        solid_png(inbox / "long.png", "cyan")
+        wait_for(lambda: bool(redis.keys(attempts.attempts_key("depthq", "*"))), "the photo's first attempt")
+        (key,) = redis.keys(attempts.attempts_key("depthq", "*"))
+        jid = key.decode().rsplit(":", 1)[1]
+        wait_for(lambda: _stage(redis, jid) == "inferring", "the prediction to start")
+        holder = int(Job.fetch(jid, connection=redis, serializer=SERIALIZER).worker_name.rsplit(".", 1)[1])
+        os.kill(holder, signal.SIGKILL)
+        # Bounded well below the announced hold: only the hand-over at the death gets there in time.
+        wait_for(lambda: redis.hget(key, "started") == b"2", "the other worker to take the job up", timeout=60)
+        wait_for(lambda: (out / "long.png.json").exists(), f"the photo done by the other worker ({log})", timeout=120)
+        assert f"worker pid {holder} died in job {jid}" in log.read_text()
+        _settle(tmp_path, config, redis, proc, log)
+    finally:
+        assert stop(proc) == 0, log.read_text()
+
+
+def _stage(redis: Redis, jid: str) -> str | None:
+    return Job.fetch(jid, connection=redis, serializer=SERIALIZER).get_meta(refresh=True).get("stage")
