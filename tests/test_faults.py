@@ -359,3 +359,14 @@ def test_an_error_escaping_rqs_loop_exits_75_for_the_service_manager_to_restart(
     assert "found an unhandled exception" in text and "WRONGTYPE" in text, text
     assert "stopped with no stop asked for" in text and "exiting 75" in text, text
     assert_end_state(config, redis_client)
+
+
+def test_an_idle_worker_asked_to_stop_exits_0(config: Config, redis_client: Redis, spawn_worker) -> None:
+    """rq records a stop request only for a busy worker: an idle one gets StopRequested raised in its
+    wait, and a worker judging its exit by rq's flag alone said 75, "no stop asked for", to every
+    SIGTERM while idle. A stop asked for ends with 0 however idle the worker is."""
+    worker = spawn_worker()
+    wait_for(lambda: _waiting_on_the_lanes(redis_client), "the worker waiting on the lanes", 60)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0
+    settle(config, redis_client)

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -129,6 +130,13 @@ class DepthWorker(SimpleWorker):
         self._in_hand: tuple[Job, Execution, float] | None = None
         # While a prediction holds the GIL: the monotonic time until which others must leave its job alone.
         self._held_until: float | None = None
+        # A stop was asked for (SIGTERM, SIGINT, rq's shutdown command): the exit is then 0. rq itself
+        # records it only for a busy worker; an idle one just raises StopRequested.
+        self.stop_asked = False
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_asked = True
+        super().request_stop(signum, frame)
 
     def subscribe(self) -> None:
         """rq's command channel (kill a job, shut down from the dashboard), polled each second.
@@ -593,7 +601,7 @@ def exit_code(worker: DepthWorker, burst: bool) -> int:
     returns as if asked to stop. A 0 then would leave the worker down for good under launchd, whose
     KeepAlive {SuccessfulExit: false} restarts only a failed exit; EX_TEMPFAIL (75) is restarted
     there, under systemd and by `depthq up`."""
-    if burst or worker._stop_requested:
+    if burst or worker.stop_asked:
         return 0
     log.error(
         "worker %s stopped with no stop asked for (the error above); exiting %d so its service manager starts it again",
