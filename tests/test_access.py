@@ -84,3 +84,14 @@ def test_a_folder_privacy_protects_names_the_binary_to_grant_on_macos(
         check_folder_access(config)
     assert f"producer.watch {protected}: cannot list the photos" in str(refused.value)
     assert granted_binary() in str(refused.value) and "Full Disk Access" in str(refused.value)
+
+
+def test_a_folder_that_is_not_there_is_neither_made_nor_judged(make_config: Callable[..., Config]) -> None:
+    """A worker serving only the redis transport has no output folder, and a share not mounted yet is
+    an outage its jobs ride out: neither stops the worker, and the check makes nothing."""
+    from worker.access import check_folder_access
+
+    config = make_config()
+    assert not config.output.dir.exists()
+    check_folder_access(config)
+    assert not config.output.dir.exists()

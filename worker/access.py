@@ -7,7 +7,9 @@ looks once at start, before the minutes of a first model load, and exits 75 nami
 binary to grant access to; its service manager starts it again, and it works once access is given.
 
 Only a refusal counts here (EPERM, EACCES). A full disk or a share not mounted yet is an outage the
-jobs ride out with back-off; the worker starts.
+jobs ride out with back-off; the worker starts. A folder that is not there is not made or judged: a
+worker serving only the redis transport never has one (its jobs carry the photo and the result), and
+one that is merely unmounted is the outage above.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -59,13 +62,14 @@ def check_folder_access(config: Config) -> None:
         if exc.errno in REFUSED:
             raise _refusal(watch, "producer.watch", "list the photos", exc) from None
     try:
-        output.mkdir(parents=True, exist_ok=True)
+        if not stat.S_ISDIR(output.stat().st_mode):
+            return
         # A temporary name (depthq.files): one left by a kill here is removed like any writer's.
         fd, probe = tempfile.mkstemp(dir=output, prefix=".depthq-access-probe.", suffix=".tmp")
     except OSError as exc:
         if exc.errno in REFUSED:
             raise _refusal(output, "output.dir", "write there", exc) from None
-        return
+        return  # not there (see the module's docstring: nothing is made here), or an outage
     os.close(fd)
     with contextlib.suppress(OSError):
         os.unlink(probe)
