@@ -82,8 +82,6 @@ class CoreMLContract:
     depth_output: str
     fov_output: str | None
     width_input: str | None
-    # The width input's element type: the pruned exports declare Float16, the others Float32.
-    width_dtype: str = "float32"
     # The spec's user-defined metadata (depthq's conversions record source and compression there).
     metadata: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -194,7 +192,6 @@ def detect_contract(spec: Any, source: str) -> CoreMLContract:
         depth_output=depth.name,
         fov_output=fov.name if fov else None,
         width_input=width_input.name if width_input else None,
-        width_dtype="float16" if width_input and width_input.type.endswith("float16") else "float32",
         metadata=dict(spec.description.metadata.userDefined),
     )
 
