@@ -43,6 +43,7 @@ from depthq.contract import (
 )
 from depthq.environment import describe, free_space, is_environment_failure
 from depthq.files import json_bytes, remove_stale_temps, write_outputs
+from depthq.outage import Outage
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class Collector:
         self.decompressor = zstandard.ZstdDecompressor()
         self.collected = 0
         # Whether the last write met a full or failing disk: the outage and its end are said once each.
-        self.disk_failing = False
+        self.disk_failing = Outage()
 
     def ensure_group(self) -> None:
         try:
@@ -244,7 +245,7 @@ class Collector:
                 self.connection.delete(key)
         except RedisError as redis_exc:
             log.warning("collector: could not record the output folder's state for depthq status (%s)", redis_exc)
-        if exc is not None and not self.disk_failing:
+        if exc is not None and self.disk_failing.begins():
             log.error(
                 "collector: cannot write into %s (%s, %s); the results wait in Redis and are written once "
                 "it takes writes again: free space there (or fix the mount)",
@@ -252,9 +253,8 @@ class Collector:
                 describe(exc),
                 free_space(self.output_root),
             )
-        elif exc is None and self.disk_failing:
+        elif exc is None and self.disk_failing.ends():
             log.warning("collector: %s takes writes again; the results held back follow", self.output_root)
-        self.disk_failing = exc is not None
 
     def _decode(self, source: str, stored: dict[Any, Any]) -> dict[str, bytes]:
         files: dict[str, bytes] = {}

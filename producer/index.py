@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from depthq.environment import describe, is_environment_failure
+from depthq.outage import Outage
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class PhotoIndex:
         self._lock = threading.Lock()
         self._lock_file: int | None = None
         # Whether the last write was refused by the disk: the outage and its end are said once each.
-        self.failing = False
+        self.failing = Outage()
         # Whether the last read failed (said once): a reader then stops asking, and reads sidecars.
         self._unreadable = False
         if not self.in_memory and not read_only:
@@ -236,7 +237,7 @@ class PhotoIndex:
 
     def _refused(self, exc: sqlite3.Error) -> None:
         """A write the disk refused (or a file gone bad): said once, and the index carries on without it."""
-        if not self.failing:
+        if self.failing.begins():
             how = "the disk refuses writes" if is_environment_failure(exc) else "SQLite refuses it"
             log.error(
                 "the photo index %s cannot be written (%s: %s); rescans go on and read sidecars where it has "
@@ -245,12 +246,10 @@ class PhotoIndex:
                 how,
                 describe(exc),
             )
-        self.failing = True
 
     def _wrote(self) -> None:
-        if self.failing:
+        if self.failing.ends():
             log.warning("the photo index %s takes writes again", self.path)
-        self.failing = False
 
     def folder(self, folder: str) -> tuple[dict[str, tuple[int, int, str]], dict[str, Queued], int | None]:
         """Everything known about the photos directly in `folder` ('' for the root): name -> (size,

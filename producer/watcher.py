@@ -41,6 +41,7 @@ from depthq.config import Config
 from depthq.contract import short_hostname, watches_key
 from depthq.files import stale_temp_age_s
 from depthq.metrics import serve
+from depthq.outage import Outage
 from producer.enqueue import Enqueuer, SourceError, Submitted
 from producer.index import PhotoIndex, Queued
 from producer.metrics import ProducerMetrics
@@ -147,7 +148,7 @@ class Watcher:
         self.enqueuer = enqueuer
         self.backfill = Enqueuer(config, enqueuer.connection, lane="backfill")
         self.metrics = metrics
-        self.redis_full = False
+        self.redis_full = Outage()
         # (watches held, folders walked) at the last rescan; Linux inotify only.
         self.watch_counts: tuple[int, int] | None = None
         self._watch_shortfall_said = False
@@ -368,13 +369,12 @@ class Watcher:
         """Look again after the settle time. A Redis at maxmemory refuses every photo for as long as it
         lasts: that is said once (and once more when it clears), not once per photo per look."""
         if isinstance(exc, OutOfMemoryError):
-            if not self.redis_full:
+            if self.redis_full.begins():
                 log.error(
                     "Redis is full (%s): new photos wait on disk until it takes writes again; raise its "
                     "maxmemory or free memory there",
                     exc,
                 )
-                self.redis_full = True
             log.debug("could not enqueue %d photo(s) yet: Redis is full", len(paths))
         else:
             log.warning("could not enqueue %d photo(s) yet (%s), %s; will retry", len(paths), exc, paths[0])
@@ -385,9 +385,8 @@ class Watcher:
     def _record(self, results: list[tuple[Path, Submitted]]) -> None:
         given: list[tuple[Path, Queued]] = []
         for path, result in results:
-            if self.redis_full:
+            if self.redis_full.ends():
                 log.warning("Redis takes writes again; the photos that waited follow")
-                self.redis_full = False
             self._count(result.outcome)
             if result.outcome in ("changed", "deferred"):
                 # Still being written, or Redis is full (redis transport): look again after the settle time.
