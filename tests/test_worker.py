@@ -135,7 +135,9 @@ def test_bad_photo_gets_an_error_file_no_retry_and_the_worker_goes_on(
 
     attempts: list[str] = []
     real = job_module.process
-    monkeypatch.setattr(job_module, "process", lambda payload: attempts.append(payload["source"]) or real(payload))
+    monkeypatch.setattr(
+        job_module, "process", lambda rt, payload: attempts.append(payload["source"]) or real(rt, payload)
+    )
     broken = config.producer.watch / "broken.jpg"
     broken.write_text("this is not a JPEG")
     good = write_jpeg(config.producer.watch / "good.jpg")

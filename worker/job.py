@@ -1,7 +1,8 @@
 """The depthq job: one photo in, its depth set out. This is the only function a depthq worker runs.
 
 Data flows one way: payload -> source bytes -> backend -> metric depth -> store. The worker process
-installs a `Runtime` (loaded backend, store, settings) once at start; every job reuses it.
+builds a `Runtime` (loaded backend, transports, settings) once at start, and its `DepthJob` hands it
+to every job as arq hands `ctx`: `process(runtime, payload)`. Nothing here is module state.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from depthq.contract import (
     record_completion,
     record_recent,
 )
+from depthq.outage import Outage
 from worker.backends.base import Backend, describe_model
 from worker.depth import metric_depth
 from worker.errors import (
@@ -60,7 +62,7 @@ from worker.images import load_image
 from worker.metrics import WorkerMetrics
 from worker.preview import preview_png
 from worker.store import HandedOverError, SupersededError
-from worker.transport import AlreadyDoneError, Photo, PhotoGoneError, SharedTransport, Transport
+from worker.transport import AlreadyDoneError, Copies, Photo, PhotoGoneError, Transport
 
 # The job's result, as rq stores it: the photo it was computed for (a byte-identical copy's name, when
 # the job's own photo was gone), the copies that got the same result, and the timings.
@@ -83,21 +85,7 @@ class Runtime:
     # prediction holding the GIL); nothing outside a worker.
     predicting: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
     # Whether this worker's last write to the output folder failed: the outage and its end are said once each.
-    output_failing: bool = False
-
-
-_runtime: Runtime | None = None
-
-
-def install(runtime: Runtime) -> None:
-    global _runtime
-    _runtime = runtime
-
-
-def _current_runtime() -> Runtime:
-    if _runtime is None:
-        raise RuntimeError("worker.job.process runs only inside a depthq worker (depthq work)")
-    return _runtime
+    output_failing: Outage = field(default_factory=Outage)
 
 
 def _ms(seconds: float) -> float:
@@ -224,19 +212,19 @@ def _scene(rt: Runtime, rgb: np.ndarray, camera: Camera) -> Scene:
 
 
 def _try_copy(
-    rt: Runtime, io: SharedTransport, p: JobPayload, job_id: str, photo: Photo, t0: float, queue_wait: float
+    rt: Runtime, copies: Copies, p: JobPayload, job_id: str, photo: Photo, t0: float, queue_wait: float
 ) -> JobResult | None:
     """A byte-identical photo was already computed: reuse its stored result instead of the model."""
     assert p.same_as is not None
     if p.same_as == p.source:
         return None  # its own earlier result: that is no copy, and the photo is computed
-    stored = io.output.read_result(p.same_as)
+    stored = copies.stored_result(p.same_as)
     sha = hashlib.sha256(photo.data).hexdigest()
-    stored_model = stored[2].get("model", {}) if stored is not None else {}
+    stored_model = stored.sidecar.get("model", {}) if stored is not None else {}
     asked_for = stored_model.get("requested") or stored_model.get("source") or stored_model.get("name")
-    if stored is None or stored[2].get("sha256") != sha or asked_for != p.model:
+    if stored is None or stored.sidecar.get("sha256") != sha or asked_for != p.model:
         return None
-    depth, preview, sidecar = stored
+    depth, preview, sidecar = stored.depth, stored.preview, stored.sidecar
     t_write = time.perf_counter()
     timings = {"queue_wait": _ms(queue_wait), "decode": 0.0, "inference": 0.0, "postprocess": 0.0}
     camera = _stored_camera(sidecar)
@@ -245,26 +233,27 @@ def _try_copy(
         # The point cloud's colours: a decode, still far cheaper than the model.
         image = load_image(photo.data, p.source, rt.config.worker.max_image_pixels)
         scene = _scene(rt, image.rgb, camera)
-    io.output.write_data(p.source, depth, preview, p.outputs, scene)
+    copies.output.write_data(p.source, depth, preview, p.outputs, scene)
     timings["write"] = _ms(time.perf_counter() - t_write)
     timings["total"] = _ms(time.perf_counter() - t0 + queue_wait)
     copied = {**_sidecar_for(sidecar, p.source, job_id, timings), "copied_from": p.same_as}
     copied["camera"] = camera.to_dict() if camera is not None else None
-    io.output.write_sidecar(p.source, {**copied, "source_stat": photo.stamp})
+    copies.output.write_sidecar(p.source, {**copied, "source_stat": photo.stamp})
     log.info("%s: depth copied from %s, %s ms (job %s)", p.source, p.same_as, timings, job_id)
     return {"source": p.source, "copied_from": p.same_as, "aliases": [], "timings_ms": timings}
 
 
-def _read_photo(rt: Runtime, io: Transport, p: JobPayload, job: Job | None) -> tuple[JobPayload, Photo]:
+def _read_photo(rt: Runtime, transport: Transport, p: JobPayload, job: Job | None) -> tuple[JobPayload, Photo]:
     """The job's photo; if it is no longer at its name (moved or deleted while queued), a byte-identical
     copy queued as its alias is read instead, and the job is that copy's: a photo moved inside the
     folder gets its depth under its new name at once, not at the next rescan."""
     job_id = job.id if job else "local"
     try:
-        return p, io.read(p, job_id)
+        return p, transport.read(p, job_id)
     except SourceGoneError:
         # Only a name with no file: a photo there that cannot be read gets its own error file.
-        if job is None or not isinstance(io, SharedTransport) or p.same_as is not None:
+        copies = transport.copies
+        if job is None or copies is None or p.same_as is not None:
             raise
         # First the copies queued so far; then, closing the set (an empty done marker, so a copy arriving
         # from now on gets a job of its own at once), the ones that came meanwhile.
@@ -272,7 +261,7 @@ def _read_photo(rt: Runtime, io: Transport, p: JobPayload, job: Job | None) -> t
             aliases = take(rt, job_id)
             for i, alias in enumerate(aliases):
                 try:
-                    photo = io.read_source(p.root, alias)
+                    photo = copies.read_copy(p.root, alias)
                 except SourceUnreadableError:
                     continue
                 if hashlib.sha256(photo.data).hexdigest() != p.sha256:
@@ -289,10 +278,11 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> JobResult:
     queue_wait = _queue_wait_s(job)
     job_id = job.id if job else "local"
     _stage(rt, job, "decoding")
-    io = rt.transports[p.transport]
-    p, photo = _read_photo(rt, io, p, job)
-    if p.same_as is not None and isinstance(io, SharedTransport):
-        copied = _try_copy(rt, io, p, job_id, photo, t0, queue_wait)
+    transport = rt.transports[p.transport]
+    copies = transport.copies
+    p, photo = _read_photo(rt, transport, p, job)
+    if p.same_as is not None and copies is not None:
+        copied = _try_copy(rt, copies, p, job_id, photo, t0, queue_wait)
         if copied is not None:
             return copied
     sha = hashlib.sha256(photo.data).hexdigest()
@@ -366,7 +356,7 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> JobResult:
         warnings.append("the photo changed after it was enqueued; this result is for its current content")
     if warnings:
         sidecar["warnings"] = warnings
-    store = io.store(job_id, p, photo)
+    store = transport.store(job_id, p, photo)
     store.write_data(p.source, depth, preview, p.outputs, scene)
     timings["write"] = _ms(time.perf_counter() - t_post)
     timings["total"] = _ms(time.perf_counter() - t0 + queue_wait)
@@ -375,15 +365,15 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> JobResult:
     # otherwise they stay in the set and the producer gives them their own job on its next look.
     # (The redis transport queues none: a worker there cannot read a copy's file.)
     aliases = _drain_aliases(rt, job_id, p.source) if job and sha == p.sha256 else []
-    for alias in aliases if isinstance(io, SharedTransport) else []:
+    for alias in aliases if copies is not None else []:
         sidecar_alias = _sidecar_for(sidecar, alias, job_id, timings)
-        _write_alias(io, alias, sha, depth, preview, sidecar_alias, p, scene)
+        _write_alias(copies, alias, sha, depth, preview, sidecar_alias, p, scene)
     log.info("%s: depth %.2f-%.2f m, %s ms (job %s)", p.source, stats["min"], stats["max"], timings, job_id)
     return {"source": p.source, "aliases": aliases, "timings_ms": timings}
 
 
 def _write_alias(
-    io: SharedTransport,
+    copies: Copies,
     alias: str,
     sha: str,
     depth: np.ndarray,
@@ -394,7 +384,7 @@ def _write_alias(
 ) -> None:
     """Outputs for a byte-identical copy, stamped with the copy's own stat, if it still holds that content."""
     try:
-        photo = io.read_source(p.root, alias)
+        photo = copies.read_copy(p.root, alias)
     except BadInputError as exc:
         log.warning("not writing the copy's result: %s", exc)
         return
@@ -402,7 +392,7 @@ def _write_alias(
         log.info("%s changed since it was queued as a copy of %s; it gets its own job", alias, p.source)
         return
     sidecar.update(copied_from=p.source, source_stat=photo.stamp)
-    io.output.write_result(alias, depth, preview, sidecar, p.outputs, scene)
+    copies.output.write_result(alias, depth, preview, sidecar, p.outputs, scene)
 
 
 def _record_failure(rt: Runtime, p: JobPayload, job: Job | None, exc: BaseException) -> None:
@@ -411,16 +401,17 @@ def _record_failure(rt: Runtime, p: JobPayload, job: Job | None, exc: BaseExcept
     rescan (zero-byte files, which all share one hash, are the common case). Not for a photo that could
     not be read at its name: that says nothing of the content, and `_read_photo` tried the copies."""
     kind = "timed_out" if isinstance(exc, JobTimeoutException) else getattr(exc, "kind", type(exc).__name__)
-    io = rt.transports[p.transport]
+    transport = rt.transports[p.transport]
+    copies = transport.copies
     job_id = job.id if job else "local"
-    store = io.store(job_id)
-    store.write_error(p.source, error_record(p.source, job_id, kind, str(exc), io.stamp(p)))
+    store = transport.store(job_id)
+    store.write_error(p.source, error_record(p.source, job_id, kind, str(exc), transport.stamp(p)))
     named = [p.source]
     same_content = not isinstance(exc, SourceUnreadableError)
-    if job is not None and isinstance(io, SharedTransport) and p.same_as is None and same_content:
+    if job is not None and copies is not None and p.same_as is None and same_content:
         for alias in _close_aliases(rt, job_id):
             try:
-                photo = io.read_source(p.root, alias)
+                photo = copies.read_copy(p.root, alias)
             except BadInputError:
                 continue
             if hashlib.sha256(photo.data).hexdigest() != p.sha256:
@@ -482,11 +473,10 @@ def _output_trouble(rt: Runtime, exc: OutputUnavailableError | None) -> None:
             rt.connection.set(alert_key(rt.config.queue.name, "output"), message, ex=_ALERT_TTL_S)
         except RedisError as redis_exc:
             log.warning("could not record the output folder's state for depthq status (%s)", redis_exc)
-    if exc is not None and not rt.output_failing:
+    if exc is not None and rt.output_failing.begins():
         log.error("%s", exc)
-    elif exc is None and rt.output_failing:
+    elif exc is None and rt.output_failing.ends():
         log.warning("output.dir %s takes writes again; the photos held back follow", rt.config.output.dir)
-    rt.output_failing = exc is not None
 
 
 def _failed(rt: Runtime) -> None:
@@ -518,8 +508,9 @@ def _judge_deaths(rt: Runtime, p: JobPayload, before: attempts.Attempts) -> None
     )
 
 
-def process(payload: dict[str, Any]) -> JobResult:
-    rt = _current_runtime()
+def process(rt: Runtime, payload: dict[str, Any]) -> JobResult:
+    """The job function (`depthq.contract.JOB_FUNCTION`). `DepthJob` passes `rt` before the payload
+    the producer enqueued; rq's own workers are refused it (they have no runtime to pass)."""
     job = get_current_job()
     try:
         p = JobPayload.from_dict(payload)

@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -41,6 +42,15 @@ class HandedOverError(Exception):
     def __init__(self, job_id: str, owner: str):
         super().__init__(f"job {job_id} was handed to {owner} while this worker was out of reach; its copy is dropped")
         self.owner = owner
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """A photo's whole output set read back: what a byte-identical copy reuses instead of the model."""
+
+    depth: np.ndarray
+    preview: bytes
+    sidecar: dict[str, Any]
 
 
 class Store(Protocol):
@@ -150,7 +160,7 @@ class OutputStore:
         self.write_data(source, depth, preview, formats, scene)
         self.write_sidecar(source, sidecar)
 
-    def read_result(self, source: str) -> tuple[np.ndarray, bytes, dict[str, Any]] | None:
+    def read_result(self, source: str) -> StoredResult | None:
         """The stored depth, preview and sidecar of `source`, or None if any is missing or unreadable."""
         try:
             sidecar = json.loads(self.path(source, "json").read_text(encoding="utf-8"))
@@ -158,7 +168,7 @@ class OutputStore:
             preview = self.path(source, "preview").read_bytes()
         except (OSError, ValueError):
             return None
-        return depth, preview, sidecar
+        return StoredResult(depth, preview, sidecar)
 
     def write_error(self, source: str, error: dict[str, Any]) -> None:
         if self.fence is not None:

@@ -3,7 +3,8 @@
 shared: the photo is a file under this host's mount of the job's named root, and the outputs go
 into `output.dir`, a folder every host shares. redis: the producer put the photo's bytes in Redis,
 and the outputs go back through Redis to the collector on the producer's host; this host needs no
-shared disk at all. The job code above this sees the same two calls either way.
+shared disk at all. The job code above this sees the same calls either way, and asks a transport
+what it can do (`copies`), never which one it is.
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ from depthq.contract import (
 )
 from depthq.environment import is_environment_failure
 from worker.errors import BadInputError, ExpectedError, SourceGoneError, SourceUnavailableError, SourceUnreadableError
-from worker.store import HandedOverError, OutputStore, RedisResultStore, Store, SupersededError, job_owner
+from worker.store import (
+    HandedOverError,
+    OutputStore,
+    RedisResultStore,
+    Store,
+    StoredResult,
+    SupersededError,
+    job_owner,
+)
 
 
 class PhotoGoneError(ExpectedError):
@@ -57,7 +66,27 @@ class Photo:
     stamp: dict[str, int]
 
 
+class Copies(Protocol):
+    """What lets byte-identical photos share one computation: reading a copy by its name (an alias
+    queued while its job was pending) and an earlier result (a `same_as` job), and writing a copy's
+    outputs. Only a transport whose workers see the watched folder and the output folder has it."""
+
+    # Where a copy's outputs go: the output folder itself (a copy's set is its own; no fence).
+    output: OutputStore
+
+    def read_copy(self, root: str, source: str) -> Photo: ...
+
+    def stored_result(self, source: str) -> StoredResult | None:
+        """The depth, preview and sidecar stored for `source`, or None if it has no whole set."""
+        ...
+
+
 class Transport(Protocol):
+    @property
+    def copies(self) -> Copies | None:
+        """How byte-identical copies share a result here, or None where they cannot (each its own job)."""
+        ...
+
     def read(self, p: JobPayload, job_id: str) -> Photo: ...
 
     def stamp(self, p: JobPayload) -> dict[str, int] | None:
@@ -131,11 +160,18 @@ class SharedTransport:
         except PayloadError as exc:
             raise RootNotMappedError(str(exc)) from None
 
-    def read(self, p: JobPayload, job_id: str) -> Photo:
-        return self.read_source(p.root, p.source)
+    @property
+    def copies(self) -> SharedTransport:
+        return self
 
-    def read_source(self, root: str, source: str) -> Photo:
+    def read(self, p: JobPayload, job_id: str) -> Photo:
+        return self.read_copy(p.root, p.source)
+
+    def read_copy(self, root: str, source: str) -> Photo:
         return read_file(source_path(self.folder(root), source), source)
+
+    def stored_result(self, source: str) -> StoredResult | None:
+        return self.output.read_result(source)
 
     def stamp(self, p: JobPayload) -> dict[str, int] | None:
         # Stamped as the producer sees it (following links, even out of the root: stat reads no
@@ -172,6 +208,11 @@ class RedisTransport:
         self.config = config
         self.connection = connection
         self.worker_name = worker_name
+
+    @property
+    def copies(self) -> None:
+        """None: a worker here reads no file, so a copy is a job of its own (the producer sends it so)."""
+        return None
 
     def read(self, p: JobPayload, job_id: str) -> Photo:
         data = self.connection.get(photo_key(self.config.queue.name, job_id))

@@ -51,6 +51,7 @@ from depthq.contract import (
     taking_key,
 )
 from depthq.metrics import serve
+from depthq.outage import Outage
 from depthq.taking import alive_key, give_back, give_back_dead
 from worker import job as job_module
 from worker.access import check_folder_access
@@ -82,12 +83,22 @@ class _RoutineAtDebug(logging.LoggerAdapter):
 
 
 class DepthJob(Job):
-    """Refuses, unrun, any job that names a function other than depthq's."""
+    """Refuses, unrun, any job that names a function other than depthq's, and hands depthq's the
+    worker's `Runtime` before the payload, as arq hands `ctx`: the job module keeps no state."""
+
+    # Set by the worker that runs the job (`DepthWorker.execute_job`).
+    runtime: job_module.Runtime | None = None
 
     def perform(self) -> Any:
         if self.func_name != JOB_FUNCTION:
             raise RefusedJobError(f"job {self.id} names {self.func_name!r}; depthq workers run only {JOB_FUNCTION}")
+        if self.runtime is None:
+            raise RuntimeError(f"job {self.id}: {JOB_FUNCTION} runs only inside a depthq worker (depthq work)")
         return super().perform()
+
+    def _execute(self) -> Any:
+        # rq's perform() makes this the current job (get_current_job) around this call.
+        return self.func(self.runtime, *self.args, **self.kwargs)
 
 
 # How long rq's command-channel thread may block: also how long it takes to stop.
@@ -120,7 +131,9 @@ class DepthWorker(SimpleWorker):
         self.job_timeout_s = job_timeout_s
         self.retry_backoff_s = retry_backoff_s or [10]
         self.backend = backend
-        self.redis_full = False
+        # What every job is handed (`DepthJob`); `build_worker` makes it once the worker exists.
+        self.runtime: job_module.Runtime | None = None
+        self.redis_full = Outage()
         self.log = _RoutineAtDebug(self.log, {})
         # Redis keys are named by the live lane's name (`queue.name`), as everywhere in depthq.
         self.depthq_queue = self.queues[0].name
@@ -164,21 +177,19 @@ class DepthWorker(SimpleWorker):
             try:
                 result = call()
             except OutOfMemoryError as exc:
-                if not self.redis_full:
+                if self.redis_full.begins():
                     self.log.error(
                         "Redis is full (%s): waiting until it takes writes again; raise its maxmemory or "
                         "free memory there (results waiting for a collector, old failed jobs)",
                         exc,
                     )
-                    self.redis_full = True
                 if self._stop_requested:
                     raise StopRequested() from None
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
                 continue
-            if self.redis_full:
+            if self.redis_full.ends():
                 self.log.warning("Redis takes writes again")
-                self.redis_full = False
             return result
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
@@ -284,6 +295,8 @@ class DepthWorker(SimpleWorker):
         if execution is None:
             self.set_state(WorkerStatus.IDLE)
             return
+        if isinstance(job, DepthJob):
+            job.runtime = self.runtime
         self._in_hand = (job, execution, time.monotonic())
         stop = threading.Event()
         beat = threading.Thread(target=self._heartbeat_while, args=(job, execution, stop), daemon=True)
@@ -488,20 +501,18 @@ def build_worker(
         default_result_ttl=config.queue.result_ttl_s,
         backend=backend,
     )
-    job_module.install(
-        job_module.Runtime(
-            predicting=worker.predicting,
-            config=config,
-            backend=backend,
-            transports={
-                "shared": SharedTransport(config, OutputStore(config.output.dir), connection, name),
-                "redis": RedisTransport(config, connection, name),
-            },
-            host=short_hostname(),
-            worker_name=name,
-            connection=connection,
-            metrics=metrics,
-        )
+    worker.runtime = job_module.Runtime(
+        predicting=worker.predicting,
+        config=config,
+        backend=backend,
+        transports={
+            "shared": SharedTransport(config, OutputStore(config.output.dir), connection, name),
+            "redis": RedisTransport(config, connection, name),
+        },
+        host=short_hostname(),
+        worker_name=name,
+        connection=connection,
+        metrics=metrics,
     )
     return worker
 
