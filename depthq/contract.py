@@ -315,7 +315,17 @@ def output_path(output_root: Path, source: str, kind: str) -> Path:
     return output_root.joinpath(*rel.parts[:-1], output_name(rel.name, kind))
 
 
-def source_stamp(st: os.stat_result) -> dict[str, int]:
+# A photo's stamp as a sidecar or an error file records it: {size, mtime}.
+Stamp = dict[str, int]
+
+
+def recorded_stamp(record: Any) -> Stamp | None:
+    """The `source_stat` a sidecar or an error file records: which version of the photo it is for."""
+    stamp = record.get("source_stat") if isinstance(record, dict) else None
+    return stamp if isinstance(stamp, dict) else None
+
+
+def source_stamp(st: os.stat_result) -> Stamp:
     """What a sidecar records of the photo it describes. Whole seconds, because shares (SMB, NFS)
     report mtimes at different precisions on different hosts."""
     return {"size": st.st_size, "mtime": int(st.st_mtime)}
@@ -331,8 +341,8 @@ def finished_kind(output_root: Path, source: str, st: os.stat_result) -> str | N
     stamp = source_stamp(st)
     for kind in ("json", "error"):
         try:
-            recorded = json.loads(output_path(output_root, source, kind).read_bytes()).get("source_stat")
-        except (OSError, ValueError, AttributeError):
+            recorded = recorded_stamp(json.loads(output_path(output_root, source, kind).read_bytes()))
+        except (OSError, ValueError):
             continue
         if recorded == stamp:
             return kind

@@ -62,11 +62,13 @@ from depthq.contract import (
     make_queue,
     output_base,
     output_path,
+    recorded_stamp,
     result_key,
     source_stamp,
     taking_pattern,
 )
 from depthq.files import is_temp_name, remove_stale_temps_in, stale_temp_age_s
+from depthq.sidecar import Sidecar
 from producer.enqueue import Enqueuer, SourceError, Submitted
 from producer.index import INDEX_FILES, PhotoIndex
 from producer.readiness import Eligibility
@@ -342,12 +344,12 @@ class Auditor:
                 now = {"size": size, "mtime": mtime}
                 if has_json:
                     sidecar = self._read(os.path.join(out_dir, base + json_suffix))
-                    recorded["json"] = sidecar.get("source_stat") if sidecar is not None else None
+                    recorded["json"] = recorded_stamp(sidecar)
                     if recorded["json"] == now:
                         kind = "json"
                 if kind is None and has_error:
                     error = self._read(os.path.join(out_dir, base + ERROR_SUFFIX))
-                    recorded["error"] = error.get("source_stat") if error is not None else None
+                    recorded["error"] = recorded_stamp(error)
                     if recorded["error"] == now:
                         kind = "error"
             source = prefix + name
@@ -356,14 +358,15 @@ class Auditor:
                 report.add("both", {"source": source, "records_this_version": current})
             if kind == "json" and self.check_hash:
                 if sidecar is None:
-                    sidecar = self._read(os.path.join(out_dir, base + json_suffix)) or {}
+                    sidecar = self._read(os.path.join(out_dir, base + json_suffix))
+                said = Sidecar.from_dict(sidecar, source=prefix + name)
                 photo = self._hash(os.path.join(path, name))
-                if photo is not None and sidecar.get("sha256") and sidecar["sha256"] != photo:
+                if photo is not None and said is not None and said.sha256 and said.sha256 != photo:
                     stale = {
                         "file": "json",
-                        "recorded": sidecar.get("source_stat"),
+                        "recorded": said.source_stat,
                         "now": _stamp(st),
-                        "sha256_recorded": sidecar["sha256"],
+                        "sha256_recorded": said.sha256,
                         "sha256_now": photo,
                     }
                     self._wait(_Unfinished(source, os.path.join(path, name), st, None, stale, force=True, sha256=photo))
@@ -646,7 +649,7 @@ class Auditor:
     def _finished(self, source: str, st: os.stat_result) -> str | None:
         for kind in ("json", "error"):
             record = self._read(str(output_path(self.output_root, source, kind)))
-            if record is not None and record.get("source_stat") == _stamp(st):
+            if recorded_stamp(record) == _stamp(st):
                 return kind
         return None
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from depthq.contract import MAX_KEPT_NAME, output_base
+from depthq.sidecar import Sidecar
 from tests import disk
 from tests.endstate import temporary_files
 from worker.errors import OutputUnavailableError
@@ -55,7 +56,9 @@ def test_every_name_the_filesystem_takes_gets_its_outputs(tmp_path: Path, length
     assert len(name.encode()) == length
     store = OutputStore(tmp_path)
     store.write_data(f"day/{name}", np.ones((4, 4), np.float32), _preview(), ["tiff", "png16"])
-    store.write_sidecar(f"day/{name}", {"source": f"day/{name}"})
+    sidecar = Sidecar.from_dict({"source": f"day/{name}"})
+    assert sidecar is not None
+    store.write_sidecar(f"day/{name}", sidecar)
     written = sorted(p.name for p in (tmp_path / "day").iterdir())
     base = output_base(name)
     assert (base == name) == (length <= MAX_KEPT_NAME)

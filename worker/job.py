@@ -17,7 +17,6 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,7 @@ from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
 from depthq import attempts
-from depthq.camera import Camera, pinhole
+from depthq.camera import Camera
 from depthq.config import Config
 from depthq.contract import (
     Completion,
@@ -38,11 +37,11 @@ from depthq.contract import (
     aliases_key,
     done_key,
     error_record,
-    output_name,
     record_completion,
     record_recent,
 )
 from depthq.outage import Outage
+from depthq.sidecar import Sidecar
 from worker.backends.base import Backend, describe_model
 from worker.depth import metric_depth
 from worker.errors import (
@@ -183,29 +182,6 @@ def depth_stats(depth: np.ndarray, model_side: int) -> dict[str, Any]:
     return {"unit": "m", "min": float(depth.min()), "max": float(depth.max()), "median": median}
 
 
-def _sidecar_for(sidecar: dict[str, Any], source: str, job_id: str, timings: dict[str, float]) -> dict[str, Any]:
-    npy_name = output_name(Path(source).name, "npy")
-    return {
-        **sidecar,
-        "source": source,
-        "depth": {**sidecar["depth"], "file": npy_name},
-        "timings_ms": timings,
-        "job_id": job_id,
-        "created_at": datetime.now(UTC).isoformat(),
-    }
-
-
-def _stored_camera(sidecar: dict[str, Any]) -> Camera | None:
-    """A stored result's camera; sidecars from before `camera` existed have what it is made of."""
-    camera = Camera.from_dict(sidecar.get("camera"))
-    if camera is not None:
-        return camera
-    f_px, width, height = (sidecar.get(k) for k in ("focal_length_px", "width", "height"))
-    if isinstance(f_px, int | float) and f_px > 0 and isinstance(width, int) and isinstance(height, int):
-        return pinhole(f_px, width, height)
-    return None
-
-
 def _scene(rt: Runtime, rgb: np.ndarray, camera: Camera) -> Scene:
     out = rt.config.output
     return Scene(rgb, camera, rt.backend.input_size, out.ply_max_points, out.ply_max_depth_m)
@@ -220,14 +196,12 @@ def _try_copy(
         return None  # its own earlier result: that is no copy, and the photo is computed
     stored = copies.stored_result(p.same_as)
     sha = hashlib.sha256(photo.data).hexdigest()
-    stored_model = stored.sidecar.get("model", {}) if stored is not None else {}
-    asked_for = stored_model.get("requested") or stored_model.get("source") or stored_model.get("name")
-    if stored is None or stored.sidecar.get("sha256") != sha or asked_for != p.model:
+    if stored is None or stored.sidecar.sha256 != sha or stored.sidecar.requested_model != p.model:
         return None
     depth, preview, sidecar = stored.depth, stored.preview, stored.sidecar
     t_write = time.perf_counter()
     timings = {"queue_wait": _ms(queue_wait), "decode": 0.0, "inference": 0.0, "postprocess": 0.0}
-    camera = _stored_camera(sidecar)
+    camera = sidecar.camera
     scene = None
     if "ply" in p.outputs and camera is not None:
         # The point cloud's colours: a decode, still far cheaper than the model.
@@ -236,9 +210,7 @@ def _try_copy(
     copies.output.write_data(p.source, depth, preview, p.outputs, scene)
     timings["write"] = _ms(time.perf_counter() - t_write)
     timings["total"] = _ms(time.perf_counter() - t0 + queue_wait)
-    copied = {**_sidecar_for(sidecar, p.source, job_id, timings), "copied_from": p.same_as}
-    copied["camera"] = camera.to_dict() if camera is not None else None
-    copies.output.write_sidecar(p.source, {**copied, "source_stat": photo.stamp})
+    copies.output.write_sidecar(p.source, sidecar.for_photo(p.source, job_id, timings, photo.stamp, p.same_as))
     log.info("%s: depth copied from %s, %s ms (job %s)", p.source, p.same_as, timings, job_id)
     return {"source": p.source, "copied_from": p.same_as, "aliases": [], "timings_ms": timings}
 
@@ -328,46 +300,45 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> JobResult:
     ran = describe_model(rt.backend)
     # The model the job asked for (the producer's model.path), when this worker ran another.
     requested = p.model if ran.get("source", ran["name"]) != p.model else None
-    sidecar: dict[str, Any] = {
-        "source": p.source,
-        "sha256": sha,
-        "source_stat": photo.stamp,
-        "width": image.width,
-        "height": image.height,
-        "fov_deg": md.fov_deg,
-        "fov_vertical_deg": md.fov_vertical_deg,
-        "focal_length_px": md.focal_length_px,
-        "focal_length_source": md.focal_length_source,
-        "focal_length_35mm": image.focal_length_35mm,
-        "fov_model_deg": prediction.fov_deg,
-        "camera": camera.to_dict() if camera is not None else None,
-        "depth": stats,
-        "model": {**ran, "backend": rt.backend.name, "device": rt.backend.device},
-        "worker": {"host": rt.host, "name": rt.worker_name},
-    }
+    model = {**ran, "backend": rt.backend.name, "device": rt.backend.device}
     warnings = list(rt.backend.warnings)
     if requested is not None:
-        sidecar["model"]["requested"] = requested
+        model["requested"] = requested
         warnings.append(f"the job asked for model {requested}; this worker ran {ran['name']} ({rt.backend.name})")
     if "ply" in p.outputs and camera is None:
         warnings.append("no point cloud: neither the model nor the photo's EXIF gives a focal length")
     if p.sha256 and sha != p.sha256:
         # The file changed after it was enqueued; this describes what was actually read.
         warnings.append("the photo changed after it was enqueued; this result is for its current content")
-    if warnings:
-        sidecar["warnings"] = warnings
+    result = Sidecar(
+        source=p.source,
+        sha256=sha,
+        source_stat=photo.stamp,
+        width=image.width,
+        height=image.height,
+        fov_deg=md.fov_deg,
+        fov_vertical_deg=md.fov_vertical_deg,
+        focal_length_px=md.focal_length_px,
+        focal_length_source=md.focal_length_source,
+        focal_length_35mm=image.focal_length_35mm,
+        fov_model_deg=prediction.fov_deg,
+        camera=camera,
+        depth=stats,
+        model=model,
+        worker={"host": rt.host, "name": rt.worker_name},
+        warnings=tuple(warnings),
+    )
     store = transport.store(job_id, p, photo)
     store.write_data(p.source, depth, preview, p.outputs, scene)
     timings["write"] = _ms(time.perf_counter() - t_post)
     timings["total"] = _ms(time.perf_counter() - t0 + queue_wait)
-    store.write_sidecar(p.source, _sidecar_for(sidecar, p.source, job_id, timings))
+    store.write_sidecar(p.source, result.for_photo(p.source, job_id, timings, photo.stamp))
     # Copies queued as aliases get this result only if it is of the content they were queued with;
     # otherwise they stay in the set and the producer gives them their own job on its next look.
     # (The redis transport queues none: a worker there cannot read a copy's file.)
     aliases = _drain_aliases(rt, job_id, p.source) if job and sha == p.sha256 else []
     for alias in aliases if copies is not None else []:
-        sidecar_alias = _sidecar_for(sidecar, alias, job_id, timings)
-        _write_alias(copies, alias, sha, depth, preview, sidecar_alias, p, scene)
+        _write_alias(copies, alias, sha, depth, preview, result, job_id, timings, p, scene)
     log.info("%s: depth %.2f-%.2f m, %s ms (job %s)", p.source, stats["min"], stats["max"], timings, job_id)
     return {"source": p.source, "aliases": aliases, "timings_ms": timings}
 
@@ -378,7 +349,9 @@ def _write_alias(
     sha: str,
     depth: np.ndarray,
     preview: bytes,
-    sidecar: dict[str, Any],
+    result: Sidecar,
+    job_id: str,
+    timings: dict[str, float],
     p: JobPayload,
     scene: Scene | None,
 ) -> None:
@@ -391,7 +364,7 @@ def _write_alias(
     if hashlib.sha256(photo.data).hexdigest() != sha:
         log.info("%s changed since it was queued as a copy of %s; it gets its own job", alias, p.source)
         return
-    sidecar.update(copied_from=p.source, source_stat=photo.stamp)
+    sidecar = result.for_photo(alias, job_id, timings, photo.stamp, copied_from=p.source)
     copies.output.write_result(alias, depth, preview, sidecar, p.outputs, scene)
 
 

@@ -31,6 +31,7 @@ from depthq.contract import (
 )
 from depthq.environment import free_space, is_environment_failure
 from depthq.files import atomic_bytes, json_bytes, staged_write
+from depthq.sidecar import Sidecar
 from worker.errors import OutputUnavailableError
 from worker.formats import Scene, extra_files, npy_bytes
 
@@ -50,7 +51,7 @@ class StoredResult:
 
     depth: np.ndarray
     preview: bytes
-    sidecar: dict[str, Any]
+    sidecar: Sidecar
 
 
 class Store(Protocol):
@@ -63,7 +64,7 @@ class Store(Protocol):
         self, source: str, depth: np.ndarray, preview: bytes, formats: Iterable[str], scene: Scene | None = None
     ) -> None: ...
 
-    def write_sidecar(self, source: str, sidecar: dict[str, Any]) -> None: ...
+    def write_sidecar(self, source: str, sidecar: Sidecar) -> None: ...
 
     def write_error(self, source: str, error: dict[str, Any]) -> None: ...
 
@@ -122,7 +123,7 @@ class OutputStore:
             self._discard()  # the files staged before the one that failed would be left for good
             raise
 
-    def write_sidecar(self, source: str, sidecar: dict[str, Any]) -> None:
+    def write_sidecar(self, source: str, sidecar: Sidecar) -> None:
         """The last file of a set: its presence tells readers the set is complete.
 
         The sidecar is staged too before anything is renamed, so every byte of the set is on disk
@@ -131,7 +132,7 @@ class OutputStore:
         try:
             with _environment_failures(self.root):
                 sidecar_path = self.path(source, "json")
-                data = json_bytes(sidecar)
+                data = json_bytes(sidecar.to_dict())
                 self._staged.append((staged_write(sidecar_path, lambda f: f.write(data)), sidecar_path))
             if self.fence is not None:
                 self.fence()
@@ -153,7 +154,7 @@ class OutputStore:
         source: str,
         depth: np.ndarray,
         preview: bytes,
-        sidecar: dict[str, Any],
+        sidecar: Sidecar,
         formats: Iterable[str],
         scene: Scene | None = None,
     ) -> None:
@@ -163,12 +164,12 @@ class OutputStore:
     def read_result(self, source: str) -> StoredResult | None:
         """The stored depth, preview and sidecar of `source`, or None if any is missing or unreadable."""
         try:
-            sidecar = json.loads(self.path(source, "json").read_text(encoding="utf-8"))
+            sidecar = Sidecar.from_dict(json.loads(self.path(source, "json").read_text(encoding="utf-8")))
             depth = np.load(self.path(source, "npy"), allow_pickle=False)
             preview = self.path(source, "preview").read_bytes()
         except (OSError, ValueError):
             return None
-        return StoredResult(depth, preview, sidecar)
+        return StoredResult(depth, preview, sidecar) if sidecar is not None else None
 
     def write_error(self, source: str, error: dict[str, Any]) -> None:
         if self.fence is not None:
@@ -216,8 +217,8 @@ class RedisResultStore:
         # Lossless; a float32 map compresses to about 0.84, and PNGs are compressed already.
         self._pending = {k: self.compressor.compress(v) if k in COMPRESSED_KINDS else v for k, v in files.items()}
 
-    def write_sidecar(self, source: str, sidecar: dict[str, Any]) -> None:
-        self._send(source, {**self._pending, "json": json_bytes(sidecar)})
+    def write_sidecar(self, source: str, sidecar: Sidecar) -> None:
+        self._send(source, {**self._pending, "json": json_bytes(sidecar.to_dict())})
         self._pending = {}
 
     def write_error(self, source: str, error: dict[str, Any]) -> None:

@@ -30,9 +30,10 @@ import pillow_heif
 from flask import Blueprint, Response, abort, jsonify, render_template, request, url_for
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from depthq.camera import Camera, back_project
+from depthq.camera import back_project
 from depthq.contract import ERROR_SUFFIX, OUTPUT_SUFFIXES, PayloadError, output_path, safe_relative
 from depthq.depthmap import DepthMap
+from depthq.sidecar import Sidecar, number, section, text
 
 log = logging.getLogger(__name__)
 
@@ -133,27 +134,6 @@ def _scan(output_dir: Path) -> Iterator[_Found]:
             yield _Found(mtime_ns=mtime_ns, path=path, source=rel[: -len(suffix)], kind=kind)
 
 
-def _number(value: Any) -> float | None:
-    """Finite JSON numbers only: a hand-edited sidecar must not break the page's formatting, and a NaN
-    (which Python's json reads) would make the whole results.json invalid JSON for the browser."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def _section(record: dict[str, Any], key: str) -> dict[str, Any]:
-    value = record.get(key)
-    return value if isinstance(value, dict) else {}
-
-
 # Error types that say the photo itself cannot be decoded or read: the page asks no thumbnail of them
 # (each would be a 415 in the browser's console).
 UNSHOWABLE_ERRORS = frozenset({"bad_input", "refused"})
@@ -166,36 +146,38 @@ def _card(found: _Found, record: dict[str, Any]) -> dict[str, Any]:
         "kind": found.kind,
         "version": found.mtime_ns,
         "modified_at": datetime.fromtimestamp(found.mtime_ns / 1e9, UTC).isoformat(),
-        "created_at": _text(record.get("created_at")),
+        "created_at": text(record.get("created_at")),
         "thumb_url": url_for(".thumb", source=found.source, v=found.mtime_ns),
     }
     if found.kind == "error":
-        error = _section(record, "error")
-        card["error"] = {"type": _text(error.get("type")), "message": _text(error.get("message"))}
+        error = section(record, "error")
+        card["error"] = {"type": text(error.get("type")), "message": text(error.get("message"))}
         if card["error"]["type"] in UNSHOWABLE_ERRORS:
             # The worker could not decode or read it: neither can the thumbnailer, so ask for nothing.
             card["thumb_url"] = None
         return card
-    depth, worker, model = _section(record, "depth"), _section(record, "worker"), _section(record, "model")
+    sidecar = Sidecar.from_dict(record, source=found.source)
+    assert sidecar is not None  # a dict, and named
+    depth = sidecar.depth
     card.update(
         preview_url=url_for(".preview", source=found.source, v=found.mtime_ns),
         result_url=url_for(".result", source=found.source),
-        width=_number(record.get("width")),
-        height=_number(record.get("height")),
-        fov_deg=_number(record.get("fov_deg")),
-        focal_length_px=_number(record.get("focal_length_px")),
-        focal_length_source=_text(record.get("focal_length_source")),
+        width=number(sidecar.width),
+        height=number(sidecar.height),
+        fov_deg=sidecar.fov_deg,
+        focal_length_px=sidecar.focal_length_px,
+        focal_length_source=sidecar.focal_length_source,
         depth={
-            "min": _number(depth.get("min")),
-            "max": _number(depth.get("max")),
-            "median": _number(depth.get("median")),
-            "unit": _text(depth.get("unit")),
+            "min": number(depth.get("min")),
+            "max": number(depth.get("max")),
+            "median": number(depth.get("median")),
+            "unit": text(depth.get("unit")),
         },
-        host=_text(worker.get("host")),
-        worker=_text(worker.get("name")),
-        model={key: _text(model.get(key)) for key in ("name", "backend", "device")},
-        copied_from=_text(record.get("copied_from")),
-        warnings=[w for w in _list(record.get("warnings")) if isinstance(w, str)],
+        host=text(sidecar.worker.get("host")),
+        worker=text(sidecar.worker.get("name")),
+        model={key: text(sidecar.model.get(key)) for key in ("name", "backend", "device")},
+        copied_from=sidecar.copied_from,
+        warnings=list(sidecar.warnings),
     )
     return card
 
@@ -285,7 +267,7 @@ class _Listing:
     def _named(self, found: _Found, record: dict[str, Any]) -> _Found:
         """The photo a record belongs to: the listing's name, or, for a name too long to keep whole in
         its outputs' names (`contract.output_base`), the record's own `source`, once it checks out."""
-        source = _text(record.get("source"))
+        source = text(record.get("source"))
         if source is None or source == found.source:
             return found
         try:
@@ -409,7 +391,7 @@ def gallery_blueprint(
         relative(source)
         return thumbnail_response(output_dir, output_path(output_dir, source, "preview"))
 
-    def stored(source: str) -> tuple[dict[str, Any], DepthMap]:
+    def stored(source: str) -> tuple[Sidecar, DepthMap]:
         """A result's sidecar and depth map, both inside the output folder, or 404."""
         relative(source)
         try:
@@ -418,9 +400,10 @@ def gallery_blueprint(
         except (OSError, ValueError) as exc:  # DepthMapError is a ValueError, as is bad JSON
             log.info("gallery: no depth map to measure for %s (%s)", source, exc)
             abort(404)
-        if not isinstance(record, dict):
+        sidecar = Sidecar.from_dict(record, source=source)
+        if sidecar is None:
             abort(404)
-        return record, depth_map
+        return sidecar, depth_map
 
     @bp.get("/result/<path:source>")
     def result(source: str) -> str:
@@ -431,7 +414,7 @@ def gallery_blueprint(
             source=source,
             width=depth_map.width,
             height=depth_map.height,
-            has_camera=Camera.from_dict(record.get("camera")) is not None,
+            has_camera=record.camera is not None,
             photo_url=url_for(".photo", source=source, v=version),
             preview_url=url_for(".preview_large", source=source, v=version),
             depth_url=url_for(".depth", source=source, v=version),
@@ -470,7 +453,7 @@ def gallery_blueprint(
         """The straight-line 3D distance between pixels `a` and `b` ("u,v" each), from the full map's
         exact depths and the sidecar's camera, through the same back-projection as the PLY."""
         record, depth_map = stored(source)
-        camera = Camera.from_dict(record.get("camera"))
+        camera = record.camera
         if camera is None:
             return Response("this result has no camera (no focal length was known)", 409, mimetype="text/plain")
         points = []
