@@ -26,8 +26,8 @@ from redis import Redis
 from depthq.config import Config
 from depthq.contract import make_queues
 from depthq.redis_server import free_port
-from tests.photos import write_jpeg
-from tests.waiting import wait_for
+from testkit.photos import write_jpeg
+from testkit.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("depthq", "producer", "worker")
@@ -89,6 +89,28 @@ def test_depthq_reaches_up_only_from_the_cli_and_supervisor_and_lazily() -> None
     assert not any(isinstance(node, ast.ImportFrom) and node.module == "depthq.model_commands" for node in tree.body), (
         "the CLI imports depthq.model_commands at module level"
     )
+
+
+def _importers(folder: str, package: str) -> list[str]:
+    """The files under `folder` that import `package`, at any level."""
+    return [
+        path.relative_to(REPO).as_posix()
+        for path in sorted((REPO / folder).rglob("*.py"))
+        if any(top == package for top, _ in _imports(path))
+    ]
+
+
+def test_tests_and_bench_share_testkit_and_import_each_other_only_to_test_bench() -> None:
+    # What both need lives in testkit/, so neither is tied to the other's layout; tests/ imports bench/
+    # only in the tests of the benchmarks themselves.
+    assert _importers("bench", "tests") == []
+    assert _importers("tests", "bench") == ["tests/test_bench.py", "tests/test_soak.py"]
+    assert {name for other in ("tests", "bench") for name in _importers("testkit", other)} == set()
+    # testkit/ is not installed: the service never imports it, nor the tests or the benchmarks.
+    shipped = {
+        name for package in PACKAGES for other in ("testkit", "tests", "bench") for name in _importers(package, other)
+    }
+    assert shipped == set()
 
 
 # --- the watcher's commands, run for real ------------------------------------------------------------

@@ -31,10 +31,10 @@ from depthq.contract import (
 )
 from producer.collector import Collector
 from producer.enqueue import Enqueuer
+from testkit.photos import write_jpeg
+from testkit.tiny_model import expected_depth
 from tests import disk
 from tests.endstate import assert_end_state, temporary_files
-from tests.photos import write_jpeg
-from tests.tiny_model import expected_depth
 from worker.backends import Backend
 from worker.worker import build_worker
 

@@ -22,8 +22,8 @@ from depthq.contract import LANES, SERIALIZER, make_queue
 from producer.enqueue import Enqueuer
 from producer.metrics import ProducerMetrics
 from producer.watcher import Watcher, _Handler
-from tests.photos import write_jpeg
-from tests.waiting import wait_for
+from testkit.photos import write_jpeg
+from testkit.waiting import wait_for
 
 
 @contextmanager
