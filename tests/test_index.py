@@ -19,8 +19,8 @@ from producer.index import INDEX_NAME, Done, PhotoIndex, Queued
 from producer.watcher import Watcher
 from testkit.photos import write_jpeg
 from testkit.waiting import wait_for
+from testkit.watching import watching
 from tests import disk
-from tests.test_watcher import watching
 
 
 def _rows(n: int, start: int = 0) -> list[tuple[str, str, Done]]:
