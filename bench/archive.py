@@ -22,7 +22,6 @@ Rows, each against its goal (issue 15) and, where one applies, a floor measured 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -46,6 +45,7 @@ from producer.audit import audit
 from producer.enqueue import Enqueuer
 from producer.metrics import ProducerMetrics
 from producer.watcher import Watcher
+from testkit.watching import watching
 
 PER_FOLDER = 10
 SIZES = (10_000, 100_000)
@@ -117,18 +117,6 @@ def _cpu(fn: Any) -> float:
     t0 = time.thread_time()
     fn()
     return time.thread_time() - t0
-
-
-@contextlib.contextmanager
-def running(watcher: Watcher) -> Iterator[threading.Thread]:
-    stop = threading.Event()
-    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        yield thread
-    finally:
-        stop.set()
-        thread.join(60)
 
 
 def _wait(predicate: Any, what: str, timeout: float = TIMEOUT_S) -> None:
@@ -222,7 +210,7 @@ def measure_done(redis_url: str, photos: int, idle_s: float) -> dict[str, Any]:
 
         watcher.scanner.walk = flagged_walk  # type: ignore[method-assign]
         started = time.monotonic()
-        with running(watcher):
+        with watching(watcher, join_s=60):
             _wait(lambda: watcher.armed, "the watch")
             row["armed_s"] = time.monotonic() - started
             jid, _ = _drop(inbox, "start", 0, config)
@@ -315,7 +303,7 @@ def measure_polling(redis_url: str, photos: int, idle_s: float) -> dict[str, Any
         config = _config(inbox, out, redis_url, polling=True, poll_interval_s=2.0)
         rss0 = _rss_mb()
         watcher = Watcher(config, Enqueuer(config, connection))
-        with running(watcher):
+        with watching(watcher, join_s=60):
             _wait(lambda: watcher.last_scan is not None, "the start-up scan")
             cpu0, wall0 = _process_cpu(), time.monotonic()
             time.sleep(idle_s)

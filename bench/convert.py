@@ -40,7 +40,7 @@ def build_checkpoint(folder: Path, quick: bool) -> tuple[Path, int]:
     from transformers import DepthProForDepthEstimation
 
     if quick:
-        from tests.tiny_model import released_geometry_config
+        from testkit.tiny_model import released_geometry_config
 
         config = released_geometry_config()
     else:

@@ -32,7 +32,7 @@ from redis import Redis
 from bench.common import console, machine, median, ms, p95, print_table, private_redis, verdict
 from bench.standin import DEFAULT_SLEEP_S, JobRun, fleet, gaps_s, span_s, wait_done, worker_config
 from producer.enqueue import Enqueuer
-from tests.photos import write_jpeg
+from testkit.photos import write_jpeg
 
 GOAL = 0.95
 # Redis's appendfsync: what depthq uses everywhere, then fsync on every write for comparison.

@@ -440,8 +440,8 @@ def whole_job(
     from PIL import Image
     from transformers import DepthProForDepthEstimation
 
-    from bench.overhead import synthetic_photo
     from depthq.supervisor import THREAD_ENV, worker_threads
+    from testkit.photos import synthetic_photo
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="depthq-bench-gpu-") as tmp:
@@ -562,7 +562,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     device = torch.device("cuda")
     gpu = torch.cuda.get_device_name(device)
     console.print(f"GPU: {gpu}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-    from bench.overhead import synthetic_photo
+    from testkit.photos import synthetic_photo
     from worker.preprocess import model_input
 
     sizes = [JOB_SIZE] * PARITY_PHOTOS

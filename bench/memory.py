@@ -72,8 +72,8 @@ def _prepare(root: Path, jobs: int, redis_url: str) -> Path:
     """A tiny model, `jobs` distinct photos and a config file naming them, under `root`."""
     from transformers.utils import logging as hf_logging
 
-    from tests.photos import write_jpeg
-    from tests.tiny_model import build_tiny_model
+    from testkit.photos import write_jpeg
+    from testkit.tiny_model import build_tiny_model
 
     hf_logging.disable_progress_bar()  # save_pretrained's bar would land in the middle of the tables
     model = build_tiny_model(root / "model")

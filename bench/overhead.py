@@ -34,6 +34,7 @@ from bench.common import machine, median, ms, print_table, verdict
 from bench.standin import StandInBackend, smooth_inverse_depth
 from depthq.config import load_config
 from depthq.contract import BASE_OUTPUTS, JobPayload
+from testkit.photos import synthetic_photo
 from worker.preprocess import model_input
 from worker.store import OutputStore
 from worker.transport import SharedTransport
@@ -42,15 +43,6 @@ from worker.transport import SharedTransport
 MODEL_SIDE = 1536
 GOAL_RATIO = 0.10
 GOAL_MS = 150.0
-
-
-def synthetic_photo(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """Smooth shapes plus a little sensor noise: compresses like a photo, unlike pure noise."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 255, (height // 64 + 2, width // 64 + 2, 3), dtype=np.uint8)
-    smooth = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
-    noise = rng.integers(-3, 4, smooth.shape, dtype=np.int16)
-    return np.clip(smooth.astype(np.int16) + noise, 0, 255).astype(np.uint8)
 
 
 def reference_stages(data: bytes, inverse: np.ndarray) -> None:

@@ -1,6 +1,6 @@
 """Scale-out over the redis transport: photos per second with 1, 2 and 3 worker hosts.
 
-The hosts are network namespaces on this machine (tests/cluster.py): host a runs Redis, the producer
+The hosts are network namespaces on this machine (testkit/cluster.py): host a runs Redis, the producer
 and the collector; worker hosts b, c and d share no disk with it, so every photo and every result
 crosses the (virtual) network through Redis. Two models, each side by side with its own 1-host row:
 
@@ -24,11 +24,11 @@ from typing import Any
 
 from bench.common import console, machine, print_table
 from bench.standin import DEFAULT_SLEEP_S
-from tests.cluster import Cluster, cluster
-from tests.netns import unavailable_reason
-from tests.photos import write_jpeg
-from tests.tiny_model import build_tiny_model
-from tests.waiting import wait_for
+from testkit.cluster import Cluster, cluster
+from testkit.netns import unavailable_reason
+from testkit.photos import write_jpeg
+from testkit.tiny_model import build_tiny_model
+from testkit.waiting import wait_for
 
 WORKER_HOSTS = ("b", "c", "d")
 

@@ -237,7 +237,7 @@ def soak(options: SoakOptions) -> SoakReport:
         # torch and transformers: imported only when a soak runs.
         from transformers.utils import logging as transformers_logging
 
-        from tests.tiny_model import build_tiny_model
+        from testkit.tiny_model import build_tiny_model
 
         transformers_logging.disable_progress_bar()
         timeline.add(f"soak in {root}: {machine()}")

@@ -1,7 +1,9 @@
 """The `depthq` command: up, watch, collect, work, enqueue, models, and the operations commands.
 
-Each command imports the side it runs (`producer` or `worker`) only when it is asked for, so
-`depthq watch`, `enqueue`, `status` and `dashboard` never import numpy, torch or coremltools.
+Each command imports the side it runs (`producer` or `worker`) only when it is asked for, so the
+watcher's commands (`depthq watch`, `enqueue`, `status`, `audit`, `failed`, `dashboard`) never import
+numpy, torch or coremltools, nor any module of the worker's; only `work`, `models` and `doctor` do.
+The parser itself imports neither side: `models convert`'s choices come from `depthq.conversion`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from pathlib import Path, PurePath
 from typing import Any
 
+from depthq import conversion
 from depthq.config import EXIT_FINAL, EXIT_RETRY, Config, ConfigError, find_config_file, load_config
 from depthq.connection import RedisUnreachableError
 from depthq.logs import configure_logging
@@ -64,9 +67,6 @@ def _add_common(p: argparse.ArgumentParser, *flags: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # The converter's choices, from the module that owns them; it imports no numpy until it converts.
-    import worker.convert as convert_options
-
     parser = argparse.ArgumentParser(prog="depthq", description="Hot-folder metric depth with DepthPro.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -115,12 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     cv = msub.add_parser("convert", help="DepthPro weights -> Core ML with canonical inverse depth and FOV")
     _add_common(cv, "model")
     cv.add_argument("--output", type=Path, help="the .mlpackage to write (default models/DepthPro-FOV[-X].mlpackage)")
-    cv.add_argument("--compression", default="none", choices=convert_options.COMPRESSIONS)
-    cv.add_argument("--precision", default="float16", choices=convert_options.PRECISIONS)
+    cv.add_argument("--compression", default="none", choices=conversion.COMPRESSIONS)
+    cv.add_argument("--precision", default="float16", choices=conversion.PRECISIONS)
     cv.add_argument(
         "--contract",
         default="canonical",
-        choices=convert_options.CONTRACTS,
+        choices=conversion.CONTRACTS,
         help="canonical: inverse depth + FOV (EXIF-aware, the default); meters: the hub exports' I/O",
     )
 

@@ -23,9 +23,8 @@ from depthq.config import Config
 
 # The only function a depthq worker will run. Jobs naming anything else are refused unrun.
 JOB_FUNCTION = "worker.job.process"
+# The only payload version a worker takes: at 0.x, producer and workers are upgraded together.
 PAYLOAD_VERSION = 2
-# Payloads a worker still takes: version 1 (before transports) named a path under the watch root.
-_ACCEPTED_VERSIONS = {1, PAYLOAD_VERSION}
 SERIALIZER = JSONSerializer
 
 # Files every job writes; `output.formats` adds to these.
@@ -84,9 +83,9 @@ class JobPayload:
     def from_dict(cls, data: Any) -> JobPayload:
         if not isinstance(data, dict):
             raise PayloadError(f"job payload must be a JSON object, got {type(data).__name__}")
-        if data.get("v") not in _ACCEPTED_VERSIONS:
+        if data.get("v") != PAYLOAD_VERSION:
             raise PayloadError(
-                f"job payload version {data.get('v')!r} is not one of {sorted(_ACCEPTED_VERSIONS)}; "
+                f"job payload version {data.get('v')!r} is not {PAYLOAD_VERSION}; "
                 "upgrade the worker or re-enqueue with this producer"
             )
         known = set(cls.__dataclass_fields__)

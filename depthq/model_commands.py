@@ -1,6 +1,7 @@
 """`depthq models download | list | convert`: the model management a Mac mini owner needs, as commands.
 
-Only the CLI imports this, for `depthq models`; it hands the work to the worker's catalog and converter.
+Only the CLI imports this, for `depthq models`; it hands the work to the worker's catalog and converter,
+which it imports inside each command, as every depthq module that reaches into `worker/` does.
 """
 
 from __future__ import annotations
@@ -9,16 +10,20 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from depthq.config import Config
-from worker import catalog
-from worker.errors import ModelUnavailableError
+
+if TYPE_CHECKING:
+    from worker.catalog import ModelInfo
 
 
 def download_command(config: Config, args: argparse.Namespace) -> int:
+    from worker import catalog
+
     name = args.name or catalog.DEFAULT_MODEL
     path = catalog.download(
         name, config.model.cache_dir, offline=args.offline or config.model.offline, from_dir=args.from_dir
@@ -33,6 +38,7 @@ def download_command(config: Config, args: argparse.Namespace) -> int:
 
 def _contract_label(path: Path) -> str:
     from worker.coreml_spec import read_contract
+    from worker.errors import ModelUnavailableError
 
     try:
         return read_contract(path).label
@@ -40,7 +46,7 @@ def _contract_label(path: Path) -> str:
         return f"unusable: {exc}"
 
 
-def _licence(info: catalog.ModelInfo) -> str:
+def _licence(info: ModelInfo) -> str:
     """What the package says (a depthq conversion records its checkpoint's), else where to read it."""
     recorded = info.contract.metadata.get("depthq.licence") if info.contract else None
     if recorded:
@@ -51,6 +57,8 @@ def _licence(info: catalog.ModelInfo) -> str:
 
 
 def list_command(config: Config, args: argparse.Namespace) -> int:
+    from worker import catalog
+
     # Wide when piped or captured, so each row stays one line a script (or grep) can read.
     console = Console(width=None if sys.stdout.isatty() else 200)
     if args.known:
@@ -81,6 +89,7 @@ def list_command(config: Config, args: argparse.Namespace) -> int:
 
 def convert_command(config: Config, args: argparse.Namespace) -> int:
     from worker.convert import convert
+    from worker.errors import ModelUnavailableError
 
     stem = "DepthPro-FOV" if args.contract == "canonical" else "DepthPro-Meters"
     suffix = "" if args.compression == "none" else f"-{args.compression}"

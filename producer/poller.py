@@ -15,20 +15,33 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
-from producer.scan import ScanStats
-
-if TYPE_CHECKING:
-    from producer.watcher import Watcher
+from producer.readiness import SettleTracker
+from producer.scan import FolderScanner, ScanStats
 
 log = logging.getLogger(__name__)
+
+
+class Polled(Protocol):
+    """What the poller uses of the watcher that starts it. Named here, rather than importing the
+    `Watcher` that imports this module, so the two modules do not import each other."""
+
+    @property
+    def root(self) -> Path: ...
+
+    @property
+    def scanner(self) -> FolderScanner: ...
+
+    @property
+    def tracker(self) -> SettleTracker: ...
 
 
 class FolderPoller(threading.Thread):
     """Started and stopped like a watchdog observer, so the watcher arms either the same way."""
 
-    def __init__(self, watcher: Watcher, interval_s: float):
+    def __init__(self, watcher: Polled, interval_s: float) -> None:
         super().__init__(name="depthq-poller", daemon=True)
         self.watcher = watcher
         self.interval_s = interval_s

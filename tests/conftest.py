@@ -52,7 +52,7 @@ def redis_client(redis_url: str) -> Iterator[Redis]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Constant head: canonical inverse depth 0.25 everywhere, FOV 60 degrees."""
-    from tests.tiny_model import build_tiny_model
+    from testkit.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-depthpro"))
 

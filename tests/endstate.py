@@ -32,7 +32,7 @@ from depthq.contract import (
     taking_pattern,
 )
 from depthq.files import is_temp_name
-from tests.waiting import wait_for
+from testkit.waiting import wait_for
 
 _PENDING = {JobStatus.QUEUED.value, JobStatus.STARTED.value, JobStatus.SCHEDULED.value, JobStatus.DEFERRED.value}
 

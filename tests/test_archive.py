@@ -18,10 +18,11 @@ from producer.enqueue import Enqueuer
 from producer.index import INDEX_NAME
 from producer.poller import FolderPoller
 from producer.watcher import Watcher
+from testkit.photos import write_jpeg
+from testkit.waiting import wait_for
+from testkit.watching import watching
 from tests.endstate import assert_end_state
-from tests.photos import write_jpeg
-from tests.test_watcher import jobs, watching
-from tests.waiting import wait_for
+from tests.test_watcher import jobs
 from worker.backends import Backend
 from worker.backends.base import Prediction
 from worker.worker import build_worker

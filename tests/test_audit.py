@@ -35,7 +35,7 @@ from producer.audit import KINDS, audit, repair
 from producer.enqueue import Enqueuer
 from producer.index import INDEX_NAME, PhotoIndex
 from producer.watcher import Watcher
-from tests.photos import write_jpeg
+from testkit.photos import write_jpeg
 from worker.backends import Backend, Prediction
 from worker.worker import build_worker
 

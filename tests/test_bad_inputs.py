@@ -17,9 +17,9 @@ from redis import Redis
 
 from depthq.config import Config
 from producer.enqueue import Enqueuer
+from testkit.photos import png_with_size, write_jpeg
+from testkit.tiny_model import expected_depth
 from tests.endstate import assert_end_state
-from tests.photos import png_with_size, write_jpeg
-from tests.tiny_model import expected_depth
 from worker.backends import Backend
 from worker.worker import build_worker, load_backend
 

@@ -13,8 +13,8 @@ from redis import Redis
 from depthq.camera import Camera, back_project, pinhole
 from depthq.config import Config
 from producer.enqueue import Enqueuer
-from tests.photos import write_jpeg
-from tests.tiny_model import FOV_DEG
+from testkit.photos import write_jpeg
+from testkit.tiny_model import FOV_DEG
 from worker.backends import Backend
 from worker.worker import build_worker
 

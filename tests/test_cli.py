@@ -11,7 +11,7 @@ from redis import Redis
 
 from depthq.cli import main
 from depthq.config import Config
-from tests.photos import write_jpeg
+from testkit.photos import write_jpeg
 
 
 @pytest.mark.parametrize("entry", [["depthq", "status"], ["producer"], ["worker"]])

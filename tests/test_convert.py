@@ -15,7 +15,7 @@ import torch
 from transformers.models.depth_pro import modeling_depth_pro
 
 from depthq.config import ModelConfig
-from tests.tiny_model import RELEASED_INPUT_SIZE, build_released_geometry_model, released_geometry_config
+from testkit.tiny_model import RELEASED_INPUT_SIZE, build_released_geometry_model, released_geometry_config
 from worker.convert import DEPTH_OUTPUT, FOV_OUTPUT, PARITY_TOLERANCE, ConvertReport, convert, exploding_ops
 from worker.convert import split_patches as sliced_split
 from worker.coreml_spec import feature_info, read_contract, read_spec

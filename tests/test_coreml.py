@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from depthq.config import Config, ModelConfig, load_config
+from testkit.tiny_model import TINY_INPUT_SIZE, build_tiny_model, expected_depth
 from tests.coreml_models import SIZE, canonical_without_fov, meters_model, normalized_model, older_export
-from tests.tiny_model import TINY_INPUT_SIZE, build_tiny_model, expected_depth
 from worker.backends import choose_backend
 from worker.backends.coreml_backend import (
     METERS_WARNING,

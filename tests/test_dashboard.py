@@ -20,8 +20,8 @@ from depthq.config import Config
 from depthq.ops.dashboard import create_app
 from depthq.redis_server import free_port
 from producer.enqueue import Enqueuer
-from tests.photos import write_jpeg
-from tests.waiting import wait_for
+from testkit.photos import write_jpeg
+from testkit.waiting import wait_for
 from worker.backends import Backend
 from worker.worker import build_worker
 

@@ -33,8 +33,8 @@ from depthq.cli import build_parser
 from depthq.config import Config, ConfigError, RedisConfig, load_config
 from depthq.connection import connect
 from depthq.redis_server import find_server_binary, free_port
+from testkit.waiting import wait_for
 from tests.pki import make_pki, tls_server_binary
-from tests.waiting import wait_for
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 TEMPLATE = DEPLOY / "macos" / "com.depthq.worker.plist"
@@ -551,7 +551,7 @@ def test_redis_conf_acl_example_is_enough_for_rq(binary: Path, tmp_path: Path) -
 
     from depthq.contract import SERIALIZER
     from producer.enqueue import Enqueuer
-    from tests.photos import write_jpeg
+    from testkit.photos import write_jpeg
 
     text = REDIS_CONF.read_text()
     acl = re.search(r"^# (user depthq on >(\S+) .*)$", text, re.M)

@@ -27,10 +27,10 @@ from rq import Queue, Worker
 
 from depthq.config import Config, load_config
 from depthq.redis_server import free_port
+from testkit.photos import write_jpeg
+from testkit.tiny_model import expected_depth
+from testkit.waiting import wait_for
 from tests.endstate import settle
-from tests.photos import write_jpeg
-from tests.tiny_model import expected_depth
-from tests.waiting import wait_for
 
 pillow_heif.register_heif_opener()  # to write the HEIC test photo
 

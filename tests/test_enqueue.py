@@ -14,7 +14,7 @@ from rq.job import JobStatus
 from depthq.config import Config
 from depthq.contract import JOB_FUNCTION, aliases_key, done_key, file_sha256, job_id, source_stamp
 from producer.enqueue import Enqueuer, SourceError
-from tests.photos import write_jpeg
+from testkit.photos import write_jpeg
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from depthq.cli import main
 from depthq.config import Config
 from depthq.contract import make_queue, output_path
 from producer.enqueue import Enqueuer
-from tests.photos import write_jpeg
+from testkit.photos import write_jpeg
 from worker.backends import Backend
 from worker.worker import build_worker
 

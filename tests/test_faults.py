@@ -24,10 +24,10 @@ from rq.serializers import PickleSerializer
 from depthq.config import Config
 from depthq.contract import SERIALIZER, make_queue
 from producer.enqueue import Enqueuer
+from testkit.photos import write_jpeg
+from testkit.waiting import wait_for
 from tests import disk
 from tests.endstate import assert_end_state, settle
-from tests.photos import write_jpeg
-from tests.waiting import wait_for
 from worker.backends import Backend
 from worker.worker import build_worker
 

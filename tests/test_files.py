@@ -14,7 +14,7 @@ from redis import Redis
 
 from depthq.config import Config
 from producer.enqueue import Enqueuer
-from tests.photos import write_jpeg
+from testkit.photos import write_jpeg
 from worker.backends import Backend
 from worker.worker import build_worker
 

@@ -17,9 +17,9 @@ from depthq.camera import pinhole
 from depthq.config import Config
 from producer.collector import Collector
 from producer.enqueue import Enqueuer
+from testkit.photos import write_jpeg
+from testkit.tiny_model import expected_depth
 from tests.endstate import assert_end_state
-from tests.photos import write_jpeg
-from tests.tiny_model import expected_depth
 from worker.backends import Backend
 from worker.formats import Scene, grid_steps, point_cloud
 from worker.images import load_image

@@ -31,8 +31,8 @@ import depthq.ops.gallery as gallery
 from depthq.config import Config
 from depthq.depthmap import DepthMap
 from producer.enqueue import Enqueuer
-from tests.photos import write_jpeg
-from tests.tiny_model import expected_depth
+from testkit.photos import write_jpeg
+from testkit.tiny_model import expected_depth
 from worker.backends import Backend
 from worker.worker import build_worker
 

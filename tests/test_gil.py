@@ -24,10 +24,10 @@ from rq.job import Job
 from depthq import attempts
 from depthq.config import load_config
 from depthq.contract import SERIALIZER
+from testkit.photos import write_jpeg
+from testkit.waiting import wait_for
 from tests.endstate import settle
-from tests.photos import write_jpeg
 from tests.test_supervisor import FAULTS, _ready, solid_png, start_up, stop, worker_pids
-from tests.waiting import wait_for
 
 DEAD_AFTER_S = 10
 

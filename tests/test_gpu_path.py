@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from bench.overhead import synthetic_photo as photo
 from depthq.config import ModelConfig, load_config
 from depthq.supervisor import THREAD_ENV, _cores, _worker_env, worker_threads
-from tests.tiny_model import RELEASED_INPUT_SIZE, build_released_geometry_model
+from testkit.photos import synthetic_photo as photo
+from testkit.tiny_model import RELEASED_INPUT_SIZE, build_released_geometry_model
 from worker.backends.torch_backend import TorchBackend, pick_dtype
 from worker.depth import metric_depth
 from worker.errors import ModelOutputError

@@ -10,7 +10,7 @@ import pillow_heif
 import pytest
 from PIL import ExifTags, Image, ImageOps
 
-from tests.photos import png_with_size
+from testkit.photos import png_with_size
 from worker.errors import BadInputError
 from worker.images import LoadedImage, load_image
 

@@ -17,10 +17,10 @@ from depthq.files import is_temp_name, staged_write, stale_temp_age_s
 from producer.enqueue import Enqueuer
 from producer.index import INDEX_NAME, Done, PhotoIndex, Queued
 from producer.watcher import Watcher
+from testkit.photos import write_jpeg
+from testkit.waiting import wait_for
+from testkit.watching import watching
 from tests import disk
-from tests.photos import write_jpeg
-from tests.test_watcher import watching
-from tests.waiting import wait_for
 
 
 def _rows(n: int, start: int = 0) -> list[tuple[str, str, Done]]:

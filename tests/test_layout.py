@@ -2,8 +2,9 @@
 
 `producer/` (folder -> queue) and `worker/` (queue -> depth) both import `depthq/` and never each
 other. `depthq/` reaches into them only from the CLI and the supervisor, inside the function of the
-command that needs them. So a watcher host never loads numpy, torch or coremltools: that is checked by
-running the real commands against a real Redis and reading `sys.modules` in the running process.
+command that needs them. So a watcher host never loads numpy, torch or coremltools, nor any module of
+the worker's: that is checked by running the real commands against a real Redis and reading
+`sys.modules` in the running process.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from redis import Redis
 from depthq.config import Config
 from depthq.contract import make_queues
 from depthq.redis_server import free_port
-from tests.photos import write_jpeg
-from tests.waiting import wait_for
+from testkit.photos import write_jpeg
+from testkit.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("depthq", "producer", "worker")
@@ -73,8 +74,8 @@ def test_producer_and_worker_never_import_each_other() -> None:
 def test_depthq_reaches_up_only_from_the_cli_and_supervisor_and_lazily() -> None:
     up = {name: imports for name, imports in _cross_imports().items() if name.startswith("depthq/")}
     assert set(up) <= REACHES_UP, f"depthq modules that import producer/worker: {sorted(set(up) - REACHES_UP)}"
-    # model_commands is itself imported only by the CLI, inside `depthq models`; the other two never at the top.
-    eager = {name for name, imports in up.items() if name != "depthq/model_commands.py" and any(t for _, t in imports)}
+    # None at the top, model_commands included, though only the CLI imports it, inside `depthq models`.
+    eager = {name for name, imports in up.items() if any(t for _, t in imports)}
     assert eager == set()
     cli_imports = list(_imports(REPO / "depthq" / "cli.py"))
     assert ("depthq", True) in cli_imports  # its own core, eagerly: the config it parses for every command
@@ -91,14 +92,38 @@ def test_depthq_reaches_up_only_from_the_cli_and_supervisor_and_lazily() -> None
     )
 
 
+def _importers(folder: str, package: str) -> list[str]:
+    """The files under `folder` that import `package`, at any level."""
+    return [
+        path.relative_to(REPO).as_posix()
+        for path in sorted((REPO / folder).rglob("*.py"))
+        if any(top == package for top, _ in _imports(path))
+    ]
+
+
+def test_tests_and_bench_share_testkit_and_import_each_other_only_to_test_bench() -> None:
+    # What both need lives in testkit/, so neither is tied to the other's layout; tests/ imports bench/
+    # only in the tests of the benchmarks themselves.
+    assert _importers("bench", "tests") == []
+    assert _importers("tests", "bench") == ["tests/test_bench.py", "tests/test_soak.py"]
+    assert {name for other in ("tests", "bench") for name in _importers("testkit", other)} == set()
+    # testkit/ is not installed: the service never imports it, nor the tests or the benchmarks.
+    shipped = {
+        name for package in PACKAGES for other in ("testkit", "tests", "bench") for name in _importers(package, other)
+    }
+    assert shipped == set()
+
+
 # --- the watcher's commands, run for real ------------------------------------------------------------
 
-# Runs the CLI, and prints which heavy modules are loaded on SIGUSR1 and at the end.
+# Runs the CLI, and prints which heavy modules, and which of the worker's, are loaded on SIGUSR1 and at the end.
 _PROBE = f"""
 import signal, sys
 def report(*_):
     loaded = sorted(m for m in {HEAVY!r} if m in sys.modules)
     print("HEAVY:" + (",".join(loaded) or "none"), flush=True)
+    workers = sorted(m for m in sys.modules if m == "worker" or m.startswith("worker."))
+    print("WORKER:" + (",".join(workers) or "none"), flush=True)
 signal.signal(signal.SIGUSR1, report)
 from depthq.cli import main
 code = main(sys.argv[1:])
@@ -118,24 +143,35 @@ def _probe(args: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-c", _PROBE, *args], cwd=REPO, env=env, stdout=out, stderr=out)
 
 
+def _reported(log: Path, kind: str) -> list[str]:
+    """Each report of the probe's, for `kind` (HEAVY or WORKER): the modules loaded, or "none"."""
+    prefix = f"{kind}:"
+    return [line.removeprefix(prefix) for line in log.read_text().splitlines() if line.startswith(prefix)]
+
+
 def _heavy(log: Path) -> list[str]:
-    return [line.removeprefix("HEAVY:") for line in log.read_text().splitlines() if line.startswith("HEAVY:")]
+    return _reported(log, "HEAVY")
 
 
-@pytest.mark.parametrize(("command", "code"), [("enqueue", 0), ("status", 0), ("audit", 1)])
-def test_one_shot_commands_never_import_numpy_torch_or_coremltools(
+def _worker(log: Path) -> list[str]:
+    return _reported(log, "WORKER")
+
+
+@pytest.mark.parametrize(("command", "code"), [("enqueue", 0), ("status", 0), ("audit", 1), ("failed list", 0)])
+def test_one_shot_commands_never_import_numpy_torch_coremltools_or_the_worker(
     command: str, code: int, light_config: Path, tmp_path: Path
 ) -> None:
     config = yaml.safe_load(light_config.read_text())
     photo = write_jpeg(Path(config["producer"]["watch"]) / "a.jpg")
-    args = [command, "--config", str(light_config)] + ([str(photo)] if command == "enqueue" else [])
-    log = tmp_path / f"{command}.log"
+    args = [*command.split(), "--config", str(light_config)] + ([str(photo)] if command == "enqueue" else [])
+    log = tmp_path / f"{command.replace(' ', '-')}.log"
     proc = _probe(args, log)
     assert proc.wait(timeout=120) == code, log.read_text()  # the audit: a.jpg has no job, so it is lost
     assert _heavy(log) == ["none"], log.read_text()
+    assert _worker(log) == ["none"], log.read_text()
 
 
-def test_watch_and_dashboard_never_import_numpy_torch_or_coremltools(
+def test_watch_and_dashboard_never_import_numpy_torch_coremltools_or_the_worker(
     light_config: Path, make_config: Callable[..., Config], redis_client: Redis, tmp_path: Path
 ) -> None:
     config = yaml.safe_load(light_config.read_text())
@@ -172,9 +208,11 @@ def test_watch_and_dashboard_never_import_numpy_torch_or_coremltools(
         assert answers("/gallery/measure/m.jpg?a=0,0&b=39,29")
         for proc in (watch, dashboard):
             proc.send_signal(signal.SIGUSR1)
-        wait_for(lambda: _heavy(watch_log) and _heavy(dash_log), "both to report their modules")
+        wait_for(lambda: _worker(watch_log) and _worker(dash_log), "both to report their modules")
         assert _heavy(watch_log) == ["none"], watch_log.read_text()
         assert _heavy(dash_log) == ["none"], dash_log.read_text()
+        assert _worker(watch_log) == ["none"], watch_log.read_text()
+        assert _worker(dash_log) == ["none"], dash_log.read_text()
     finally:
         for proc in (watch, dashboard):
             proc.terminate()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from depthq.config import ModelConfig
-from tests.tiny_model import TINY_INPUT_SIZE, build_tiny_model
+from testkit.tiny_model import TINY_INPUT_SIZE, build_tiny_model
 from worker.backends.torch_backend import TorchBackend, input_size_of
 from worker.errors import ModelUnavailableError
 from worker.models import local_dir_for, resolve_model_dir

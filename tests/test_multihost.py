@@ -23,11 +23,11 @@ from rq.registry import StartedJobRegistry
 
 from depthq.config import load_config
 from depthq.contract import SERIALIZER, inflight_key, results_stream
-from tests.cluster import Cluster, cluster
+from testkit.cluster import Cluster, cluster
+from testkit.netns import unavailable_reason
+from testkit.photos import write_jpeg
+from testkit.waiting import wait_for
 from tests.endstate import settle
-from tests.netns import unavailable_reason
-from tests.photos import write_jpeg
-from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 

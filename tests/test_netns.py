@@ -1,4 +1,4 @@
-"""tests/netns.py: the namespaces really are separate hosts, `hide` really hides, `cut` really is a
+"""testkit/netns.py: the namespaces really are separate hosts, `hide` really hides, `cut` really is a
 cable pull, and nothing outlives the `with` block.
 
 Checked against a real redis-server in host "a" and real TCP connections from the other hosts,
@@ -22,9 +22,9 @@ import pytest
 
 from depthq.config import ConfigError
 from depthq.redis_server import find_server_binary
-from tests import netns
-from tests.netns import Network, unavailable_reason
-from tests.waiting import wait_for
+from testkit import netns
+from testkit.netns import Network, unavailable_reason
+from testkit.waiting import wait_for
 
 # CI sets it, so that a machine that cannot build namespaces fails the run instead of skipping.
 REQUIRE_TOOLS = os.environ.get("TEST_REQUIRE_TOOLS") == "1"

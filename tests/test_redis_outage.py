@@ -18,9 +18,9 @@ from redis import Redis
 
 from depthq.config import Config, load_config
 from depthq.redis_server import EmbeddedRedis, free_port
+from testkit.photos import write_jpeg
+from testkit.waiting import wait_for
 from tests.endstate import settle
-from tests.photos import write_jpeg
-from tests.waiting import wait_for
 
 PHOTOS = 200
 

@@ -17,7 +17,7 @@ from depthq.config import Config
 from depthq.contract import SERIALIZER, Completion, completions_key, record_completion
 from depthq.ops.status import Status, gather
 from producer.enqueue import Enqueuer
-from tests.photos import write_jpeg
+from testkit.photos import write_jpeg
 from worker.backends import Backend, Prediction
 from worker.store import OutputStore
 from worker.worker import build_worker

@@ -20,8 +20,8 @@ from PIL import Image
 from redis import Redis
 from redis.exceptions import RedisError
 
-from tests.photos import write_jpeg
-from tests.waiting import wait_for
+from testkit.photos import write_jpeg
+from testkit.waiting import wait_for
 
 DEPTHQ = Path(sys.executable).with_name("depthq")
 

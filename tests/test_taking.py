@@ -18,8 +18,8 @@ from depthq.config import Config
 from depthq.contract import make_queue, taking_key
 from depthq.taking import alive_key, give_back_dead, give_back_process
 from producer.enqueue import Enqueuer
+from testkit.photos import write_jpeg
 from tests.endstate import assert_end_state
-from tests.photos import write_jpeg
 from worker.backends import Backend
 from worker.dequeue import TakingQueue
 from worker.worker import DepthWorker, build_worker

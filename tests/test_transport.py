@@ -31,10 +31,10 @@ from depthq.contract import (
 )
 from producer.collector import Collector
 from producer.enqueue import Enqueuer
+from testkit.photos import write_jpeg
+from testkit.tiny_model import expected_depth
 from tests import disk
 from tests.endstate import assert_end_state, temporary_files
-from tests.photos import write_jpeg
-from tests.tiny_model import expected_depth
 from worker.backends import Backend
 from worker.worker import build_worker
 
@@ -298,13 +298,12 @@ def test_a_worker_that_does_not_map_the_root_says_which_setting_to_add(
     assert_end_state(worker_config, redis_client, bad=["a.jpg"])  # failed on purpose: the root is not mapped
 
 
-def test_payloads_of_version_1_still_run_and_unknown_transports_are_refused() -> None:
-    old = {"source": "a.jpg", "size": 1, "mtime": 0.0, "sha256": "", "model": "m", "v": 1}
-    assert JobPayload.from_dict(old).transport == "shared"
+def test_unknown_transports_are_refused() -> None:
+    payload = {"source": "a.jpg", "size": 1, "mtime": 0.0, "sha256": "", "model": "m", "v": 2}
     with pytest.raises(PayloadError, match="transport"):
-        JobPayload.from_dict({**old, "v": 2, "transport": "carrier-pigeon"})
+        JobPayload.from_dict({**payload, "transport": "carrier-pigeon"})
     with pytest.raises(PayloadError, match="same_as"):
-        JobPayload.from_dict({**old, "v": 2, "transport": "redis", "same_as": "b.jpg"})
+        JobPayload.from_dict({**payload, "transport": "redis", "same_as": "b.jpg"})
 
 
 def test_status_shows_what_redis_holds_and_whether_a_collector_runs(

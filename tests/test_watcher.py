@@ -22,35 +22,9 @@ from depthq.contract import LANES, SERIALIZER, make_queue
 from producer.enqueue import Enqueuer
 from producer.metrics import ProducerMetrics
 from producer.watcher import Watcher, _Handler
-from tests.photos import write_jpeg
-from tests.waiting import wait_for
-
-
-@contextmanager
-def watching(watcher: Watcher) -> Iterator[Watcher]:
-    """The watcher's loop in a thread for the block, stopped (and checked stopped) after it. It must
-    still be running when the block ends: a watcher that stopped by itself is a failure."""
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            watcher.run(stop)
-        except BaseException as exc:
-            errors.append(exc)
-            raise
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        yield watcher
-    finally:
-        stopped_by_itself = not thread.is_alive()
-        stop.set()
-        thread.join(10)
-    assert not thread.is_alive()
-    assert not errors, f"the watcher failed: {errors!r}"
-    assert not stopped_by_itself, "the watcher stopped by itself"
+from testkit.photos import write_jpeg
+from testkit.waiting import wait_for
+from testkit.watching import watching
 
 
 @contextmanager

@@ -22,12 +22,12 @@ from rq.scripts import acquire_or_refresh_lock
 from depthq.config import Config
 from depthq.contract import SERIALIZER, JobPayload, done_key, file_sha256, make_queue, make_queues, output_path
 from producer.enqueue import Enqueuer
+from testkit.photos import write_jpeg
+from testkit.tiny_model import FOV_DEG, expected_depth
+from testkit.waiting import wait_for
 from tests import disk
 from tests.endstate import assert_end_state
-from tests.photos import write_jpeg
 from tests.test_depth import torch_model_input
-from tests.tiny_model import FOV_DEG, expected_depth
-from tests.waiting import wait_for
 from worker.backends import Backend
 from worker.backends.base import Prediction
 from worker.preprocess import model_input

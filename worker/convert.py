@@ -27,21 +27,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 from depthq.config import ModelConfig
+from depthq.conversion import Compression, Contract, Precision
 from worker.errors import ModelUnavailableError
 from worker.models import licence_of, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
-# The CLI offers these as its choices: this module imports no numpy, torch or coremltools until it converts.
-Compression = Literal["none", "int8", "palettize8", "palettize6", "palettize4"]
-COMPRESSIONS: tuple[str, ...] = get_args(Compression)
-Precision = Literal["float16", "float32"]
-PRECISIONS: tuple[str, ...] = get_args(Precision)
-Contract = Literal["canonical", "meters"]
-CONTRACTS: tuple[str, ...] = get_args(Contract)
 IMAGE_INPUT = "image"
 DEPTH_OUTPUT = "canonical_inverse_depth"
 FOV_OUTPUT = "fov_deg"

@@ -1,4 +1,4 @@
-"""A depthq deployment across hosts made of network namespaces (tests/netns.py), for the multi-host
+"""A depthq deployment across hosts made of network namespaces (testkit/netns.py), for the multi-host
 tests and the scale-out benchmark.
 
 Host "a" runs Redis, the producer and the collector (`depthq watch`, transport redis). Every other
@@ -26,8 +26,8 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from depthq.redis_server import find_server_binary
-from tests.netns import Network
-from tests.waiting import wait_for
+from testkit.netns import Network
+from testkit.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 REDIS_PORT = 6390

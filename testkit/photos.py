@@ -1,4 +1,10 @@
-"""Small test photos written on the spot, with the EXIF a camera would write."""
+"""Photos made on the spot, for the tests and the benchmarks.
+
+Two kinds, for two needs, so both are kept: `write_jpeg` writes a small JPEG file of noise with the EXIF
+a camera would write (orientation, 35 mm focal length), which is all the pipeline's logic looks at;
+`synthetic_photo` makes the pixels of a full-size photo, smooth shapes with a little noise, which
+compress and resize like a real one, for what is timed or compared at a camera's resolution.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import ExifTags, Image
 
@@ -19,6 +26,7 @@ def write_jpeg(
     orientation: int | None = None,
     focal_35mm: int | None = None,
 ) -> Path:
+    """A JPEG of `seed`'s noise at `path` (folders made), with the EXIF given: distinct bytes per seed."""
     rng = np.random.default_rng(seed)
     img = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
     exif = Image.Exif()
@@ -29,6 +37,15 @@ def write_jpeg(
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format="JPEG", quality=90, exif=exif.tobytes())
     return path
+
+
+def synthetic_photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """Smooth shapes plus a little sensor noise (RGB, uint8): compresses like a photo, unlike pure noise."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 255, (height // 64 + 2, width // 64 + 2, 3), dtype=np.uint8)
+    smooth = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+    noise = rng.integers(-3, 4, smooth.shape, dtype=np.int16)
+    return np.clip(smooth.astype(np.int16) + noise, 0, 255).astype(np.uint8)
 
 
 def jpeg_bytes(tmp: Path, **kwargs: int) -> bytes:
