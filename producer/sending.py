@@ -20,7 +20,6 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -30,6 +29,7 @@ from rq.job import Job, JobStatus
 
 from depthq.config import Config
 from depthq.contract import (
+    error_record,
     file_sha256,
     inflight_key,
     photo_key,
@@ -262,13 +262,7 @@ class RedisSender:
         itself, where the user looks for the photo's outputs."""
         message = f"{source}: {why}"
         log.warning("not sent: %s", message)
-        record = {
-            "source": source,
-            "job_id": "",
-            "error": {"type": "refused", "message": message},
-            "created_at": datetime.now(UTC).isoformat(),
-            "source_stat": source_stamp(st),
-        }
+        record = error_record(source, "", "refused", message, source_stamp(st))
         write_outputs(self.config.output.dir, source, {"error": json_bytes(record)})
         with contextlib.suppress(RedisError), self.connection.pipeline(transaction=False) as pipe:
             record_recent(pipe, self.name, source)  # the gallery shows the refusal among the newest
