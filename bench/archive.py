@@ -40,7 +40,7 @@ from rq.job import Job
 from bench.common import console, machine, median, ms, p95, print_table, private_redis, verdict
 from depthq.config import Config, load_config
 from depthq.contract import LANES, SERIALIZER, job_id, make_queue
-from producer import enqueue as enqueue_module
+from producer import sending as sending_module
 from producer.audit import audit
 from producer.enqueue import Enqueuer
 from producer.metrics import ProducerMetrics
@@ -261,7 +261,7 @@ def measure_pending(redis_url: str, photos: int) -> dict[str, Any]:
         row["first_s"] = time.monotonic() - t0
         row["queued"] = sum(make_queue(connection, config, lane).count for lane in LANES)
         hashed = 0
-        real_hash = enqueue_module.file_sha256
+        real_hash = sending_module.file_sha256
 
         def counting_hash(path: Path) -> str:
             nonlocal hashed
@@ -276,13 +276,13 @@ def measure_pending(redis_url: str, photos: int) -> dict[str, Any]:
             submitted += len(paths)
             real_submit_many(paths, enqueuer)
 
-        enqueue_module.file_sha256 = counting_hash  # type: ignore[assignment]
+        sending_module.file_sha256 = counting_hash  # type: ignore[assignment]
         watcher.submit_many = counting_submit_many  # type: ignore[method-assign]
         try:
             row["second_cpu_s"] = _cpu(lambda: watcher.rescan("periodic"))
             watcher._submit_found(wait=True)
         finally:
-            enqueue_module.file_sha256 = real_hash
+            sending_module.file_sha256 = real_hash
         row["resubmitted"], row["rehashed"] = submitted, hashed
         row["pending_seen"] = watcher.last_scan.pending if watcher.last_scan else None
         row["audit"] = measure_audit(config, connection, photos, queued=photos)

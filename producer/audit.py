@@ -73,6 +73,7 @@ from producer.enqueue import Enqueuer, SourceError, Submitted
 from producer.index import INDEX_FILES, PhotoIndex
 from producer.readiness import Eligibility
 from producer.scan import sort_entries
+from producer.sending import sender_for
 
 # Every kind the audit counts, in the order it reports them.
 KINDS = (
@@ -245,7 +246,8 @@ class Auditor:
         self.eligible = Eligibility(config.producer.extensions, config.producer.ignore)
         self.name = config.queue.name
         self.model = config.model.path
-        self.by_redis = config.transport.mode == "redis"
+        # Whether a finished job's result can be waiting in Redis for the collector: then it is looked for too.
+        self.collected = sender_for(config, connection).collected
         # What every result has beside its sidecar. Not `output.formats`: a format added later is written
         # for new photos only, so an older result without it is complete for what it was asked.
         self.required = ["npy", "preview"]
@@ -496,7 +498,7 @@ class Auditor:
                 status, origin, source = (_text(v) for v in reply)
                 if origin in self.lanes:  # another rq queue's job on the same Redis is none of ours
                     known[jid] = (status, origin, source, False)
-        if self.by_redis:
+        if self.collected:
             prefix = result_key(self.name, "")
             for key in self.connection.scan_iter(match=result_key(self.name, "*"), count=1000):
                 jid = key.decode("utf-8", "replace")[len(prefix) :]
@@ -516,14 +518,14 @@ class Auditor:
         with self.connection.pipeline(transaction=False) as pipe:
             for jid in ids:
                 pipe.hmget(Job.key_for(jid), "status", "origin", "description")
-                if self.by_redis:
+                if self.collected:
                     pipe.exists(result_key(self.name, jid))
             replies = pipe.execute()
-        step = 2 if self.by_redis else 1
+        step = 2 if self.collected else 1
         out = {}
         for i, jid in enumerate(ids):
             status, origin, source = (_text(v) for v in replies[i * step])
-            out[jid] = (status, origin, source, bool(replies[i * step + 1]) if self.by_redis else False)
+            out[jid] = (status, origin, source, bool(replies[i * step + 1]) if self.collected else False)
         return out
 
     def _judge(self, u: _Unfinished, jids: list[str], look: dict[str, Any], alias_of: str | None = None) -> bool:

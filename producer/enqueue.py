@@ -9,6 +9,9 @@ refuses the duplicate. What happens then depends on the existing job:
 A burst (a rescan, a folder dropped in) goes through `submit_many`, which enqueues the common case,
 new content with no job yet, a few hundred at a time in one transaction, and leaves everything else
 to `submit`, one by one.
+
+What differs between the transports (how a photo is read and sent, whether Redis has room for it,
+who records a refusal) is the `Sender`'s (producer.sending); this module never asks which one it has.
 """
 
 from __future__ import annotations
@@ -17,16 +20,13 @@ import contextlib
 import hashlib
 import logging
 import os
-import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from redis import Redis
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import WatchError
 from rq import Queue, Retry
 from rq.exceptions import DeserializationError, DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
@@ -40,18 +40,12 @@ from depthq.contract import (
     Lane,
     aliases_key,
     done_key,
-    file_sha256,
-    inflight_key,
     is_finished,
     job_id,
     make_queue,
-    photo_key,
-    record_recent,
     requested_outputs,
-    result_key,
-    source_stamp,
 )
-from depthq.files import json_bytes, write_outputs
+from producer.sending import OVER, Sender, sender_for
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +61,6 @@ return false
 """
 
 _PENDING = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
-_OVER = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
-# Rescans hash only what changed: (source, size, mtime_ns) -> sha256, for this many photos.
-_HASH_CACHE_SIZE = 100_000
-# redis transport: once Redis is found full, photos are held back without asking it again for this
-# long, so thousands of waiting photos cost one look, not thousands.
-_FULL_RECHECK_S = 0.5
-# redis transport: how long a photo's bytes may wait for their job before they count as orphaned.
-_ORPHAN_GRACE_S = 60
 
 
 class SourceError(ValueError):
@@ -97,7 +83,7 @@ class _Photo:
     jid: str
     payload: JobPayload
     version: tuple[int, int]
-    # The bytes that were hashed, for the redis transport (None for shared).
+    # The bytes that were hashed, when the sender sends them beside the job (None when it does not).
     data: bytes | None = None
 
 
@@ -126,9 +112,7 @@ class Enqueuer:
         retries = config.worker.retries
         self.retry = Retry(max=retries, interval=config.worker.retry_backoff_s) if retries else None
         self._add_alias = connection.register_script(_ADD_ALIAS)
-        self._hashes: OrderedDict[tuple[str, int, int], str] = OrderedDict()
-        self.by_redis = config.transport.mode == "redis"
-        self._full_until = 0.0
+        self.sender: Sender = sender_for(config, connection)
 
     def relative(self, path: Path) -> tuple[str, str | None]:
         """The photo's name under the watch root, and why the producer must not read it (or None).
@@ -186,10 +170,10 @@ class Enqueuer:
         which knows what to do with it: a refusal, a job that is over or another name's (alias,
         copy, requeue), a path that cannot be read or is not ours, and a photo with the same content
         as one earlier in the batch (an alias, once the first is enqueued). Call `submit` on those
-        after this returns, in order. The redis transport leaves them all to `submit`: each photo's
-        bytes must find room in Redis first.
+        after this returns, in order. A sender that does not batch (the redis transport: each photo's
+        bytes must find room in Redis first) leaves them all to `submit`.
         """
-        if self.by_redis:
+        if not self.sender.batches:
             return [(path, None) for path in paths]
         out: list[tuple[Path, Submitted | None]] = []
         fresh: dict[str, tuple[int, _Photo]] = {}  # job id -> (its place in out, the photo)
@@ -229,23 +213,14 @@ class Enqueuer:
         before = path.stat()
         if not force and is_finished(self.config.output.dir, source, before):
             return Submitted("done", "", source)
-        cap = self.config.transport.max_photo_bytes
-        if self.by_redis and unreadable is None and before.st_size > cap:
-            unreadable = (
-                f"{before.st_size / 2**20:.1f} MiB, over transport.max_photo_bytes ({cap / 2**20:.1f} MiB) "
-                "that the redis transport sends; raise it (Redis needs the room) and run "
-                "`depthq enqueue --force` on the photo, or use the shared transport"
-            )
-        if self.by_redis and unreadable is None and not self._has_room(before.st_size):
+        if unreadable is None:
+            unreadable = self.sender.cannot_send(before)
+        if unreadable is None and not self.sender.has_room(before.st_size):
             return Submitted("deferred", "", source)  # held on disk until the collector frees room
         sha, data = "", None
         if unreadable is None:
             try:
-                if self.by_redis:
-                    data = path.read_bytes()
-                    sha = hashlib.sha256(data).hexdigest()
-                else:
-                    sha = self._sha256(path, source, before)
+                sha, data = self.sender.read(path, source, before)
             except PermissionError:
                 unreadable = "permission denied"
         if unreadable is not None:
@@ -265,65 +240,12 @@ class Enqueuer:
         )
         return _Photo(job_id(sha, payload.model), payload, (after.st_size, after.st_mtime_ns), data)
 
-    def _has_room(self, size: int) -> bool:
-        """redis transport: whether Redis may take one more photo (transport.max_inflight_*).
-
-        Always when nothing is in flight, so one photo larger than max_inflight_bytes still goes.
-        When full, entries no job will ever free are dropped first (`_drop_orphans`), so they cannot
-        hold the producer back for a week.
-        """
-        if time.monotonic() < self._full_until:
-            return False
-        t = self.config.transport
-        key = inflight_key(self.name)
-        held = {k.decode(): int(v) for k, v in self.connection.hgetall(key).items()}
-
-        def full() -> bool:
-            return bool(held) and (len(held) >= t.max_inflight_jobs or sum(held.values()) + size > t.max_inflight_bytes)
-
-        if full():
-            for jid in self._drop_orphans(list(held)):
-                del held[jid]
-        if full():
-            self._full_until = time.monotonic() + _FULL_RECHECK_S
-            return False
-        return True
-
-    def _drop_orphans(self, jids: list[str], grace: bool = True) -> list[str]:
-        """In-flight entries whose job is gone or over with no result waiting for the collector: a job
-        deleted by hand (dashboard, `depthq failed purge`), a payload the worker refused, a photo
-        that expired. Their photo bytes go too; the producer's rescan sends any such photo again.
-
-        With `grace`, photos put in the last minute are left alone: their job may be about to be
-        enqueued (by `depthq enqueue` beside the watcher, say), between the bytes and the job.
-        """
-        q = self.name
-        recent = self.config.transport.blob_ttl_s - (_ORPHAN_GRACE_S if grace else 0)
-        with self.connection.pipeline(transaction=False) as look:
-            for jid in jids:
-                look.exists(result_key(q, jid))
-                look.hget(Job.key_for(jid), "status")
-                look.ttl(photo_key(q, jid))
-            replies = look.execute()
-        over = {s.value for s in _OVER}
-        orphans = [
-            jid
-            for jid, has_result, status, ttl in zip(jids, replies[0::3], replies[1::3], replies[2::3], strict=True)
-            if not has_result and (status is None or status.decode() in over) and ttl <= recent
-        ]
-        if orphans:
-            with self.connection.pipeline(transaction=True) as tx:
-                tx.hdel(inflight_key(q), *orphans)
-                tx.delete(*(photo_key(q, jid) for jid in orphans))
-                tx.execute()
-            log.info("freed %d in-flight entr(ies) whose job is gone or over without a result", len(orphans))
-        return orphans
-
     def _refusal(self, path: Path, source: str, st: os.stat_result, why: str) -> Submitted:
         """A file the producer will not read still becomes a job, keyed by its name: the worker, which
-        decides what it may read, computes it or writes the error file the user needs to see."""
-        if self.by_redis:
-            return self._refuse_here(source, st, why)
+        decides what it may read, computes it or writes the error file the user needs to see. Unless
+        the sender records it itself (the redis transport: no worker can read what was not sent)."""
+        if self.sender.refuse_here(source, st, why):
+            return Submitted("refused", "", source)
         log.warning("%s: %s; the worker will decide and record it", path, why)
         payload = JobPayload(
             source=source,
@@ -340,46 +262,11 @@ class Enqueuer:
             return self._duplicate(jid, payload) or Submitted("duplicate", jid, source)
         return Submitted("enqueued", jid, source)
 
-    def _refuse_here(self, source: str, st: os.stat_result, why: str) -> Submitted:
-        """redis transport: no worker can read what the producer would not send, so the producer
-        writes the error file itself, where the user looks for the photo's outputs."""
-        message = f"{source}: {why}"
-        log.warning("not sent: %s", message)
-        record = {
-            "source": source,
-            "job_id": "",
-            "error": {"type": "refused", "message": message},
-            "created_at": datetime.now(UTC).isoformat(),
-            "source_stat": source_stamp(st),
-        }
-        write_outputs(self.config.output.dir, source, {"error": json_bytes(record)})
-        with contextlib.suppress(RedisError), self.connection.pipeline(transaction=False) as pipe:
-            record_recent(pipe, self.name, source)  # the gallery shows the refusal among the newest
-            pipe.execute()
-        return Submitted("refused", "", source)
-
-    def _sha256(self, path: Path, source: str, st: os.stat_result) -> str:
-        key = (source, st.st_size, st.st_mtime_ns)
-        sha = self._hashes.get(key)
-        if sha is None:
-            sha = file_sha256(path)
-            self._hashes[key] = sha
-            if len(self._hashes) > _HASH_CACHE_SIZE:
-                self._hashes.popitem(last=False)
-        else:
-            self._hashes.move_to_end(key)
-        return sha
-
     def _enqueue(self, jid: str, payload: JobPayload, data: bytes | None = None) -> None:
-        """The job, after its photo's bytes when they travel through Redis (so no worker finds a job
-        without them). If the enqueue is refused as a duplicate, the bytes stay for the job holding
-        the id: they are the same bytes, under the same key."""
+        """The job, after its photo's bytes when they travel beside it (`Sender.put`)."""
         q = self.config.queue
         if data is not None:
-            with self.connection.pipeline(transaction=True) as tx:
-                tx.set(photo_key(self.name, jid), data, ex=self.config.transport.blob_ttl_s)
-                tx.hsetnx(inflight_key(self.name), jid, len(data))
-                tx.execute()
+            self.sender.put(jid, data)
         self.queue.enqueue(
             JOB_FUNCTION,
             payload.to_dict(),
@@ -467,15 +354,14 @@ class Enqueuer:
             existing = job.args[0]["source"]
         except (DeserializationError, LookupError, TypeError):
             existing = None  # a foreign job under our id: never ours to reuse
-        if self.by_redis:
-            if existing == payload.source and self.connection.exists(result_key(self.name, jid)):
-                log.debug("%s: job %s is done, its result waiting for the collector", payload.source, jid)
-                return Submitted("duplicate", jid, payload.source)
-            if existing != payload.source and status not in _OVER:
-                # A worker cannot read a copy's file here, so a copy gets its own job, not an alias.
-                return self._own_job(jid, payload, same_as=None, data=data)
+        if existing == payload.source and self.sender.result_waiting(jid):
+            log.debug("%s: job %s is done, its result waiting for the collector", payload.source, jid)
+            return Submitted("duplicate", jid, payload.source)
+        if existing != payload.source and status not in OVER and not self.sender.can_alias:
+            # A copy that cannot ride on its original's job gets its own, not an alias.
+            return self._own_job(jid, payload, same_as=None, data=data)
         # submit() found no result for this photo, so a job that is over must run again for it.
-        if status in _OVER and (existing == payload.source or status != JobStatus.FINISHED):
+        if status in OVER and (existing == payload.source or status != JobStatus.FINISHED):
             self._delete(job)
             self._enqueue(jid, payload, data)
             log.info("%s: job %s was %s without a result for it; enqueued again", payload.source, jid, status)
@@ -484,7 +370,7 @@ class Enqueuer:
             log.debug("%s: job %s already %s", payload.source, jid, status)
             return Submitted("duplicate", jid, payload.source)
         if status == JobStatus.FINISHED:
-            done_for = None if self.by_redis else self.connection.get(done_key(self.name, jid))
+            done_for = self.connection.get(done_key(self.name, jid)) if self.sender.copies_results else None
             return self._own_job(jid, payload, same_as=done_for.decode() if done_for else None, data=data)
         done_for = self._add_alias(
             keys=[done_key(self.name, jid), aliases_key(self.name, jid)],
@@ -498,9 +384,8 @@ class Enqueuer:
 
     def _own_job(self, jid: str, payload: JobPayload, same_as: str | None, data: bytes | None = None) -> Submitted:
         """A job for this name alone: a copy of a stored result if there is one, else a computation."""
-        if self.by_redis:
-            # The bytes just put under `jid` are not needed if its job is over: free them now.
-            self._drop_orphans([jid], grace=False)
+        # The bytes just put under `jid` (if any) are not needed if its job is over: free them now.
+        self.sender.drop_orphans([jid], grace=False)
         # A copy queued as an alias of `jid` earlier, whose job then ended without taking it (its photo
         # changed meanwhile): this job is its own now, and the set must not hand it to `jid` again.
         self.connection.srem(aliases_key(self.name, jid), payload.source)

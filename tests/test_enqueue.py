@@ -84,7 +84,7 @@ def test_copy_after_the_original_is_done_becomes_a_copy_job(enqueuer: Enqueuer, 
 def test_symlink_out_of_the_watch_root_is_not_read_but_queued_for_refusal(
     enqueuer: Enqueuer, tmp_path: Path, redis_client: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import producer.enqueue as module
+    import producer.sending as module
 
     outside = write_jpeg(tmp_path / "elsewhere" / "secret.jpg")
     link = enqueuer.watch_root / "link.jpg"
@@ -124,7 +124,7 @@ def test_job_that_is_over_without_a_result_runs_again(enqueuer: Enqueuer, status
 
 
 def test_unchanged_photo_is_hashed_once(enqueuer: Enqueuer, monkeypatch: pytest.MonkeyPatch) -> None:
-    import producer.enqueue as module
+    import producer.sending as module
 
     calls: list[Path] = []
     real = module.file_sha256

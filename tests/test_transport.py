@@ -143,7 +143,7 @@ def test_the_producer_holds_photos_back_while_redis_holds_enough(
     _work(worker_config, redis_client, tiny_backend)
     assert enqueuer.submit(photos[2]).outcome == "deferred"  # done, but not yet collected: still in Redis
     Collector(config, redis_client).collect_new()
-    enqueuer._full_until = 0.0  # the half-second memo of "full" is not what this test is about
+    enqueuer.sender._full_until = 0.0  # the half-second memo of "full" is not what this test is about
     assert enqueuer.submit(photos[2]).outcome == "enqueued"
 
 
@@ -161,9 +161,9 @@ def test_bytes_cap_and_entries_of_deleted_jobs_do_not_hold_the_producer_back(
     # The job is deleted by hand (rq-dashboard): its photo and entry must not block anything for a week.
     Job.fetch(first.job_id, connection=redis_client, serializer=SERIALIZER).delete()
     assert enqueuer.submit(b).outcome == "deferred"  # not in the first minute: its job may be on its way
-    enqueuer._full_until = 0.0
+    enqueuer.sender._full_until = 0.0
     redis_client.expire(photo_key(config.queue.name, first.job_id), config.transport.blob_ttl_s - 61)
-    enqueuer._full_until = 0.0
+    enqueuer.sender._full_until = 0.0
     second = enqueuer.submit(b)
     assert second.outcome == "enqueued"
     assert not redis_client.exists(photo_key(config.queue.name, first.job_id))

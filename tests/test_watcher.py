@@ -254,7 +254,7 @@ def test_a_rescan_passes_over_photos_whose_job_is_pending(
     write_jpeg(changed, seed=3)  # a new version after its job: it needs one of its own
     write_jpeg(config.producer.watch / "lost.jpg", seed=4)  # its events were lost
     hashed: list[str] = []
-    monkeypatch.setattr("producer.enqueue.file_sha256", lambda path: hashed.append(path.name) or "0" * 64)
+    monkeypatch.setattr("producer.sending.file_sha256", lambda path: hashed.append(path.name) or "0" * 64)
     assert watcher.rescan() == 2
     assert watcher.last_scan is not None and watcher.last_scan.pending == 1
     assert sorted(hashed) == ["changed.jpg", "lost.jpg"]
