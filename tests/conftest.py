@@ -90,6 +90,31 @@ def make_config(tmp_path: Path, redis_url: str, tiny_model: Path) -> Callable[..
 
 
 @pytest.fixture
+def config(make_config: Callable[..., Config]) -> Config:
+    """A worker's config with no back-off between retries (test files with other needs define their own)."""
+    return make_config(worker={"retry_backoff_s": [0]})
+
+
+@pytest.fixture
+def backend(tiny_backend: Any) -> Any:
+    """The backend `run_worker` uses; a test file overrides it with a stand-in of its own."""
+    return tiny_backend
+
+
+@pytest.fixture
+def run_worker(config: Config, redis_client: Redis, backend: Any) -> Callable[[], Any]:
+    """Run a real depthq worker in this process until the queue is empty (rq's burst mode)."""
+    from worker.worker import DepthWorker, build_worker
+
+    def run() -> DepthWorker:
+        worker = build_worker(config, redis_client, backend)
+        worker.work(burst=True, with_scheduler=False)
+        return worker
+
+    return run
+
+
+@pytest.fixture
 def write_config_file(tmp_path: Path) -> Callable[..., Path]:
     """A config file for a command run as a user runs it: `config`'s Redis and folders, plus `sections`."""
 
