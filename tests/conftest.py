@@ -115,6 +115,22 @@ def run_worker(config: Config, redis_client: Redis, backend: Any) -> Callable[[]
 
 
 @pytest.fixture
+def producer_config(make_config: Callable[..., Config]) -> Config:
+    """The producer's side of the redis transport."""
+    return make_config(transport={"mode": "redis"}, worker={"retry_backoff_s": [0]})
+
+
+@pytest.fixture
+def worker_config(make_config: Callable[..., Config], tmp_path: Path) -> Config:
+    """A worker host that shares no disk: its watch and output folders do not even exist."""
+    return make_config(
+        producer={"watch": str(tmp_path / "worker-has-no-inbox")},
+        output={"dir": str(tmp_path / "worker-has-no-output")},
+        worker={"retry_backoff_s": [0]},
+    )
+
+
+@pytest.fixture
 def write_config_file(tmp_path: Path) -> Callable[..., Path]:
     """A config file for a command run as a user runs it: `config`'s Redis and folders, plus `sections`."""
 
