@@ -17,6 +17,7 @@ from redis import Redis
 from depthq.config import Config
 from tests.disk import _unavailable
 from tests.endstate import assert_end_state
+from tests.environ import worker_env
 
 
 @contextmanager
@@ -31,14 +32,7 @@ def immutable(folder: Path) -> Iterator[Path]:
 
 
 def _work(config: Config, redis_url: str, tiny_model: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPTHQ_")}
-    env.update(
-        DEPTHQ_REDIS_URL=redis_url,
-        DEPTHQ_PRODUCER_WATCH=str(config.producer.watch),
-        DEPTHQ_OUTPUT_DIR=str(config.output.dir),
-        DEPTHQ_MODEL_PATH=str(tiny_model),
-        DEPTHQ_MODEL_DEVICE="cpu",
-    )
+    env = worker_env(config, redis_url, tiny_model)
     return subprocess.run(
         [sys.executable, "-m", "worker", "--burst"], env=env, capture_output=True, text=True, timeout=120
     )

@@ -28,6 +28,7 @@ from testkit.photos import write_jpeg
 from testkit.waiting import wait_for
 from tests import disk
 from tests.endstate import assert_end_state, settle
+from tests.environ import worker_env
 from worker.backends import Backend
 from worker.worker import build_worker
 
@@ -46,13 +47,10 @@ def spawn_worker(
     config: Config, tmp_path: Path, tiny_model: Path, redis_url: str
 ) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPTHQ_")}
-    env.update(
-        DEPTHQ_REDIS_URL=redis_url,
-        DEPTHQ_PRODUCER_WATCH=str(config.producer.watch),
-        DEPTHQ_OUTPUT_DIR=str(config.output.dir),
-        DEPTHQ_MODEL_PATH=str(tiny_model),
-        DEPTHQ_MODEL_DEVICE="cpu",
+    env = worker_env(
+        config,
+        redis_url,
+        tiny_model,
         DEPTHQ_WORKER_DEAD_AFTER_S=str(DEAD_AFTER_S),
         DEPTHQ_WORKER_RETRY_BACKOFF_S="[0]",
     )
