@@ -42,8 +42,8 @@ from depthq.contract import (
 )
 from depthq.outage import Outage
 from depthq.sidecar import Sidecar
-from worker.backends.base import Backend, describe_model
-from worker.depth import metric_depth
+from worker.backends.base import Backend, Prediction, describe_model
+from worker.depth import MetricDepth, metric_depth
 from worker.errors import (
     BadInputError,
     EnvironmentUnavailableError,
@@ -57,7 +57,7 @@ from worker.errors import (
     WorkerDiedError,
 )
 from worker.formats import Scene
-from worker.images import load_image
+from worker.images import LoadedImage, load_image
 from worker.metrics import WorkerMetrics
 from worker.preview import preview_png
 from worker.store import HandedOverError, SupersededError
@@ -245,6 +245,68 @@ def _read_photo(rt: Runtime, transport: Transport, p: JobPayload, job: Job | Non
         raise
 
 
+def _metric(p: JobPayload, image: LoadedImage, prediction: Prediction) -> MetricDepth:
+    """The one metric math (`worker.depth`), its refusals named for the photo."""
+    try:
+        return metric_depth(
+            prediction.inverse_depth,
+            image.width,
+            image.height,
+            prediction.fov_deg,
+            image.focal_length_35mm,
+            already_metric=prediction.already_metric,
+        )
+    except ValueError as exc:
+        raise BadInputError(f"{p.source}: {exc}") from None
+    except ModelOutputError as exc:
+        raise ModelOutputError(f"{p.source}: {exc}") from None
+
+
+def _describe(
+    rt: Runtime,
+    p: JobPayload,
+    photo: Photo,
+    sha: str,
+    image: LoadedImage,
+    prediction: Prediction,
+    md: MetricDepth,
+    stats: dict[str, Any],
+) -> Sidecar:
+    """What the result says of itself: the photo, its camera, the depth, the model that ran and any
+    warning the user should read (`Sidecar.for_photo` then names it for each photo it is written for)."""
+    ran = describe_model(rt.backend)
+    # The model the job asked for (the producer's model.path), when this worker ran another.
+    requested = p.model if ran.get("source", ran["name"]) != p.model else None
+    model = {**ran, "backend": rt.backend.name, "device": rt.backend.device}
+    warnings = list(rt.backend.warnings)
+    if requested is not None:
+        model["requested"] = requested
+        warnings.append(f"the job asked for model {requested}; this worker ran {ran['name']} ({rt.backend.name})")
+    if "ply" in p.outputs and md.camera is None:
+        warnings.append("no point cloud: neither the model nor the photo's EXIF gives a focal length")
+    if p.sha256 and sha != p.sha256:
+        # The file changed after it was enqueued; this describes what was actually read.
+        warnings.append("the photo changed after it was enqueued; this result is for its current content")
+    return Sidecar(
+        source=p.source,
+        sha256=sha,
+        source_stat=photo.stamp,
+        width=image.width,
+        height=image.height,
+        fov_deg=md.fov_deg,
+        fov_vertical_deg=md.fov_vertical_deg,
+        focal_length_px=md.focal_length_px,
+        focal_length_source=md.focal_length_source,
+        focal_length_35mm=image.focal_length_35mm,
+        fov_model_deg=prediction.fov_deg,
+        camera=md.camera,
+        depth=stats,
+        model=model,
+        worker={"host": rt.host, "name": rt.worker_name},
+        warnings=tuple(warnings),
+    )
+
+
 def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> JobResult:
     t0 = time.perf_counter()
     queue_wait = _queue_wait_s(job)
@@ -272,19 +334,7 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> JobResult:
         "writing",
         {"queue_wait": _ms(queue_wait), "decode": _ms(t_decoded - t0), "inference": _ms(t_inferred - t_decoded)},
     )
-    try:
-        md = metric_depth(
-            prediction.inverse_depth,
-            image.width,
-            image.height,
-            prediction.fov_deg,
-            image.focal_length_35mm,
-            already_metric=prediction.already_metric,
-        )
-    except ValueError as exc:
-        raise BadInputError(f"{p.source}: {exc}") from None
-    except ModelOutputError as exc:
-        raise ModelOutputError(f"{p.source}: {exc}") from None
+    md = _metric(p, image, prediction)
     preview = preview_png(md.depth, rt.backend.input_size)
     depth = md.depth
     camera = md.camera
@@ -297,37 +347,7 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> JobResult:
         "inference": _ms(t_inferred - t_decoded),
         "postprocess": _ms(t_post - t_inferred),
     }
-    ran = describe_model(rt.backend)
-    # The model the job asked for (the producer's model.path), when this worker ran another.
-    requested = p.model if ran.get("source", ran["name"]) != p.model else None
-    model = {**ran, "backend": rt.backend.name, "device": rt.backend.device}
-    warnings = list(rt.backend.warnings)
-    if requested is not None:
-        model["requested"] = requested
-        warnings.append(f"the job asked for model {requested}; this worker ran {ran['name']} ({rt.backend.name})")
-    if "ply" in p.outputs and camera is None:
-        warnings.append("no point cloud: neither the model nor the photo's EXIF gives a focal length")
-    if p.sha256 and sha != p.sha256:
-        # The file changed after it was enqueued; this describes what was actually read.
-        warnings.append("the photo changed after it was enqueued; this result is for its current content")
-    result = Sidecar(
-        source=p.source,
-        sha256=sha,
-        source_stat=photo.stamp,
-        width=image.width,
-        height=image.height,
-        fov_deg=md.fov_deg,
-        fov_vertical_deg=md.fov_vertical_deg,
-        focal_length_px=md.focal_length_px,
-        focal_length_source=md.focal_length_source,
-        focal_length_35mm=image.focal_length_35mm,
-        fov_model_deg=prediction.fov_deg,
-        camera=camera,
-        depth=stats,
-        model=model,
-        worker={"host": rt.host, "name": rt.worker_name},
-        warnings=tuple(warnings),
-    )
+    result = _describe(rt, p, photo, sha, image, prediction, md, stats)
     store = transport.store(job_id, p, photo)
     store.write_data(p.source, depth, preview, p.outputs, scene)
     timings["write"] = _ms(time.perf_counter() - t_post)
