@@ -48,10 +48,6 @@ def synthetic_photo(width: int, height: int, seed: int = 0) -> np.ndarray:
     return np.clip(smooth.astype(np.int16) + noise, 0, 255).astype(np.uint8)
 
 
-def jpeg_bytes(tmp: Path, **kwargs: int) -> bytes:
-    return write_jpeg(tmp, **kwargs).read_bytes()
-
-
 def png_with_size(width: int, height: int) -> bytes:
     """A valid 1x1 PNG whose IHDR is patched (CRC included) to claim width x height: a decompression bomb."""
     buf = io.BytesIO()
