@@ -33,21 +33,10 @@ from depthq.depthmap import DepthMap
 from producer.enqueue import Enqueuer
 from testkit.photos import write_jpeg
 from testkit.tiny_model import expected_depth
+from tests.browser import chromium
 from worker.backends import Backend
 from worker.worker import build_worker
 
-CHROMIUM = Path("/usr/bin/chromium")
-# Chromium's own background connections are refused on these machines; these keep it from trying.
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -315,24 +304,10 @@ def test_the_result_page_links_its_photo_preview_and_endpoints(config: Config, c
 # --- in a browser ---------------------------------------------------------------------------------
 
 
-def _no_browser(reason: str) -> None:
-    if os.environ.get("TEST_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"TEST_REQUIRE_BROWSER=1 but {reason}")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _no_browser("playwright is not installed (pip install -e '.[test]')")
-    if not CHROMIUM.exists():
-        _no_browser(f"{CHROMIUM} is missing (apt-get install chromium)")
-    with sync_playwright() as pw:
-        launched = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+    with chromium() as launched:
         yield launched
-        launched.close()
 
 
 @pytest.fixture
