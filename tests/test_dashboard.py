@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from jinja2 import DictLoader
 from redis import Redis
 
 from depthq.cli import main
@@ -22,6 +26,7 @@ from depthq.redis_server import free_port
 from producer.enqueue import Enqueuer
 from testkit.photos import write_jpeg
 from testkit.waiting import wait_for
+from tests.browser import chromium
 from worker.backends import Backend
 from worker.worker import build_worker
 
@@ -39,6 +44,31 @@ def _get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
         return 0, b""
 
 
+@contextmanager
+def _dashboard(config: Config, write_config_file: Callable[..., Path], tmp_path: Path) -> Iterator[str]:
+    """`depthq dashboard` as an operator starts it, on a free port; yields its base URL. Its log must
+    end with no traceback."""
+    port = free_port()
+    config_file = write_config_file(
+        config, "dashboard.yaml", dashboard={"port": port}, queue={"name": config.queue.name}
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPTHQ_")}
+    depthq = Path(sys.executable).with_name("depthq")
+    log = tmp_path / "dashboard.log"
+    with log.open("wb") as out:
+        command = [str(depthq), "dashboard", "--config", str(config_file)]
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=out)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _get(base + "/")[0] == 200 or proc.poll() is not None, f"the dashboard (log: {log})")
+        assert proc.poll() is None, log.read_text()
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
 def test_queue_and_job_pages_show_a_jobs_meta(
     make_config: Callable[..., Config],
     redis_client: Redis,
@@ -51,18 +81,7 @@ def test_queue_and_job_pages_show_a_jobs_meta(
     build_worker(config, redis_client, tiny_backend).work(burst=True, with_scheduler=False)
     waiting = Enqueuer(config, redis_client).submit(write_jpeg(config.producer.watch / "b.jpg", seed=3))
 
-    port = free_port()
-    config_file = write_config_file(config, "dashboard.yaml", dashboard={"port": port})
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPTHQ_")}
-    depthq = Path(sys.executable).with_name("depthq")
-    log = tmp_path / "dashboard.log"
-    with log.open("wb") as out:
-        command = [str(depthq), "dashboard", "--config", str(config_file)]
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=out)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _get(base + "/")[0] == 200 or proc.poll() is not None, f"the dashboard (log: {log})")
-        assert proc.poll() is None, log.read_text()
+    with _dashboard(config, write_config_file, tmp_path) as base:
         status, body = _get(base + "/0/data/queues.json")
         assert status == 200
         queues = {q["name"]: q for q in json.loads(body)["queues"]}
@@ -79,10 +98,40 @@ def test_queue_and_job_pages_show_a_jobs_meta(
         assert _get(base + "/0/view/workers")[0] == 200
         assert _get(base + "/0/data/workers.json")[0] == 200
         assert _get(base + "/gallery/")[0] == 200
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def test_the_navbar_links_the_gallery_and_jobs_opens_on_the_live_queue(
+    make_config: Callable[..., Config],
+    redis_client: Redis,
+    write_config_file: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    """In a browser, as an operator finds them: a Gallery tab beside rq-dashboard's own, and the Jobs tab
+    listing the job waiting on the queue config names (not rq's empty `default`)."""
+    from playwright.sync_api import expect
+
+    config = make_config(queue={"name": "photos"})
+    waiting = Enqueuer(config, redis_client).submit(write_jpeg(config.producer.watch / "w.jpg"))
+    with _dashboard(config, write_config_file, tmp_path) as base, chromium() as browser:
+        for path in ("/", "/0/view/workers", f"/0/view/job/{waiting.job_id}"):
+            status, body = _get(base + path)
+            nav = re.search(rb"<ul[^>]*navbar-nav.*?</ul>", body, re.DOTALL)
+            assert status == 200 and nav is not None and b'href="/gallery/"' in nav.group(), path
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        crashes: list[str] = []
+        page.on("pageerror", lambda exc: crashes.append(str(exc)))
+        page.goto(base + "/")
+        tabs = page.locator("#navbarSupportedContent .navbar-nav .nav-link")
+        expect(tabs).to_have_text(["Queues", "Jobs", "Workers", "Gallery"])
+        tabs.filter(has_text="Jobs").click()
+        page.wait_for_url(f"{base}/0/view/jobs/photos/queued/8/asc/1")
+        rows = page.locator("table#jobs tbody")
+        expect(rows.locator(f'tr[data-job-id="{waiting.job_id}"]')).to_be_visible(timeout=10_000)
+        expect(rows).not_to_contain_text("No jobs.")
+        page.locator("#navbarSupportedContent .nav-link", has_text="Gallery").click()
+        page.wait_for_url(base + "/gallery/")
+        expect(page.locator("header h1")).to_be_visible()
+        assert not crashes
 
 
 def test_basic_auth_guards_every_page(make_config: Callable[..., Config], redis_url: str, tmp_path: Path) -> None:
@@ -96,6 +145,23 @@ def test_basic_auth_guards_every_page(make_config: Callable[..., Config], redis_
         assert client.get(page).status_code == 401
         assert client.get(page, headers={"Authorization": wrong}).status_code == 401
         assert client.get(page, headers={"Authorization": good}).status_code == 200
+    # The Jobs tab's redirect names the queue: only after the login.
+    assert client.get("/0/view/jobs").status_code == 401
+    assert client.get("/0/view/jobs", headers={"Authorization": good}).location == "/0/view/jobs/depthq/queued/8/asc/1"
+
+
+def test_the_gallery_link_survives_a_navbar_it_does_not_know(
+    make_config: Callable[..., Config], redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A later rq-dashboard with another navbar: the link moves to the top of the page, with one warning."""
+    app = create_app(make_config(), redis_url)
+    app.jinja_loader = DictLoader({"rq_dashboard/navbar.html": "<div>a navbar with no list of tabs</div>"})
+    client = app.test_client()
+    with caplog.at_level(logging.WARNING, logger="depthq.ops.dashboard"):
+        pages = [client.get(path).get_data(as_text=True) for path in ("/", "/0/view/workers")]
+    for html in pages:
+        assert re.search(r'<body[^>]*>\s*<nav class="navbar"><a href="/gallery/"', html), html[:500]
+    assert len([r for r in caplog.records if "navbar has changed" in r.getMessage()]) == 1
 
 
 def test_refuses_to_face_the_network_without_a_password(

@@ -3,7 +3,8 @@
 rq-dashboard decodes jobs with pickle unless told otherwise; depthq jobs are JSON, so it gets our
 serializer. Its own basic auth compares passwords with `!=` and covers only its pages, so auth is
 applied here, to the whole app, with a constant-time comparison. waitress serves it: rq-dashboard's
-own runner is Flask's development server, not meant to run for weeks.
+own runner is Flask's development server, not meant to run for weeks. Its pages get a link to the
+gallery, and its Jobs tab opens on depthq's live queue instead of rq's `default` (see `_point_at_depthq`).
 """
 
 from __future__ import annotations
@@ -11,18 +12,25 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import re
 from pathlib import Path
 
-from flask import Flask, Response, request
+from flask import Flask, Response, redirect, request, url_for
+from markupsafe import escape
+from werkzeug.wrappers import Response as Redirect
 
 from depthq.config import Config, ConfigError, read_password_file
 from depthq.connection import embedded_url_file, redact, url_with_credentials
-from depthq.contract import SERIALIZER, recent_key
+from depthq.contract import SERIALIZER, lane_queue_name, recent_key
 
 log = logging.getLogger(__name__)
 
 # rq-dashboard's default poll interval is 2.5 s per open tab; a few seconds is plenty for photos.
 _POLL_MS = 3000
+# The list of tabs in rq-dashboard's navbar (templates/rq_dashboard/navbar.html, 0.9), and its end.
+_NAV_LIST = re.compile(rb"<ul\b[^>]*\bnavbar-nav\b[^>]*>")
+_NAV_LIST_END = b"</ul>"
+_BODY = re.compile(rb"<body\b[^>]*>")
 
 
 def is_loopback(bind: str) -> bool:
@@ -73,6 +81,51 @@ def _follow_embedded_redis(app: Flask, config: Config, redis_url: str) -> None:
             setup_rq_connection(app)
 
 
+def _point_at_depthq(app: Flask, live_queue: str) -> None:
+    """A Gallery tab in rq-dashboard's navbar, and its Jobs tab opened on `live_queue`.
+
+    The link is added to rq-dashboard's rendered HTML, after the request, rather than by overriding
+    its `navbar.html` through the template loader: an override is a copy of the whole navbar (the
+    instance picker, the autorefresh switch), which would drift silently from the rq-dashboard it
+    ships with. The edit here needs one anchor, the `navbar-nav` list; should a later rq-dashboard
+    drop it, the link goes at the top of the page instead, with a warning, and is never lost.
+
+    Jobs: rq-dashboard's `/<n>/view/jobs` shows rq's `default` queue, which depthq never uses
+    ("No jobs."). It is redirected, by endpoint name rather than by path, to the same view with the
+    live queue filled in, so the address names the queue and rq-dashboard's own queue and registry
+    pickers still work from there. A temporary redirect: the queue name comes from config.
+    Registered after basic auth, so only a logged-in user is redirected.
+    """
+    warned: list[bool] = []
+
+    @app.before_request
+    def jobs_on_the_live_queue() -> Redirect | None:
+        args = request.view_args or {}
+        if request.endpoint != "rq_dashboard.jobs_overview" or args.get("queue_name") is not None:
+            return None
+        return redirect(url_for(request.endpoint, **{**args, "queue_name": live_queue}))
+
+    @app.after_request
+    def gallery_tab(response: Response) -> Response:
+        if request.blueprint != "rq_dashboard" or response.status_code != 200 or response.mimetype != "text/html":
+            return response
+        html = response.get_data()
+        link = f'<a href="{escape(url_for("gallery.page"))}" class="nav-link" id="depthq-gallery">Gallery</a>'
+        nav = _NAV_LIST.search(html)
+        end = html.find(_NAV_LIST_END, nav.end()) if nav else -1
+        if end >= 0:
+            html = html[:end] + f'<li class="nav-item">{link}</li>'.encode() + html[end:]
+        else:
+            if not warned:
+                warned.append(True)
+                log.warning("dashboard: rq-dashboard's navbar has changed; the gallery link is at the top instead")
+            body = _BODY.search(html)
+            at = body.end() if body else 0
+            html = html[:at] + f'<nav class="navbar">{link}</nav>'.encode() + html[at:]
+        response.set_data(html)
+        return response
+
+
 def create_app(config: Config, redis_url: str, allow_no_auth: bool = False) -> Flask:
     """The WSGI app. Refuses to face a network without a password unless told to (`--no-auth`)."""
     from rq_dashboard.cli import make_flask_app
@@ -108,6 +161,7 @@ def create_app(config: Config, redis_url: str, allow_no_auth: bool = False) -> F
         _follow_embedded_redis(app, config, redis_url)
     if settings.username is not None and settings.password_file is not None:
         _basic_auth(app, settings.username, read_password_file(settings.password_file, "dashboard.password_file"))
+    _point_at_depthq(app, lane_queue_name(config.queue.name, "live"))
     log.info("dashboard for redis %s, queue %s", redact(redis_url), config.queue.name)
     return app
 
