@@ -417,7 +417,9 @@ def test_the_result_page_measures_between_two_clicked_pixels(
     assert box is not None
 
     def at(u: int, v: int) -> tuple[float, float]:
-        return box["x"] + (u + 0.5) * box["width"] / 400, box["y"] + (v + 0.5) * box["height"] / 300
+        """The first whole CSS pixel inside photo pixel (u, v): Chromium's mouse events land on whole
+        pixels, and a photo shown at its own size (never enlarged) has one CSS pixel per pixel."""
+        return math.ceil(box["x"] + u * box["width"] / 400), math.ceil(box["y"] + v * box["height"] / 300)
 
     expect(page.locator("body")).to_have_attribute("data-grid", "ready", timeout=10_000)
     page.mouse.move(*at(200, 150))
@@ -445,3 +447,66 @@ def test_the_result_page_measures_between_two_clicked_pixels(
         artifacts = Path(os.environ["TEST_ARTIFACTS"])
         artifacts.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, artifacts / "measure.png")
+
+
+def test_the_measuring_page_fits_the_window_and_marks_the_pointer_on_both_images(
+    config: Config, compute, browser: Any, served: str, tmp_path: Path
+) -> None:
+    """A portrait photo fits below the readouts in a 1000-px window, a small one is shown no larger than
+    its pixels, and the pointer over either image is marked at the same place on the other."""
+    from playwright.sync_api import expect
+
+    watch = config.producer.watch
+    compute(write_jpeg(watch / "tall.jpg", width=3000, height=4000, seed=6), write_jpeg(watch / "small.jpg", seed=7))
+    window = {"width": 1280, "height": 1000}
+    context = browser.new_context(viewport=window)
+    page = context.new_page()
+    crashes: list[str] = []
+    page.on("pageerror", lambda exc: crashes.append(str(exc)))
+    for source in ("tall.jpg", "small.jpg"):
+        page.goto(served + "result/" + source)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.view img')].every(i => i.complete && i.naturalWidth > 0)",
+            timeout=10_000,
+        )
+        boxes = {name: page.locator(f"#{name}").bounding_box() for name in ("photo", "depth")}
+        readouts = page.locator(".readout").bounding_box()
+        assert boxes["photo"] is not None and boxes["depth"] is not None and readouts is not None
+        for name, box in boxes.items():
+            assert readouts["y"] + readouts["height"] <= box["y"], (source, name, box)  # the readouts on top
+            assert box["y"] + box["height"] <= window["height"], (source, name, box)
+            assert box["x"] >= 0 and box["x"] + box["width"] <= window["width"], (source, name, box)
+        assert boxes["photo"]["width"] == boxes["depth"]["width"] > 0
+        assert boxes["photo"]["height"] == boxes["depth"]["height"] > 0
+        photo = page.evaluate(
+            "(() => { const i = document.getElementById('photo'); return [i.naturalWidth, i.naturalHeight]; })()"
+        )
+        if source == "small.jpg":
+            assert tuple(photo) == (64, 48)  # write_jpeg's default size
+            for box in boxes.values():  # neither enlarged past the photo's pixels
+                assert box["width"] <= photo[0] and box["height"] <= photo[1]
+        else:
+            assert tuple(photo) == (768, 1024)  # within VIEW_PX
+            assert boxes["photo"]["height"] >= 0.6 * window["height"]  # fitted, not shrunk to a stamp
+
+        for over, other in (("photo", "depth"), ("depth", "photo")):
+            at, seen = (0.3, 0.7), boxes[over]
+            page.mouse.move(seen["x"] + at[0] * seen["width"], seen["y"] + at[1] * seen["height"])
+            dot = page.locator(f".view:has(#{other}) .twin .dot")
+            expect(dot).to_be_visible()
+            expect(page.locator(f".view:has(#{over}) .twin")).to_be_hidden()  # the pointer itself is there
+            mark, twin = dot.bounding_box(), boxes[other]
+            assert mark is not None
+            assert mark["x"] + mark["width"] / 2 == pytest.approx(twin["x"] + at[0] * twin["width"], abs=1)
+            assert mark["y"] + mark["height"] / 2 == pytest.approx(twin["y"] + at[1] * twin["height"], abs=1)
+            if source == "tall.jpg" and over == "photo":
+                shot = tmp_path / "measuring-page.png"
+                page.screenshot(path=str(shot))
+                if os.environ.get("TEST_ARTIFACTS"):
+                    artifacts = Path(os.environ["TEST_ARTIFACTS"])
+                    artifacts.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(shot, artifacts / "measuring-page.png")
+        page.mouse.move(1, 1)
+        expect(page.locator(".twin:visible")).to_have_count(0)
+    assert not crashes
+    context.close()

@@ -320,6 +320,12 @@ def _jpeg_thumbnail(path: Path, px: int = THUMB_PX) -> bytes:
     return buf.getvalue()
 
 
+def _served_width(width: int, height: int, px: int) -> float:
+    """The width, in pixels, of a `width` x `height` photo as `_jpeg_thumbnail(..., px)` serves it: the
+    measuring page never shows it wider, which would only enlarge it into blur."""
+    return width * min(1.0, px / max(width, height, 1))
+
+
 def gallery_blueprint(
     output_dir: Path,
     watch_root: Path,
@@ -415,6 +421,7 @@ def gallery_blueprint(
             width=depth_map.width,
             height=depth_map.height,
             has_camera=record.camera is not None,
+            natural_width=_served_width(depth_map.width, depth_map.height, VIEW_PX),
             photo_url=url_for(".photo", source=source, v=version),
             preview_url=url_for(".preview_large", source=source, v=version),
             depth_url=url_for(".depth", source=source, v=version),
