@@ -409,7 +409,13 @@ def test_a_cpu_run_puts_no_question_to_torch(box: Box) -> None:
 # ----------------------------------------------------------------------------------- the pin
 
 
-def test_the_pin_is_the_one_ci_tests() -> None:
+def test_the_pin_is_the_one_ci_tests_and_the_readme_names() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert f'pip install -q "{TORCH}"' in ci
+    readme = (ROOT / "README.md").read_text()
+    assert "bash install.sh && .venv/bin/depthq up --watch inbox --output depth-out" in readme
+    pins = re.findall(r"torch(?:==| )([0-9]+\.[0-9]+\.[0-9]+)", readme)
+    assert pins, "the README names no torch version"
+    for pin in pins:
+        assert pin == torch_version(), f"README names torch {pin}, install.sh installs {TORCH}"
     assert os.access(INSTALL, os.X_OK)
