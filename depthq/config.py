@@ -20,8 +20,10 @@ CONFIG_ENV = "DEPTHQ_CONFIG"
 LOG_LEVEL_ENV = "DEPTHQ_LOG_LEVEL"
 # Set by `depthq up` for its workers: a pipe whose other end only it holds, so they notice its death.
 PARENT_PIPE_ENV = "DEPTHQ_PARENT_PIPE"
+# install.sh's choice of torch build: one exported for the install must not stop depthq after it.
+INSTALL_TORCH_ENV = "DEPTHQ_TORCH"
 # DEPTHQ_ variables that are not DEPTHQ_<SECTION>_<KEY> settings.
-_NOT_SETTINGS = {CONFIG_ENV, LOG_LEVEL_ENV, PARENT_PIPE_ENV}
+_NOT_SETTINGS = {CONFIG_ENV, LOG_LEVEL_ENV, PARENT_PIPE_ENV, INSTALL_TORCH_ENV}
 DEFAULT_CONFIG_NAME = "config.yaml"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 

@@ -42,7 +42,8 @@ INSTALL = DEPLOY / "macos" / "install-worker.sh"
 UNINSTALL = DEPLOY / "macos" / "uninstall-worker.sh"
 REDIS_CONF = DEPLOY / "redis" / "redis.conf"
 UNITS = sorted((DEPLOY / "linux").glob("*.service"))
-SCRIPTS = sorted(DEPLOY.rglob("*.sh"))
+# The top-level install.sh too: the README's first command, held to the same checks.
+SCRIPTS = [*sorted(DEPLOY.rglob("*.sh")), DEPLOY.parent / "install.sh"]
 JOB_TIMEOUT_S = Config().queue.job_timeout_s
 PLACEHOLDER = re.compile(r"__[A-Z_]+__")
 # CI sets it, so that a missing linter fails the run instead of skipping its checks.
