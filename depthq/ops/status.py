@@ -42,6 +42,12 @@ from depthq.contract import (
 
 WINDOWS_MIN = (5, 60)
 
+# From this console width on, `status` and `failed list` show every column; below it they fit 80 columns
+# with what matters. 120 is the wide preset of common terminals, and the first width at which the nine
+# worker columns (or a failed job's 41-character id and its timestamp) still leave the photo and the
+# error room to be read rather than folded into slivers.
+WIDE_CONSOLE = 120
+
 
 @dataclass(frozen=True)
 class WorkerRow:
