@@ -24,12 +24,18 @@ from worker.backends import Backend
 from worker.worker import SchedulerThread, build_worker
 
 
-def test_foreign_function_is_refused_unrun(config: Config, redis_client: Redis, run_worker, tmp_path: Path) -> None:
+def test_foreign_function_is_refused_unrun(
+    config: Config, redis_client: Redis, run_worker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     marker = tmp_path / "pwned"
     queue = make_queue(redis_client, config)
     job = queue.enqueue("pathlib.Path.touch", str(marker))
-    run_worker()
+    with caplog.at_level(logging.WARNING):
+        run_worker()
     assert not marker.exists()
+    # Said once, by the worker: no photo's code ran to say it.
+    (refused,) = [r for r in caplog.records if job.id in r.getMessage()]
+    assert refused.levelno == logging.WARNING and "pathlib.Path.touch" in refused.getMessage()
     job.refresh()
     assert job.get_status() == JobStatus.FAILED
     assert "RefusedJobError" in (job.latest_result().exc_string or "")

@@ -406,14 +406,19 @@ class DepthWorker(SimpleWorker):
         )
 
     def handle_exception(self, job: Job, *exc_info: Any) -> None:
-        """A bad photo stays bad: one log line, no retries (rq reads retries_left right after this)."""
+        """A bad photo stays bad: no retries (rq reads retries_left right after this), and one log line.
+
+        `process` has logged that line already, naming the photo: only a refusal is logged here, as it
+        comes before any photo (a foreign function, a job that is not JSON, a payload outside the
+        contract). Anything unexpected gets rq's error line with the traceback."""
         exc = exc_info[1]
         if isinstance(exc, DeserializationError):
             # rq decodes the job before running it: a pickled or foreign job fails here, unrun.
             exc = RefusedJobError(f"job {job.id} is not JSON (pickled or foreign); depthq workers refuse it unrun")
         if isinstance(exc, ExpectedError):
             job.retries_left = 0
-            self.log.warning("job %s refused: %s", job.id, exc)
+            if isinstance(exc, RefusedJobError):
+                self.log.warning("job %s refused: %s", job.id, exc)
             return
         super().handle_exception(job, *exc_info)
 
