@@ -334,7 +334,6 @@ def cmd_failed(config: Config, args: argparse.Namespace) -> int:
     import json
 
     from rich.console import Console
-    from rich.table import Table
 
     from depthq.ops import failed
 
@@ -344,12 +343,7 @@ def cmd_failed(config: Config, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(failed.as_dicts(rows), indent=2))
             return 0
-        table = Table(title=f"{len(rows)} failed job(s)", title_justify="left")
-        for column in ("job", "photo", "failed at", "error"):
-            table.add_column(column, overflow="fold")
-        for r in rows:
-            table.add_row(r.job_id, r.source or "?", r.failed_at or "?", r.error)
-        Console().print(table)
+        failed.render(rows, Console())
         return 0
     if not args.jobs and not args.all:
         print(f"depthq failed {args.failed_command}: name job ids or photos, or pass --all", file=sys.stderr)

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from redis import Redis
+from rq import Worker
 from rq.job import Job
 
 from depthq.cli import main
 from depthq.config import Config
-from depthq.contract import SERIALIZER, Completion, completions_key, record_completion
+from depthq.contract import SERIALIZER, Completion, completions_key, make_queue, record_completion, watches_key
 from depthq.ops.status import Status, gather
 from producer.enqueue import Enqueuer
 from testkit.photos import write_jpeg
@@ -136,3 +141,67 @@ def test_a_young_service_is_rated_over_the_time_it_has_run(config: Config, redis
     five, hour = gather(redis_client, config, now=now).windows
     assert (five.done, hour.done) == (6, 6)
     assert five.jobs_per_min == pytest.approx(2.0) and hour.jobs_per_min == pytest.approx(2.0)
+
+
+def test_the_tables_fit_80_columns_without_cutting_a_name(
+    config: Config,
+    redis_client: Redis,
+    redis_url: str,
+    tiny_backend: Backend,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`depthq status` at 80 columns, looked at while a worker on a Mac-length host name computes a photo
+    deep in folders, beside a plain rq worker: names and times whole, only the photo folded; and every
+    column where they all fit."""
+    monkeypatch.setattr(socket, "gethostname", lambda: "mac-mini-studio.local")
+    redis_client.hset(watches_key(config.queue.name), "mac-mini-studio", "1200 1300")
+    foreign = Worker([make_queue(redis_client, config)], connection=redis_client)
+    foreign.register_birth()
+    photo = "trips/2024-06 Lisbon/IMG_20240612_153012.jpg"
+    (config.producer.watch / "trips" / "2024-06 Lisbon").mkdir(parents=True)
+    Enqueuer(config, redis_client).submit(write_jpeg(config.producer.watch / photo))
+    tables: dict[int, str] = {}
+
+    def look() -> None:
+        for width in (80, 160):
+            monkeypatch.setenv("COLUMNS", str(width))
+            assert main(["status", "--redis-url", redis_url]) == 0
+            tables[width] = capsys.readouterr().out
+
+    worker = build_worker(config, redis_client, WatchedBackend(tiny_backend, look))
+    worker.work(burst=True, with_scheduler=False)
+    foreign.register_death()
+
+    table = tables[80]
+    lines = table.splitlines()
+    assert max(len(line) for line in lines) <= 80, table
+    assert "…" not in table, table
+    # The names, each whole on its line: the worker names say the host (a plain rq worker's note says it).
+    for name in (worker.name, foreign.name):
+        assert any(line.startswith(f"│ {name} ") for line in lines), (name, table)
+    assert any(line.startswith("│ inotify watches on mac-mini-studio ") for line in lines), table
+    # The stage and the photo, folded down their column but whole.
+    doing = "".join(line.split("│")[2] for line in lines if line.startswith("│ ") and line.count("│") == 5)
+    assert f"inferring:{photo}".replace(" ", "") in doing.replace(" ", ""), table
+    assert "notadepthqworker,onmac-mini-studio:stopit" in doing.replace(" ", ""), table
+    # Each worker's times on its first line, whole: how long the job has run, and its last heartbeat.
+    assert re.search(rf"^│ {re.escape(worker.name)} +│ inferring: .*│ \d+\.\d\d s +│ \d+\.\d\d s ago │$", table, re.M)
+    assert re.search(rf"^│ {foreign.name} +│ .*│ - +│ \d+\.\d\d s ago │$", table, re.M), table
+    rates = next(line for line in lines if "jobs/min" in line)
+    assert [cell.strip() for cell in rates.split("┃")[1:-1]] == [
+        *("last", "done", "jobs/min", "wait p50", "wait p95", "total p50", "total p95")
+    ]
+
+    wide = tables[160]
+    assert max(len(line) for line in wide.splitlines()) <= 160 and "…" not in wide, wide
+    header = next(line for line in wide.splitlines() if "┃ host " in line)
+    assert [cell.strip() for cell in header.split("┃")[1:-1]] == [
+        *("host", "worker", "backend", "device", "state", "photo", "stage", "running for", "heartbeat")
+    ]
+    row = next(line for line in wide.splitlines() if f" {worker.name} " in line)
+    assert [cell.strip() for cell in row.split("│")[1:5]] == ["mac-mini-studio.local", worker.name, "torch", "cpu"]
+    if os.environ.get("TEST_ARTIFACTS"):
+        artifacts = Path(os.environ["TEST_ARTIFACTS"])
+        artifacts.mkdir(parents=True, exist_ok=True)
+        (artifacts / "status-80.txt").write_text(table)

@@ -4,6 +4,7 @@ it refuses to run, its retry scheduler, its log and its command channel."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,12 +25,18 @@ from worker.backends import Backend
 from worker.worker import SchedulerThread, build_worker
 
 
-def test_foreign_function_is_refused_unrun(config: Config, redis_client: Redis, run_worker, tmp_path: Path) -> None:
+def test_foreign_function_is_refused_unrun(
+    config: Config, redis_client: Redis, run_worker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     marker = tmp_path / "pwned"
     queue = make_queue(redis_client, config)
     job = queue.enqueue("pathlib.Path.touch", str(marker))
-    run_worker()
+    with caplog.at_level(logging.WARNING):
+        run_worker()
     assert not marker.exists()
+    # Said once, by the worker: no photo's code ran to say it.
+    (refused,) = [r for r in caplog.records if job.id in r.getMessage()]
+    assert refused.levelno == logging.WARNING and "pathlib.Path.touch" in refused.getMessage()
     job.refresh()
     assert job.get_status() == JobStatus.FAILED
     assert "RefusedJobError" in (job.latest_result().exc_string or "")
@@ -62,12 +69,46 @@ def test_routine_registry_cleaning_logs_at_debug_only(
 ) -> None:
     """rq's "cleaning registries" line every ~15 s was 5,800 INFO lines a day per idle worker."""
     Enqueuer(config, redis_client).submit(write_jpeg(config.producer.watch / "a.jpg"))
-    with caplog.at_level(logging.DEBUG, logger="rq.worker"):
+    # worker.job too: the photo's line at INFO is depthq's now, rq's about it are at DEBUG.
+    with caplog.at_level(logging.INFO, logger="worker.job"), caplog.at_level(logging.DEBUG, logger="rq.worker"):
         build_worker(config, redis_client, backend).work(burst=True, with_scheduler=False)
     cleaning = [r for r in caplog.records if "cleaning registries for queue" in r.getMessage()]
     assert cleaning and all(r.levelno == logging.DEBUG for r in cleaning)
     assert any(r.levelno == logging.INFO and "a.jpg" in r.getMessage() for r in caplog.records)  # the rest stays
     assert_end_state(config, redis_client)
+
+
+def test_a_photo_is_one_line_at_info_and_rq_s_routine_is_debug(
+    config: Config, redis_client: Redis, backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """About five rq lines per photo at INFO, and each bad photo warned about twice, buried the one
+    line that says something: the photo, its depth range, its timings; or the bad photo and why."""
+    inbox = config.producer.watch
+    (inbox / "broken.jpg").write_bytes(b"half a download")
+    enqueuer = Enqueuer(config, redis_client)
+    for photo in (write_jpeg(inbox / "first.jpg"), write_jpeg(inbox / "second.jpg", seed=2), inbox / "broken.jpg"):
+        enqueuer.submit(photo)
+    # rq sets its worker's logger to INFO on import: a log at DEBUG sets it too (`worker.run`).
+    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="rq.worker"):
+        build_worker(config, redis_client, backend).work(burst=True, with_scheduler=False)
+    shown = [r for r in caplog.records if r.levelno >= logging.INFO]  # what a log at INFO holds
+
+    for name in ("first.jpg", "second.jpg"):
+        (line,) = [r for r in shown if name in r.getMessage()]
+        assert line.levelno == logging.INFO
+        assert re.fullmatch(
+            rf"{name}: depth \d+\.\d\d-\d+\.\d\d m, \{{.*'total': .*\}} ms \(job \S+\)", line.getMessage()
+        )
+    (bad,) = [r for r in shown if "broken.jpg" in r.getMessage()]
+    assert bad.levelno == logging.WARNING and bad.getMessage().startswith("broken.jpg: not an image")
+    assert [r for r in shown if r.levelno >= logging.WARNING] == [bad]
+    # rq's lines about each job are all still there, for a log at DEBUG.
+    taken = {f": {config.queue.name}: {name} (": 1 for name in ("first.jpg", "second.jpg", "broken.jpg")}
+    per_job = {**taken, "Job OK": 2, "result is kept for": 2, "Successfully completed": 2}
+    for text, count in per_job.items():
+        lines = [r for r in caplog.records if r.name.startswith("rq.") and text in r.getMessage()]
+        assert len(lines) == count and all(r.levelno == logging.DEBUG for r in lines), (text, lines)
+    assert_end_state(config, redis_client, bad=["broken.jpg"])
 
 
 def test_an_idle_worker_lets_go_of_its_command_channel_promptly(

@@ -70,13 +70,34 @@ HARD_LIMIT_GRACE_S = 5
 
 
 class _RoutineAtDebug(logging.LoggerAdapter):
-    """rq logs each registry clean-up at INFO, about every 15 s per worker (5,800 lines a day of
-    nothing happening). Those two lines go to DEBUG; everything else rq says stays as it is."""
+    """rq says at INFO what happens every time: each registry clean-up (about every 15 s per worker,
+    5,800 lines a day of nothing happening), and four lines per job (taken, "Job OK", how long its
+    result is kept, completed in) around depthq's one line per photo (worker.job: the photo, its depth
+    range, its timings). Those, and the command channel's subscription, go to DEBUG. They are
+    matched by rq's format strings (rq 3.0's worker/base.py), so what else rq says at INFO stays;
+    nothing above INFO passes through here, so failures and warnings stay as they are."""
 
-    ROUTINE = ("cleaning registries for queue", "cleaning group registries")
+    ROUTINE = frozenset(
+        {
+            "Worker %s: cleaning registries for queue: %s",
+            "Worker %s: cleaning group registries",
+            # A job taken ("queue: description (id)"), and the same format for its "Job OK".
+            "Worker %s: %s: %s (%s)",
+            "Worker %s: %s: %s",  # a job taken, where rq leaves out its description
+            "Worker %s: job %s result is kept for %s seconds",
+            "Worker %s: job %s result discarded immediately",
+            "Worker %s: job %s result will never expire, clean up result key manually",
+            "Successfully completed %s job in %ss on worker %s",
+            "Successfully completed job %s in %ss on worker %s",
+            # The command channel's plumbing, at each start and stop. (rq's "started", "*** Listening on"
+            # and "done, quitting" stay: once per worker, they say when it took and stopped taking jobs.)
+            "Worker %s: subscribing to channel %s",
+            "Worker %s: unsubscribing from channel %s",
+        }
+    )
 
     def info(self, msg: object, *args: Any, **kwargs: Any) -> None:
-        if isinstance(msg, str) and any(routine in msg for routine in self.ROUTINE):
+        if isinstance(msg, str) and msg in self.ROUTINE:
             self.debug(msg, *args, **kwargs)
         else:
             super().info(msg, *args, **kwargs)
@@ -406,14 +427,19 @@ class DepthWorker(SimpleWorker):
         )
 
     def handle_exception(self, job: Job, *exc_info: Any) -> None:
-        """A bad photo stays bad: one log line, no retries (rq reads retries_left right after this)."""
+        """A bad photo stays bad: no retries (rq reads retries_left right after this), and one log line.
+
+        `process` has logged that line already, naming the photo: only a refusal is logged here, as it
+        comes before any photo (a foreign function, a job that is not JSON, a payload outside the
+        contract). Anything unexpected gets rq's error line with the traceback."""
         exc = exc_info[1]
         if isinstance(exc, DeserializationError):
             # rq decodes the job before running it: a pickled or foreign job fails here, unrun.
             exc = RefusedJobError(f"job {job.id} is not JSON (pickled or foreign); depthq workers refuse it unrun")
         if isinstance(exc, ExpectedError):
             job.retries_left = 0
-            self.log.warning("job %s refused: %s", job.id, exc)
+            if isinstance(exc, RefusedJobError):
+                self.log.warning("job %s refused: %s", job.id, exc)
             return
         super().handle_exception(job, *exc_info)
 

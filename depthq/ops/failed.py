@@ -8,12 +8,16 @@ host's folder for the job's root: run it where the photos are (the producer's ho
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from redis import Redis
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.registry import FailedJobRegistry
@@ -31,7 +35,7 @@ from depthq.contract import (
     root_folder,
     safe_relative,
 )
-from depthq.ops.status import job_source
+from depthq.ops.status import WIDE_CONSOLE, job_source
 
 
 @dataclass(frozen=True)
@@ -39,8 +43,12 @@ class FailedJob:
     job_id: str
     source: str | None
     failed_at: str | None
-    # The exception's last line: "BadInputError: x.jpg: cannot be decoded ..."
+    # The exception's last line, as rq recorded it: "worker.errors.BadInputError: x.jpg: cannot be decoded ..."
     error: str
+    # That line in two: the exception's type ("worker.errors.BadInputError"; None where rq recorded no
+    # typed line) and its own message, which names the photo and the fix.
+    error_type: str | None = None
+    message: str = ""
 
 
 def _registries(connection: Redis, config: Config) -> dict[str, FailedJobRegistry]:
@@ -57,6 +65,18 @@ def _last_line(text: str | None) -> str:
     return lines[-1].strip() if lines else ""
 
 
+# What traceback writes last: "package.module.Type: message", or the bare type when the message is empty.
+_TYPED_LINE = re.compile(r"(?P<type>[A-Za-z_][\w.]*)(?:: (?P<message>.*))?")
+
+
+def _split_error(line: str) -> tuple[str | None, str]:
+    """(type, message) of an exception's last line; (None, line) for one with no type in front."""
+    typed = _TYPED_LINE.fullmatch(line)
+    if typed is None:
+        return None, line
+    return typed["type"], typed["message"] or ""
+
+
 def list_failed(connection: Redis, config: Config) -> list[FailedJob]:
     rows = []
     for jid in _registries(connection, config):
@@ -68,12 +88,16 @@ def list_failed(connection: Redis, config: Config) -> list[FailedJob]:
         ended = job.ended_at
         if ended is not None and ended.tzinfo is None:
             ended = ended.replace(tzinfo=UTC)
+        error = _last_line(result.exc_string if result else None)
+        error_type, message = _split_error(error)
         rows.append(
             FailedJob(
                 job_id=jid,
                 source=job_source(job),
                 failed_at=ended.isoformat() if isinstance(ended, datetime) else None,
-                error=_last_line(result.exc_string if result else None),
+                error=error,
+                error_type=error_type,
+                message=message,
             )
         )
     return rows
@@ -144,3 +168,37 @@ def purge(connection: Redis, config: Config, ids: list[str], everything: bool = 
 
 def as_dicts(rows: list[FailedJob]) -> list[dict[str, Any]]:
     return [asdict(r) for r in rows]
+
+
+def _when(failed_at: str | None) -> str:
+    """To the second, in UTC as --json has it: the microseconds and the offset cost 13 columns."""
+    if failed_at is None:
+        return "?"
+    return datetime.fromisoformat(failed_at).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def render(rows: list[FailedJob], console: Console) -> None:
+    """The photo, when and why, in 80 columns; the job id and the error's type only where they fit.
+
+    A job id (41 characters) and a type name would leave an 80-column error column too narrow to read,
+    and `failed retry` and `purge` take the photo as well as the id. From WIDE_CONSOLE on they fit
+    beside a readable error; --json always has them. Text cells: a photo named "[x].jpg" is no markup.
+    """
+    wide = console.width >= WIDE_CONSOLE
+    table = Table(title=f"{len(rows)} failed job(s)", title_justify="left")
+    if wide:
+        table.add_column("job", no_wrap=True)
+    table.add_column("photo", overflow="fold")
+    table.add_column("failed (UTC)", no_wrap=True)
+    table.add_column("error", overflow="fold")
+    for r in rows:
+        # The message names the photo first, as every depthq error does: here the photo has its column.
+        error = Text((r.message or r.error).removeprefix(f"{r.source}: "))
+        if wide and r.error_type:
+            error = Text.assemble((r.error_type.rsplit(".", 1)[-1], "bold"), ": ", error)
+        cells = [Text(r.source or "?"), Text(_when(r.failed_at)), error]
+        table.add_row(*([Text(r.job_id)] if wide else []), *cells)
+    if rows and not wide:
+        table.caption = f"retry or purge by photo; job ids and error types: --json, or {WIDE_CONSOLE}+ columns"
+        table.caption_justify = "left"
+    console.print(table)

@@ -16,8 +16,10 @@ from typing import Any
 
 from redis import Redis
 from redis.exceptions import ResponseError
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from rq import Queue, Worker
 from rq.exceptions import NoSuchJobError
 from rq.intermediate_queue import IntermediateQueue
@@ -41,6 +43,12 @@ from depthq.contract import (
 )
 
 WINDOWS_MIN = (5, 60)
+
+# From this console width on, `status` and `failed list` show every column; below it they fit 80 columns
+# with what matters. 120 is the wide preset of common terminals, and the first width at which the nine
+# worker columns (or a failed job's 41-character id and its timestamp) still leave the photo and the
+# error room to be read rather than folded into slivers.
+WIDE_CONSOLE = 120
 
 
 @dataclass(frozen=True)
@@ -294,8 +302,9 @@ def render(status: Status, console: Console) -> None:
     for alert in status.alerts:
         console.print(f"[bold red]{alert}[/bold red]")
     summary = Table(title=f"queue {status.queue}", show_header=False, title_justify="left")
-    summary.add_column(style="bold")
-    summary.add_column(justify="right")
+    # The labels name hosts (inotify watches on <host>): the figures wrap instead.
+    summary.add_column(style="bold", no_wrap=True)
+    summary.add_column(justify="right", overflow="fold")
     live, backfill = status.lanes.get("live"), status.lanes.get("backfill")
 
     def by_lane(total: int, count: Callable[[LaneStatus], int]) -> str:
@@ -320,31 +329,15 @@ def render(status: Status, console: Console) -> None:
         collectors = ", ".join(f"{n} ({_seconds(s)} ago)" for n, s in sorted(t.collectors_idle_s.items()))
         summary.add_row("collectors", collectors or "[red]none has run[/red]")
     console.print(summary)
-
-    hosts = sorted({w.host for w in status.workers})
-    workers = Table(title=f"{len(status.workers)} worker(s) on {len(hosts)} host(s)", title_justify="left")
-    for column in ("host", "worker", "backend", "device", "state", "photo", "stage", "running for", "heartbeat"):
-        workers.add_column(column)
-    for w in status.workers:
-        workers.add_row(
-            w.host,
-            w.name + (" [red](not a depthq worker: stop it)[/red]" if w.foreign else ""),
-            w.backend,
-            w.device,
-            w.state,
-            w.source or "",
-            w.stage or "",
-            _seconds(w.job_age_s),
-            _seconds(w.heartbeat_age_s) + " ago" if w.heartbeat_age_s is not None else "-",
-        )
-    console.print(workers)
+    console.print(_workers_table(status.workers, console.width))
 
     rates = Table(title="throughput and latency", title_justify="left")
-    for column in ("window", "done", "jobs/min", "wait p50", "wait p95", "total p50", "total p95"):
-        rates.add_column(column, justify="right")
+    # "last" rather than "window", and "5 min" rather than "last 5 min": 80 columns hold all seven.
+    for column in ("last", "done", "jobs/min", "wait p50", "wait p95", "total p50", "total p95"):
+        rates.add_column(column, justify="right", no_wrap=True)
     for win in status.windows:
         rates.add_row(
-            f"last {win.minutes} min",
+            f"{win.minutes} min",
             str(win.done),
             f"{win.jobs_per_min:.1f}",
             _seconds(win.queue_wait_p50_s),
@@ -353,3 +346,73 @@ def render(status: Status, console: Console) -> None:
             _seconds(win.total_p95_s),
         )
     console.print(rates)
+
+
+# The photo column's least width in the full table: narrower, a path folds into a column of slivers.
+_PHOTO_MIN = 20
+
+
+def _worker_cells(w: WorkerRow) -> dict[str, str]:
+    """Every column either table shows, as plain text (rich markup in a photo's name stays text)."""
+    doing = w.stage or w.state
+    return {
+        "host": w.host,
+        # The note on a line of its own, so that it does not widen the column much past the longest name.
+        "worker": w.name + ("\nnot a depthq worker: stop it" if w.foreign else ""),
+        "name": w.name,
+        "backend": w.backend,
+        "device": w.device,
+        "state": w.state,
+        "photo": w.source or "",
+        "stage": w.stage or "",
+        # The compact table's state, stage and photo in one column that folds: a busy worker's stage says
+        # more than "busy", and a column of its own would leave the photo a sliver beside a long name.
+        # A foreign worker's note goes here too, with its host (named short, as in a depthq worker's name).
+        "doing": f"not a depthq worker, on {w.host.split('.')[0]}: stop it"
+        if w.foreign
+        else (f"{doing}: {w.source}" if w.source else doing),
+        "running for": _seconds(w.job_age_s),
+        "heartbeat": _seconds(w.heartbeat_age_s) + " ago" if w.heartbeat_age_s is not None else "-",
+    }
+
+
+_FULL = ("host", "worker", "backend", "device", "state", "photo", "stage", "running for", "heartbeat")
+# A depthq worker's name is <host>.<backend>.<pid>: it says the host and the backend itself (a foreign
+# worker's note says its host). The device is in --json.
+_COMPACT = ("name", "doing", "running for", "heartbeat")
+# A header no wider than what its column holds.
+_COMPACT_HEADERS = {"name": "worker", "running for": "running"}
+_FOLDING = ("photo", "doing")
+
+
+def _fits(columns: tuple[str, ...], cells: list[dict[str, str]], width: int) -> bool:
+    """Whether every column fits unfolded but the folding ones, which get _PHOTO_MIN each."""
+    needed = 3 * len(columns) + 1  # a border per column and one more, one space of padding each side
+    for column in columns:
+        lines = [column, *(line for row in cells for line in row[column].splitlines())]
+        needed += _PHOTO_MIN if column in _FOLDING else max(cell_len(line) for line in lines)
+    return needed <= width
+
+
+def _workers_table(rows: list[WorkerRow], width: int) -> Table:
+    """One row per worker; names, times and states are never cut or folded: only the photo folds.
+
+    The full nine columns from WIDE_CONSOLE on, where they fit the names at hand (a long host name can
+    need more); else four, which fit 80 columns with the usual names.
+    """
+    cells = [_worker_cells(w) for w in rows]
+    columns = _FULL if width >= WIDE_CONSOLE and _fits(_FULL, cells, width) else _COMPACT
+    hosts = sorted({w.host for w in rows})
+    table = Table(title=f"{len(rows)} worker(s) on {len(hosts)} host(s)", title_justify="left")
+    headers = _COMPACT_HEADERS if columns is _COMPACT else {}
+    for column in columns:
+        fit = {"overflow": "fold"} if column in _FOLDING else {"no_wrap": True}
+        table.add_column(headers.get(column, column), **fit)
+    for w, row in zip(rows, cells, strict=True):
+        texts = {column: Text(row[column]) for column in columns}
+        if w.foreign:
+            for column in ("worker", "doing"):
+                if column in texts:
+                    texts[column].highlight_regex(r"not a depthq worker.*", "red")
+        table.add_row(*texts.values())
+    return table
