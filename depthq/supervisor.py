@@ -317,9 +317,13 @@ def run_up(
                 for child in children:
                     child.supervise()
             except WorkerCannotStart as exc:
+                # Said now, before the shutdown's lines: the cause first, then "stopped".
+                log.error("%s", exc)
                 cannot_start.append(exc)
                 stop.set()
         thread.join(timeout=10)
+        if watcher_error:
+            log.error("the watcher failed (%s); depthq up stops here", watcher_error[0])
     finally:
         for child in children:
             child.terminate()
@@ -333,7 +337,6 @@ def run_up(
             (config.redis.data_dir / OWNER_FILE).unlink(missing_ok=True)
         log.info("stopped")
     if cannot_start:
-        log.error("%s", cannot_start[0])
         return EXIT_FINAL
     if watcher_error:
         raise watcher_error[0]

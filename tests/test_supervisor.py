@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import yaml
 from PIL import Image
 from redis import Redis
@@ -59,6 +60,38 @@ def test_a_worker_that_can_never_start_stops_depthq_up_with_its_message(tmp_path
     assert text.count("started (pid") == 1, text  # never restarted
     assert "model.path" in text and "cannot start: a config or model error" in text
     assert not (tmp_path / "redis-data" / "redis.url").exists()  # its Redis was stopped too
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "no network"])
+def test_the_first_start_offline_says_how_to_point_at_a_model(tmp_path: Path, offline: str) -> None:
+    """No network, no model here: stderr names the flag, the variable and the key, in depthq's words
+    (not the hub library's advice), says so before "stopped", and up exits with the final code."""
+    from depthq.redis_server import free_port
+
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"redis": {"data_dir": str(tmp_path / "redis-data")}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DEPTHQ_", "HF_"))}
+    if offline == "HF_HUB_OFFLINE":
+        env["HF_HUB_OFFLINE"] = "1"
+    else:  # a hub that refuses the connection: what a machine without network gets
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
+    env["HF_HOME"] = str(tmp_path / "hf-home")  # an empty hub cache too
+    result = subprocess.run(
+        [str(DEPTHQ), "up", "--watch", "inbox", "--output", "depth-out"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    err = result.stderr
+    assert result.returncode == 2, err  # EXIT_FINAL: a worker that can never start
+    assert "`depthq up --model DIR`" in err and "DEPTHQ_MODEL_PATH=DIR" in err and "model.path" in err, err
+    assert ("HF_HUB_OFFLINE is set" if offline == "HF_HUB_OFFLINE" else "the download failed: no network") in err
+    for theirs in ("internet connection", "HF_HUB_OFFLINE=0", "outgoing traffic", "snapshot folder"):
+        assert theirs not in err, err
+    cause, stopped = err.index("cannot start: a config or model error"), err.index("depthq.supervisor: stopped")
+    assert err.index("model.path: apple/DepthPro-hf is not in") < cause < stopped, err
 
 
 # --- photos that kill their worker --------------------------------------------------------------------
