@@ -320,8 +320,12 @@ def load_config(
     path: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     environ: Mapping[str, str] | None = None,
+    base: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Config:
-    """File, then env vars, then `overrides` (CLI flags, as {section: {key: value}}), validated together."""
+    """File, then env vars, then `overrides` (CLI flags, as {section: {key: value}}), validated together.
+
+    `base` lies under the file: a running depthq up's settings (depthq.running), which count only
+    where the file, the variables and the flags say nothing."""
     file = find_config_file(path)
     data: dict[str, Any] = {}
     if file is not None:
@@ -332,6 +336,8 @@ def load_config(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {file} must hold sections (redis:, producer:, ...) at top level")
         data = loaded or {}
+    if base:
+        data = _merge({section: dict(keys) for section, keys in base.items()}, data)
     data = _merge(data, _env_overrides(os.environ if environ is None else environ))
     if overrides:
         data = _merge(data, {s: {k: v for k, v in kv.items() if v is not None} for s, kv in overrides.items()})

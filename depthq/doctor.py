@@ -1,10 +1,11 @@
 """`depthq doctor`: why a machine will not take jobs, in one command, one line per check.
 
 Each check says ok, warn (works, but will bite), or FAIL, with the fix (a warning always has one). It
-looks at what a worker or a watcher needs on this host: the config, Redis (reachable, and set up not
-to drop jobs), the folders, inotify's limits, the backend `auto` would pick, the model (present, its
-licence, and one warm-up prediction), Core ML's cache on a Mac, the clock against Redis, and workers
-on the queue that are not depthq's. It downloads nothing. Exit 1 when a check fails, so an installer can run it last.
+looks at what a worker or a watcher needs on this host: the config (and whether a running `depthq up`
+filled it in), Redis (reachable, and set up not to drop jobs), the folders, inotify's limits, the
+backend `auto` would pick, the model (present, its licence, and one warm-up prediction), Core ML's
+cache on a Mac, the clock against Redis, and workers on the queue that are not depthq's. It downloads
+nothing. Exit 1 when a check fails, so an installer can run it last.
 
 Only the CLI imports this; it reaches into `worker` inside the model checks alone.
 """
@@ -26,6 +27,7 @@ from redis import Redis
 from depthq.config import Config, ConfigError
 from depthq.connection import connect, redact, resolve_url
 from depthq.contract import WORKER_FIELDS, make_queue
+from depthq.running import Sharing
 
 State = Literal["ok", "warn", "FAIL"]
 # Clocks further apart than this make job ages, heartbeats and `depthq status` lie.
@@ -54,6 +56,22 @@ class Check:
 
 def _config(config: Config, config_file: Path | None) -> Iterator[Check]:
     yield Check("config", "ok", f"{config_file or 'no file: defaults'} + DEPTHQ_* variables + flags")
+
+
+def _settings(sharing: Sharing | None) -> Iterator[Check]:
+    """Whose settings the checks below use: a running depthq up's fill what this command is not told."""
+    if sharing is None:
+        return
+    up = sharing.running
+    if up is None:
+        yield Check("settings", "ok", f"this command's own (no depthq up runs here: no {sharing.path})")
+    elif sharing.ignored is not None:
+        yield Check("settings", "ok", f"this command's own; {sharing.path} is ignored: {sharing.ignored}")
+    elif sharing.taken:
+        keys = ", ".join(sharing.taken)
+        yield Check("settings", "ok", f"those of the running depthq up ({up.who()}) for {keys}, from {sharing.path}")
+    else:
+        yield Check("settings", "ok", f"this command's own, the same as the running depthq up's ({up.who()})")
 
 
 def _redis(config: Config) -> tuple[list[Check], Redis | None]:
@@ -246,8 +264,10 @@ def _foreign_workers(connection: Redis, config: Config) -> Iterator[Check]:
         yield Check("workers", "ok", f"{len(workers)} depthq worker(s) on queue {config.queue.name}")
 
 
-def run_checks(config: Config, config_file: Path | None, model: bool = True) -> list[Check]:
-    checks: list[Check] = [*_config(config, config_file)]
+def run_checks(
+    config: Config, config_file: Path | None, model: bool = True, sharing: Sharing | None = None
+) -> list[Check]:
+    checks: list[Check] = [*_config(config, config_file), *_settings(sharing)]
     redis_checks, connection = _redis(config)
     checks += redis_checks
     checks += _folders(config)
@@ -261,9 +281,15 @@ def run_checks(config: Config, config_file: Path | None, model: bool = True) -> 
     return checks
 
 
-def doctor(config: Config, config_file: Path | None, out: Callable[[str], None] = print, model: bool = True) -> int:
+def doctor(
+    config: Config,
+    config_file: Path | None,
+    out: Callable[[str], None] = print,
+    model: bool = True,
+    sharing: Sharing | None = None,
+) -> int:
     """Print one line per check; 1 if any failed."""
-    checks = run_checks(config, config_file, model=model)
+    checks = run_checks(config, config_file, model=model, sharing=sharing)
     for check in checks:
         out(check.line())
     failed = [c for c in checks if c.state == "FAIL"]

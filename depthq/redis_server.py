@@ -31,6 +31,7 @@ from redis.retry import Retry
 
 from depthq.config import Config, ConfigError, redis_size_bytes
 from depthq.connection import embedded_url_file
+from depthq.running import process_stamp, stamp_alive
 
 log = logging.getLogger(__name__)
 
@@ -207,17 +208,11 @@ def die_with_parent(argv: list[str]) -> list[str]:
     return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
-def _owner_stamp(pid: int) -> str:
-    """A process as `<pid> <start time>`: a pid the system has since given to another process differs."""
-    return f"{pid} {psutil.Process(pid).create_time():.3f}"
-
-
 def _owner_alive(data_dir: Path) -> bool:
     """Whether the process that started the Redis in `data_dir` still runs (not a reused pid)."""
     try:
-        recorded = (data_dir / OWNER_FILE).read_text(encoding="utf-8").strip()
-        return _owner_stamp(int(recorded.split()[0])) == recorded
-    except (OSError, ValueError, IndexError, psutil.Error):
+        return stamp_alive((data_dir / OWNER_FILE).read_text(encoding="utf-8").strip())
+    except OSError:
         return False
 
 
@@ -322,6 +317,6 @@ def start_for(config: Config) -> EmbeddedRedis:
     )
     server.start()
     (config.redis.data_dir / PORT_FILE).write_text(f"{server.port}\n", encoding="utf-8")
-    (config.redis.data_dir / OWNER_FILE).write_text(_owner_stamp(os.getpid()) + "\n", encoding="utf-8")
+    (config.redis.data_dir / OWNER_FILE).write_text(process_stamp(os.getpid()) + "\n", encoding="utf-8")
     embedded_url_file(config).write_text(server.url + "\n", encoding="utf-8")
     return server

@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 from redis.exceptions import RedisError
 
-from depthq import attempts
+from depthq import attempts, running
 from depthq.config import CONFIG_ENV, EXIT_FINAL, PARENT_PIPE_ENV, Config, ensure_folder
 from depthq.connection import connect, embedded_url_file, redact
 from depthq.contract import short_hostname
@@ -296,6 +296,8 @@ def run_up(
     watcher_error: list[BaseException] = []
     cannot_start: list[WorkerCannotStart] = []
     try:
+        # For the other depthq commands here: the settings this service makes its jobs with.
+        running.record(config, config_file, url)
         for child in children:
             child.start()
         watcher = build_watcher(config, connection)
@@ -325,6 +327,8 @@ def run_up(
         if watcher_error:
             log.error("the watcher failed (%s); depthq up stops here", watcher_error[0])
     finally:
+        # First: from here on this service takes no job, and a command started now must not copy it.
+        running.remove(config)
         for child in children:
             child.terminate()
         # Warm shutdown: the job in hand finishes (bounded by the job timeout).
