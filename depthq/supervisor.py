@@ -327,7 +327,7 @@ def run_up(
         if watcher_error:
             log.error("the watcher failed (%s); depthq up stops here", watcher_error[0])
     finally:
-        # First: from here on this service takes no job, and a command started now must not copy it.
+        # First: a command started from now on must not take the settings of a service that is stopping.
         running.remove(config)
         for child in children:
             child.terminate()
