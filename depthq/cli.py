@@ -18,7 +18,15 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from depthq import conversion
-from depthq.config import EXIT_FINAL, EXIT_RETRY, Config, ConfigError, find_config_file, load_config
+from depthq.config import (
+    EXIT_FINAL,
+    EXIT_RETRY,
+    PARENT_PIPE_ENV,
+    Config,
+    ConfigError,
+    find_config_file,
+    load_config,
+)
 from depthq.connection import RedisUnreachableError
 from depthq.logs import configure_logging
 
@@ -381,7 +389,7 @@ def cmd_audit(config: Config, args: argparse.Namespace) -> int:
 def cmd_doctor(config: Config, args: argparse.Namespace) -> int:
     from depthq.doctor import doctor
 
-    return doctor(config, find_config_file(args.config), model=not args.no_model)
+    return doctor(config, find_config_file(args.config), model=not args.no_model, sharing=args.sharing)
 
 
 _COMMANDS = {
@@ -405,6 +413,13 @@ def main(argv: list[str] | None = None) -> int:
     final = getattr(args, "final_exit_code", EXIT_FINAL)
     try:
         config = load_config(args.config, overrides=_overrides(args))
+        args.sharing = None
+        # Every command but up itself (and its workers, which have its settings in their environment)
+        # takes what it is not told from the depthq up running here, so they make the same jobs.
+        if args.command != "up" and PARENT_PIPE_ENV not in os.environ:
+            from depthq.running import adopt
+
+            config, args.sharing = adopt(config, args.config, _overrides(args))
         # From here on, to logging.file if the config names one (a Mac mini's worker: launchd rotates nothing).
         configure_logging(args.log_level, config.logging)
         return _COMMANDS[args.command](config, args)

@@ -7,6 +7,7 @@ thing on every host. Settings are read once at start-up; nothing re-reads them i
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -45,6 +46,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Redis's own units (redis.conf): k, m, g are powers of 1000; kb, mb, gb powers of 1024.
+_REDIS_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 2**10, "m": 10**6, "mb": 2**20, "g": 10**9, "gb": 2**30}
+
+
+def redis_size_bytes(size: str) -> int | None:
+    """`2gb` as Redis reads it, in bytes; None if it is no size, or 0, which Redis reads as no limit."""
+    match = re.fullmatch(r"\s*(\d+)\s*([a-z]*)\s*", size.lower())
+    if match is None or match.group(2) not in _REDIS_UNITS or int(match.group(1)) == 0:
+        return None
+    return int(match.group(1)) * _REDIS_UNITS[match.group(2)]
+
+
 class RedisConfig(_Section):
     url: str | None = None
     # Credentials kept out of the URL (and so out of `ps` and shell history).
@@ -55,6 +68,9 @@ class RedisConfig(_Section):
     data_dir: Path = Path(".depthq/redis")
     server_bin: Path | None = None
     startup_timeout_s: float = Field(10.0, gt=0)
+    # The embedded Redis's memory limit: a size as Redis writes it (512mb, 2gb) or auto (see
+    # depthq.redis_server.auto_maxmemory). Past it, writes wait (noeviction) instead of the host swapping.
+    maxmemory: str = "auto"
 
     @field_validator("url")
     @classmethod
@@ -71,6 +87,18 @@ class RedisConfig(_Section):
         if db and not db.isdigit():
             raise ValueError(f"the database in {url!r} must be a number, as in redis://host:6379/0")
         return url
+
+    @field_validator("maxmemory", mode="before")
+    @classmethod
+    def _maxmemory(cls, size: object) -> str:
+        """A plain number is bytes, as in redis.conf (YAML and DEPTHQ_REDIS_MAXMEMORY=1000000 give an int)."""
+        text = str(size).strip().lower() if isinstance(size, (str, int)) and not isinstance(size, bool) else ""
+        if text != "auto" and redis_size_bytes(text) is None:
+            raise ValueError(
+                f"{size!r} is not a size; write one as Redis does (512mb, 2gb), or auto. Not 0: Redis reads "
+                "it as no limit, and a long backlog could then take all the host's memory"
+            )
+        return text
 
 
 class QueueConfig(_Section):
@@ -294,8 +322,12 @@ def load_config(
     path: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     environ: Mapping[str, str] | None = None,
+    base: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Config:
-    """File, then env vars, then `overrides` (CLI flags, as {section: {key: value}}), validated together."""
+    """File, then env vars, then `overrides` (CLI flags, as {section: {key: value}}), validated together.
+
+    `base` lies under the file: a running depthq up's settings (depthq.running), which count only
+    where the file, the variables and the flags say nothing."""
     file = find_config_file(path)
     data: dict[str, Any] = {}
     if file is not None:
@@ -306,6 +338,8 @@ def load_config(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {file} must hold sections (redis:, producer:, ...) at top level")
         data = loaded or {}
+    if base:
+        data = _merge({section: dict(keys) for section, keys in base.items()}, data)
     data = _merge(data, _env_overrides(os.environ if environ is None else environ))
     if overrides:
         data = _merge(data, {s: {k: v for k, v in kv.items() if v is not None} for s, kv in overrides.items()})

@@ -1,10 +1,11 @@
 """`depthq doctor`: why a machine will not take jobs, in one command, one line per check.
 
-Each check says ok, warn (works, but will bite), or FAIL with the fix. It looks at what a worker or a
-watcher needs on this host: the config, Redis (reachable, and set up not to drop jobs), the folders,
-inotify's limits, the backend `auto` would pick, the model (present, its licence, and one warm-up
-prediction), Core ML's cache on a Mac, the clock against Redis, and workers on the queue that are not
-depthq's. It downloads nothing. Exit 1 when a check fails, so an installer can run it last.
+Each check says ok, warn (works, but will bite), or FAIL, with the fix (a warning always has one). It
+looks at what a worker or a watcher needs on this host: the config (and whether a running `depthq up`
+filled it in), Redis (reachable, and set up not to drop jobs), the folders, inotify's limits, the
+backend `auto` would pick, the model (present, its licence, and one warm-up prediction), Core ML's
+cache on a Mac, the clock against Redis, and workers on the queue that are not depthq's. It downloads
+nothing. Exit 1 when a check fails, so an installer can run it last.
 
 Only the CLI imports this; it reaches into `worker` inside the model checks alone.
 """
@@ -26,6 +27,7 @@ from redis import Redis
 from depthq.config import Config, ConfigError
 from depthq.connection import connect, redact, resolve_url
 from depthq.contract import WORKER_FIELDS, make_queue
+from depthq.running import Sharing
 
 State = Literal["ok", "warn", "FAIL"]
 # Clocks further apart than this make job ages, heartbeats and `depthq status` lie.
@@ -39,13 +41,37 @@ class Check:
     name: str
     state: State
     detail: str
+    # What to do about it. A warning without one would only worry the reader, so it cannot be made;
+    # a FAIL's fix is mostly in its detail already (a ConfigError's message names the key and the fix).
+    fix: str = ""
+
+    def __post_init__(self) -> None:
+        if self.state == "warn" and not self.fix:
+            raise ValueError(f"doctor: the warning {self.detail!r} has no fix; give it one or make it no warning")
 
     def line(self) -> str:
-        return f"{self.state:<4}  {self.name:<9} {self.detail}"
+        text = f"{self.detail}; {self.fix}" if self.fix else self.detail
+        return f"{self.state:<4}  {self.name:<9} {text}"
 
 
 def _config(config: Config, config_file: Path | None) -> Iterator[Check]:
     yield Check("config", "ok", f"{config_file or 'no file: defaults'} + DEPTHQ_* variables + flags")
+
+
+def _settings(sharing: Sharing | None) -> Iterator[Check]:
+    """Whose settings the checks below use: a running depthq up's fill what this command is not told."""
+    if sharing is None:
+        return
+    up = sharing.running
+    if up is None:
+        yield Check("settings", "ok", f"this command's own (no depthq up runs here: no {sharing.path})")
+    elif sharing.ignored is not None:
+        yield Check("settings", "ok", f"this command's own; {sharing.path} is ignored: {sharing.ignored}")
+    elif sharing.taken:
+        keys = ", ".join(sharing.taken)
+        yield Check("settings", "ok", f"those of the running depthq up ({up.who()}) for {keys}, from {sharing.path}")
+    else:
+        yield Check("settings", "ok", f"this command's own, the same as the running depthq up's ({up.who()})")
 
 
 def _redis(config: Config) -> tuple[list[Check], Redis | None]:
@@ -54,6 +80,8 @@ def _redis(config: Config) -> tuple[list[Check], Redis | None]:
         connection = connect(url, config.redis)
     except ConfigError as exc:
         return [Check("redis", "FAIL", str(exc))], None
+    # No redis.url: resolve_url found the Redis a `depthq up` runs here, whose settings are depthq's to fix.
+    embedded = not config.redis.url
     info = connection.info()
     checks = [Check("redis", "ok", f"{redact(url)}: Redis {info.get('redis_version', '?')}")]
     policy, limit = info.get("maxmemory_policy", "?"), int(info.get("maxmemory", 0))
@@ -67,11 +95,26 @@ def _redis(config: Config) -> tuple[list[Check], Redis | None]:
             )
         )
     elif limit == 0:
-        checks.append(Check("redis", "warn", "no maxmemory: a long backlog can take all the host's memory"))
+        fix = (
+            "restart depthq up: it now starts its Redis with a limit (redis.maxmemory)"
+            if embedded
+            else "set `maxmemory 2gb` (size it to the machine: a job takes about 2 KB) in its redis.conf, as "
+            "deploy/redis/redis.conf does, or now: `redis-cli CONFIG SET maxmemory 2gb`, then "
+            "`redis-cli CONFIG REWRITE`"
+        )
+        checks.append(Check("redis", "warn", "no maxmemory: a long backlog can take all the host's memory", fix))
     else:
         checks.append(Check("redis", "ok", f"maxmemory {limit / 2**20:.0f} MiB, noeviction"))
     if str(info.get("aof_enabled", 0)) != "1":
-        checks.append(Check("redis", "warn", "AOF is off: a Redis restart loses the queue (appendonly yes)"))
+        checks.append(
+            Check(
+                "redis",
+                "warn",
+                "AOF is off: a Redis restart loses the queue",
+                "set `appendonly yes` in its redis.conf, as deploy/redis/redis.conf does, or now: "
+                "`redis-cli CONFIG SET appendonly yes`, then `redis-cli CONFIG REWRITE`",
+            )
+        )
     else:
         checks.append(Check("redis", "ok", "AOF on: the queue survives a Redis restart"))
     return checks, connection
@@ -101,8 +144,11 @@ def _folders(config: Config) -> Iterator[Check]:
         yield Check("folders", "FAIL", f"output.dir {output} is not writable ({why}); fix its permissions or mount")
         return
     free = shutil.disk_usage(output).free
-    state: State = "warn" if free < LOW_FREE_BYTES else "ok"
-    yield Check("folders", state, f"output.dir {output} writable, {free / 2**30:.1f} GiB free")
+    if free < LOW_FREE_BYTES:
+        fix = "free space there, or point output.dir at a larger disk (when it is full, photos wait)"
+        yield Check("folders", "warn", f"output.dir {output} writable, {free / 2**30:.1f} GiB free", fix)
+    else:
+        yield Check("folders", "ok", f"output.dir {output} writable, {free / 2**30:.1f} GiB free")
 
 
 def _inotify(config: Config) -> Iterator[Check]:
@@ -112,13 +158,18 @@ def _inotify(config: Config) -> Iterator[Check]:
     try:
         limit = int(Path("/proc/sys/fs/inotify/max_user_watches").read_text().strip())
     except (OSError, ValueError):
-        yield Check("inotify", "warn", "cannot read fs.inotify.max_user_watches")
+        yield Check(
+            "inotify",
+            "warn",
+            "cannot read fs.inotify.max_user_watches",
+            "see `sysctl fs.inotify.max_user_watches`, or set producer.polling: true (--polling), which needs none",
+        )
         return
     if folders > limit // 2:
         yield Check(
             "inotify",
             "warn" if folders <= limit else "FAIL",
-            f"{folders} folders to watch, fs.inotify.max_user_watches {limit} (shared by every program); "
+            f"{folders} folders to watch, fs.inotify.max_user_watches {limit} (shared by every program)",
             f"sudo sysctl fs.inotify.max_user_watches={max(2 * folders, 524288)}",
         )
     else:
@@ -188,8 +239,8 @@ def _clock(connection: Redis) -> Iterator[Check]:
     after = time.time()
     skew = seconds + micros / 1e6 - (before + after) / 2
     state: State = "ok" if abs(skew) <= MAX_SKEW_S else "warn"
-    fix = "" if state == "ok" else "; turn on NTP on both machines"
-    yield Check("clock", state, f"{skew:+.3f} s against the Redis server{fix}")
+    fix = "" if state == "ok" else "turn on NTP on both machines"
+    yield Check("clock", state, f"{skew:+.3f} s against the Redis server", fix)
 
 
 def _foreign_workers(connection: Redis, config: Config) -> Iterator[Check]:
@@ -213,8 +264,10 @@ def _foreign_workers(connection: Redis, config: Config) -> Iterator[Check]:
         yield Check("workers", "ok", f"{len(workers)} depthq worker(s) on queue {config.queue.name}")
 
 
-def run_checks(config: Config, config_file: Path | None, model: bool = True) -> list[Check]:
-    checks: list[Check] = [*_config(config, config_file)]
+def run_checks(
+    config: Config, config_file: Path | None, model: bool = True, sharing: Sharing | None = None
+) -> list[Check]:
+    checks: list[Check] = [*_config(config, config_file), *_settings(sharing)]
     redis_checks, connection = _redis(config)
     checks += redis_checks
     checks += _folders(config)
@@ -228,9 +281,15 @@ def run_checks(config: Config, config_file: Path | None, model: bool = True) -> 
     return checks
 
 
-def doctor(config: Config, config_file: Path | None, out: Callable[[str], None] = print, model: bool = True) -> int:
+def doctor(
+    config: Config,
+    config_file: Path | None,
+    out: Callable[[str], None] = print,
+    model: bool = True,
+    sharing: Sharing | None = None,
+) -> int:
     """Print one line per check; 1 if any failed."""
-    checks = run_checks(config, config_file, model=model)
+    checks = run_checks(config, config_file, model=model, sharing=sharing)
     for check in checks:
         out(check.line())
     failed = [c for c in checks if c.state == "FAIL"]

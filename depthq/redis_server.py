@@ -29,8 +29,9 @@ from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
-from depthq.config import Config, ConfigError
+from depthq.config import Config, ConfigError, redis_size_bytes
 from depthq.connection import embedded_url_file
+from depthq.running import process_stamp, stamp_alive
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,12 @@ class EmbeddedRedis:
         startup_timeout_s: float = 10.0,
         extra_args: tuple[str, ...] = (),
         port: int = 0,
+        maxmemory: int | None = None,
     ):
         self.data_dir = data_dir.resolve()
         self.extra_args = extra_args
+        # Bytes; None leaves Redis without a limit (the tests' throwaway servers).
+        self.maxmemory = maxmemory
         self.fixed_port = port
         self.binary = find_server_binary(server_bin)
         self.startup_timeout_s = startup_timeout_s
@@ -112,6 +116,7 @@ class EmbeddedRedis:
             # Eviction would silently drop queued jobs.
             "--maxmemory-policy",
             "noeviction",
+            *(("--maxmemory", str(self.maxmemory)) if self.maxmemory else ()),
             "--logfile",
             str(self.data_dir / "redis.log"),
             *self.extra_args,
@@ -143,7 +148,13 @@ class EmbeddedRedis:
                 raise RuntimeError(f"redis-server did not answer within {self.startup_timeout_s}s")
             time.sleep(0.05)
         client.close()
-        log.info("embedded redis-server %s on %s, data in %s", self.binary, self.url, self.data_dir)
+        log.info(
+            "embedded redis-server %s on %s, data in %s, maxmemory %s",
+            self.binary,
+            self.url,
+            self.data_dir,
+            f"{self.maxmemory / 2**20:.0f} MiB (noeviction)" if self.maxmemory else "none",
+        )
         return self.url
 
     def died(self) -> str | None:
@@ -197,17 +208,11 @@ def die_with_parent(argv: list[str]) -> list[str]:
     return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
-def _owner_stamp(pid: int) -> str:
-    """A process as `<pid> <start time>`: a pid the system has since given to another process differs."""
-    return f"{pid} {psutil.Process(pid).create_time():.3f}"
-
-
 def _owner_alive(data_dir: Path) -> bool:
     """Whether the process that started the Redis in `data_dir` still runs (not a reused pid)."""
     try:
-        recorded = (data_dir / OWNER_FILE).read_text(encoding="utf-8").strip()
-        return _owner_stamp(int(recorded.split()[0])) == recorded
-    except (OSError, ValueError, IndexError, psutil.Error):
+        return stamp_alive((data_dir / OWNER_FILE).read_text(encoding="utf-8").strip())
+    except OSError:
         return False
 
 
@@ -269,6 +274,37 @@ def _last_port_if_free(data_dir: Path) -> int:
     return port
 
 
+# An rq job takes about 2 KB in Redis (measured: 2.0 KB queued), and a finished one stays for
+# queue.result_ttl_s. 256 MiB holds a backlog of about 130,000 photos, a big import, on the smallest
+# machine; 2 GiB, deploy/redis/redis.conf's figure, about a million, more than any backlog needs.
+_AUTO_MIN_BYTES = 256 * 2**20
+_AUTO_MAX_BYTES = 2 * 2**30
+
+
+def _physical_memory() -> int:
+    """The memory this process may use: the machine's, or its cgroup's limit (a container) when lower."""
+    total = psutil.virtual_memory().total
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text(encoding="utf-8").strip()
+        if limit != "max":
+            total = min(total, int(limit))
+    return total
+
+
+def auto_maxmemory(memory: int) -> int:
+    """A quarter of `memory`, between 256 MiB and 2 GiB. A limit at all, because without one a long
+    backlog grows until the host swaps or the OOM killer picks a worker; a quarter, because the rest
+    belongs to the models (a torch DepthPro takes 2 to 4 GB per worker) and the photos in hand.
+    At the limit, noeviction makes writes wait (the watcher says so), and no queued job is dropped."""
+    return max(_AUTO_MIN_BYTES, min(_AUTO_MAX_BYTES, memory // 4))
+
+
+def maxmemory_bytes(config: Config) -> int:
+    """redis.maxmemory in bytes: the size it names, or auto's share of this machine's memory."""
+    size = redis_size_bytes(config.redis.maxmemory)
+    return size if size is not None else auto_maxmemory(_physical_memory())
+
+
 def start_for(config: Config) -> EmbeddedRedis:
     """Start the embedded server and advertise its URL to other depthq commands on this machine."""
     _take_over_stale(config)
@@ -277,9 +313,10 @@ def start_for(config: Config) -> EmbeddedRedis:
         config.redis.server_bin,
         config.redis.startup_timeout_s,
         port=_last_port_if_free(config.redis.data_dir.resolve()),
+        maxmemory=maxmemory_bytes(config),
     )
     server.start()
     (config.redis.data_dir / PORT_FILE).write_text(f"{server.port}\n", encoding="utf-8")
-    (config.redis.data_dir / OWNER_FILE).write_text(_owner_stamp(os.getpid()) + "\n", encoding="utf-8")
+    (config.redis.data_dir / OWNER_FILE).write_text(process_stamp(os.getpid()) + "\n", encoding="utf-8")
     embedded_url_file(config).write_text(server.url + "\n", encoding="utf-8")
     return server

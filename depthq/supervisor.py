@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 from redis.exceptions import RedisError
 
-from depthq import attempts
+from depthq import attempts, running
 from depthq.config import CONFIG_ENV, EXIT_FINAL, PARENT_PIPE_ENV, Config, ensure_folder
 from depthq.connection import connect, embedded_url_file, redact
 from depthq.contract import short_hostname
@@ -296,6 +296,8 @@ def run_up(
     watcher_error: list[BaseException] = []
     cannot_start: list[WorkerCannotStart] = []
     try:
+        # For the other depthq commands here: the settings this service makes its jobs with.
+        running.record(config, config_file, url)
         for child in children:
             child.start()
         watcher = build_watcher(config, connection)
@@ -317,10 +319,16 @@ def run_up(
                 for child in children:
                     child.supervise()
             except WorkerCannotStart as exc:
+                # Said now, before the shutdown's lines: the cause first, then "stopped".
+                log.error("%s", exc)
                 cannot_start.append(exc)
                 stop.set()
         thread.join(timeout=10)
+        if watcher_error:
+            log.error("the watcher failed (%s); depthq up stops here", watcher_error[0])
     finally:
+        # First: a command started from now on must not take the settings of a service that is stopping.
+        running.remove(config)
         for child in children:
             child.terminate()
         # Warm shutdown: the job in hand finishes (bounded by the job timeout).
@@ -333,7 +341,6 @@ def run_up(
             (config.redis.data_dir / OWNER_FILE).unlink(missing_ok=True)
         log.info("stopped")
     if cannot_start:
-        log.error("%s", cannot_start[0])
         return EXIT_FINAL
     if watcher_error:
         raise watcher_error[0]

@@ -102,3 +102,43 @@ def test_a_worker_that_is_not_depthqs_fails(
     assert code == 1
     (workers,) = lines["workers"]
     assert workers.startswith("FAIL workers") and "plain-rq-worker" in workers
+
+
+def test_a_warning_cannot_be_made_without_its_fix() -> None:
+    from depthq.doctor import Check
+
+    with pytest.raises(ValueError, match="has no fix"):
+        Check("redis", "warn", "something will bite")
+    assert Check("redis", "warn", "it will bite", "do this").line() == "warn  redis     it will bite; do this"
+
+
+def test_an_external_redis_without_a_limit_or_aof_is_warned_of_with_the_fix(
+    config_file: Path, redis_client: Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """redis.url names it: depthq cannot set its limits, so doctor says how (the test's server has none)."""
+    assert redis_client.config_get("maxmemory")["maxmemory"] == "0"
+    redis_client.config_set("appendonly", "no")
+    try:
+        code, lines = doctor(capsys, "--config", str(config_file), "--no-model")
+    finally:
+        redis_client.config_set("appendonly", "yes")
+    assert code == 0
+    warned = [line for line in lines["redis"] if line.startswith("warn")]
+    assert len(warned) == 2, lines
+    assert "no maxmemory" in warned[0] and "`redis-cli CONFIG SET maxmemory 2gb`" in warned[0]
+    assert "AOF is off" in warned[1] and "`redis-cli CONFIG SET appendonly yes`" in warned[1]
+
+
+def test_little_free_space_is_warned_of_with_the_fix(
+    make_config: Callable[..., Config],
+    write_config_file: Callable[..., Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tests.disk import small_disk
+
+    with small_disk(tmp_path / "small", "4m") as small:
+        config_file = write_config_file(make_config(output={"dir": str(small / "out")}), "small.yaml")
+        _, lines = doctor(capsys, "--config", str(config_file), "--no-model")
+    (low,) = [line for line in lines["folders"] if "output.dir" in line]
+    assert low.startswith("warn folders") and "GiB free; free space there, or point output.dir" in low

@@ -33,12 +33,12 @@ def test_offline_without_a_copy_says_how_to_fetch(
     with pytest.raises(ModelUnavailableError) as err:
         resolve_model_dir(cfg)
     msg = str(err.value)
-    assert "apple/DepthPro-hf" in msg
     assert f"hf download apple/DepthPro-hf --local-dir {tmp_path / 'apple__DepthPro-hf'}" in msg
-    assert "model.path" in msg
-    # The fix leads; the hub library's own text (when it was asked at all) comes last.
-    assert msg.startswith("model.path: apple/DepthPro-hf is not in ")
-    assert msg.index("hf download") < (msg.index("Fetching it here failed") if not offline_setting else len(msg))
+    # What is missing and why, short, then the three ways to point at a copy, flag first.
+    why = "model.offline is on" if offline_setting else "HF_HUB_OFFLINE is set"
+    assert msg.startswith(f"model.path: apple/DepthPro-hf is not in {tmp_path / 'apple__DepthPro-hf'} ({why}")
+    assert msg.index("`depthq up --model DIR`") < msg.index("DEPTHQ_MODEL_PATH=DIR") < msg.index("hf download")
+    assert "internet connection" not in msg and "HF_HUB_OFFLINE=0" not in msg
 
 
 def test_nonsense_path_is_refused(tmp_path: Path) -> None:

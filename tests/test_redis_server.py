@@ -77,3 +77,48 @@ def test_a_restart_keeps_the_port_while_it_is_free(tmp_path: Path) -> None:
         third = start_for(config)
         third.stop()
     assert third.port != second.port
+
+
+@pytest.mark.parametrize("setting", ["auto", "300mb"])
+def test_the_embedded_redis_has_a_memory_limit_and_drops_nothing_at_it(tmp_path: Path, setting: str) -> None:
+    """Without a limit a long backlog takes the host's memory (and doctor warned of it with no fix)."""
+    import psutil
+
+    from depthq.doctor import run_checks
+    from depthq.redis_server import auto_maxmemory, maxmemory_bytes
+
+    (tmp_path / "inbox").mkdir()
+    config = load_config(
+        environ={},
+        overrides={
+            "redis": {"data_dir": str(tmp_path / "data"), "maxmemory": setting},
+            "producer": {"watch": str(tmp_path / "inbox")},
+            "output": {"dir": str(tmp_path / "out")},
+        },
+    )
+    server = start_for(config)
+    try:
+        client = Redis.from_url(server.url)
+        limit = int(client.config_get("maxmemory")["maxmemory"])
+        assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        client.close()
+        if setting == "auto":  # a quarter of the machine (or of its cgroup's limit, when lower)
+            assert limit == maxmemory_bytes(config) <= auto_maxmemory(psutil.virtual_memory().total)
+            assert 256 * 2**20 <= limit <= 2 * 2**30
+        else:
+            assert limit == 300 * 2**20
+        # Doctor, finding it as other commands do (no redis.url): no warning about it.
+        lines = [c.line() for c in run_checks(config, None, model=False) if c.name == "redis"]
+        assert not [line for line in lines if not line.startswith("ok")], lines
+        assert any(f"maxmemory {limit / 2**20:.0f} MiB, noeviction" in line for line in lines), lines
+    finally:
+        server.stop()
+
+
+def test_auto_takes_a_quarter_of_memory_within_bounds() -> None:
+    from depthq.redis_server import auto_maxmemory
+
+    assert auto_maxmemory(8 * 2**30) == 2 * 2**30
+    assert auto_maxmemory(4 * 2**30) == 2**30
+    assert auto_maxmemory(512 * 2**20) == 256 * 2**20  # the floor: a 130,000-photo backlog
+    assert auto_maxmemory(128 * 2**30) == 2 * 2**30  # the ceiling: about a million jobs

@@ -5,6 +5,7 @@ Each test starts the real command in its own process group, with its own embedde
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import yaml
 from PIL import Image
 from redis import Redis
@@ -59,6 +61,38 @@ def test_a_worker_that_can_never_start_stops_depthq_up_with_its_message(tmp_path
     assert text.count("started (pid") == 1, text  # never restarted
     assert "model.path" in text and "cannot start: a config or model error" in text
     assert not (tmp_path / "redis-data" / "redis.url").exists()  # its Redis was stopped too
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "no network"])
+def test_the_first_start_offline_says_how_to_point_at_a_model(tmp_path: Path, offline: str) -> None:
+    """No network, no model here: stderr names the flag, the variable and the key, in depthq's words
+    (not the hub library's advice), says so before "stopped", and up exits with the final code."""
+    from depthq.redis_server import free_port
+
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"redis": {"data_dir": str(tmp_path / "redis-data")}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DEPTHQ_", "HF_"))}
+    if offline == "HF_HUB_OFFLINE":
+        env["HF_HUB_OFFLINE"] = "1"
+    else:  # a hub that refuses the connection: what a machine without network gets
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
+    env["HF_HOME"] = str(tmp_path / "hf-home")  # an empty hub cache too
+    result = subprocess.run(
+        [str(DEPTHQ), "up", "--watch", "inbox", "--output", "depth-out"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    err = result.stderr
+    assert result.returncode == 2, err  # EXIT_FINAL: a worker that can never start
+    assert "`depthq up --model DIR`" in err and "DEPTHQ_MODEL_PATH=DIR" in err and "model.path" in err, err
+    assert ("HF_HUB_OFFLINE is set" if offline == "HF_HUB_OFFLINE" else "the download failed: no network") in err
+    for theirs in ("internet connection", "HF_HUB_OFFLINE=0", "outgoing traffic", "snapshot folder"):
+        assert theirs not in err, err
+    cause, stopped = err.index("cannot start: a config or model error"), err.index("depthq.supervisor: stopped")
+    assert err.index("model.path: apple/DepthPro-hf is not in") < cause < stopped, err
 
 
 # --- photos that kill their worker --------------------------------------------------------------------
@@ -319,3 +353,71 @@ def test_depthq_up_sigkilled_with_busy_workers_leaves_no_process_soon(tmp_path: 
 def _busy(redis: Redis) -> int:
     """Workers busy with a job (rq's worker hashes; their per-worker sets are left out)."""
     return sum(redis.hget(key, "state") == b"busy" for key in redis.keys("rq:worker:*") if key.count(b":") == 2)
+
+
+# --- the other commands on its machine ---------------------------------------------------------------
+
+
+def _depthq(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """A depthq command run as from a second shell: none of the DEPTHQ_ variables, nor the flags, that
+    started depthq up; only the folder's config.yaml."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPTHQ_")}
+    return subprocess.run(
+        [str(DEPTHQ), *args], cwd=root, env=env, capture_output=True, text=True, timeout=180, check=False
+    )
+
+
+def test_commands_in_another_shell_use_the_settings_depthq_up_runs_with(tmp_path: Path, tiny_model: Path) -> None:
+    """`depthq up --model DIR --watch photos --output results` in one shell; doctor and enqueue in
+    another knew none of it: doctor failed the hub model, and enqueue made jobs asking for it."""
+    from rq.job import Job
+
+    from depthq.contract import SERIALIZER, job_id
+
+    config = {
+        "model": {"device": "cpu"},
+        # Only `depthq enqueue` makes jobs here: the watcher looks again only in an hour.
+        "producer": {"polling": True, "poll_interval_s": 3600, "rescan_s": 3600},
+    }
+    (tmp_path / "photos").mkdir()
+    proc, log = start_up(tmp_path, config, "--model", str(tiny_model), "--watch", "photos", "--output", "results")
+    record = tmp_path / "redis-data" / "up.json"
+    try:
+        redis = _ready(proc, log, tmp_path, 1)
+        assert json.loads(record.read_text())["pid"] == proc.pid
+
+        doctor = _depthq(tmp_path, "doctor")
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        assert "0 failed, 0 warning(s)" in doctor.stdout, doctor.stdout
+        (settings,) = [line for line in doctor.stdout.splitlines() if line.startswith("ok    settings")]
+        assert f"those of the running depthq up (pid {proc.pid}, started " in settings
+        assert "for model.path, producer.watch, output.dir, from " in settings and "redis-data/up.json" in settings
+        assert f"ok    model     {tiny_model} loaded on cpu" in doctor.stdout
+
+        photo = write_jpeg(tmp_path / "photos" / "a.jpg", seed=4)
+        enqueued = _depthq(tmp_path, "enqueue", "--force", "photos/a.jpg")
+        assert enqueued.returncode == 0 and "1 enqueued" in enqueued.stdout, enqueued.stdout + enqueued.stderr
+        sha = hashlib.sha256(photo.read_bytes()).hexdigest()
+        job = Job.fetch(job_id(sha, str(tiny_model)), connection=redis, serializer=SERIALIZER)
+        assert job.args[0]["model"] == str(tiny_model) and job.args[0]["source"] == "a.jpg"
+        assert not redis.exists(Job.key_for(job_id(sha, "apple/DepthPro-hf")))
+        sidecar = tmp_path / "results" / "a.jpg.json"
+        wait_for(sidecar.exists, f"the result in up's output folder ({log})", timeout=120)
+        meta = json.loads(sidecar.read_text())
+        assert "requested" not in meta["model"] and not meta.get("warnings"), meta
+
+        # A copy of it, enqueued later: the same job, so copied rather than computed again.
+        (tmp_path / "photos" / "b.jpg").write_bytes(photo.read_bytes())
+        copied = _depthq(tmp_path, "enqueue", "photos/b.jpg")
+        assert "1 copy" in copied.stdout, copied.stdout + copied.stderr
+        saved = record.read_text()
+    finally:
+        assert stop(proc) == 0, log.read_text()
+    assert not record.exists()  # stopped: no command takes its settings any more
+
+    # A record left by a depthq up that is gone (SIGKILL) is not trusted: its pid is dead.
+    record.write_text(saved)
+    after = _depthq(tmp_path, "doctor", "--no-model")
+    (settings,) = [line for line in after.stdout.splitlines() if line.startswith("ok    settings")]
+    assert f"is ignored: the depthq up that wrote it (pid {proc.pid}, started " in settings and "is gone" in settings
+    assert f"producer.watch {tmp_path / 'photos'}" not in after.stdout  # its own default, inbox
