@@ -223,8 +223,13 @@ def test_depthq_up_sigkilled_leaves_no_process_and_the_next_one_starts_with_noth
         assert stop(proc) == 0
 
 
-def test_a_redis_left_by_a_dead_depthq_up_is_taken_over_and_a_live_ones_refused(tmp_path: Path) -> None:
-    """Where the kernel does not stop it (macOS), the Redis of a SIGKILLed depthq up lives on."""
+def test_a_redis_left_by_a_dead_depthq_up_is_taken_over_and_a_live_ones_refused(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """Where the kernel does not stop it (macOS), the Redis of a SIGKILLed depthq up lives on.
+
+    The new depthq up runs a real model: one that cannot load ends it (exit 2), and its Redis with
+    it, at once since the offline message skips the hub, before the test could read the orphan's data."""
     from depthq.redis_server import EmbeddedRedis
 
     data = tmp_path / "redis-data"
@@ -237,7 +242,8 @@ def test_a_redis_left_by_a_dead_depthq_up_is_taken_over_and_a_live_ones_refused(
         (data / "redis.owner").write_text(f"{gone.pid}\n")
         Redis.from_url(orphan.url).set("kept", "by the orphan")
 
-        proc, log = start_up(tmp_path, {"model": {"path": "unused", "offline": True}, "up": {"workers": 1}})
+        config = {"model": {"path": str(tiny_model), "device": "cpu"}, "up": {"workers": 1}}
+        proc, log = start_up(tmp_path, config)
         redis = None
         try:
             wait_for(lambda: orphan.process.poll() is not None or proc.poll() is not None, f"the takeover ({log})")
