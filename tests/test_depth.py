@@ -330,3 +330,52 @@ def test_metric_depth_closed_form_constant_cid() -> None:
     assert md.depth.shape == (height, width)
     np.testing.assert_allclose(md.depth, expected, rtol=1e-6)
     assert float(md.depth.max() - md.depth.min()) < 1e-5  # bilinear of a constant stays constant
+
+
+# --- metric_depth at a focal length the caller knows (a video clip's one camera) -------------------------------
+
+
+def test_metric_depth_given_focal_wins_over_fov_and_exif() -> None:
+    width, height, f_px = 160, 90, 140.0
+    cid = _cid(13)
+    md = metric_depth(cid, width, height, 55.0, 26.0, focal_length_px=f_px)
+
+    assert md.focal_length_source == "clip"
+    assert md.focal_length_px == f_px
+    assert md.fov_deg == pytest.approx(math.degrees(2 * math.atan(0.5 * width / f_px)), rel=1e-12)
+    assert md.fov_vertical_deg == pytest.approx(math.degrees(2 * math.atan(0.5 * height / f_px)), rel=1e-12)
+    assert md.camera is not None and md.camera.fx == f_px
+    assert_matches_reference(md.depth, cid, width, height, None, f_px=f_px)
+    # Neither the model's FOV nor EXIF played a part: the same depth without them.
+    bare = metric_depth(cid, width, height, None, focal_length_px=f_px)
+    np.testing.assert_array_equal(bare.depth, md.depth)
+
+
+def test_metric_depth_given_focal_equal_to_the_fovs_is_the_same_depth() -> None:
+    """Handing over the f_px the model's FOV gives changes nothing but the source: no second formula."""
+    width, height, fov, c = 120, 200, 60.0, 0.25
+    cid = np.full((S, S), c, np.float32)
+    from_fov = metric_depth(cid, width, height, fov)
+    given = metric_depth(cid, width, height, None, focal_length_px=focal_px_from_fov(fov, width))
+
+    np.testing.assert_array_equal(given.depth, from_fov.depth)
+    assert given.focal_length_px == from_fov.focal_length_px
+    assert (given.fov_deg, given.fov_vertical_deg) == (from_fov.fov_deg, from_fov.fov_vertical_deg)
+    assert (given.focal_length_source, from_fov.focal_length_source) == ("clip", "model")
+    # The closed form: depth = f_px / (c * W) = 0.5 / (c * tan(fov / 2)), whatever the orientation.
+    np.testing.assert_allclose(given.depth, 0.5 / (c * math.tan(math.radians(fov / 2))), rtol=1e-6)
+
+
+def test_metric_depth_given_focal_is_reported_not_used_when_already_metric() -> None:
+    meters = _rng(14).uniform(0.1, 2.0, (S, S)).astype(np.float32)  # 1/m, from a meters-only export
+    md = metric_depth(meters, 64, 48, None, already_metric=True, focal_length_px=80.0)
+    plain = metric_depth(meters, 64, 48, None, already_metric=True)
+    np.testing.assert_array_equal(md.depth, plain.depth)
+    assert (md.focal_length_px, md.focal_length_source) == (80.0, "clip")
+    assert (plain.focal_length_px, plain.focal_length_source) == (None, None)
+
+
+@pytest.mark.parametrize("f_px", [0.0, -5.0, float("nan"), float("inf")])
+def test_metric_depth_rejects_a_given_focal_no_camera_has(f_px: float) -> None:
+    with pytest.raises(ValueError, match="not a focal length"):
+        metric_depth(_cid(15), 64, 48, 60.0, focal_length_px=f_px)

@@ -23,7 +23,8 @@ _FULL_FRAME_DIAGONAL_MM = math.hypot(36.0, 24.0)
 MIN_INVERSE_DEPTH = 1e-4  # 1/m: depth is capped at 10 km
 MAX_INVERSE_DEPTH = 1e4  # 1/m: depth is floored at 0.1 mm
 
-FocalSource = Literal["exif", "model"]
+# "clip": the caller knew the focal length already, one for every frame of a video clip (worker/clip_camera.py).
+FocalSource = Literal["exif", "model", "clip"]
 
 
 @dataclass(frozen=True)
@@ -50,17 +51,28 @@ class MetricDepth:
 
 
 def focal_px_from_fov(fov_deg: float, width: int) -> float:
+    """Focal length in pixels from the horizontal FOV in degrees of an image `width` pixels wide."""
     return 0.5 * width / math.tan(0.5 * math.radians(fov_deg))
 
 
 def focal_px_from_35mm(focal_35mm: float, width: int, height: int) -> float:
+    """Focal length in pixels from the 35 mm equivalent in mm: the diagonals match, so orientation does not matter."""
     return focal_35mm * math.hypot(width, height) / _FULL_FRAME_DIAGONAL_MM
 
 
+def fov_from_focal_px(focal_px: float, size: int) -> float:
+    """The FOV in degrees across `size` pixels (the width: horizontal; the height: vertical) at `focal_px` pixels."""
+    return math.degrees(2.0 * math.atan(0.5 * size / focal_px))
+
+
 def _focal(
-    width: int, height: int, fov_deg: float | None, focal_35mm: float | None
+    width: int, height: int, fov_deg: float | None, focal_35mm: float | None, focal_px: float | None = None
 ) -> tuple[float, FocalSource] | None:
-    """The EXIF focal length wins over the model's FOV estimate, as in the reference."""
+    """A focal length the caller already knows wins; then EXIF over the model's FOV estimate, as in the reference."""
+    if focal_px is not None:
+        if not (math.isfinite(focal_px) and focal_px > 0):
+            raise ValueError(f"focal_length_px {focal_px!r} is not a focal length: a positive number of pixels")
+        return float(focal_px), "clip"
     if focal_35mm is not None and math.isfinite(focal_35mm) and focal_35mm > 0:
         return focal_px_from_35mm(focal_35mm, width, height), "exif"
     if fov_deg is not None and 0.0 < fov_deg < 180.0:
@@ -76,6 +88,7 @@ def metric_depth(
     focal_length_35mm: float | None = None,
     *,
     already_metric: bool = False,
+    focal_length_px: float | None = None,
 ) -> MetricDepth:
     """Model-resolution inverse depth -> meters at the photo's upright width x height.
 
@@ -84,8 +97,14 @@ def metric_depth(
     export); it then takes the same resize and clamp, and the focal length is reported, not used.
     A numpy map or a torch tensor on any device (a CUDA backend hands its output over without a
     download); the depth returned is float32 numpy either way.
+
+    `focal_length_px` (pixels, of the upright width x height) is one the caller already knows, and wins
+    over both the model's FOV and EXIF: a video clip has one lens, so each frame of it is measured at the
+    clip's focal length (`worker/clip_camera.py`), and its depth does not flicker with the model's
+    per-frame FOV estimate. The source is then "clip". Like EXIF's, it is reported, not used, with
+    `already_metric`.
     """
-    focal = _focal(width, height, fov_deg, focal_length_35mm)
+    focal = _focal(width, height, fov_deg, focal_length_35mm, focal_length_px)
     ops = ops_for(inverse_depth)
     inverse = ops.float32(inverse_depth)
     if not already_metric:
@@ -114,6 +133,6 @@ def metric_depth(
         depth=depth,
         focal_length_px=float(f_px),
         focal_length_source=source,
-        fov_deg=math.degrees(2.0 * math.atan(0.5 * width / f_px)),
-        fov_vertical_deg=math.degrees(2.0 * math.atan(0.5 * height / f_px)),
+        fov_deg=fov_from_focal_px(f_px, width),
+        fov_vertical_deg=fov_from_focal_px(f_px, height),
     )
