@@ -45,3 +45,14 @@ def test_depth_stats_median_is_exact_on_small_maps_and_close_on_large_ones() -> 
     stats = depth_stats(full, 256)
     assert (stats["min"], stats["max"]) == (float(full.min()), float(full.max()))
     assert abs(stats["median"] - float(np.median(full))) / float(np.median(full)) < 1e-3
+
+
+def test_a_given_range_is_the_same_mapping_as_the_maps_own_within_the_same_clamps() -> None:
+    """A clip's preview colours each frame with one range through turbo_bgr: given the map's own nearest
+    and farthest points, it is exactly the photo preview's colouring."""
+    from worker.preview import turbo_bgr
+
+    depth = np.random.default_rng(0).uniform(0.05, 400.0, (64, 96)).astype(np.float32)
+    own = turbo_bgr(depth)
+    np.testing.assert_array_equal(turbo_bgr(depth, (float(depth.min()), float(depth.max()))), own)
+    np.testing.assert_array_equal(turbo_bgr(depth, (0.0, np.inf)), own)  # clamped to 0.1 m and 250 m as well
