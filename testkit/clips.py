@@ -61,18 +61,24 @@ def write_clip(
     focal_35mm: float | None = None,
     focal_in: Literal["track", "movie"] = "track",
     pattern: Pattern = "gradient",
+    gop: int | None = None,
+    movflags: str | None = None,
 ) -> Path:
     """A clip of `frames` frames at `path` (folders made), its container chosen by the extension.
 
     `rotation` is counter-clockwise degrees, as `ClipInfo.rotation` reads it back: an iPhone held upright
     records landscape pixels with 270 (ffprobe's "rotation of -90"). AVI has nowhere to keep it.
     `focal_35mm` needs a QuickTime file (.mov, .mp4, .m4v): `focal_in="track"` writes it as an iPhone
-    does, a float in the video track's metadata; `"movie"` as ffmpeg does, text in the movie's."""
+    does, a float in the video track's metadata; `"movie"` as ffmpeg does, text in the movie's.
+    `gop` puts a keyframe every `gop` frames and nowhere else (x264 adds none at a scene cut), so a test
+    knows where a seek lands. `movflags` are the MP4/MOV muxer's: "faststart" puts the index first, so a
+    copy cut short still opens, and claims frames it no longer has."""
     if focal_35mm is not None and path.suffix.lower() not in (".mov", ".mp4", ".m4v"):
         raise ValueError(f"{path}: only a QuickTime file (.mov, .mp4, .m4v) carries a focal length")
     path.parent.mkdir(parents=True, exist_ok=True)
     movie_focal = focal_35mm is not None and focal_in == "movie"
-    options = {"movflags": "use_metadata_tags"} if movie_focal else {}
+    flags = [*(["use_metadata_tags"] if movie_focal else []), *([movflags] if movflags else [])]
+    options = {"movflags": "+".join(flags)} if flags else {}
     with av.open(str(path), "w", format=_format_for(path), options=options) as container:
         if movie_focal:
             container.metadata[APPLE_FOCAL_35MM_KEY] = f"{focal_35mm:g}"
@@ -81,6 +87,10 @@ def write_clip(
         stream.pix_fmt = _pixel_format(codec)
         if rotation:
             stream.set_display_rotation(rotation)
+        if gop is not None:
+            stream.codec_context.gop_size = gop
+            if codec == "libx264":
+                stream.options = {"sc_threshold": "0"}
         for index in range(frames):
             frame = av.VideoFrame.from_ndarray(frame_pixels(width, height, index, pattern), format="rgb24")
             container.mux(stream.encode(frame))

@@ -26,6 +26,18 @@ class SourceGoneError(SourceUnreadableError):
     it (there is nothing to record it against); the job ends, and the photo is sent again if it returns."""
 
 
+class BadClipError(BadInputError):
+    """A video clip, or the part of it a chunk job needs, cannot be decoded: damaged, over the pixel
+    limit, or without timestamps. Like a bad photo, every worker would fail it alike, so it is recorded
+    once; the message names the clip, the frame, and the fix."""
+
+
+class ClipEndedError(BadClipError):
+    """A chunk job's frames all lie past where the clip ends: the file was cut short after its header,
+    or its frame count was overstated. Only a chunk with no frame at all fails; one the clip ends inside
+    returns the frames it has and reports the rest (`worker.clip_frames.Shortfall`)."""
+
+
 class RefusedJobError(ExpectedError):
     """A job this worker will not run: a foreign function or a payload outside the contract."""
 
