@@ -31,6 +31,8 @@ from av.stream import Disposition
 from av.video.frame import VideoFrame
 from av.video.stream import VideoStream
 
+from depthq.clips import rotation
+
 CLIP_EXTENSIONS = frozenset({"mp4", "mov", "m4v", "mkv", "webm", "avi"})
 # Apple's QuickTime metadata key for the 35 mm equivalent focal length, in millimetres.
 FOCAL_35MM_KEY = "com.apple.quicktime.camera.focal_length.35mm_equivalent"
@@ -123,7 +125,7 @@ def probe(path: Path | str) -> ClipInfo:
         return ClipInfo(
             width=frame.width,
             height=frame.height,
-            rotation=_rotation(frame, stream),
+            rotation=rotation(frame, stream),
             fps=fps,
             frame_count=frame_count,
             frame_count_exact=exact,
@@ -183,27 +185,6 @@ def _first_frame(container: InputContainer, stream: VideoStream, path: Path) -> 
         f"{path}: has no video frames (its video stream is empty): the recording stopped before its first "
         f"frame, or the file is cut short; {_FIX_EXPORT}"
     )
-
-
-def _rotation(frame: VideoFrame, stream: VideoStream) -> int:
-    """Counter-clockwise degrees to stand a stored frame upright, to the nearest quarter turn.
-
-    From the display matrix FFmpeg puts on each decoded frame (MP4/MOV's track matrix, Matroska's
-    projection); else from a `rotate` tag, clockwise, which older tools wrote. A mirroring in the matrix
-    is not reported: no camera records one."""
-    try:
-        degrees = frame.rotation
-    except ValueError:  # a singular matrix has no angle (NaN)
-        degrees = 0
-    if degrees == 0:
-        tag = next((v for k, v in stream.metadata.items() if k.lower() == "rotate"), None)
-        try:
-            degrees = -float(tag) if tag is not None else 0
-        except ValueError:
-            degrees = 0
-        if not math.isfinite(degrees):
-            degrees = 0
-    return round(degrees / 90) * 90 % 360
 
 
 def _fps(stream: VideoStream, path: Path) -> Fraction:

@@ -43,6 +43,7 @@ from av.stream import Disposition
 from av.video.frame import VideoFrame
 from av.video.stream import VideoStream
 
+from depthq.clips import rotation
 from worker.errors import BadClipError, ClipEndedError
 
 _FIX_EXPORT = "export or copy the clip again"
@@ -304,26 +305,6 @@ class ChunkFrames:
             time_s=float((frame.pts - origin) * stream.time_base),
             rgb=np.ascontiguousarray(rgb),
         )
-
-
-def rotation(frame: VideoFrame, stream: VideoStream) -> int:
-    """Counter-clockwise degrees (0, 90, 180, 270) to stand a decoded frame upright, so that
-    `numpy.rot90(pixels, rotation // 90)` turns it: read as `producer.clip_probe` reads it (which a worker
-    may not import), so the upright size here is the one the watcher probed. From the display matrix
-    FFmpeg puts on each frame, else from an older tool's clockwise `rotate` tag."""
-    try:
-        degrees = frame.rotation
-    except ValueError:  # a singular matrix has no angle (NaN)
-        degrees = 0
-    if degrees == 0:
-        tag = next((v for k, v in stream.metadata.items() if k.lower() == "rotate"), None)
-        try:
-            degrees = -float(tag) if tag is not None else 0
-        except ValueError:
-            degrees = 0
-        if not math.isfinite(degrees):
-            degrees = 0
-    return round(degrees / 90) * 90 % 360
 
 
 def _reason(exc: av.error.FFmpegError) -> str:
