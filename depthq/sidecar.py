@@ -121,10 +121,15 @@ class Sidecar:
 
     @classmethod
     def from_dict(cls, record: Any, source: str | None = None) -> Sidecar | None:
-        """A sidecar read back, or None if it is no sidecar at all (not an object, or no `source`
-        where the reader gives none: the gallery names a record by its file's name)."""
+        """A sidecar read back, or None if it is no photo's sidecar at all: not an object, no `source`
+        where the reader gives none (the gallery names a record by its file's name), or one that says it
+        is of another kind. A video clip's `<clip>.json` (`kind: "clip"`, `depthq.clip_sidecar`) sits
+        where a photo's would and shares many of its keys, so without the check it would read as a
+        photo's result with no depth file; a photo's sidecar has no `kind`."""
         named = text(record.get("source")) if isinstance(record, dict) else None
         if not isinstance(record, dict) or (named or source) is None:
+            return None
+        if text(record.get("kind")) not in (None, "photo"):
             return None
         width, height = record.get("width"), record.get("height")
         return cls(

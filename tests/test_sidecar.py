@@ -73,3 +73,13 @@ def test_the_model_asked_for_is_the_requested_one_when_another_ran() -> None:
     assert ran.requested_model == "DepthPro"
     other = Sidecar.from_dict({**ran.to_dict(), "model": {"name": "B", "source": "models/b", "requested": "models/a"}})
     assert other is not None and other.requested_model == "models/a"
+
+
+def test_a_sidecar_of_another_kind_is_no_photos() -> None:
+    """A clip's `<clip>.json` sits where a photo's would; no photo reader may take it for a photo's result.
+    A photo's sidecar has no `kind`, and a `kind` of the wrong type is read as missing, as any field is."""
+    photo = _computed().to_dict()
+    assert Sidecar.from_dict({**photo, "kind": "clip"}) is None
+    assert Sidecar.from_dict({**photo, "kind": "clip"}, source="day/a.mov") is None
+    assert Sidecar.from_dict({**photo, "kind": "photo"}) is not None
+    assert Sidecar.from_dict({**photo, "kind": 3}) is not None
