@@ -162,6 +162,15 @@ def test_odd_values_in_a_sidecar_reach_the_page_as_null(config: Config) -> None:
     assert card["depth"] == {"min": None, "max": None, "median": None, "unit": None}
 
 
+def test_a_video_clips_sidecar_is_passed_over_not_shown_as_a_broken_photo(config: Config, compute) -> None:
+    """A `<clip>.json` (`kind: "clip"`) is no photo's result: the page has no card for it yet, and the
+    photos beside it are listed as ever."""
+    compute(write_jpeg(config.producer.watch / "photo.jpg"))
+    (config.output.dir / "clip.mp4.json").write_text(json.dumps({"kind": "clip", "source": "clip.mp4"}))
+    results = client_for(config).get("/gallery/results.json").get_json()["results"]
+    assert [card["source"] for card in results] == ["photo.jpg"]
+
+
 def test_the_listing_is_cached_between_refreshes(config: Config, compute) -> None:
     client = client_for(config, refresh_s=3600)
     assert client.get("/gallery/results.json").get_json()["results"] == []

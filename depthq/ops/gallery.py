@@ -139,8 +139,10 @@ def _scan(output_dir: Path) -> Iterator[_Found]:
 UNSHOWABLE_ERRORS = frozenset({"bad_input", "refused"})
 
 
-def _card(found: _Found, record: dict[str, Any]) -> dict[str, Any]:
-    """What the page shows of one record: typed fields only, so nothing else from the file reaches it."""
+def _card(found: _Found, record: dict[str, Any]) -> dict[str, Any] | None:
+    """What the page shows of one record: typed fields only, so nothing else from the file reaches it.
+    None for a result that is no photo's (a video clip's sidecar, `kind: "clip"`): the page has no card
+    for those yet, and must not fail over one."""
     card: dict[str, Any] = {
         "source": found.source,
         "kind": found.kind,
@@ -157,7 +159,8 @@ def _card(found: _Found, record: dict[str, Any]) -> dict[str, Any]:
             card["thumb_url"] = None
         return card
     sidecar = Sidecar.from_dict(record, source=found.source)
-    assert sidecar is not None  # a dict, and named
+    if sidecar is None:
+        return None
     depth = sidecar.depth
     card.update(
         preview_url=url_for(".preview", source=found.source, v=found.mtime_ns),
@@ -226,8 +229,11 @@ class _Listing:
             found = self._named(found, record)
             if found.source in seen:
                 continue
+            card = _card(found, record)
+            if card is None:
+                continue
             seen.add(found.source)
-            cards.append(_card(found, record))
+            cards.append(card)
             if len(cards) == self.size:
                 break
         return cards
