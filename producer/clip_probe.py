@@ -27,11 +27,10 @@ from pathlib import Path
 
 import av
 from av.container import InputContainer
-from av.stream import Disposition
 from av.video.frame import VideoFrame
 from av.video.stream import VideoStream
 
-from depthq.clips import rotation
+from depthq.clips import ffmpeg_reason, rotation, video_stream
 
 CLIP_EXTENSIONS = frozenset({"mp4", "mov", "m4v", "mkv", "webm", "avi"})
 # Apple's QuickTime metadata key for the 35 mm equivalent focal length, in millimetres.
@@ -107,7 +106,7 @@ def probe(path: Path | str) -> ClipInfo:
         if isinstance(exc, _FOLDER_ERRORS):
             raise
         raise ClipError(
-            f"{path}: FFmpeg cannot read it as a video ({_reason(exc)}): it is cut short, damaged, or not a "
+            f"{path}: FFmpeg cannot read it as a video ({ffmpeg_reason(exc)}): it is cut short, damaged, or not a "
             f"video; {_FIX_EXPORT}"
         ) from None
     with container:
@@ -135,15 +134,11 @@ def probe(path: Path | str) -> ClipInfo:
         )
 
 
-def _reason(exc: av.error.FFmpegError) -> str:
-    return exc.strerror or type(exc).__name__
-
-
 def _video_stream(container: InputContainer, path: Path) -> VideoStream:
-    """The clip's video: the first video stream that is not a cover picture (one camera per clip)."""
-    for stream in container.streams.video:
-        if not stream.disposition & Disposition.attached_pic:
-            return stream
+    """The clip's video (`depthq.clips.video_stream`), or why there is none."""
+    stream = video_stream(container)
+    if stream is not None:
+        return stream
     kinds = sorted({s.type for s in container.streams})
     if not kinds:  # a QuickTime index cut off after its header, before its first track
         raise ClipError(f"{path}: has no streams FFmpeg can read: it is cut short or damaged; {_FIX_EXPORT}")
@@ -178,7 +173,7 @@ def _first_frame(container: InputContainer, stream: VideoStream, path: Path) -> 
         if isinstance(exc, _FOLDER_ERRORS):
             raise
         raise ClipError(
-            f"{path}: FFmpeg cannot decode its first {codec} frame ({_reason(exc)}): it is damaged or cut "
+            f"{path}: FFmpeg cannot decode its first {codec} frame ({ffmpeg_reason(exc)}): it is damaged or cut "
             f"short; {_FIX_EXPORT}"
         ) from None
     raise ClipError(

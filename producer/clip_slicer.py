@@ -30,18 +30,16 @@ Audio, subtitles and other streams are dropped: the worker reads the video only.
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import av
 from av.container import InputContainer
 from av.packet import Packet
-from av.stream import Disposition
 from av.video.stream import VideoStream
 
+from depthq.clips import FrameClock, ffmpeg_reason, video_stream
 from producer.clip_probe import ClipError
 
 # What FFmpeg raises about the file's place rather than its bytes (as producer.clip_probe treats them).
@@ -81,7 +79,7 @@ def slice_chunk(path: Path | str, start: int, count: int, every_nth: int = 1) ->
     try:
         with av.open(str(path), metadata_errors="replace") as container:
             stream = _video_stream(container, path)
-            clock = _Clock.of(stream, path)
+            clock = _clock(stream, path)
             packets = _chunk_packets(container, stream, clock, start, last, path)
             # Read before muxing: mux() rebases a packet's timestamps to the slice's time base.
             stamps = [p.pts for p in packets]
@@ -91,7 +89,7 @@ def slice_chunk(path: Path | str, start: int, count: int, every_nth: int = 1) ->
         if isinstance(exc, _FOLDER_ERRORS):
             raise
         raise ClipError(
-            f"{path}: FFmpeg cannot read its packets for frames {start} to {last} ({_reason(exc)}): it is "
+            f"{path}: FFmpeg cannot read its packets for frames {start} to {last} ({ffmpeg_reason(exc)}): it is "
             f"damaged or cut short; {_FIX_EXPORT}"
         ) from None
     first_pts = min(stamps)
@@ -106,49 +104,24 @@ def slice_chunk(path: Path | str, start: int, count: int, every_nth: int = 1) ->
     )
 
 
-@dataclass(frozen=True)
-class _Clock:
-    """How `worker.clip_frames` numbers a stream's frames: index = round((pts - origin) x time_base x
-    fps), the clip's display index on its average frame rate. Kept in step with it by the tests, which
-    decode slices with it."""
-
-    origin: int
-    time_base: Fraction
-    fps: Fraction
-
-    @classmethod
-    def of(cls, stream: VideoStream, path: Path) -> _Clock:
-        fps = next((Fraction(r) for r in (stream.average_rate, stream.guessed_rate, stream.base_rate) if r), None)
-        if fps is None or stream.time_base is None:
-            raise ClipError(f"{path}: its frame rate is unknown; {_FIX_REMUX}")
-        return cls(origin=stream.start_time or 0, time_base=Fraction(stream.time_base), fps=fps)
-
-    def seconds(self, pts: int) -> Fraction:
-        return (pts - self.origin) * self.time_base
-
-    def index(self, pts: int) -> int:
-        return round(self.seconds(pts) * self.fps)
-
-    def seek_target(self, start: int) -> int:
-        """The worker's seek for frame `start`: the last timestamp that still rounds to it."""
-        ticks_per_frame = 1 / (self.time_base * self.fps)
-        return math.ceil(self.origin + (start + Fraction(1, 2)) * ticks_per_frame) - 1
-
-
-def _reason(exc: av.error.FFmpegError) -> str:
-    return exc.strerror or type(exc).__name__
+def _clock(stream: VideoStream, path: Path) -> FrameClock:
+    """How the worker numbers the stream's frames (`depthq.clips.FrameClock`)."""
+    clock = FrameClock.of(stream)
+    if clock is None:
+        raise ClipError(f"{path}: its frame rate is unknown; {_FIX_REMUX}")
+    return clock
 
 
 def _video_stream(container: InputContainer, path: Path) -> VideoStream:
-    """The first video stream that is not a cover picture: the one the worker decodes."""
-    for stream in container.streams.video:
-        if not stream.disposition & Disposition.attached_pic:
-            return stream
-    raise ClipError(f"{path}: has no video stream; {_FIX_EXPORT}")
+    """The video stream the worker decodes (`depthq.clips.video_stream`)."""
+    stream = video_stream(container)
+    if stream is None:
+        raise ClipError(f"{path}: has no video stream; {_FIX_EXPORT}")
+    return stream
 
 
 def _chunk_packets(
-    container: InputContainer, stream: VideoStream, clock: _Clock, start: int, last: int, path: Path
+    container: InputContainer, stream: VideoStream, clock: FrameClock, start: int, last: int, path: Path
 ) -> list[Packet]:
     """The packets, in decoding order, from the keyframe the worker's seek lands on through the last one
     whose frame is at most `last`. The ones read past that are held, not sent, until the read ends: at
@@ -200,13 +173,13 @@ def _remux(container: InputContainer, stream: VideoStream, packets: list[Packet]
     return buffer.getvalue()
 
 
-def _check_numbering(data: bytes, stamps: list[int], clock: _Clock, first_index: int, path: Path) -> None:
+def _check_numbering(data: bytes, stamps: list[int], clock: FrameClock, first_index: int, path: Path) -> None:
     """Refuse a slice whose frames the worker would number differently from the clip's. Reads the slice's
     packets back (no decoding): each must be shown at the same moment, and the slice's own numbering,
     offset by `first_index`, must give it the clip's index."""
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
-        own = _Clock.of(stream, path)
+        own = _clock(stream, path)
         back = [p.pts for p in _packets(container, stream)]
     first = min(stamps)
     for stamp, pts in zip(stamps, back, strict=False):

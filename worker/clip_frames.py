@@ -28,22 +28,19 @@ flight (12 MB each at 4K), and the depth model, not the decoder, sets a chunk's 
 from __future__ import annotations
 
 import io
-import math
 import weakref
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
 
 import av
 import numpy as np
 from av.container import InputContainer
-from av.stream import Disposition
 from av.video.frame import VideoFrame
 from av.video.stream import VideoStream
 
-from depthq.clips import rotation
+from depthq.clips import FrameClock, ffmpeg_reason, rotation, video_stream
 from worker.errors import BadClipError, ClipEndedError
 
 _FIX_EXPORT = "export or copy the clip again"
@@ -176,7 +173,7 @@ class ChunkFrames:
             return av.open(file, metadata_errors="replace")
         except av.error.FFmpegError as exc:
             raise BadClipError(
-                f"{self.name}: FFmpeg cannot read it as a video ({_reason(exc)}); {_FIX_EXPORT}"
+                f"{self.name}: FFmpeg cannot read it as a video ({ffmpeg_reason(exc)}); {_FIX_EXPORT}"
             ) from None
 
     def _decode(self, container: InputContainer) -> Iterator[Frame]:
@@ -185,22 +182,16 @@ class ChunkFrames:
         if context is None:
             raise BadClipError(f"{self.name}: its video codec has no decoder in this FFmpeg; re-encode it to H.264")
         self._check_pixels(context.width, context.height)
-        fps = next((Fraction(r) for r in (stream.average_rate, stream.guessed_rate, stream.base_rate) if r), None)
-        time_base = stream.time_base
-        if fps is None or time_base is None:
+        clock = FrameClock.of(stream)
+        if clock is None:
             raise BadClipError(f"{self.name}: its frame rate is unknown; remux it (ffmpeg -i CLIP -c copy OUT.mp4)")
-        origin = stream.start_time or 0
-        ticks_per_frame = 1 / (Fraction(time_base) * fps)  # time_base units from one index to the next
 
         if self.start > 0:
-            # To the keyframe at or before the last timestamp that still rounds to `start`: frame `start`
-            # itself if it is one, however its time base rounded its stamp, and never frame `start + 1`.
-            target = math.ceil(origin + (self.start + Fraction(1, 2)) * ticks_per_frame) - 1
             try:
-                container.seek(target, backward=True, any_frame=False, stream=stream)
+                container.seek(clock.seek_target(self.start), backward=True, any_frame=False, stream=stream)
             except av.error.FFmpegError as exc:
                 raise BadClipError(
-                    f"{self.name}: cannot seek to frame {self.start} ({_reason(exc)}); "
+                    f"{self.name}: cannot seek to frame {self.start} ({ffmpeg_reason(exc)}); "
                     "remux it (ffmpeg -i CLIP -c copy OUT.mp4)"
                 ) from None
 
@@ -210,8 +201,7 @@ class ChunkFrames:
         held: VideoFrame | None = None
         last_index: int | None = None
 
-        def index_of(pts: int) -> int:
-            return round((pts - origin) / ticks_per_frame)
+        index_of = clock.index
 
         for frame in self._decoded(container, stream, index_of):
             self.decoded += 1
@@ -224,11 +214,11 @@ class ChunkFrames:
             while want is not None and want < index:
                 # No frame is stamped `want`: the one on display then is the last before it (or, if the
                 # clip's first timestamp is late, this first one).
-                yield self._upright(held if held is not None else frame, stream, want, origin)
+                yield self._upright(held if held is not None else frame, stream, want, clock)
                 want = next(wanted, None)
             held = None
             if want is not None and want == index:
-                yield self._upright(frame, stream, want, origin)
+                yield self._upright(frame, stream, want, clock)
                 want = next(wanted, None)
             if want is None:
                 return
@@ -261,17 +251,18 @@ class ChunkFrames:
             except StopIteration:
                 return
             except av.error.FFmpegError as exc:
-                self._ended = f"it cannot be read further: {_reason(exc)}"
+                self._ended = f"it cannot be read further: {ffmpeg_reason(exc)}"
                 return
             try:
                 frames = packet.decode()
             except av.error.FFmpegError as exc:
                 if packet.is_corrupt:
-                    self._ended = f"its last packet is cut short: {_reason(exc)}"
+                    self._ended = f"its last packet is cut short: {ffmpeg_reason(exc)}"
                     continue
                 which = f"frame {index_of(packet.pts)}" if packet.pts is not None else "a frame"
                 raise BadClipError(
-                    f"{self.name}: {which} cannot be decoded ({_reason(exc)}): the clip is damaged there; {_FIX_EXPORT}"
+                    f"{self.name}: {which} cannot be decoded ({ffmpeg_reason(exc)}): the clip is damaged "
+                    f"there; {_FIX_EXPORT}"
                 ) from None
             # One at a time out of the decoder's list, so each is let go once the next is taken.
             frames.reverse()
@@ -281,9 +272,9 @@ class ChunkFrames:
                 yield frame
 
     def _video_stream(self, container: InputContainer) -> VideoStream:
-        for stream in container.streams.video:
-            if not stream.disposition & Disposition.attached_pic:
-                return stream
+        stream = video_stream(container)
+        if stream is not None:
+            return stream
         raise BadClipError(f"{self.name}: has no video stream; {_FIX_EXPORT}")
 
     def _check_pixels(self, width: int, height: int) -> None:
@@ -294,7 +285,7 @@ class ChunkFrames:
                 f"worker.max_image_pixels ({self.max_pixels}); downscale the clip or raise the limit"
             )
 
-    def _upright(self, frame: VideoFrame, stream: VideoStream, index: int, origin: int) -> Frame:
+    def _upright(self, frame: VideoFrame, stream: VideoStream, index: int, clock: FrameClock) -> Frame:
         """The frame as RGB pixels, turned upright by its display matrix."""
         rgb = frame.to_ndarray(format="rgb24")
         turns = rotation(frame, stream) // 90
@@ -302,13 +293,9 @@ class ChunkFrames:
             rgb = np.rot90(rgb, turns)
         return Frame(
             index=index,
-            time_s=float((frame.pts - origin) * stream.time_base),
+            time_s=float(clock.seconds(frame.pts)),
             rgb=np.ascontiguousarray(rgb),
         )
-
-
-def _reason(exc: av.error.FFmpegError) -> str:
-    return exc.strerror or type(exc).__name__
 
 
 def _span(indices: tuple[int, ...]) -> str:
