@@ -36,7 +36,7 @@ from typing import Any, Literal, NamedTuple
 
 from depthq.camera import Camera, pinhole
 from depthq.contract import Stamp, output_base, recorded_stamp
-from depthq.sidecar import number, section, text
+from depthq.sidecar import count, items, number, section, text
 
 KIND = "clip"
 # Beside `<clip>.json`: the folder of per-frame depth files and the colourised MP4. The photo's suffixes
@@ -216,8 +216,8 @@ class ClipSidecar:
         name = source.rsplit("/", 1)[-1]
         stats = [tuple(_finite("frame_depth", v, source) for v in frame) for frame in frame_depth]
         per_worker: dict[tuple[str, str], int] = {}
-        for host, worker_name, count in workers:
-            per_worker[host, worker_name] = per_worker.get((host, worker_name), 0) + count
+        for host, worker_name, done in workers:
+            per_worker[host, worker_name] = per_worker.get((host, worker_name), 0) + done
         sums = dict.fromkeys(CHUNK_STAGES, 0.0)
         for chunk in chunk_timings_ms:
             for stage in CHUNK_STAGES:
@@ -318,41 +318,41 @@ class ClipSidecar:
             return None
         fps_exact = text(record.get("fps_exact"))
         exact = record.get("frame_count_exact")
-        rotation = _count(record.get("rotation"))
+        rotation = count(record.get("rotation"))
         return cls(
             source=named or source or "",
             sha256=text(record.get("sha256")),
             source_stat=recorded_stamp(record),
-            width=_count(record.get("width")),
-            height=_count(record.get("height")),
+            width=count(record.get("width")),
+            height=count(record.get("height")),
             rotation=rotation if rotation in ROTATIONS else None,
             fps=_positive(record.get("fps")),
             fps_exact=fps_exact if fps_exact is not None and _EXACT_FPS.fullmatch(fps_exact) else None,
-            frame_count=_count(record.get("frame_count")),
+            frame_count=count(record.get("frame_count")),
             frame_count_exact=exact if isinstance(exact, bool) else None,
-            every_nth=_count(record.get("every_nth")),
-            frames_computed=_count(record.get("frames_computed")),
+            every_nth=count(record.get("every_nth")),
+            frames_computed=count(record.get("frames_computed")),
             fov_deg=number(record.get("fov_deg")),
             fov_vertical_deg=number(record.get("fov_vertical_deg")),
             focal_length_px=number(record.get("focal_length_px")),
             focal_length_source=text(record.get("focal_length_source")),
             focal_length_35mm=number(record.get("focal_length_35mm")),
-            frame_fov_deg=tuple(number(v) for v in _list(record.get("frame_fov_deg"))),
+            frame_fov_deg=tuple(number(v) for v in items(record.get("frame_fov_deg"))),
             frame_fov_spread=_read_spread(record.get("frame_fov_spread")),
             camera=Camera.from_dict(record.get("camera")),
             depth=_read_depth(section(record, "depth")),
             preview=text(record.get("preview")),
             model=section(record, "model"),
             workers=tuple(
-                {"host": text(w.get("host")), "name": text(w.get("name")), "frames": _count(w.get("frames"))}
-                for w in _list(record.get("workers"))
+                {"host": text(w.get("host")), "name": text(w.get("name")), "frames": count(w.get("frames"))}
+                for w in items(record.get("workers"))
                 if isinstance(w, dict)
             ),
             timings_ms=_numbers(section(record, "timings_ms")),
             frame_timings_ms=_numbers(section(record, "frame_timings_ms")),
             job_id=text(record.get("job_id")),
             created_at=text(record.get("created_at")),
-            warnings=tuple(w for w in _list(record.get("warnings")) if isinstance(w, str)),
+            warnings=tuple(w for w in items(record.get("warnings")) if isinstance(w, str)),
         )
 
 
@@ -376,7 +376,7 @@ def _read_spread(value: Any) -> dict[str, float] | None:
     """The spread as written, or None when any of its numbers is missing: half a spread says nothing."""
     if not isinstance(value, dict):
         return None
-    frames = _count(value.get("frames"))
+    frames = count(value.get("frames"))
     degrees = {key: number(value.get(key)) for key in SPREAD_KEYS[1:]}
     if frames is None or any(v is None for v in degrees.values()):
         return None
@@ -391,21 +391,10 @@ def _read_depth(depth: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in read.items() if value is not None}
 
 
-def _count(value: Any) -> int | None:
-    """A non-negative JSON integer (pixels, frames, degrees of rotation), or None; bools are not counts."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        return None
-    return value
-
-
 def _positive(value: Any) -> float | None:
     """A finite number above 0 (a frame rate, a 35 mm focal length: 0 is a camera's "unknown"), or None."""
     found = number(value)
     return found if found is not None and found > 0 else None
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
 
 
 def _numbers(values: dict[str, Any]) -> dict[str, float]:

@@ -33,6 +33,18 @@ def text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def count(value: Any) -> int | None:
+    """A non-negative JSON integer (pixels, frames, degrees of rotation), or None; bools are not counts."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def items(value: Any) -> list[Any]:
+    """A JSON list, or an empty one for anything else."""
+    return value if isinstance(value, list) else []
+
+
 def section(record: dict[str, Any], key: str) -> dict[str, Any]:
     value = record.get(key)
     return value if isinstance(value, dict) else {}
@@ -131,13 +143,12 @@ class Sidecar:
             return None
         if text(record.get("kind")) not in (None, "photo"):
             return None
-        width, height = record.get("width"), record.get("height")
         return cls(
             source=named or source or "",
             sha256=text(record.get("sha256")),
             source_stat=recorded_stamp(record),
-            width=width if isinstance(width, int) and not isinstance(width, bool) else None,
-            height=height if isinstance(height, int) and not isinstance(height, bool) else None,
+            width=count(record.get("width")),
+            height=count(record.get("height")),
             fov_deg=number(record.get("fov_deg")),
             fov_vertical_deg=number(record.get("fov_vertical_deg")),
             focal_length_px=number(record.get("focal_length_px")),
@@ -151,8 +162,6 @@ class Sidecar:
             timings_ms=section(record, "timings_ms"),
             job_id=text(record.get("job_id")),
             created_at=text(record.get("created_at")),
-            warnings=tuple(w for w in record.get("warnings") or () if isinstance(w, str))
-            if isinstance(record.get("warnings"), list)
-            else (),
+            warnings=tuple(w for w in items(record.get("warnings")) if isinstance(w, str)),
             copied_from=text(record.get("copied_from")),
         )
