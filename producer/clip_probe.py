@@ -46,7 +46,7 @@ _MAX_MOOV_BYTES = 64 << 20
 # What FFmpeg raises about the file's place rather than its bytes. Its other OSErrors are the bytes':
 # Matroska reports a file cut short as EIO.
 _FOLDER_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-_FIX_EXPORT = "export or copy it again"
+FIX_EXPORT = "export or copy it again"
 _FIX_REMUX = "remux it (ffmpeg -i CLIP -c copy OUT.mp4) and drop that instead"
 
 
@@ -93,6 +93,15 @@ def is_clip(path: Path | str) -> bool:
     return Path(path).suffix.lower().lstrip(".") in CLIP_EXTENSIONS
 
 
+def ffmpeg_refusal(path: Path, doing: str, why: str, exc: av.error.FFmpegError) -> ClipError:
+    """The clip's refusal for an error FFmpeg raised while `doing` something with it, naming the file,
+    FFmpeg's reason and the fix. An error about the file's place (gone, not readable by this user) is
+    raised as it is instead: the folder's state, not the clip's fault."""
+    if isinstance(exc, _FOLDER_ERRORS):
+        raise exc
+    return ClipError(f"{path}: FFmpeg cannot {doing} ({ffmpeg_reason(exc)}): it is {why}; {FIX_EXPORT}")
+
+
 def probe(path: Path | str) -> ClipInfo:
     """Read `path`'s header and decode its first frame. Raises ClipError for a clip that will not make
     jobs: not a container FFmpeg reads (or cut short), no video stream, no frames, a codec it cannot
@@ -103,12 +112,7 @@ def probe(path: Path | str) -> ClipInfo:
         # "replace": a camera's metadata in another encoding is no reason to refuse its clip.
         container = av.open(str(path), metadata_errors="replace")
     except av.error.FFmpegError as exc:
-        if isinstance(exc, _FOLDER_ERRORS):
-            raise
-        raise ClipError(
-            f"{path}: FFmpeg cannot read it as a video ({ffmpeg_reason(exc)}): it is cut short, damaged, or not a "
-            f"video; {_FIX_EXPORT}"
-        ) from None
+        raise ffmpeg_refusal(path, "read it as a video", "cut short, damaged, or not a video", exc) from None
     with container:
         stream = _video_stream(container, path)
         frame = _first_frame(container, stream, path)
@@ -141,11 +145,11 @@ def _video_stream(container: InputContainer, path: Path) -> VideoStream:
         return stream
     kinds = sorted({s.type for s in container.streams})
     if not kinds:  # a QuickTime index cut off after its header, before its first track
-        raise ClipError(f"{path}: has no streams FFmpeg can read: it is cut short or damaged; {_FIX_EXPORT}")
+        raise ClipError(f"{path}: has no streams FFmpeg can read: it is cut short or damaged; {FIX_EXPORT}")
     raise ClipError(
         f"{path}: has no video stream (only {' and '.join(kinds)}): if it is audio, give it an audio extension "
         f"(.m4a) or move it out of the watched folder; if it is a video, it is cut short or damaged, so "
-        f"{_FIX_EXPORT}"
+        f"{FIX_EXPORT}"
     )
 
 
@@ -157,7 +161,7 @@ def _first_frame(container: InputContainer, stream: VideoStream, path: Path) -> 
         raise ClipError(
             f"{path}: its video codec has no decoder in this FFmpeg ({av.ffmpeg_version_info}, PyAV "
             f"{av.__version__}): re-encode it to H.264 or HEVC (ffmpeg -i CLIP -c:v libx264 OUT.mp4), or, "
-            f"if it was cut short, {_FIX_EXPORT}"
+            f"if it was cut short, {FIX_EXPORT}"
         )
     codec = stream.codec_context.name
     try:
@@ -167,18 +171,13 @@ def _first_frame(container: InputContainer, stream: VideoStream, path: Path) -> 
                 return frame
             if count >= _FIRST_FRAME_PACKETS:
                 raise ClipError(
-                    f"{path}: no {codec} frame decodes from its first {count} packets: it is damaged; {_FIX_EXPORT}"
+                    f"{path}: no {codec} frame decodes from its first {count} packets: it is damaged; {FIX_EXPORT}"
                 )
     except av.error.FFmpegError as exc:
-        if isinstance(exc, _FOLDER_ERRORS):
-            raise
-        raise ClipError(
-            f"{path}: FFmpeg cannot decode its first {codec} frame ({ffmpeg_reason(exc)}): it is damaged or cut "
-            f"short; {_FIX_EXPORT}"
-        ) from None
+        raise ffmpeg_refusal(path, f"decode its first {codec} frame", "damaged or cut short", exc) from None
     raise ClipError(
         f"{path}: has no video frames (its video stream is empty): the recording stopped before its first "
-        f"frame, or the file is cut short; {_FIX_EXPORT}"
+        f"frame, or the file is cut short; {FIX_EXPORT}"
     )
 
 

@@ -39,12 +39,9 @@ from av.container import InputContainer
 from av.packet import Packet
 from av.video.stream import VideoStream
 
-from depthq.clips import FrameClock, ffmpeg_reason, video_stream
-from producer.clip_probe import ClipError
+from depthq.clips import FrameClock, video_stream
+from producer.clip_probe import FIX_EXPORT, ClipError, ffmpeg_refusal
 
-# What FFmpeg raises about the file's place rather than its bytes (as producer.clip_probe treats them).
-_FOLDER_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-_FIX_EXPORT = "export or copy it again"
 _FIX_REMUX = "re-encode it at a constant frame rate (ffmpeg -i CLIP -fps_mode cfr OUT.mp4)"
 
 
@@ -86,11 +83,8 @@ def slice_chunk(path: Path | str, start: int, count: int, every_nth: int = 1) ->
             packet_bytes = sum(p.size for p in packets)
             data = _remux(container, stream, packets)
     except av.error.FFmpegError as exc:
-        if isinstance(exc, _FOLDER_ERRORS):
-            raise
-        raise ClipError(
-            f"{path}: FFmpeg cannot read its packets for frames {start} to {last} ({ffmpeg_reason(exc)}): it is "
-            f"damaged or cut short; {_FIX_EXPORT}"
+        raise ffmpeg_refusal(
+            path, f"read its packets for frames {start} to {last}", "damaged or cut short", exc
         ) from None
     first_pts = min(stamps)
     first_index = clock.index(first_pts)
@@ -116,7 +110,7 @@ def _video_stream(container: InputContainer, path: Path) -> VideoStream:
     """The video stream the worker decodes (`depthq.clips.video_stream`)."""
     stream = video_stream(container)
     if stream is None:
-        raise ClipError(f"{path}: has no video stream; {_FIX_EXPORT}")
+        raise ClipError(f"{path}: has no video stream; {FIX_EXPORT}")
     return stream
 
 
@@ -149,7 +143,7 @@ def _chunk_packets(
         else:
             held.append(packet)
     if not sent:
-        raise ClipError(f"{path}: has no video packet from frame {start} on; {_FIX_EXPORT}")
+        raise ClipError(f"{path}: has no video packet from frame {start} on; {FIX_EXPORT}")
     return sent
 
 
