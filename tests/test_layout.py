@@ -220,23 +220,28 @@ def test_watch_and_dashboard_never_import_numpy_torch_coremltools_or_the_worker(
             proc.wait(timeout=60)
 
 
-# Probes each clip given, as the watcher will (issue 25), and prints which heavy and worker modules that loaded.
+# Probes each clip given and slices a chunk of each one it takes, as the watcher will (issue 25), and
+# prints which heavy and worker modules that loaded.
 _CLIP_PROBE = f"""
 import sys
 from producer.clip_probe import ClipError, probe
+from producer.clip_slicer import slice_chunk
 for clip in sys.argv[1:]:
     try:
         print("PROBED:" + repr(probe(clip)), flush=True)
     except ClipError as exc:
         print("REFUSED:" + str(exc), flush=True)
+        continue
+    print("SLICED:" + str(len(slice_chunk(clip, 4, 4, 2).data)), flush=True)
 print("HEAVY:" + (",".join(sorted(m for m in {HEAVY!r} if m in sys.modules)) or "none"))
 print("WORKER:" + (",".join(sorted(m for m in sys.modules if m == "worker" or m.startswith("worker."))) or "none"))
 """
 
 
-def test_probing_a_clip_never_imports_numpy_torch_coremltools_or_the_worker(tmp_path: Path) -> None:
-    # PyAV itself loads numpy only to turn a frame into an array, which the probe never does; this holds
-    # it to that, for a clip it decodes the first frame of and for one it refuses.
+def test_probing_and_slicing_a_clip_never_import_numpy_torch_coremltools_or_the_worker(tmp_path: Path) -> None:
+    # PyAV itself loads numpy only to turn a frame into an array, which neither the probe nor the slicer
+    # does; this holds them to that, for a clip the probe decodes the first frame of and the slicer cuts,
+    # and for one the probe refuses.
     clip = write_clip(tmp_path / "portrait.mov", rotation=270, focal_35mm=26)
     voice_memo = write_audio_only_clip(tmp_path / "memo.mp4")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEPTHQ_")}
@@ -251,7 +256,8 @@ def test_probing_a_clip_never_imports_numpy_torch_coremltools_or_the_worker(tmp_
     assert run.returncode == 0, run.stderr
     log = tmp_path / "probe.log"
     log.write_text(run.stdout)
-    assert [line.split(":", 1)[0] for line in run.stdout.splitlines()] == ["PROBED", "REFUSED", "HEAVY", "WORKER"]
+    lines = [line.split(":", 1)[0] for line in run.stdout.splitlines()]
+    assert lines == ["PROBED", "SLICED", "REFUSED", "HEAVY", "WORKER"]
     assert "rotation=270" in run.stdout
     assert _heavy(log) == ["none"], run.stdout
     assert _worker(log) == ["none"], run.stdout
