@@ -204,7 +204,7 @@ class DepthWorker(SimpleWorker):
                         "free memory there (results waiting for a collector, old failed jobs)",
                         exc,
                     )
-                if self._stop_requested:
+                if self.stop_asked:
                     raise StopRequested() from None
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
