@@ -16,7 +16,7 @@ from rq.scheduler import RQScheduler
 from rq.scripts import acquire_or_refresh_lock
 
 from depthq.config import Config
-from depthq.contract import make_queue
+from depthq.contract import make_queue, make_queues
 from producer.enqueue import Enqueuer
 from testkit.photos import write_jpeg
 from testkit.waiting import wait_for
@@ -62,6 +62,30 @@ def test_the_retry_scheduler_takes_over_the_lock_of_a_vanished_worker(config: Co
         survivor.stop_event.set()
         survivor.join(timeout=5)
     assert redis_client.get(key) is None  # released on a clean stop
+
+
+def test_a_scheduler_holding_one_lane_takes_over_the_other_when_its_holder_vanishes(
+    config: Config, redis_client: Redis
+) -> None:
+    """Two lanes, two locks. A worker started while another held the live lane's lock took only the
+    backfill's; it tried again only while it held none, so once the other vanished, retries on the
+    live lane waited for good (the multi-host test's worker cut off mid-job, once in CI)."""
+    live, backfill = (lane.name for lane in make_queues(redis_client, config))
+    live_key = RQScheduler.get_locking_key(live)
+    assert acquire_or_refresh_lock(redis_client, live_key, "vanished-worker", 3) == "acquired"
+    job = make_queue(redis_client, config).enqueue_at(datetime.now(UTC), "worker.job.process", {"source": "x"})
+    survivor = SchedulerThread([live, backfill], redis_client, dead_after_s=3)
+    survivor.start()
+    try:
+        backfill_key = RQScheduler.get_locking_key(backfill)
+        wait_for(lambda: redis_client.get(backfill_key) == survivor.scheduler.name.encode(), "the backfill lane's lock")
+        assert redis_client.get(live_key) == b"vanished-worker"  # still the other's, for now
+        wait_for(lambda: redis_client.get(live_key) == survivor.scheduler.name.encode(), "the live lane's lock", 30)
+        wait_for(lambda: job.id in make_queue(redis_client, config).get_job_ids(), "the live lane's due retry", 30)
+    finally:
+        survivor.stop_event.set()
+        survivor.join(timeout=5)
+    assert redis_client.get(live_key) is None and redis_client.get(backfill_key) is None  # released
 
 
 def test_routine_registry_cleaning_logs_at_debug_only(

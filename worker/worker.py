@@ -471,7 +471,7 @@ class SchedulerThread(threading.Thread):
     61 s and a worker without it tries again only every 120 s, so a worker that vanished holding it
     (killed, unplugged) held up every retry, the re-run of its own abandoned job included, for up to
     two minutes (measured: 119 s). Here the lock lives `dead_after_s`, like a worker's heartbeat,
-    and a worker without it tries every tick, so retries resume within `dead_after_s` + 1 s.
+    and a worker tries every tick for each lock it lacks, so retries resume within `dead_after_s` + 1 s.
     """
 
     def __init__(self, queue_names: list[str], connection: Redis, dead_after_s: int, interval: int = 1):
@@ -485,8 +485,10 @@ class SchedulerThread(threading.Thread):
         s = self.scheduler
         while not self.stop_event.wait(s.interval):
             try:
-                if not s.acquired_locks:
-                    s.acquire_locks()
+                # Every tick, not only while holding none: a worker holding one lane's lock must still
+                # take the other's once its holder vanishes, or that lane's retries wait for good.
+                # (rq's acquire_locks refreshes the locks held and takes those free.)
+                s.acquire_locks()
                 if s.acquired_locks:
                     s.heartbeat()
                     for name in s.acquired_locks:  # refreshes only a lock this scheduler still holds
