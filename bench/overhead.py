@@ -158,7 +158,7 @@ def ideas(folder: Path, repeat: int) -> list[list[str]]:
         ]
     )
 
-    from worker.job import depth_stats
+    from worker.depth import depth_stats
 
     def exact_median() -> float:
         flat = depth.ravel().copy()

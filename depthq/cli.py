@@ -243,7 +243,7 @@ def cmd_enqueue(config: Config, args: argparse.Namespace) -> int:
     from producer.readiness import Eligibility
 
     enqueuer = Enqueuer(config, _connect(config))
-    eligible = Eligibility(config.producer.extensions, config.producer.ignore)
+    eligible = Eligibility.of(config)
     files: list[Path] = []
     passed_by: list[str] = []
     for path in args.paths:

@@ -181,6 +181,21 @@ class DashboardConfig(_Section):
     refresh_s: float = Field(5.0, gt=0)
 
 
+class VideoConfig(_Section):
+    """Video clips in the watched folder (issue 25): each becomes chunk jobs of `chunk_frames` frames and one
+    assemble job that writes the clip's outputs once every chunk is done."""
+
+    enabled: bool = True
+    extensions: list[str] = Field(default_factory=lambda: ["mp4", "mov", "m4v", "mkv", "webm", "avi"])
+    # Frames per chunk job: one seek, then decoding forward. Larger chunks seek less; smaller ones spread
+    # a short clip over more workers.
+    chunk_frames: int = Field(16, ge=1)
+    # A clip with more frames than this is refused with an error file (18,000: 10 minutes at 30 fps).
+    max_frames: int = Field(18_000, ge=1)
+    # Compute every n-th frame (1: all of them).
+    every_nth: int = Field(1, ge=1)
+
+
 class TransportConfig(_Section):
     """How a photo reaches a worker, and its outputs come back.
 
@@ -240,6 +255,7 @@ class Config(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
     transport: TransportConfig = Field(default_factory=TransportConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig)
     up: UpConfig = Field(default_factory=UpConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 

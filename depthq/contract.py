@@ -74,6 +74,9 @@ class JobPayload:
     # shared: the worker reads the photo from its mount of `root` and writes to output.dir.
     # redis: the photo's bytes are in Redis (photo_key), and the outputs go back through Redis.
     transport: str = "shared"
+    # A video clip's job: which part of the clip (`depthq.clip_jobs.ClipPart`, checked by the worker);
+    # None for a photo.
+    clip: dict[str, Any] | None = None
     v: int = PAYLOAD_VERSION
 
     def to_dict(self) -> dict[str, Any]:

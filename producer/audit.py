@@ -243,7 +243,7 @@ class Auditor:
         self.output_root = config.output.dir.resolve()
         self.check_hash = check_hash
         self.use_index = use_index
-        self.eligible = Eligibility(config.producer.extensions, config.producer.ignore)
+        self.eligible = Eligibility.of(config)
         self.name = config.queue.name
         self.model = config.model.path
         # Whether a finished job's result can be waiting in Redis for the collector: then it is looked for too.

@@ -45,6 +45,8 @@ from depthq.contract import (
     make_queue,
     requested_outputs,
 )
+from producer.clip_enqueue import ClipEnqueuer
+from producer.readiness import clip_extensions
 from producer.sending import OVER, Sender, sender_for
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,8 @@ class Enqueuer:
         self.retry = Retry(max=retries, interval=config.worker.retry_backoff_s) if retries else None
         self._add_alias = connection.register_script(_ADD_ALIAS)
         self.sender: Sender = sender_for(config, connection)
+        self.clip_extensions = frozenset(clip_extensions(config))
+        self.clips = ClipEnqueuer(config, connection, self.queue, self.retry, self._delete)
 
     def relative(self, path: Path) -> tuple[str, str | None]:
         """The photo's name under the watch root, and why the producer must not read it (or None).
@@ -143,9 +147,17 @@ class Enqueuer:
         if isinstance(read, _Unread):
             refused = self._refusal(path, read.source, read.st, read.why)
             return replace(refused, version=version)
+        if self.is_clip(read.payload.source):
+            outcome, jid = self.clips.submit(path, read.payload)
+            return Submitted(outcome, jid, read.payload.source, version)
         if force:
             self._forget(read.jid)
         return replace(self._enqueue_once(read.jid, read.payload, read.data), version=version)
+
+    def is_clip(self, source: str) -> bool:
+        """Whether `source` is a video clip this producer cuts into chunk jobs (`video.extensions`)."""
+        dot = source.rfind(".")
+        return dot >= 0 and source[dot + 1 :].lower() in self.clip_extensions
 
     def _enqueue_once(self, jid: str, payload: JobPayload, data: bytes | None) -> Submitted:
         """rq refuses a second job under an id; what then depends on the job that holds it."""
@@ -182,7 +194,7 @@ class Enqueuer:
                 read = self._read(path)
             except (SourceError, OSError):
                 read = None  # submit() raises it again, to a caller that decides what it means
-            if isinstance(read, _Photo) and read.jid not in fresh:
+            if isinstance(read, _Photo) and read.jid not in fresh and not self.is_clip(read.payload.source):
                 fresh[read.jid] = (len(out), read)
             out.append((path, read if isinstance(read, Submitted) else None))
         enqueued, taken = self._enqueue_new({jid: photo.payload for jid, (_, photo) in fresh.items()})

@@ -17,6 +17,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
+from depthq.config import Config
+
+
+def clip_extensions(config: Config) -> list[str]:
+    """The clip extensions the watcher takes: none unless `video.enabled` and the shared transport."""
+    if not config.video.enabled or config.transport.mode != "shared":
+        return []
+    return [e.lower().lstrip(".") for e in config.video.extensions]
+
 
 class Eligibility:
     """Photo extensions in, hidden and temporary files out, judged on every path component."""
@@ -26,6 +35,12 @@ class Eligibility:
         self.ignore = list(ignore)
         # One regular expression for every pattern: a rescan asks this of every name of a million.
         self.ignored_pattern = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in self.ignore) or "(?!)")
+
+    @classmethod
+    def of(cls, config: Config) -> Eligibility:
+        """What the watcher takes under `config`: photos, and video clips where `video.enabled` and the
+        transport carries them (the shared one; the redis transport sends no clips yet)."""
+        return cls([*config.producer.extensions, *clip_extensions(config)], config.producer.ignore)
 
     def ignored(self, name: str) -> bool:
         return self.ignored_pattern.match(name) is not None
@@ -42,7 +57,7 @@ class Eligibility:
         suffix = rel.suffix.lower().lstrip(".")
         if suffix not in self.extensions:
             shown = f"extension .{suffix}" if suffix else "no extension"
-            return f"{shown}, not in producer.extensions ({', '.join(sorted(self.extensions))})"
+            return f"{shown}, not in producer.extensions or video.extensions ({', '.join(sorted(self.extensions))})"
         return None
 
     def scan(

@@ -155,7 +155,7 @@ class Watcher:
         self.root = config.producer.watch.resolve()
         # An output folder inside the watched one must not feed its previews back in as photos.
         self.output_root = config.output.dir.resolve()
-        self.eligible = Eligibility(config.producer.extensions, config.producer.ignore)
+        self.eligible = Eligibility.of(config)
         self.tracker = SettleTracker(config.producer.settle_ms / 1000.0)
         self.found = SettleQueue(config.producer.settle_ms / 1000.0)
         self._ready: queue.SimpleQueue[Path] = queue.SimpleQueue()

@@ -138,7 +138,7 @@ def test_folder_named_like_a_photo_is_a_folder(config: Config, redis_client: Red
     from producer.readiness import Eligibility
 
     inner = write_jpeg(config.producer.watch / "x.jpg" / "inner.jpg")
-    eligible = Eligibility(config.producer.extensions, config.producer.ignore)
+    eligible = Eligibility.of(config)
     assert list(eligible.scan(config.producer.watch)) == [inner]
     Enqueuer(config, redis_client).submit(inner)
     _run(config, redis_client, backend)

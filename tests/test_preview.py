@@ -33,7 +33,7 @@ def test_near_is_warm_and_far_is_cold_as_turbo_says() -> None:
 
 
 def test_depth_stats_median_is_exact_on_small_maps_and_close_on_large_ones() -> None:
-    from worker.job import depth_stats
+    from worker.depth import depth_stats
 
     small = np.arange(1, 8, dtype=np.float32).reshape(1, 7)
     assert depth_stats(small, 128) == {"unit": "m", "min": 1.0, "max": 7.0, "median": 4.0}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -136,3 +136,23 @@ def metric_depth(
         fov_deg=fov_from_focal_px(f_px, width),
         fov_vertical_deg=fov_from_focal_px(f_px, height),
     )
+
+
+def depth_stats(depth: np.ndarray, model_side: int) -> dict[str, Any]:
+    """Min and max of the map (exact), and the median of a sample: every step-th pixel each way, a grid
+    no coarser than the model's output.
+
+    The sampled median costs ~15 ms for 12 MP against ~90 ms for the exact one. It is not the exact
+    median: on smooth maps they differ by about 1e-4 (relative; bench/overhead.py), but on maps with
+    fine detail (foliage, fences) by up to ~1.5 %, since the full map's bilinear in-between values are
+    not all in the sample. The README documents `depth.median` as this sampled median.
+    """
+    step = max(1, int(math.sqrt(depth.size) / model_side))
+    sample = depth[::step, ::step].ravel().copy()
+    mid = sample.size // 2
+    if sample.size % 2:
+        median = float(np.partition(sample, mid)[mid])
+    else:
+        part = np.partition(sample, (mid - 1, mid))
+        median = float((part[mid - 1] + part[mid]) / 2)
+    return {"unit": "m", "min": float(depth.min()), "max": float(depth.max()), "median": median}

@@ -10,17 +10,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import math
 import os
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from redis import Redis
 from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.job import Job
@@ -28,7 +23,7 @@ from rq.timeouts import JobTimeoutException
 
 from depthq import attempts
 from depthq.camera import Camera
-from depthq.config import Config
+from depthq.clip_jobs import ClipPart
 from depthq.contract import (
     Completion,
     JobPayload,
@@ -40,10 +35,10 @@ from depthq.contract import (
     record_completion,
     record_recent,
 )
-from depthq.outage import Outage
 from depthq.sidecar import Sidecar
-from worker.backends.base import Backend, Prediction, describe_model
-from worker.depth import MetricDepth, metric_depth
+from worker import clip_job
+from worker.backends.base import Prediction, describe_model
+from worker.depth import MetricDepth, depth_stats, metric_depth
 from worker.errors import (
     BadInputError,
     EnvironmentUnavailableError,
@@ -58,8 +53,8 @@ from worker.errors import (
 )
 from worker.formats import Scene
 from worker.images import LoadedImage, load_image
-from worker.metrics import WorkerMetrics
 from worker.preview import preview_png
+from worker.runtime import Runtime, ms, queue_wait_s, stage
 from worker.store import HandedOverError, SupersededError
 from worker.transport import AlreadyDoneError, Copies, Photo, PhotoGoneError, Transport
 
@@ -68,53 +63,6 @@ from worker.transport import AlreadyDoneError, Copies, Photo, PhotoGoneError, Tr
 JobResult = dict[str, Any]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Runtime:
-    config: Config
-    backend: Backend
-    # By payload.transport: "shared" and "redis".
-    transports: dict[str, Transport]
-    host: str
-    worker_name: str
-    connection: Redis
-    metrics: WorkerMetrics | None = None
-    # Wraps each prediction: the worker's `DepthWorker.predicting` (a heartbeat that outlasts a
-    # prediction holding the GIL); nothing outside a worker.
-    predicting: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
-    # Whether this worker's last write to the output folder failed: the outage and its end are said once each.
-    output_failing: Outage = field(default_factory=Outage)
-
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 1)
-
-
-def _utc(dt: datetime | None) -> datetime | None:
-    if dt is None:
-        return None
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
-
-
-def _stage(rt: Runtime, job: Job | None, stage: str, timings: dict[str, float] | None = None) -> None:
-    """Say in job.meta what a running job is doing, so rq-dashboard's job page explains a slow one."""
-    if job is None:
-        return
-    job.meta.update(stage=stage, host=rt.host, worker=rt.worker_name, backend=rt.backend.name)
-    if timings is not None:
-        job.meta["timings_ms"] = timings
-    try:
-        job.save_meta()
-    except RedisError as exc:
-        # Progress is a courtesy: it must not cost the photo. The job's own end needs Redis anyway.
-        log.warning("job %s: could not record stage %r (%s)", job.id, stage, exc)
-
-
-def _queue_wait_s(job: Job | None) -> float:
-    started = _utc(job.started_at) if job else None
-    enqueued = _utc(job.enqueued_at) if job else None
-    return max((started - enqueued).total_seconds(), 0.0) if started and enqueued else 0.0
 
 
 def _drain_aliases(rt: Runtime, jid: str, source: str) -> list[str]:
@@ -162,26 +110,6 @@ def _names(members: Any, source: str | None) -> list[str]:
     return sorted(name for name in names if name != source)
 
 
-def depth_stats(depth: np.ndarray, model_side: int) -> dict[str, Any]:
-    """Min and max of the map (exact), and the median of a sample: every step-th pixel each way, a grid
-    no coarser than the model's output.
-
-    The sampled median costs ~15 ms for 12 MP against ~90 ms for the exact one. It is not the exact
-    median: on smooth maps they differ by about 1e-4 (relative; bench/overhead.py), but on maps with
-    fine detail (foliage, fences) by up to ~1.5 %, since the full map's bilinear in-between values are
-    not all in the sample. The README documents `depth.median` as this sampled median.
-    """
-    step = max(1, int(math.sqrt(depth.size) / model_side))
-    sample = depth[::step, ::step].ravel().copy()
-    mid = sample.size // 2
-    if sample.size % 2:
-        median = float(np.partition(sample, mid)[mid])
-    else:
-        part = np.partition(sample, (mid - 1, mid))
-        median = float((part[mid - 1] + part[mid]) / 2)
-    return {"unit": "m", "min": float(depth.min()), "max": float(depth.max()), "median": median}
-
-
 def _scene(rt: Runtime, rgb: np.ndarray, camera: Camera) -> Scene:
     out = rt.config.output
     return Scene(rgb, camera, rt.backend.input_size, out.ply_max_points, out.ply_max_depth_m)
@@ -200,7 +128,7 @@ def _try_copy(
         return None
     depth, preview, sidecar = stored.depth, stored.preview, stored.sidecar
     t_write = time.perf_counter()
-    timings = {"queue_wait": _ms(queue_wait), "decode": 0.0, "inference": 0.0, "postprocess": 0.0}
+    timings = {"queue_wait": ms(queue_wait), "decode": 0.0, "inference": 0.0, "postprocess": 0.0}
     camera = sidecar.camera
     scene = None
     if "ply" in p.outputs and camera is not None:
@@ -208,8 +136,8 @@ def _try_copy(
         image = load_image(photo.data, p.source, rt.config.worker.max_image_pixels)
         scene = _scene(rt, image.rgb, camera)
     copies.output.write_data(p.source, depth, preview, p.outputs, scene)
-    timings["write"] = _ms(time.perf_counter() - t_write)
-    timings["total"] = _ms(time.perf_counter() - t0 + queue_wait)
+    timings["write"] = ms(time.perf_counter() - t_write)
+    timings["total"] = ms(time.perf_counter() - t0 + queue_wait)
     copies.output.write_sidecar(p.source, sidecar.for_photo(p.source, job_id, timings, photo.stamp, p.same_as))
     log.info("%s: depth copied from %s, %s ms (job %s)", p.source, p.same_as, timings, job_id)
     return {"source": p.source, "copied_from": p.same_as, "aliases": [], "timings_ms": timings}
@@ -309,9 +237,9 @@ def _describe(
 
 def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> JobResult:
     t0 = time.perf_counter()
-    queue_wait = _queue_wait_s(job)
+    queue_wait = queue_wait_s(job)
     job_id = job.id if job else "local"
-    _stage(rt, job, "decoding")
+    stage(rt, job, "decoding")
     transport = rt.transports[p.transport]
     copies = transport.copies
     p, photo = _read_photo(rt, transport, p, job)
@@ -324,15 +252,15 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> JobResult:
     reduce_to = rt.backend.input_size if rt.config.worker.fast_decode else None
     image = load_image(photo.data, p.source, rt.config.worker.max_image_pixels, min_side=reduce_to)
     t_decoded = time.perf_counter()
-    _stage(rt, job, "inferring", {"queue_wait": _ms(queue_wait), "decode": _ms(t_decoded - t0)})
+    stage(rt, job, "inferring", {"queue_wait": ms(queue_wait), "decode": ms(t_decoded - t0)})
     with rt.predicting():
         prediction = rt.backend.predict(image.rgb)
     t_inferred = time.perf_counter()
-    _stage(
+    stage(
         rt,
         job,
         "writing",
-        {"queue_wait": _ms(queue_wait), "decode": _ms(t_decoded - t0), "inference": _ms(t_inferred - t_decoded)},
+        {"queue_wait": ms(queue_wait), "decode": ms(t_decoded - t0), "inference": ms(t_inferred - t_decoded)},
     )
     md = _metric(p, image, prediction)
     preview = preview_png(md.depth, rt.backend.input_size)
@@ -342,16 +270,16 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> JobResult:
     stats = depth_stats(depth, rt.backend.input_size)
     t_post = time.perf_counter()
     timings = {
-        "queue_wait": _ms(queue_wait),
-        "decode": _ms(t_decoded - t0),
-        "inference": _ms(t_inferred - t_decoded),
-        "postprocess": _ms(t_post - t_inferred),
+        "queue_wait": ms(queue_wait),
+        "decode": ms(t_decoded - t0),
+        "inference": ms(t_inferred - t_decoded),
+        "postprocess": ms(t_post - t_inferred),
     }
     result = _describe(rt, p, photo, sha, image, prediction, md, stats)
     store = transport.store(job_id, p, photo)
     store.write_data(p.source, depth, preview, p.outputs, scene)
-    timings["write"] = _ms(time.perf_counter() - t_post)
-    timings["total"] = _ms(time.perf_counter() - t0 + queue_wait)
+    timings["write"] = ms(time.perf_counter() - t_post)
+    timings["total"] = ms(time.perf_counter() - t0 + queue_wait)
     store.write_sidecar(p.source, result.for_photo(p.source, job_id, timings, photo.stamp))
     # Copies queued as aliases get this result only if it is of the content they were queued with;
     # otherwise they stay in the set and the producer gives them their own job on its next look.
@@ -428,7 +356,7 @@ def _recent(rt: Runtime, sources: list[str]) -> None:
 
 def _finish(rt: Runtime, job: Job | None, timings: dict[str, float]) -> None:
     """Final timings on the job, a completion for `depthq status`, and the Prometheus figures."""
-    _stage(rt, job, "done", timings)
+    stage(rt, job, "done", timings)
     if rt.metrics is not None:
         rt.metrics.observe_done(timings)
     if job is None:
@@ -507,6 +435,7 @@ def process(rt: Runtime, payload: dict[str, Any]) -> JobResult:
     job = get_current_job()
     try:
         p = JobPayload.from_dict(payload)
+        part = ClipPart.from_dict(p.clip) if p.clip is not None else None
     except PayloadError as exc:
         _failed(rt)
         raise RefusedJobError(f"job {job.id if job else '?'}: {exc}") from None
@@ -520,7 +449,7 @@ def process(rt: Runtime, payload: dict[str, Any]) -> JobResult:
     try:
         if counted:
             _judge_deaths(rt, p, before)
-        result = _compute(rt, p, job)
+        result = clip_job.run(rt, p, part, job) if part is not None else _compute(rt, p, job)
     except HandedOverError:
         raise  # the worker it was handed to owns it now; DepthWorker leaves the job alone
     except AlreadyDoneError as exc:
@@ -572,5 +501,6 @@ def process(rt: Runtime, payload: dict[str, Any]) -> JobResult:
                 end(rt.connection, rt.config.queue.name, job.id, rt.host, os.getpid())
     _output_trouble(rt, None)
     _finish(rt, job, result["timings_ms"])
-    _recent(rt, [result["source"], *result["aliases"]])
+    if not result.get("staged"):  # a clip's chunk has no result to show until its clip is assembled
+        _recent(rt, [result["source"], *result["aliases"]])
     return result

@@ -70,7 +70,7 @@ class Store(Protocol):
 
 
 @contextmanager
-def _environment_failures(root: Path) -> Iterator[None]:
+def output_failures(root: Path) -> Iterator[None]:
     """Turn a full, read-only or failing output folder into OutputUnavailableError, naming its free space,
     however the failure shows itself (an errno, numpy's short write: `depthq.environment`)."""
     try:
@@ -115,7 +115,7 @@ class OutputStore:
             files[kind] = lambda f, data=data: f.write(data)
         self._discard()
         try:
-            with _environment_failures(self.root):
+            with output_failures(self.root):
                 for kind, write in files.items():
                     path = self.path(source, kind)
                     self._staged.append((staged_write(path, write), path))
@@ -130,13 +130,13 @@ class OutputStore:
         before the first rename: a disk that fills up leaves the old set as it was, never new data
         files beside an old sidecar."""
         try:
-            with _environment_failures(self.root):
+            with output_failures(self.root):
                 sidecar_path = self.path(source, "json")
                 data = json_bytes(sidecar.to_dict())
                 self._staged.append((staged_write(sidecar_path, lambda f: f.write(data)), sidecar_path))
             if self.fence is not None:
                 self.fence()
-            with _environment_failures(self.root):
+            with output_failures(self.root):
                 for tmp, path in self._staged:
                     os.replace(tmp, path)
                 self._staged = []
@@ -174,7 +174,7 @@ class OutputStore:
     def write_error(self, source: str, error: dict[str, Any]) -> None:
         if self.fence is not None:
             self.fence()
-        with _environment_failures(self.root):
+        with output_failures(self.root):
             atomic_bytes(self.path(source, ERROR_KIND), json_bytes(error))
 
 

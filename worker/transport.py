@@ -81,10 +81,28 @@ class Copies(Protocol):
         ...
 
 
+class ClipFiles(Protocol):
+    """What a video clip's jobs need: the clip's file on this host, and the output folder where its chunks
+    are staged and its outputs written. Only a transport whose workers see both has it."""
+
+    output: OutputStore
+
+    def clip_path(self, p: JobPayload) -> Path:
+        """The clip on this host's disk (SourceGoneError, SourceUnreadableError as for a photo)."""
+        ...
+
+    def store(self, job_id: str, p: JobPayload | None = None, photo: Photo | None = None) -> OutputStore: ...
+
+
 class Transport(Protocol):
     @property
     def copies(self) -> Copies | None:
         """How byte-identical copies share a result here, or None where they cannot (each its own job)."""
+        ...
+
+    @property
+    def clips(self) -> ClipFiles | None:
+        """How a clip's jobs reach its file and the outputs, or None where they cannot (no clip is sent)."""
         ...
 
     def read(self, p: JobPayload, job_id: str) -> Photo: ...
@@ -164,6 +182,13 @@ class SharedTransport:
     def copies(self) -> SharedTransport:
         return self
 
+    @property
+    def clips(self) -> SharedTransport:
+        return self
+
+    def clip_path(self, p: JobPayload) -> Path:
+        return source_path(self.folder(p.root), p.source)
+
     def read(self, p: JobPayload, job_id: str) -> Photo:
         return self.read_copy(p.root, p.source)
 
@@ -212,6 +237,11 @@ class RedisTransport:
     @property
     def copies(self) -> None:
         """None: a worker here reads no file, so a copy is a job of its own (the producer sends it so)."""
+        return None
+
+    @property
+    def clips(self) -> None:
+        """None: the producer sends no clip over this transport yet (its watcher does not take clips)."""
         return None
 
     def read(self, p: JobPayload, job_id: str) -> Photo:

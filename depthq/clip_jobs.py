@@ -1,0 +1,167 @@
+"""How a video clip travels as jobs: its chunk jobs and its one assemble job, and the names they share.
+
+The producer cuts a clip into chunk jobs of `video.chunk_frames` computed frames each, on the same
+queues and lanes as photos, and one assemble job that depends on all of them (rq's `depends_on` with
+`allow_failure`, so Redis keeps the fan-in and the assemble runs once every chunk has ended, well or
+not). Any worker takes any of them. A chunk job stages its frames' depth, each at the frame's own focal
+length, in the clip's staging folder beside the outputs, and writes its chunk record last; the assemble
+job picks the clip's one focal length from the records, rescales each frame to it, writes the outputs
+and the clip sidecar last, and removes the staging folder.
+
+Every job of a clip carries the same `ClipPart` facts (what the probe found) in `JobPayload.clip`, so
+no job has to probe the clip again. A clip the producer refuses (its probe failed, or it is too long)
+still gets one job, part "refused", under the assemble job's id, which records the producer's reason as
+the clip's error file on a worker, as a photo the producer cannot read does.
+
+Job ids: the clip's content and model (`contract.job_id`), and its name, since copies of a clip are not
+shared the way copies of a photo are (each is computed); then `-cNNNNN` for chunk N, `-clip` for the
+assemble. Kept free of numpy and PyAV: the watcher imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal
+
+from depthq.clip_sidecar import DEPTH_FOLDER_SUFFIX, PREVIEW_SUFFIX
+from depthq.contract import PayloadError, job_id, output_base, output_path, safe_relative
+
+ClipPartKind = Literal["chunk", "assemble", "refused"]
+PARTS: tuple[ClipPartKind, ...] = ("chunk", "assemble", "refused")
+# The record a chunk job writes last in the staging folder: its presence says the chunk's frames are staged.
+CHUNK_RECORD = "chunk-{:05d}.json"
+# A staged frame: its depth at its own focal length, float32 .npy, numbered as the output files are.
+STAGED_FRAME = "{:06d}.npy"
+# The staging folder's name: hidden (the watcher and the gallery pass dot-names by), one per clip version.
+STAGING_MARK = ".chunks-"
+
+
+@dataclass(frozen=True)
+class ClipPart:
+    """Which part of a clip a job is, and the clip as the producer probed it.
+
+    `index` is the chunk's number from 0 (the assemble's and a refusal's is 0); `start` the clip's
+    display index of the chunk's first frame and `count` how many frames it computes (every
+    `every_nth`-th from `start`). `chunks` and `frames` are the clip's chunk count and computed frames.
+    `width` x `height` are the stored frame's pixels and `rotation` the degrees that stand it upright;
+    `fps` the exact rate "num/den"; `focal_35mm` the container's 35 mm equivalent in mm, or None.
+    `message` is a refusal's reason (part "refused" only).
+    """
+
+    part: ClipPartKind
+    index: int
+    start: int
+    count: int
+    chunks: int
+    frames: int
+    every_nth: int
+    width: int
+    height: int
+    rotation: int
+    fps: str
+    frame_count: int
+    frame_count_exact: bool
+    focal_35mm: float | None = None
+    message: str | None = None
+
+    @property
+    def frame_rate(self) -> Fraction:
+        return Fraction(self.fps)
+
+    @property
+    def upright_width(self) -> int:
+        return self.height if self.rotation in (90, 270) else self.width
+
+    @property
+    def upright_height(self) -> int:
+        return self.width if self.rotation in (90, 270) else self.height
+
+    @property
+    def first_number(self) -> int:
+        """The output number (from 1) of this chunk's first frame."""
+        return self.start // self.every_nth + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ClipPart:
+        """A payload's `clip`, checked as strictly as the rest of the payload (`PayloadError`)."""
+        if not isinstance(data, dict):
+            raise PayloadError(f"a clip job's `clip` must be an object, got {type(data).__name__}")
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise PayloadError(f"a clip job's `clip` has unknown fields {sorted(unknown)}")
+        try:
+            part = cls(**data)
+        except TypeError as exc:
+            raise PayloadError(f"a clip job's `clip` is incomplete: {exc}") from None
+        ints = (part.index, part.start, part.count, part.chunks, part.frames, part.every_nth, part.frame_count)
+        if part.part not in PARTS or any(not isinstance(v, int) or v < 0 for v in ints):
+            raise PayloadError(f"a clip job's `clip` is not a part of a clip: {data}")
+        try:
+            rate = Fraction(part.fps)
+        except (TypeError, ValueError, ZeroDivisionError):
+            raise PayloadError(f"a clip job's fps {part.fps!r} is not a rate num/den") from None
+        if part.part != "refused" and (
+            part.every_nth < 1 or part.chunks < 1 or rate <= 0 or part.rotation not in (0, 90, 180, 270)
+        ):
+            raise PayloadError(f"a clip job's `clip` is not a part of a clip: {data}")
+        return part
+
+
+def clip_job_base(sha256: str, model: str, source: str) -> str:
+    """The id every job of this clip version starts with: content and model, as a photo's, and its name."""
+    return f"{job_id(sha256, model)}-{hashlib.sha256(source.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+
+
+def chunk_job_id(base: str, index: int) -> str:
+    return f"{base}-c{index:05d}"
+
+
+def assemble_job_id(base: str) -> str:
+    return f"{base}-clip"
+
+
+def is_clip_job(jid: str) -> bool:
+    """Whether a job id is one of a clip's (for the views that show chunks: status, dashboard)."""
+    return jid.endswith("-clip") or (len(jid) > 7 and jid[-7:-5] == "-c" and jid[-5:].isdigit())
+
+
+def computed_frames(frame_count: int, every_nth: int) -> int:
+    """How many frames a clip of `frame_count` gives with every n-th computed: frames 0, n, 2n, ..."""
+    return math.ceil(frame_count / every_nth)
+
+
+def plan_chunks(frame_count: int, every_nth: int, chunk_frames: int) -> list[tuple[int, int]]:
+    """(start display index, computed frames) of each chunk, in order, covering the whole clip."""
+    frames = computed_frames(frame_count, every_nth)
+    return [(first * every_nth, min(chunk_frames, frames - first)) for first in range(0, frames, chunk_frames)]
+
+
+def depth_folder(output_root: Path, source: str) -> Path:
+    """`<clip>.depth/`: the clip's depth files, `%06d.exr` (or `.npy`) from 000001."""
+    rel = safe_relative(source)
+    return output_root.joinpath(*rel.parts[:-1], output_base(rel.name) + DEPTH_FOLDER_SUFFIX)
+
+
+def preview_path(output_root: Path, source: str) -> Path:
+    """`<clip>.preview.mp4`."""
+    rel = safe_relative(source)
+    return output_root.joinpath(*rel.parts[:-1], output_base(rel.name) + PREVIEW_SUFFIX)
+
+
+def staging_folder(output_root: Path, source: str, sha256: str) -> Path:
+    """Where one version of a clip (by content) stages its chunks until the assemble: hidden, beside the
+    outputs, so no reader takes a staged frame for a result."""
+    sidecar = output_path(output_root, source, "json")
+    return sidecar.parent / f".{output_base(safe_relative(source).name)}{STAGING_MARK}{sha256[:12]}"
+
+
+def is_staging_name(name: str) -> bool:
+    """Whether a name in the output tree is a clip's staging folder (for the audit)."""
+    return name.startswith(".") and STAGING_MARK in name

@@ -1,0 +1,171 @@
+"""A finished video clip into its jobs: chunk jobs for its frames, and one assemble job that waits for them.
+
+`Enqueuer.submit` hands a clip here once it is read and hashed, as it would enqueue a photo. The clip's
+fate is in hand while its assemble job (or the refusal under that id) is pending: a second event, a
+rescan or a restart then finds it and adds nothing. Anything else (no assemble job, or one that is
+over while the clip has no result) makes the clip's jobs again; chunk jobs still pending are kept, and
+a chunk whose frames an earlier run staged returns at once on the worker, so nothing is computed twice.
+
+The assemble job depends on every chunk job with `allow_failure` (rq's `Dependency`): Redis holds the
+fan-in, no depthq process waits on it, and the assemble runs once every chunk has ended, well or not,
+so a bad clip never leaves a job deferred for ever. The clip is probed here, on the watcher's host,
+with PyAV alone (`producer.clip_probe`: no numpy).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+from redis import Redis
+from rq import Queue, Retry
+from rq.exceptions import DuplicateJobError, NoSuchJobError
+from rq.job import Dependency, Job, JobStatus
+
+from depthq.clip_jobs import ClipPart, assemble_job_id, chunk_job_id, clip_job_base, computed_frames, plan_chunks
+from depthq.config import Config
+from depthq.contract import JOB_FUNCTION, SERIALIZER, JobPayload
+from producer.clip_probe import ClipError, ClipInfo, probe
+
+log = logging.getLogger(__name__)
+
+ClipOutcome = Literal["enqueued", "duplicate", "refused"]
+
+# Long enough to probe a clip and enqueue a 10-minute clip's chunks; a producer killed meanwhile holds
+# the clip back no longer than this.
+_MAKING_TTL_S = 120
+_PENDING = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
+
+
+class ClipEnqueuer:
+    """One lane's clip jobs: `queue` is the lane's, `delete` the enqueuer's way of dropping an old job."""
+
+    def __init__(
+        self, config: Config, connection: Redis, queue: Queue, retry: Retry | None, delete: Callable[[Job], None]
+    ):
+        self.config = config
+        self.connection = connection
+        self.queue = queue
+        self.retry = retry
+        self.delete = delete
+
+    def submit(self, path: Path, payload: JobPayload) -> tuple[ClipOutcome, str]:
+        """The clip's jobs, unless they are pending already: (outcome, the assemble job's id)."""
+        base = clip_job_base(payload.sha256, payload.model, payload.source)
+        assemble_id = assemble_job_id(base)
+        # rq takes no `unique` with dependencies: one producer at a time makes a clip's jobs instead.
+        making = f"depthq:{self.config.queue.name}:making:{assemble_id}"
+        if not self.connection.set(making, self.config.queue.name, nx=True, ex=_MAKING_TTL_S):
+            return "duplicate", assemble_id
+        try:
+            return self._submit(path, payload, base, assemble_id)
+        finally:
+            self.connection.delete(making)
+
+    def _submit(self, path: Path, payload: JobPayload, base: str, assemble_id: str) -> tuple[ClipOutcome, str]:
+        existing = self._fetch(assemble_id)
+        if existing is not None:
+            if existing.get_status(refresh=False) in _PENDING:
+                log.debug("%s: clip job %s already pending", payload.source, assemble_id)
+                return "duplicate", assemble_id
+            self.delete(existing)  # over, and the clip has no result for this version: again
+        try:
+            info = probe(path)
+        except ClipError as exc:
+            return self._refuse(assemble_id, payload, str(exc))
+        video = self.config.video
+        if info.frame_count > video.max_frames:
+            return self._refuse(
+                assemble_id,
+                payload,
+                f"{path}: {info.frame_count} frames, more than video.max_frames ({video.max_frames}); "
+                "raise video.max_frames, set video.every_nth, or cut the clip shorter",
+            )
+        chunks = plan_chunks(info.frame_count, video.every_nth, video.chunk_frames)
+        ids = [
+            self._chunk(chunk_job_id(base, index), payload, self._part(info, "chunk", index, start, count, len(chunks)))
+            for index, (start, count) in enumerate(chunks)
+        ]
+        assemble = self._part(info, "assemble", 0, 0, computed_frames(info.frame_count, video.every_nth), len(chunks))
+        self._enqueue(
+            assemble_id,
+            replace(payload, clip=assemble.to_dict()),
+            f"{payload.source} (assemble)",
+            Dependency(jobs=ids, allow_failure=True),
+        )
+        log.info("enqueued %s as %d chunk job(s) and assemble job %s", payload.source, len(ids), assemble_id)
+        return "enqueued", assemble_id
+
+    def _part(
+        self, info: ClipInfo, kind: Literal["chunk", "assemble"], index: int, start: int, count: int, chunks: int
+    ) -> ClipPart:
+        return ClipPart(
+            part=kind,
+            index=index,
+            start=start,
+            count=count,
+            chunks=chunks,
+            frames=computed_frames(info.frame_count, self.config.video.every_nth),
+            every_nth=self.config.video.every_nth,
+            width=info.width,
+            height=info.height,
+            rotation=info.rotation,
+            fps=f"{info.fps.numerator}/{info.fps.denominator}",
+            frame_count=info.frame_count,
+            frame_count_exact=info.frame_count_exact,
+            focal_35mm=info.focal_length_35mm,
+        )
+
+    def _refuse(self, assemble_id: str, payload: JobPayload, message: str) -> tuple[ClipOutcome, str]:
+        """The producer's reason, recorded as the clip's error file by a worker (as for a photo it cannot
+        read), under the assemble job's id so a second look finds it pending."""
+        log.warning("%s", message)
+        part = ClipPart(
+            part="refused", index=0, start=0, count=0, chunks=0, frames=0, every_nth=1, width=0, height=0,
+            rotation=0, fps="1/1", frame_count=0, frame_count_exact=False, message=message,
+        )  # fmt: skip
+        try:
+            self._enqueue(assemble_id, replace(payload, clip=part.to_dict()), f"{payload.source} (refused)")
+        except DuplicateJobError:
+            return "duplicate", assemble_id
+        return "refused", assemble_id
+
+    def _chunk(self, jid: str, payload: JobPayload, part: ClipPart) -> str:
+        """One chunk job, unless it is pending already (a clip made again keeps its running chunks)."""
+        description = f"{payload.source} frames {part.start}-{part.start + (part.count - 1) * part.every_nth}"
+        for _ in range(2):
+            try:
+                self._enqueue(jid, replace(payload, clip=part.to_dict()), description)
+                return jid
+            except DuplicateJobError:
+                job = self._fetch(jid)
+                if job is None:
+                    continue
+                if job.get_status(refresh=False) in _PENDING:
+                    return jid
+                self.delete(job)
+        return jid
+
+    def _enqueue(self, jid: str, payload: JobPayload, description: str, depends_on: Dependency | None = None) -> None:
+        q = self.config.queue
+        self.queue.enqueue(
+            JOB_FUNCTION,
+            payload.to_dict(),
+            job_id=jid,
+            unique=depends_on is None,
+            retry=self.retry,
+            result_ttl=q.result_ttl_s,
+            failure_ttl=q.failure_ttl_s,
+            job_timeout=q.job_timeout_s,
+            description=description,
+            depends_on=depends_on,
+        )
+
+    def _fetch(self, jid: str) -> Job | None:
+        try:
+            return Job.fetch(jid, connection=self.connection, serializer=SERIALIZER)
+        except NoSuchJobError:
+            return None
