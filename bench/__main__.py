@@ -18,6 +18,7 @@ BENCHMARKS = {
     "gpu": "bench.gpu",
     "convert": "bench.convert",
     "archive": "bench.archive",
+    "video": "bench.video",
     "soak": "bench.soak",
 }
 # Run only when named: minutes by design, with options of their own (`python -m bench soak --minutes 5`).
