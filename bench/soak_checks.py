@@ -42,9 +42,10 @@ AUDIT_ZERO = ("lost", "stale", "partial", "duplicated", "temporary", "both")
 # Files named per failing check in the report; the rest are counted.
 SHOWN = 25
 # One line per computed photo, from logger `worker.job`: `<source>: depth <min>-<max> m, <timings> ms (job <id>)`.
+# A photo computed, or a clip assembled (its chunks may run again after a fault; its assemble once).
 COMPUTED = re.compile(
-    r"^(?P<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ +\S*\[(?P<pid>\d+)\] worker\.job: "
-    r"(?P<source>.+): depth \S+-\S+ m, \{.*\} ms(?: \(job (?P<job>[^)\s]+)\))?$"
+    r"^(?P<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ +\S*\[(?P<pid>\d+)\] worker\.(?:clip_)?job: "
+    r"(?P<source>.+): (?:depth \S+-\S+ m|clip of \d+ frames assembled, .*), \{.*\} ms(?: \(job (?P<job>[^)\s]+)\))?$"
 )
 _POLL_S = 1.0
 _PENDING = {s.value for s in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED)}

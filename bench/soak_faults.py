@@ -28,6 +28,7 @@ from rq.job import Job
 from bench.soak_load import Load
 from bench.soak_record import Timeline
 from bench.soak_service import LEFTOVER_GRACE_S, Service, ServiceError, Tmpfs, describe, wait_until
+from depthq.clip_jobs import is_clip_job
 from depthq.contract import SERIALIZER, finished_kind
 
 # A burst asked for before a worker fault, so that the worker hit is most likely in the middle of a job.
@@ -186,6 +187,40 @@ def worker_kill(ctx: FaultContext) -> FaultRun:
     )
 
 
+def clip_chunk_kill(ctx: FaultContext) -> FaultRun:
+    """SIGKILL a worker in the middle of a clip's chunk: a long clip is written, and the first worker seen
+    on one of its chunk jobs is killed."""
+    source = ctx.load.clip_now()
+    found: list[tuple[int, str]] = []
+
+    def on_chunk() -> bool:
+        for w in ctx.service.registered():
+            with contextlib.suppress(RedisError):
+                jid = w.get_current_job_id()
+                if jid and is_clip_job(jid) and not jid.endswith("-clip"):
+                    found.append((w.pid, jid))
+                    return True
+        return False
+
+    if wait_until(on_chunk, BUSY_WAIT_S * 3, poll_s=0.01) is None:
+        return FaultRun(
+            "clip-chunk-kill", ctx.timeline.now(), failures=[f"clip-chunk-kill: no worker on a chunk of {source}"]
+        )
+    pid, jid = found[-1]
+    run = FaultRun(
+        "clip-chunk-kill", ctx.timeline.add(f"clip-chunk-kill: SIGKILL worker pid {pid} (chunk {jid}, {source})")
+    )
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    run.end, run.workers_hit = run.start, {pid}
+    return _finish(
+        ctx,
+        run,
+        lambda: _workers_back(ctx, {pid}) and _photo_done(ctx, source),
+        f"{ctx.settings.workers} workers registered again, and the clip {source} done",
+    )
+
+
 def worker_stop(ctx: FaultContext) -> FaultRun:
     pid, jid, source = _busy_worker(ctx)
     if pid is None:
@@ -313,6 +348,9 @@ def up_term(ctx: FaultContext) -> FaultRun:
     return _finish(ctx, run, lambda: _photo_done(ctx, probe), f"{probe} (dropped while depthq up was down) done")
 
 
+# Clips travel over the shared transport only: this fault is not the redis transport's.
+CLIP_FAULT = "clip-chunk-kill"
+
 FAULTS: dict[str, Fault] = {
     "worker-kill": Fault(
         worker_kill,
@@ -342,5 +380,10 @@ FAULTS: dict[str, Fault] = {
         up_term,
         "SIGTERM depthq up, wait for its exit, start it again (end = the restart) until a photo dropped while "
         "it was down has its output",
+    ),
+    "clip-chunk-kill": Fault(
+        clip_chunk_kill,
+        "SIGKILL a worker one frame into a clip's chunk (end = the kill) until N workers are registered again and "
+        "the clip has its output",
     ),
 }

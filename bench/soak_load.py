@@ -7,7 +7,8 @@ renamed into place, `cp -p` keeping an old mtime (also over a finished photo, wi
 burst of dozens at once, byte-identical copies of finished and of still-queued photos, new content
 under a finished photo's name, photos moved or deleted while still queued, names in NFC and NFD,
 with emoji and CJK, names from 200 to 255 bytes (the file system's limit, extension included), and
-about 2.5 % bad files (empty, truncated JPEGs, text named .jpg).
+about 2.5 % bad files (empty, truncated JPEGs, text named .jpg), and now and then a video clip
+(20 to 60 frames of noise, renamed into place from `.part`), which becomes chunk jobs and an assemble.
 
 Photos are small JPEGs (32 to 400 px a side) of random noise, so the tiny model keeps up on two
 cores and no two photos share content unless the soak copied one on purpose. Everything written is
@@ -29,6 +30,7 @@ import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
+import av
 import numpy as np
 from PIL import Image
 
@@ -58,12 +60,17 @@ WEIGHTS = {
     "delete-queued": 3,
     "unicode": 6,
     "long-name": 3,
+    "clip": 1,
 }
 # Every this-many-th new file is a bad one: about 8 in 10 files are new content (the rest are copies,
 # moves, overwrites), so about 2.5 % of all files.
 BAD_EVERY = 32
 BAD_KINDS = ("empty", "truncated", "text")
 MIN_SIDE, MAX_SIDE = 32, 400
+# Clips: small, a few chunks each, so the tiny model keeps up; a clip for a fault is longer, so that a
+# worker can be caught in the middle of one of its chunks.
+CLIP_FRAMES = (20, 60)
+FAULT_CLIP_FRAMES = 160
 NAME_MAX = 255  # bytes, the limit of ext4, tmpfs and most others
 LONG_MIN = 200
 # A photo counts as "recent" (likely still queued) this long after it was written.
@@ -77,6 +84,18 @@ def jpeg(seed: int, width: int, height: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=85)
     return buf.getvalue()
+
+
+def write_noise_clip(path: Path, seed: int, frames: int, width: int, height: int) -> None:
+    """`frames` frames of seeded noise as H.264 in MP4: unique content per seed."""
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for _ in range(frames):
+            rgb = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode(None))
 
 
 def long_name(rng: random.Random, n: int, byte_length: int, extension: str = ".jpg") -> str:
@@ -107,12 +126,14 @@ class Load:
         seed: int,
         files_per_min: float,
         settle_ms: int,
+        clips: bool = True,
     ) -> None:
         self.ledger = ledger
         self.timeline = timeline
         self.output = output
         self.rng = random.Random(seed)
         self.files_per_s = files_per_min / 60.0
+        self.clips = clips
         # Pauses of a slow writer stay under the settle time, as the producer's promise asks.
         self.max_pause_s = max(0.02, 0.6 * settle_ms / 1000.0)
         self.errors: list[str] = []
@@ -148,7 +169,7 @@ class Load:
 
     def _run(self) -> None:
         started = time.monotonic()
-        ops = list(WEIGHTS)
+        ops = [op for op in WEIGHTS if self.clips or op != "clip"]
         weights = [WEIGHTS[o] for o in ops]
         while not self._stop.is_set():
             try:
@@ -416,6 +437,32 @@ class Load:
                 "unicode", lambda path, data: path.write_bytes(data), f"{folder}/{name}" if folder else name
             )
         return len(forms)
+
+    def _clip(self, frames: int | None = None) -> int:
+        """A video clip (H.264 in MP4 of random noise), written as `.part` and renamed into place."""
+        rng = self.rng
+        rel = f"{rng.choice(FOLDERS[:3])}/CLIP_{self._n():05d}.mp4".lstrip("/")
+        count = frames or rng.randint(*CLIP_FRAMES)
+        seed = self._seed()
+
+        def write(path: Path, _: bytes) -> None:
+            part = path.with_name(path.name + ".part")
+            write_noise_clip(part, seed, count, rng.randrange(64, 161, 2), rng.randrange(48, 121, 2))
+            part.rename(path)
+
+        self.ledger.claim(rel)
+        try:
+            write(self._path(rel), b"")
+            self._record(rel, "clip", False)
+        finally:
+            self.ledger.release(rel)
+        return 1
+
+    def clip_now(self) -> str:
+        """Write a long clip at once (a fault wants a worker in the middle of one of its chunks); its name."""
+        before = {e.rel for e in self.ledger.all()}
+        self._clip(FAULT_CLIP_FRAMES)
+        return next(e.rel for e in self.ledger.all() if e.rel not in before)
 
     def _long_name(self) -> int:
         """A name of 200 to 255 bytes, extension included: up to the file system's own limit."""

@@ -1,9 +1,10 @@
-"""The chaos soak (bench/soak.py), short: `depthq up` under each of the six faults once, then every end state.
+"""The chaos soak (bench/soak.py), short: `depthq up` under each of the seven faults once, then every end state.
 
 The same code as `python -m bench soak`, with its durations cut to fit CI: about a minute and a half
 of files written the ways users write them, while a worker is SIGKILLed, a worker SIGSTOPped past
 `worker.dead_after_s`, the embedded Redis SIGKILLed, the output tmpfs filled for 10 s, and `depthq up`
-SIGKILLed and SIGTERMed and started again. Then it drains and asserts what the soak asserts: the
+SIGKILLed and SIGTERMed and started again, and a worker is SIGKILLed in the middle of a clip's chunk.
+Then it drains and asserts what the soak asserts: the
 audit finds nothing lost, stale, partial, duplicated or temporary; every file the soak wrote has the
 output its content calls for; the failed registries hold only bad files; nothing was computed twice
 unless a fault hit its worker; `depthq up` never exited by itself; after the final SIGTERM nothing of
