@@ -277,3 +277,54 @@ def test_a_chunk_staged_by_an_earlier_attempt_is_not_computed_again(
     run_worker()
     assert len(list((config.output.dir / "again.mp4.depth").iterdir())) == 6
     _end(config, redis_client)
+
+
+def test_every_nth_frame_is_computed_numbered_in_order_and_the_preview_keeps_the_clips_length(
+    make_config: Callable[..., Config], redis_client: Redis, run_worker: Callable[[], Any], config: Config
+) -> None:
+    halves = make_config(worker={"retry_backoff_s": [0]}, video={"chunk_frames": 2, "every_nth": 2})
+    clip = write_clip(halves.producer.watch / "nth.mp4", frames=9, fps=30)
+    Enqueuer(halves, redis_client).submit(clip)
+    run_worker()
+    meta = json.loads((halves.output.dir / "nth.mp4.json").read_text())
+    assert (meta["every_nth"], meta["frames_computed"], meta["frame_count"]) == (2, 5, 9)
+    assert sorted(p.name for p in (halves.output.dir / "nth.mp4.depth").iterdir()) == [
+        f"{k:06d}.npy" for k in range(1, 6)
+    ]
+    preview = halves.output.dir / "nth.mp4.preview.mp4"
+    assert _preview_frames(preview) == 5
+    with av.open(str(preview)) as container:
+        assert container.streams.video[0].average_rate == 15  # fps / every_nth: as long as the clip
+    _end(halves, redis_client)
+
+
+class MetersOnly:
+    """A meters-only model (the hub's Core ML exports): 1/meters, and no FOV."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.name, self.device, self.model_name = inner.name, inner.device, inner.model_name
+        self.warnings, self.input_size = inner.warnings, inner.input_size
+
+    def load(self) -> None:
+        self.inner.load()
+
+    def predict(self, rgb: np.ndarray) -> Prediction:
+        side = self.input_size
+        return Prediction(np.full((side, side), 0.5, np.float32), None, already_metric=True)
+
+
+def test_a_model_without_fov_keeps_each_frames_depth_and_the_sidecar_says_so(
+    config: Config, redis_client: Redis, enqueue: Callable[[Path], Any], tiny_backend: Any
+) -> None:
+    from worker.worker import build_worker
+
+    enqueue(write_clip(config.producer.watch / "meters.mp4", frames=5))
+    build_worker(config, redis_client, MetersOnly(tiny_backend)).work(burst=True, with_scheduler=False)
+    meta = json.loads((config.output.dir / "meters.mp4.json").read_text())
+    assert meta["focal_length_px"] is None and meta["focal_length_source"] is None and meta["camera"] is None
+    assert meta["frame_fov_deg"] == [None] * 5
+    assert any("per-frame depth" in w for w in meta["warnings"])
+    for f in sorted((config.output.dir / "meters.mp4.depth").iterdir()):
+        np.testing.assert_allclose(_exr(f), 2.0, rtol=1e-6)  # 1 / 0.5 m, as the model said
+    _end(config, redis_client)
