@@ -21,9 +21,11 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import PickleSerializer
 
+from depthq.clip_jobs import is_staging_name
 from depthq.config import Config
-from depthq.contract import SERIALIZER, make_queue
+from depthq.contract import SERIALIZER, alert_key, make_queue
 from producer.enqueue import Enqueuer
+from testkit.clips import write_clip
 from testkit.photos import write_jpeg
 from testkit.waiting import wait_for
 from tests import disk
@@ -184,6 +186,29 @@ def test_a_full_output_disk_holds_photos_back_and_they_finish_once_space_returns
     log = (tmp_path / "worker0.log").read_text()
     assert log.count("No space left on device") == 1, log  # the outage logs once, not once per try
     settle(config, redis_client)
+
+
+def test_a_full_output_disk_holds_a_clips_chunks_back_and_the_clip_finishes_once_space_returns(
+    make_config: Callable[..., Config], redis_client: Redis, small_disk: Path, spawn_worker
+) -> None:
+    """A chunk meets the full disk as a photo does: nothing recorded against the clip, nothing half-staged
+    left, and the clip is assembled once space returns."""
+    config = make_config(output={"dir": str(small_disk)}, video={"chunk_frames": 4})
+    filler = disk.fill(small_disk)
+    clip = write_clip(config.producer.watch / "full.mp4", width=64, height=48, frames=10)
+    assert Enqueuer(config, redis_client).submit(clip).outcome == "enqueued"
+    spawn_worker(DEPTHQ_OUTPUT_DIR=str(small_disk), DEPTHQ_WORKER_RETRY_BACKOFF_S="[1]")
+    wait_for(lambda: redis_client.exists(alert_key(config.queue.name, "output")), "the disk-full alert")
+    assert not list(small_disk.glob("*.error.json"))
+    filler.unlink()
+    sidecar = small_disk / "full.mp4.json"
+    wait_for(sidecar.exists, "the clip, by itself")
+    assert json.loads(sidecar.read_text())["frames_computed"] == 10
+    assert len(list((small_disk / "full.mp4.depth").iterdir())) == 10
+    settle(config, redis_client)
+    assert not [p for p in small_disk.rglob("*") if is_staging_name(p.name)] and not list(
+        small_disk.glob("*.error.json")
+    )
 
 
 # --- results fenced: a photo rewritten meanwhile, a worker frozen and resumed ---------------------------------
