@@ -81,6 +81,11 @@ class ClipPart:
         return self.width if self.rotation in (90, 270) else self.height
 
     @property
+    def last(self) -> int:
+        """The clip's display index of this chunk's last frame."""
+        return self.start + (max(self.count, 1) - 1) * self.every_nth
+
+    @property
     def first_number(self) -> int:
         """The output number (from 1) of this chunk's first frame."""
         return self.start // self.every_nth + 1

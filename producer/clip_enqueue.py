@@ -135,7 +135,7 @@ class ClipEnqueuer:
 
     def _chunk(self, jid: str, payload: JobPayload, part: ClipPart) -> str:
         """One chunk job, unless it is pending already (a clip made again keeps its running chunks)."""
-        description = f"{payload.source} frames {part.start}-{part.start + (part.count - 1) * part.every_nth}"
+        description = f"{payload.source} frames {part.start}-{part.last}"
         for _ in range(2):
             try:
                 self._enqueue(jid, replace(payload, clip=part.to_dict()), description)

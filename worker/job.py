@@ -405,25 +405,27 @@ def _failed(rt: Runtime) -> None:
         rt.metrics.observe_failed()
 
 
-def _judge_deaths(rt: Runtime, p: JobPayload, before: attempts.Attempts) -> None:
-    """After `worker.retries` attempts that each died with their worker, record the photo, never run it."""
+def _judge_deaths(rt: Runtime, p: JobPayload, before: attempts.Attempts, part: ClipPart | None) -> None:
+    """After `worker.retries` attempts that each died with their worker, record the photo, never run it.
+    For a clip's chunk the messages name its frames, and the clip's error file records them."""
+    what = p.source if part is None or part.part != "chunk" else f"{p.source} (frames {part.start}-{part.last})"
     if before.died < max(1, rt.config.worker.retries):
         if before.died:
             log.warning(
                 "%s: the worker died in %d earlier attempt(s) (%s); trying again",
-                p.source,
+                what,
                 before.died,
                 before.describe(),
             )
         return
     if before.timed_out:
         raise TimedOutError(
-            f"{p.source}: ran past queue.job_timeout_s ({rt.config.queue.job_timeout_s} s) in {before.died} "
+            f"{what}: ran past queue.job_timeout_s ({rt.config.queue.job_timeout_s} s) in {before.died} "
             f"attempts ({before.describe()}); each was ended from outside the stuck thread. depthq will not "
-            "send it again until the file changes; if the photo is fine elsewhere, raise queue.job_timeout_s"
+            "send it again until the file changes; if the file is fine elsewhere, raise queue.job_timeout_s"
         )
     raise WorkerDiedError(
-        f"{p.source}: the worker died in {before.died} attempts at this photo ({before.describe()}); depthq "
+        f"{what}: the worker died in {before.died} attempts at it ({before.describe()}); depthq "
         "will not send it again until the file changes. Check that it opens elsewhere; if it does, report it "
         "with the worker's log"
     )
@@ -448,7 +450,7 @@ def process(rt: Runtime, payload: dict[str, Any]) -> JobResult:
     environment_failed = False
     try:
         if counted:
-            _judge_deaths(rt, p, before)
+            _judge_deaths(rt, p, before, part)
         result = clip_job.run(rt, p, part, job) if part is not None else _compute(rt, p, job)
     except HandedOverError:
         raise  # the worker it was handed to owns it now; DepthWorker leaves the job alone
