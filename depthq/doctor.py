@@ -264,6 +264,37 @@ def _foreign_workers(connection: Redis, config: Config) -> Iterator[Check]:
         yield Check("workers", "ok", f"{len(workers)} depthq worker(s) on queue {config.queue.name}")
 
 
+def _video(config: Config) -> Iterator[Check]:
+    """Whether dropped clips will be taken, and with what: PyAV's FFmpeg and its H.264 encoder."""
+    if not config.video.enabled:
+        yield Check("video", "ok", "clips are left alone (video.enabled: false)")
+        return
+    if config.transport.mode != "shared":
+        yield Check(
+            "video",
+            "warn",
+            f"clips are not taken: the {config.transport.mode} transport carries none yet",
+            "use transport.mode: shared for clips, or set video.enabled: false to say you want none",
+        )
+        return
+    try:
+        import av
+    except ImportError as exc:
+        yield Check("video", "FAIL", f"PyAV cannot be imported ({exc}); reinstall depthq (pip install -e .)")
+        return
+    found = f"PyAV {av.__version__}, FFmpeg {av.ffmpeg_version_info}"
+    if "libx264" not in av.codecs_available:
+        yield Check(
+            "video",
+            "warn",
+            f"{found} has no libx264: clip previews are MPEG-4 Part 2, which browsers do not play",
+            "install PyAV's own wheel (pip install --force-reinstall --no-binary :none: av), which has libx264",
+        )
+        return
+    extensions = " ".join(config.video.extensions)
+    yield Check("video", "ok", f"clips ({extensions}) taken: {found}, H.264 previews")
+
+
 def run_checks(
     config: Config, config_file: Path | None, model: bool = True, sharing: Sharing | None = None
 ) -> list[Check]:
@@ -272,6 +303,7 @@ def run_checks(
     checks += redis_checks
     checks += _folders(config)
     checks += _inotify(config)
+    checks += _video(config)
     if model:
         checks += _backend_and_model(config)
     if connection is not None:
