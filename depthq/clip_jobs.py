@@ -119,9 +119,14 @@ class ClipPart:
         return part
 
 
+def source_tag(source: str) -> str:
+    """The 8 hex digits that stand for a clip's name in its job ids."""
+    return hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
 def clip_job_base(sha256: str, model: str, source: str) -> str:
     """The id every job of this clip version starts with: content and model, as a photo's, and its name."""
-    return f"{job_id(sha256, model)}-{hashlib.sha256(source.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+    return f"{job_id(sha256, model)}-{source_tag(source)}"
 
 
 def chunk_job_id(base: str, index: int) -> str:
@@ -170,3 +175,21 @@ def staging_folder(output_root: Path, source: str, sha256: str) -> Path:
 def is_staging_name(name: str) -> bool:
     """Whether a name in the output tree is a clip's staging folder (for the audit)."""
     return name.startswith(".") and STAGING_MARK in name
+
+
+def staging_parts(name: str) -> tuple[str, str] | None:
+    """A staging folder's name taken apart: (the clip's output base, the first 12 hex digits of the
+    content's sha256), or None for another name."""
+    if not is_staging_name(name):
+        return None
+    base, _, sha12 = name[1:].rpartition(STAGING_MARK)
+    return (base, sha12) if base and len(sha12) == 12 else None
+
+
+def staging_key(jid: str) -> tuple[str, str] | None:
+    """(content's sha256 to 12 hex digits, name tag) of a clip's job: the staging folder it writes to,
+    whatever the model (the folder's name has none). None for a photo's job."""
+    if not is_clip_job(jid):
+        return None
+    parts = jid.split("-")
+    return (parts[0][:12], parts[2]) if len(parts) == 4 else None

@@ -10,9 +10,16 @@ about each photo without a result, then reports, for every eligible photo, one o
 
 so these add up to `photos`. On top of that: **partial** (a result with data files missing, or data
 files with no sidecar and no pending job), **both** (a sidecar and an error file), **orphans**
-(outputs of photos that are gone), **temporary** (temporary files in the output tree),
-**queued_nowhere** (jobs queued in no lane and taken by no worker: lost too) and **duplicated** (a job
-id twice in the lanes, or a photo with two pending jobs).
+(outputs of photos that are gone), **temporary** (temporary files in the output tree, and clips'
+staging folders no pending job may write to), **queued_nowhere** (jobs queued in no lane and taken by
+no worker: lost too) and **duplicated** (a job id twice in the lanes, or a photo with two pending jobs).
+
+A video clip (`depthq.clip_jobs`) counts among the photos. Its result is its sidecar, its `<clip>.depth/`
+folder and its preview (partial without either), and its state is its assemble job's, found by the
+clip's own ids (`clip_job_base`: content, model and name) rather than a photo's; while the assemble
+waits, deferred and in no lane, for the clip's chunk jobs, the clip is running, retrying or queued by
+the chunks nearest a result. The hidden folder its chunks stage frames in says nothing while a job of
+the clip is pending; left behind, it is temporary.
 
 What it costs, like the rescan: per folder, a listing of it and of its output folder (every one: the
 audit must see data files, not only sidecars) and one index query; per photo, a stat. A sidecar is
@@ -20,12 +27,15 @@ read only where the index does not know the photo (or `--hash` asks). Only a pho
 hashed, and only when the job the index names for its version is not pending. Redis is read in
 bulk, once, before the walk: every job's status (SCAN, then HMGET in pipelined batches), each lane and
 each taking list (LRANGE); only what then looks lost or queued nowhere is looked up again, fresh, at
-the end (the audit runs beside a live service).
+the end (the audit runs beside a live service). A clip's deferred assemble adds its dependency set
+(SMEMBERS); a staging folder that looks left behind, one more SCAN of the jobs, for all of them at once.
+A clip's depth folder is seen in its output folder's listing, never listed itself.
 
 It changes nothing unless asked (`repair`): then lost and stale photos go to the backfill lane by the
-rescan's path, a job queued nowhere goes back onto its lane, and temporary files older than any job
-are removed. Outputs, orphans and error files are never deleted; the index, the running watcher's,
-is only read.
+rescan's path, a job queued nowhere goes back onto its lane, and temporary files and staging folders
+older than any job are removed (a staging folder only while no job of its clip is pending, looked at
+again after the enqueueing: a lost clip made again keeps the chunks it staged). Outputs, orphans and
+error files are never deleted; the index, the running watcher's, is only read.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -50,6 +61,16 @@ from rq.exceptions import NoSuchJobError
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job, JobStatus
 
+from depthq.clip_jobs import (
+    assemble_job_id,
+    clip_job_base,
+    is_clip_job,
+    is_staging_name,
+    source_tag,
+    staging_key,
+    staging_parts,
+)
+from depthq.clip_sidecar import DEPTH_FOLDER_SUFFIX, PREVIEW_SUFFIX, ClipSidecar
 from depthq.config import Config, ConfigError
 from depthq.contract import (
     ERROR_SUFFIX,
@@ -71,7 +92,7 @@ from depthq.files import is_temp_name, remove_stale_temps_in, stale_temp_age_s
 from depthq.sidecar import Sidecar
 from producer.enqueue import Enqueuer, SourceError, Submitted
 from producer.index import INDEX_FILES, PhotoIndex
-from producer.readiness import Eligibility
+from producer.readiness import Eligibility, clip_extensions
 from producer.scan import sort_entries
 from producer.sending import sender_for
 
@@ -105,6 +126,8 @@ _STATE_OF_STATUS = {
     JobStatus.FAILED.value: "failed",
 }  # finished, stopped, canceled: over, and no result for this photo
 _PENDING_STATUSES = frozenset({JobStatus.QUEUED.value, JobStatus.STARTED.value, JobStatus.SCHEDULED.value})
+# A clip's assemble job waits for its chunks in rq's deferred status, in no lane: pending all the same.
+_CLIP_PENDING_STATUSES = _PENDING_STATUSES | {JobStatus.DEFERRED.value}
 # When two jobs speak for one photo, the one nearest a result.
 _RANK = {"collecting": 5, "running": 4, "retrying": 3, "queued": 2, "failed": 1, "lost": 0}
 # Photos whose jobs are looked up in one Redis round trip; rq jobs read per round trip.
@@ -112,9 +135,12 @@ _BATCH = 2000
 _JOB_PREFIX = Job.redis_job_namespace_prefix
 _DATA_KINDS = tuple(kind for kind in OUTPUT_SUFFIXES if kind != "json")
 _ALL_SUFFIXES = (*OUTPUT_SUFFIXES.values(), ERROR_SUFFIX)
+# What every clip's result has beside its sidecar: the folder of depth files and the preview.
+_CLIP_DATA = {"depth": DEPTH_FOLDER_SUFFIX, "preview": PREVIEW_SUFFIX}
+_CLIP_SUFFIXES = (OUTPUT_SUFFIXES["json"], ERROR_SUFFIX, *_CLIP_DATA.values())
 # An output name's suffixes by its last extension, longest first: ".png" may be a preview or a png16.
 _SUFFIXES_BY_EXTENSION: dict[str, list[str]] = {}
-for _suffix in sorted(_ALL_SUFFIXES, key=len, reverse=True):
+for _suffix in sorted({*_ALL_SUFFIXES, *_CLIP_SUFFIXES}, key=len, reverse=True):
     _SUFFIXES_BY_EXTENSION.setdefault(_suffix[_suffix.rfind(".") :], []).append(_suffix)
 # `output_base`'s shortened form of a long name: `<start>~<16 hex digits><extension>`.
 _SHORTENED = re.compile(r"~[0-9a-f]{16}(\.[^.]{1,15})?$")
@@ -138,10 +164,28 @@ class _Unfinished:
     # --hash found another sha256 than the sidecar's: the enqueuer needs `force` to see it.
     force: bool = False
     sha256: str | None = None
+    # A video clip: its jobs are an assemble job and its chunks (`depthq.clip_jobs`), not a photo's.
+    clip: bool = False
     state: str = "lost"
     job: str | None = None
     lane: str | None = None
     why: str = ""
+    # A clip whose assemble waits for its chunks: how many chunk jobs are in each rq status.
+    chunks: dict[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class _Staging:
+    """A clip's staging folder (`depthq.clip_jobs.staging_folder`) that no pending job may write to."""
+
+    path: str
+    # Relative to the output folder, as the report shows it.
+    file: str
+    source: str
+    # What the clip's jobs say of it (`staging_key`): its content's sha256 to 12 hex digits, and its
+    # name's tag, None where a shortened output name hides the name (the clip is gone).
+    sha12: str
+    tag: str | None
 
 
 @dataclass
@@ -160,11 +204,12 @@ class AuditReport:
     index: bool = False
     hash_checked: bool = False
     repair: dict[str, Any] | None = None
-    # For `repair`: every lost and stale photo, every job queued nowhere (id -> lane queue name), and
-    # every temporary file (folder -> names).
+    # For `repair`: every lost and stale photo, every job queued nowhere (id -> lane queue name), every
+    # temporary file (folder -> names), and every staging folder no pending job may write to.
     to_enqueue: list[_Unfinished] = field(default_factory=list, repr=False)
     nowhere: dict[str, str] = field(default_factory=dict, repr=False)
     temporary: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    staging: list[_Staging] = field(default_factory=list, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -231,6 +276,43 @@ def _copy_job(jid: str, source: str) -> str:
     return f"{jid}-{hashlib.sha256(source.encode()).hexdigest()[:8]}"
 
 
+def _job_ids(connection: Redis) -> Iterator[str]:
+    """Every rq job's id in Redis, by SCAN (rq:job:<id>:dependents and the like are no jobs)."""
+    for key in connection.scan_iter(match=_JOB_PREFIX + "*", count=1000):
+        jid = key.decode("utf-8", "replace")[len(_JOB_PREFIX) :]
+        if ":" not in jid:
+            yield jid
+
+
+def _in_use(keys: set[tuple[str, str]], staging: _Staging) -> bool:
+    """Whether a pending clip job (its `staging_key` in `keys`) may still write to this staging folder."""
+    if staging.tag is None:
+        return any(sha12 == staging.sha12 for sha12, _ in keys)
+    return (staging.sha12, staging.tag) in keys
+
+
+def _pending_staging_keys(connection: Redis, lanes: Iterable[str]) -> set[tuple[str, str]]:
+    """The staging folders that a clip job pending now in one of our lanes may write to, as
+    `staging_key`s: one SCAN of the job keys and a status per clip job. Asked only where a staging
+    folder looks left behind, so a clip in flight costs nothing more."""
+    ours = set(lanes)
+    ids = [jid for jid in _job_ids(connection) if is_clip_job(jid)]
+    keys: set[tuple[str, str]] = set()
+    for batch in _chunks(ids, _BATCH):
+        with connection.pipeline(transaction=False) as pipe:
+            for jid in batch:
+                pipe.hmget(Job.key_for(jid), "status", "origin")
+            replies = pipe.execute(raise_on_error=False)
+        for jid, reply in zip(batch, replies, strict=True):
+            if isinstance(reply, Exception):
+                continue
+            status, origin = (_text(v) for v in reply)
+            key = staging_key(jid)
+            if status in _CLIP_PENDING_STATUSES and origin in ours and key is not None:
+                keys.add(key)
+    return keys
+
+
 class Auditor:
     """One audit of the watched folder against the output folder, the index and Redis."""
 
@@ -250,7 +332,12 @@ class Auditor:
         self.collected = sender_for(config, connection).collected
         # What every result has beside its sidecar. Not `output.formats`: a format added later is written
         # for new photos only, so an older result without it is complete for what it was asked.
-        self.required = ["npy", "preview"]
+        self.required = {kind: OUTPUT_SUFFIXES[kind] for kind in ("npy", "preview")}
+        self.photo_data = {kind: OUTPUT_SUFFIXES[kind] for kind in _DATA_KINDS}
+        # The clips the producer takes now (their jobs are a clip's), and every clip extension, taken or
+        # not, by which a clip's outputs are told apart (still theirs where clips are no longer taken).
+        self.clip_extensions = frozenset(clip_extensions(config))
+        self.video_extensions = frozenset(e.lower().lstrip(".") for e in config.video.extensions)
         self.lanes = {make_queue(connection, config, lane).name: lane for lane in LANES}
         self.stale_temp_s = stale_temp_age_s(config.queue.job_timeout_s)
         self.report = AuditReport(str(self.root), str(self.output_root), limit)
@@ -258,6 +345,10 @@ class Auditor:
         # Every depthq job as the snapshot before the walk found it, and every list a job waits in.
         self._known: dict[str, tuple[str | None, str | None, str | None, bool]] = {}
         self._listed: dict[str, list[str]] = {}
+        # Staging folders that pending clip jobs may write to, as the snapshot has them; and the staging
+        # folders that then looked left behind, looked at again, fresh, at the end.
+        self._staging_keys: set[tuple[str, str]] = set()
+        self._staging_suspects: list[_Staging] = []
         self._now = time.time()
 
     # --- the walk --------------------------------------------------------------------------------
@@ -277,6 +368,7 @@ class Auditor:
                 index.close()
         self._resolve_waiting()
         self._recheck()
+        self._staging_left()
         self._jobs()
         self._error_details()
         self.report.seconds = time.monotonic() - started
@@ -325,10 +417,13 @@ class Auditor:
         out_dir = os.path.join(self.output_root, rel) if rel else str(self.output_root)
         names = self._list_output(out_dir)
         bases: dict[str, str] = {}
+        outputs: set[str] = set()
         json_suffix = OUTPUT_SUFFIXES["json"]
         for name, st in photos:
             base = output_base(name)
             bases[base] = name
+            clip = self._is_clip(name)
+            outputs.update(base + suffix for suffix in (_CLIP_SUFFIXES if clip else _ALL_SUFFIXES))
             has_json, has_error = base + json_suffix in names, base + ERROR_SUFFIX in names
             size, mtime = st.st_size, int(st.st_mtime)
             kind: str | None = None
@@ -361,7 +456,7 @@ class Auditor:
             if kind == "json" and self.check_hash:
                 if sidecar is None:
                     sidecar = self._read(os.path.join(out_dir, base + json_suffix))
-                said = Sidecar.from_dict(sidecar, source=prefix + name)
+                said = (ClipSidecar if clip else Sidecar).from_dict(sidecar, source=prefix + name)
                 photo = self._hash(os.path.join(path, name))
                 if photo is not None and said is not None and said.sha256 and said.sha256 != photo:
                     stale = {
@@ -371,11 +466,16 @@ class Auditor:
                         "sha256_recorded": said.sha256,
                         "sha256_now": photo,
                     }
-                    self._wait(_Unfinished(source, os.path.join(path, name), st, None, stale, force=True, sha256=photo))
+                    self._wait(
+                        _Unfinished(
+                            source, os.path.join(path, name), st, None, stale, force=True, sha256=photo, clip=clip
+                        )
+                    )
                     continue
             if kind == "json":
                 report.counts["done"] += 1
-                missing = [k for k in self.required if base + OUTPUT_SUFFIXES[k] not in names]
+                required = _CLIP_DATA if clip else self.required
+                missing = [k for k, suffix in required.items() if base + suffix not in names]
                 if missing:
                     report.add("partial", {"source": source, "missing": missing, "state": "done"})
                 if report.counts["done"] <= report.limit:
@@ -390,17 +490,32 @@ class Auditor:
                 os.path.join(path, name),
                 st,
                 given.job_id if given is not None and (given.size, given.mtime_ns) == (size, st.st_mtime_ns) else None,
+                clip=clip,
             )
             if recorded:
                 which = "json" if "json" in recorded else "error"
                 unfinished.stale = {"file": which, "recorded": recorded[which], "now": _stamp(st)}
             else:
-                unfinished.data_files = [k for k in _DATA_KINDS if base + OUTPUT_SUFFIXES[k] in names]
+                data = _CLIP_DATA if clip else self.photo_data
+                unfinished.data_files = [k for k, suffix in data.items() if base + suffix in names]
             self._wait(unfinished)
         # What is neither an output of a photo here nor the output folder of a watched folder.
-        rest = names - {base + suffix for base in bases for suffix in _ALL_SUFFIXES} - watched - INDEX_FILES
+        rest = names - outputs - watched - INDEX_FILES
         if rest:
             self._leftovers(out_dir, prefix, rest, bases, folder_exists=True)
+
+    def _is_clip(self, name: str) -> bool:
+        """Whether a file the walk found is a clip the producer takes (`Enqueuer.is_clip`'s rule)."""
+        dot = name.rfind(".")
+        return dot >= 0 and name[dot + 1 :].lower() in self.clip_extensions
+
+    def _is_depth_folder(self, name: str) -> bool:
+        """Whether a folder in the output tree is a clip's `<clip>.depth/`, by its name."""
+        if not name.endswith(DEPTH_FOLDER_SUFFIX):
+            return False
+        clip = name[: -len(DEPTH_FOLDER_SUFFIX)]
+        dot = clip.rfind(".")
+        return dot >= 0 and clip[dot + 1 :].lower() in self.video_extensions
 
     def _orphan_tree(self, out_dir: str, rel: str) -> None:
         """An output folder whose watched folder is gone (or is not watched): all of it is orphaned."""
@@ -411,13 +526,18 @@ class Auditor:
     def _leftovers(
         self, out_dir: str, prefix: str, names: set[str], bases: dict[str, str], folder_exists: bool
     ) -> None:
-        """Temporary files, orphaned folders, and outputs of no photo present, grouped by the photo
-        they were for."""
+        """Temporary files, clips' staging folders, orphaned folders, and outputs of no photo present,
+        grouped by the photo they were for (a clip's depth folder with its other outputs)."""
         groups: dict[str, list[str]] = {}
         for name in sorted(names):
             path = os.path.join(out_dir, name)
+            if is_staging_name(name) and self._staging(out_dir, prefix, name, bases):
+                continue
             if os.path.isdir(path) and not os.path.islink(path):
-                self._orphan_tree(path, prefix + name)
+                if self._is_depth_folder(name):
+                    groups.setdefault(name[: -len(DEPTH_FOLDER_SUFFIX)], []).append(name + "/")
+                else:
+                    self._orphan_tree(path, prefix + name)
                 continue
             if is_temp_name(name):
                 self._temporary(out_dir, prefix, name, bases)
@@ -458,6 +578,53 @@ class Auditor:
             },
         )
 
+    def _staging(self, out_dir: str, prefix: str, name: str, bases: dict[str, str]) -> bool:
+        """A clip's staging folder: nothing to say while a pending job of the clip may write to it (as
+        the snapshot has the jobs); else held for a fresh look at the end. False for a name that only
+        looks like one."""
+        parts = staging_parts(name)
+        if parts is None:
+            return False
+        base, sha12 = parts
+        clip = bases.get(base)
+        if clip is None and _SHORTENED.search(base):
+            source, tag = prefix + base, None  # a long name's clip that is gone: its name is unknown
+        else:
+            source = prefix + (clip if clip is not None else base)
+            tag = source_tag(source)
+        staging = _Staging(os.path.join(out_dir, name), prefix + name + "/", source, sha12, tag)
+        if not _in_use(self._staging_keys, staging):
+            self._staging_suspects.append(staging)
+        return True
+
+    def _staging_left(self) -> None:
+        """Staging folders that looked left behind, again, now that the walk is over: a clip's jobs
+        may have been made meanwhile. Those that no pending job may write to are temporary: the
+        assemble that removes one died after it, or never ran (the clip is gone or lost). Removable,
+        as a temporary file is, once older than any job could run."""
+        suspects, self._staging_suspects = self._staging_suspects, []
+        if not suspects:
+            return
+        in_use = _pending_staging_keys(self.connection, self.lanes)
+        for staging in suspects:
+            if _in_use(in_use, staging):
+                continue
+            try:
+                age = self._now - os.stat(staging.path).st_mtime
+            except OSError:
+                continue  # removed by its assemble meanwhile
+            self.report.staging.append(staging)
+            self.report.add(
+                "temporary",
+                {
+                    "source": staging.source,
+                    "file": staging.file,
+                    "age_s": round(age, 1),
+                    "removable": age >= self.stale_temp_s,
+                    "staging": True,
+                },
+            )
+
     def _read(self, path: str) -> dict[str, Any] | None:
         found, data = _read_json(path)
         self.report.sidecars_read += found
@@ -481,11 +648,7 @@ class Auditor:
         pipelined batches), and then every list a job waits in. A photo's job found pending here and
         its result not yet there when the walk reaches it is in flight still (a worker writes the
         sidecar before the job is over); what looks lost is looked at again, fresh, at the end."""
-        ids = []
-        for key in self.connection.scan_iter(match=_JOB_PREFIX + "*", count=1000):
-            jid = key.decode("utf-8", "replace")[len(_JOB_PREFIX) :]
-            if ":" not in jid:  # rq:job:<id>:dependents and the like are no jobs
-                ids.append(jid)
+        ids = list(_job_ids(self.connection))
         known: dict[str, tuple[str | None, str | None, str | None, bool]] = {}
         for batch in _chunks(ids, _BATCH):
             with self.connection.pipeline(transaction=False) as pipe:
@@ -506,6 +669,11 @@ class Auditor:
                     known[jid] = (*known[jid][:3], True)
         self._known = known
         self._listed = self._lists()
+        self._staging_keys = {
+            key
+            for jid, (status, *_) in known.items()
+            if status in _CLIP_PENDING_STATUSES and (key := staging_key(jid)) is not None
+        }
 
     def _from_snapshot(self, jids: Iterable[str]) -> dict[str, tuple[str | None, str | None, str | None, bool]]:
         return {jid: self._known[jid] for jid in jids if jid in self._known}
@@ -555,6 +723,10 @@ class Auditor:
 
     def _resolve(self, batch: list[_Unfinished], fresh: bool = False) -> None:
         """Each photo's state from its jobs: as the snapshot had them, or `fresh` from Redis."""
+        clips = [u for u in batch if u.clip]
+        if clips:
+            self._resolve_clips(clips, fresh)
+            batch = [u for u in batch if not u.clip]
         jobs = self._look if fresh else self._from_snapshot
         # First the job the index names for this very version: pending, it needs no hashing.
         look = jobs(u.given for u in batch if u.given)
@@ -598,13 +770,96 @@ class Auditor:
             elif u.state == "failed":
                 u.why = "the job failed and left no error file"
 
+    def _resolve_clips(self, batch: list[_Unfinished], fresh: bool) -> None:
+        """Each clip's state from its jobs. A clip's job ids carry its name (`clip_job_base`): a copy
+        is computed again, so no alias or copy job speaks for it. Its assemble job's id stands for the
+        clip, as the index records it; the refusal of a clip the producer must not read is a photo's."""
+        states = self._clip_states([u.given for u in batch if u.given], fresh)
+        rest: list[_Unfinished] = []
+        for u in batch:
+            if u.given is not None and states[u.given][0] in IN_FLIGHT:
+                self._judge_clip(u, [u.given], states, u.given)  # pending for this version: no hashing
+            else:
+                rest.append(u)
+        wanted: dict[int, tuple[list[str], str | None]] = {}
+        for u in rest:
+            if u.sha256 is None:
+                u.sha256 = self._hash(u.path)
+            mine = assemble_job_id(clip_job_base(u.sha256, self.model, u.source)) if u.sha256 is not None else None
+            jids = [j for j in (u.given, _unread_job(u.source, u.st), mine) if j]
+            wanted[id(u)] = (jids, mine)
+        states.update(self._clip_states([j for jids, _ in wanted.values() for j in jids if j not in states], fresh))
+        for u in rest:
+            jids, mine = wanted[id(u)]
+            self._judge_clip(u, jids, states, mine or u.given)
+
+    def _judge_clip(
+        self,
+        u: _Unfinished,
+        jids: list[str],
+        states: dict[str, tuple[str, str, str | None, dict[str, int] | None]],
+        own: str | None,
+    ) -> None:
+        """The clip's state from the job nearest a result; lost, it names its own assemble job and why."""
+        best: str | None = None
+        for jid in jids:
+            if best is None or _RANK[states[jid][0]] > _RANK[states[best][0]]:
+                best = jid
+        if best is not None and states[best][0] != "lost":
+            u.state, why, origin, u.chunks = states[best]
+            u.job, u.lane = best, self.lanes.get(origin or "")
+            u.why = why if u.state == "failed" else ""
+            return
+        u.state, u.job, u.lane, u.chunks = "lost", own, None, None
+        u.why = states[own][1] if own is not None and own in states else "its content could not be read"
+
+    def _clip_states(
+        self, jids: list[str], fresh: bool
+    ) -> dict[str, tuple[str, str, str | None, dict[str, int] | None]]:
+        """Job id -> (state, why, lane queue, chunk jobs by rq status) for a clip's jobs: as the
+        snapshot had them, or `fresh`. An assemble job deferred waits for its chunks: the clip is
+        running while one of them runs, and so on, by the chunks nearest a result; deferred with none
+        of them pending, it will never run."""
+        look = (self._look if fresh else self._from_snapshot)(jids)
+        deferred = [jid for jid in dict.fromkeys(jids) if look.get(jid, (None,))[0] == JobStatus.DEFERRED.value]
+        chunks: dict[str, list[str]] = {}
+        if deferred:
+            with self.connection.pipeline(transaction=False) as pipe:
+                for jid in deferred:
+                    pipe.smembers(Job(jid, connection=self.connection).dependencies_key)
+                chunks = {
+                    jid: sorted(v.decode() for v in members)
+                    for jid, members in zip(deferred, pipe.execute(), strict=True)
+                }
+        of_chunks = (self._look if fresh else self._from_snapshot)(c for ids_ in chunks.values() for c in ids_)
+        states: dict[str, tuple[str, str, str | None, dict[str, int] | None]] = {}
+        for jid in jids:
+            status, origin, _, _ = look.get(jid, (None, None, None, False))
+            if jid in chunks:
+                counted = Counter(of_chunks.get(c, (None,))[0] or "gone" for c in chunks[jid])
+                pending = [_STATE_OF_STATUS[s] for s in counted if s in _PENDING_STATUSES]
+                state = max(pending, key=_RANK.__getitem__) if pending else "lost"
+                why = "its assemble job waits for chunk jobs none of which is pending: it will never run"
+                states[jid] = (state, why, origin, dict(sorted(counted.items())))
+            elif status is None:
+                states[jid] = ("lost", "no job for this version", None, None)
+            else:
+                state = _STATE_OF_STATUS.get(status, "lost")
+                why = (
+                    "the job failed and left no error file"
+                    if state == "failed"
+                    else f"its job is {status}, with no result for this version"
+                )
+                states[jid] = (state, why, origin, None)
+        return states
+
     def _settle(self, u: _Unfinished) -> None:
         """Count a resolved photo, or hold it for the re-check at the end (lost and stale ones)."""
         if u.state in IN_FLIGHT:
-            self.report.add(
-                u.state,
-                {"source": u.source, "job_id": u.job, "lane": u.lane, "stale_output": u.stale is not None},
-            )
+            item = {"source": u.source, "job_id": u.job, "lane": u.lane, "stale_output": u.stale is not None}
+            if u.chunks is not None:
+                item["chunks"] = u.chunks
+            self.report.add(u.state, item)
             return
         if u.stale is not None or u.state == "lost":
             self.report.to_enqueue.append(u)
@@ -736,9 +991,16 @@ _ENQUEUE_BATCH = 500
 def repair(config: Config, connection: Redis, report: AuditReport) -> dict[str, Any]:
     """Put right what can be put right without deleting anything of value: lost and stale photos
     through the rescan's path (backfill lane), jobs queued nowhere back onto their lane, temporary
-    files older than any job could still be writing. Returns what it did."""
+    files and clips' staging folders older than any job could still be writing. Returns what it did."""
     started = time.monotonic()
-    done: dict[str, Any] = {"enqueued": {}, "requeued_jobs": [], "temporary_removed": 0, "temporary_left": 0}
+    done: dict[str, Any] = {
+        "enqueued": {},
+        "requeued_jobs": [],
+        "temporary_removed": 0,
+        "temporary_left": 0,
+        "staging_removed": 0,
+        "staging_left": 0,
+    }
     problems: list[str] = []
     older_than = stale_temp_age_s(config.queue.job_timeout_s)
     for folder, names in sorted(report.temporary.items()):
@@ -789,10 +1051,39 @@ def repair(config: Config, connection: Redis, report: AuditReport) -> dict[str, 
         if u.force:
             one(Path(u.path), force=True)  # same size and mtime, other content: only --force sees it
     done["enqueued"] = dict(sorted(outcomes.items()))
+    if report.staging:
+        # After the enqueueing: a lost clip made again keeps the chunks it staged, and runs only the rest.
+        removed, left = _remove_staging(connection, queues, report.staging, older_than, problems)
+        done["staging_removed"], done["staging_left"] = removed, left
     done["errors"] = problems
     done["seconds"] = round(time.monotonic() - started, 3)
     report.repair = done
     return done
+
+
+def _remove_staging(
+    connection: Redis, queues: Iterable[str], staging: list[_Staging], older_than: float, problems: list[str]
+) -> tuple[int, int]:
+    """Remove the staging folders that no clip job pending now may write to and that no writer has
+    touched for longer than any job could run (a job made since the audit, or running with its record
+    gone from Redis, keeps its folder). Returns (removed, left)."""
+    in_use = _pending_staging_keys(connection, queues)
+    removed = left = 0
+    now = time.time()
+    for folder in staging:
+        if not is_staging_name(os.path.basename(folder.path)):
+            continue  # never anything else, whatever the report says
+        try:
+            if _in_use(in_use, folder) or now - os.stat(folder.path).st_mtime < older_than:
+                left += 1
+                continue
+            shutil.rmtree(folder.path)
+            removed += 1
+        except FileNotFoundError:
+            continue  # removed by its assemble meanwhile
+        except OSError as exc:
+            problems.append(f"{folder.path}: {exc}")
+    return removed, left
 
 
 # --- rendering ------------------------------------------------------------------------------------
@@ -809,7 +1100,7 @@ _MEANING = {
     "stale": "a sidecar or error file of another version, and no job for this one",
     "partial": "a result with files missing, or data files with no sidecar",
     "both": "a sidecar and an error file",
-    "temporary": "temporary files; removable: older than any job could run",
+    "temporary": "temporary files and clips' staging folders; removable: older than any job could run",
     "queued_nowhere": "queued in no lane and taken by no worker: it will never run",
     "duplicated": "a job twice in the lanes, or a photo with two pending jobs",
 }
@@ -828,7 +1119,7 @@ _COLUMNS = {
     "queued_nowhere": ("source", "lane", "job_id"),
     "duplicated": ("source", "job_id", "job_ids", "lists"),
 }
-_IN_FLIGHT_COLUMNS = ("source", "lane", "job_id", "stale_output", "queued_nowhere")
+_IN_FLIGHT_COLUMNS = ("source", "lane", "job_id", "chunks", "stale_output", "queued_nowhere")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -903,6 +1194,11 @@ def render(report: AuditReport, console: Console) -> None:
             console.print(
                 f"repair: {r['temporary_removed']} temporary file(s) removed, {r['temporary_left']} younger "
                 "left for their writer"
+            )
+        if r["staging_removed"] or r["staging_left"]:
+            console.print(
+                f"repair: {r['staging_removed']} clip staging folder(s) removed, {r['staging_left']} left "
+                "(a job of the clip pending, or written to lately)"
             )
         for problem in r["errors"]:
             console.print(f"[red]repair: {problem}[/red]")
