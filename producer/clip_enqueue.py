@@ -68,10 +68,10 @@ class ClipEnqueuer:
     def _submit(self, path: Path, payload: JobPayload, base: str, assemble_id: str) -> tuple[ClipOutcome, str]:
         existing = self._fetch(assemble_id)
         if existing is not None:
-            if existing.get_status(refresh=False) in _PENDING:
+            if existing.get_status(refresh=False) in _PENDING and not self._stuck(existing):
                 log.debug("%s: clip job %s already pending", payload.source, assemble_id)
                 return "duplicate", assemble_id
-            self.delete(existing)  # over, and the clip has no result for this version: again
+            self.delete(existing)  # over (or stuck), and the clip has no result for this version: again
         try:
             info = probe(path)
         except ClipError as exc:
@@ -163,6 +163,25 @@ class ClipEnqueuer:
             description=description,
             depends_on=depends_on,
         )
+
+    def _stuck(self, assemble: Job) -> bool:
+        """A deferred assemble none of whose chunks will ever end: rq enqueues a dependent when a dependency
+        ends through a worker, not when one is deleted or expires (a chunk purged by hand, a Redis that
+        lost it). Such an assemble would wait for ever; made again, the clip reuses every staged chunk."""
+        if assemble.get_status(refresh=False) != JobStatus.DEFERRED:
+            return False
+        ids = sorted(m.decode() for m in self.connection.smembers(assemble.dependencies_key))
+        with self.connection.pipeline(transaction=False) as look:
+            for jid in ids:
+                look.hget(Job.key_for(jid), "status")
+            statuses = look.execute()
+        pending = {status.value for status in _PENDING}
+        waiting = [s for s in statuses if s is not None and s.decode() in pending]
+        if waiting:
+            return False
+        log.warning("%s: its assemble job %s waits on chunks that are over or gone; making the clip's jobs again",
+                    assemble.description, assemble.id)  # fmt: skip
+        return True
 
     def _fetch(self, jid: str) -> Job | None:
         try:

@@ -328,3 +328,21 @@ def test_a_model_without_fov_keeps_each_frames_depth_and_the_sidecar_says_so(
     for f in sorted((config.output.dir / "meters.mp4.depth").iterdir()):
         np.testing.assert_allclose(_exr(f), 2.0, rtol=1e-6)  # 1 / 0.5 m, as the model said
     _end(config, redis_client)
+
+
+def test_an_assemble_left_waiting_on_chunks_that_are_gone_is_made_again_and_the_clip_finishes(
+    config: Config, redis_client: Redis, enqueue: Callable[[Path], Any], run_worker: Callable[[], Any]
+) -> None:
+    """rq enqueues a dependent only when a dependency ends through a worker: chunks deleted by hand (a
+    purge, a Redis that lost them) leave the assemble deferred for ever, unless the producer sees it."""
+    clip = write_clip(config.producer.watch / "orphaned.mp4", frames=6)
+    first = enqueue(clip)
+    assemble = Job.fetch(first.job_id, connection=redis_client, serializer=SERIALIZER)
+    assert assemble.get_status() == "deferred"
+    for jid in redis_client.smembers(assemble.dependencies_key):
+        Job.fetch(jid.decode(), connection=redis_client, serializer=SERIALIZER).delete()
+    again = enqueue(clip)
+    assert (again.outcome, again.job_id) == ("enqueued", first.job_id)
+    run_worker()
+    assert json.loads((config.output.dir / "orphaned.mp4.json").read_text())["frames_computed"] == 6
+    _end(config, redis_client)

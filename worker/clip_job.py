@@ -41,7 +41,15 @@ from depthq.clip_jobs import (
 )
 from depthq.clip_sidecar import FRAME_FILE_PATTERN, ClipSidecar, FrameDepth
 from depthq.contract import JobPayload, output_path, recorded_stamp, source_stamp
-from depthq.files import atomic_bytes, atomic_write, is_temp_name, json_bytes, staged_write
+from depthq.files import (
+    atomic_bytes,
+    atomic_write,
+    is_temp_name,
+    json_bytes,
+    remove_stale_temps_in,
+    staged_write,
+    stale_temp_age_s,
+)
 from worker.backends.base import describe_model
 from worker.clip_camera import ClipFocal, clip_focal_px, rescale_depth
 from worker.clip_frames import chunk_frames
@@ -300,7 +308,9 @@ def _assemble(rt: Runtime, files: ClipFiles, p: JobPayload, part: ClipPart, job:
 
         staged_preview = staged_write(preview, write_frames)
     try:
-        _remove_others(folder, {f"{FRAME_FILE_PATTERN % f.number}.{fmt}" for f in frames})
+        _remove_others(
+            folder, {f"{FRAME_FILE_PATTERN % f.number}.{fmt}" for f in frames}, rt.config.queue.job_timeout_s
+        )
         sidecar = _sidecar(rt, p, part, job_id, stamp, records, frames, ratios, focal, fmt, t0, wait)
         with output_failures(root):
             sidecar_path = output_path(root, p.source, "json")
@@ -362,11 +372,14 @@ def _ratio(frame: _Staged, focal: ClipFocal, metric: bool) -> float:
     return focal.f_px / frame.focal_length_px
 
 
-def _remove_others(folder: Path, keep: set[str]) -> None:
-    """Depth files of an earlier version of the clip that this one does not have (it is shorter)."""
-    for entry in os.scandir(folder):
-        if entry.name not in keep and not is_temp_name(entry.name) and entry.is_file():
-            Path(entry.path).unlink(missing_ok=True)
+def _remove_others(folder: Path, keep: set[str], job_timeout_s: float) -> None:
+    """Depth files of an earlier version of the clip that this one does not have (it is shorter), and
+    temporary files an assemble killed mid-write left, once no writer can still be at them."""
+    names = [entry.name for entry in os.scandir(folder)]
+    for name in names:
+        if name not in keep and not is_temp_name(name):
+            (folder / name).unlink(missing_ok=True)
+    remove_stale_temps_in(folder, names, stale_temp_age_s(job_timeout_s), time.time())
 
 
 def _sidecar(
