@@ -116,6 +116,18 @@ class ClipPart:
         return part
 
 
+def describe(source: str, part: ClipPart) -> str:
+    """A clip's job as rq-dashboard's job list and page and a worker's log name it: the clip, and which
+    part of it. Frames are the clip's own, from 0: "walk.mp4: chunk 2/5, frames 16-31"."""
+    if part.part == "chunk":
+        last = part.start + (part.count - 1) * part.every_nth
+        step = f" step {part.every_nth}" if part.every_nth > 1 else ""
+        return f"{source}: chunk {part.index + 1}/{part.chunks}, frames {part.start}-{last}{step}"
+    if part.part == "assemble":
+        return f"{source}: assemble {part.chunks} chunk(s), {part.frames} frames"
+    return f"{source}: refused by the producer"
+
+
 def clip_job_base(sha256: str, model: str, source: str) -> str:
     """The id every job of this clip version starts with: content and model, as a photo's, and its name."""
     return f"{job_id(sha256, model)}-{hashlib.sha256(source.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
