@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,8 +34,8 @@ from worker.backends import Backend
 from worker.worker import build_worker
 
 
-def _get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url)
+def _get(url: str, auth: tuple[str, str] | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
     if auth is not None:
         request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
     try:
@@ -161,6 +162,10 @@ def test_a_clips_chunk_and_assemble_jobs_read_clearly_on_their_pages(
         assert (assemble["status"], assemble["depends_on"]) == ("deferred", chunks)
         assert assemble["depends_on_status"] == ["active"] * 3
         assert _get(f"{base}/0/data/job/no-such-job.json")[0] == 404
+        # The gallery's clip, through waitress as the dashboard serves it: a range, as a <video> asks.
+        data = (config.producer.watch / name).read_bytes()
+        part = _get(f"{base}/gallery/clip/{urllib.parse.quote(name)}", headers={"Range": "bytes=16-47"})
+        assert part == (206, data[16:48])
 
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         trouble: list[str] = []

@@ -220,6 +220,7 @@ def create_app(config: Config, redis_url: str, allow_no_auth: bool = False) -> F
             size=settings.gallery_size,
             refresh_s=settings.refresh_s,
             recent=lambda n: [s.decode() for s in app.redis_conn.lrange(recent_key(config.queue.name), 0, n - 1)],
+            clip_extensions=config.video.extensions,
         ),
         url_prefix="/gallery",
     )
