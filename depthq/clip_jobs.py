@@ -38,6 +38,8 @@ CHUNK_RECORD = "chunk-{:05d}.json"
 STAGED_FRAME = "{:06d}.npy"
 # The staging folder's name: hidden (the watcher and the gallery pass dot-names by), one per clip version.
 STAGING_MARK = ".chunks-"
+# The end of a clip's assemble job's id; its chunk jobs' ids end in -cNNNNN.
+_ASSEMBLE_SUFFIX = "-clip"
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,17 @@ def source_tag(source: str) -> str:
     return hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
+def describe(source: str, part: ClipPart) -> str:
+    """A clip's job as rq-dashboard's job list and page and a worker's log name it: the clip, and which
+    part of it. Frames are the clip's own, from 0: "walk.mp4: chunk 2/5, frames 16-31"."""
+    if part.part == "chunk":
+        step = f" step {part.every_nth}" if part.every_nth > 1 else ""
+        return f"{source}: chunk {part.index + 1}/{part.chunks}, frames {part.start}-{part.last}{step}"
+    if part.part == "assemble":
+        return f"{source}: assemble {part.chunks} chunk(s), {part.frames} frames"
+    return f"{source}: refused by the producer"
+
+
 def clip_job_base(sha256: str, model: str, source: str) -> str:
     """The id every job of this clip version starts with: content and model, as a photo's, and its name."""
     return f"{job_id(sha256, model)}-{source_tag(source)}"
@@ -134,12 +147,23 @@ def chunk_job_id(base: str, index: int) -> str:
 
 
 def assemble_job_id(base: str) -> str:
-    return f"{base}-clip"
+    return f"{base}{_ASSEMBLE_SUFFIX}"
 
 
 def is_clip_job(jid: str) -> bool:
     """Whether a job id is one of a clip's (for the views that show chunks: status, dashboard)."""
-    return jid.endswith("-clip") or (len(jid) > 7 and jid[-7:-5] == "-c" and jid[-5:].isdigit())
+    return is_assemble_job(jid) or (len(jid) > 7 and jid[-7:-5] == "-c" and jid[-5:].isdigit())
+
+
+def is_assemble_job(jid: str) -> bool:
+    """Whether a job id is a clip's assemble job (or the producer's refusal, which takes its id)."""
+    return jid.endswith(_ASSEMBLE_SUFFIX)
+
+
+def chunk_job_ids(assemble_id: str, chunks: int) -> list[str]:
+    """The chunk jobs an assemble job waits on, in order: what `producer.clip_enqueue` named them."""
+    base = assemble_id.removesuffix(_ASSEMBLE_SUFFIX)
+    return [chunk_job_id(base, index) for index in range(chunks)]
 
 
 def computed_frames(frame_count: int, every_nth: int) -> int:

@@ -25,7 +25,15 @@ from rq import Queue, Retry
 from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Dependency, Job, JobStatus
 
-from depthq.clip_jobs import ClipPart, assemble_job_id, chunk_job_id, clip_job_base, computed_frames, plan_chunks
+from depthq.clip_jobs import (
+    ClipPart,
+    assemble_job_id,
+    chunk_job_id,
+    clip_job_base,
+    computed_frames,
+    describe,
+    plan_chunks,
+)
 from depthq.config import Config
 from depthq.contract import JOB_FUNCTION, SERIALIZER, JobPayload
 from producer.clip_probe import ClipError, ClipInfo, probe
@@ -93,7 +101,7 @@ class ClipEnqueuer:
         self._enqueue(
             assemble_id,
             replace(payload, clip=assemble.to_dict()),
-            f"{payload.source} (assemble)",
+            describe(payload.source, assemble),
             Dependency(jobs=ids, allow_failure=True),
         )
         log.info("enqueued %s as %d chunk job(s) and assemble job %s", payload.source, len(ids), assemble_id)
@@ -128,17 +136,16 @@ class ClipEnqueuer:
             rotation=0, fps="1/1", frame_count=0, frame_count_exact=False, message=message,
         )  # fmt: skip
         try:
-            self._enqueue(assemble_id, replace(payload, clip=part.to_dict()), f"{payload.source} (refused)")
+            self._enqueue(assemble_id, replace(payload, clip=part.to_dict()), describe(payload.source, part))
         except DuplicateJobError:
             return "duplicate", assemble_id
         return "refused", assemble_id
 
     def _chunk(self, jid: str, payload: JobPayload, part: ClipPart) -> str:
         """One chunk job, unless it is pending already (a clip made again keeps its running chunks)."""
-        description = f"{payload.source} frames {part.start}-{part.last}"
         for _ in range(2):
             try:
-                self._enqueue(jid, replace(payload, clip=part.to_dict()), description)
+                self._enqueue(jid, replace(payload, clip=part.to_dict()), describe(payload.source, part))
                 return jid
             except DuplicateJobError:
                 job = self._fetch(jid)

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,10 +21,12 @@ from jinja2 import DictLoader
 from redis import Redis
 
 from depthq.cli import main
+from depthq.clip_jobs import chunk_job_ids
 from depthq.config import Config
 from depthq.ops.dashboard import create_app
 from depthq.redis_server import free_port
 from producer.enqueue import Enqueuer
+from testkit.clips import write_clip
 from testkit.photos import write_jpeg
 from testkit.waiting import wait_for
 from tests.browser import chromium
@@ -31,8 +34,8 @@ from worker.backends import Backend
 from worker.worker import build_worker
 
 
-def _get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url)
+def _get(url: str, auth: tuple[str, str] | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
     if auth is not None:
         request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
     try:
@@ -132,6 +135,56 @@ def test_the_navbar_links_the_gallery_and_jobs_opens_on_the_live_queue(
         page.wait_for_url(base + "/gallery/")
         expect(page.locator("header h1")).to_be_visible()
         assert not crashes
+
+
+def test_a_clips_chunk_and_assemble_jobs_read_clearly_on_their_pages(
+    make_config: Callable[..., Config],
+    redis_client: Redis,
+    tiny_backend: Backend,
+    write_config_file: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    """A clip of 10 frames in chunks of 4, its first chunk computed, in a browser: each job's page names
+    the clip and its part, and the assemble's (a job with dependencies, on which rq-dashboard's own data
+    fails) links its chunks. The clip's name is HTML, and the pages show it as written, never run it."""
+    from playwright.sync_api import expect
+
+    config = make_config(video={"chunk_frames": 4})
+    name = "<img src=x onerror=alert(1)> walk.mp4"
+    clip = Enqueuer(config, redis_client).submit(write_clip(config.producer.watch / name, frames=10))
+    build_worker(config, redis_client, tiny_backend).work(burst=True, max_jobs=1, with_scheduler=False)
+    chunks = chunk_job_ids(clip.job_id, 3)
+
+    with _dashboard(config, write_config_file, tmp_path) as base, chromium() as browser:
+        status, body = _get(f"{base}/0/data/job/{clip.job_id}.json")
+        assert status == 200, body
+        assemble = json.loads(body)
+        assert (assemble["status"], assemble["depends_on"]) == ("deferred", chunks)
+        assert assemble["depends_on_status"] == ["active"] * 3
+        assert _get(f"{base}/0/data/job/no-such-job.json")[0] == 404
+        # The gallery's clip, through waitress as the dashboard serves it: a range, as a <video> asks.
+        data = (config.producer.watch / name).read_bytes()
+        part = _get(f"{base}/gallery/clip/{urllib.parse.quote(name)}", headers={"Range": "bytes=16-47"})
+        assert part == (206, data[16:48])
+
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        trouble: list[str] = []
+        page.on("pageerror", lambda exc: trouble.append(str(exc)))
+        page.on("dialog", lambda dialog: trouble.append(f"a dialog: {dialog.message}") or dialog.dismiss())
+        page.goto(f"{base}/0/view/job/{chunks[0]}")
+        description = page.locator("#job-data .description-scroll")
+        expect(description).to_have_text(f"{name}: chunk 1/3, frames 0-3")
+        expect(page.locator("#job-data p", has_text="Metadata")).to_contain_text('"stage": "done"')
+        page.goto(f"{base}/0/view/job/{clip.job_id}")
+        expect(description).to_have_text(f"{name}: assemble 3 chunk(s), 10 frames")
+        links = page.locator("#job-data ul li a")
+        expect(links).to_have_text(chunks)
+        links.nth(1).click()
+        page.wait_for_url(f"{base}/0/view/job/{chunks[1]}")
+        expect(description).to_have_text(f"{name}: chunk 2/3, frames 4-7")
+        expect(page.locator("#job-data")).to_contain_text("queued")
+        assert page.locator("#job-data img").count() == 0
+        assert not trouble, trouble
 
 
 def test_basic_auth_guards_every_page(make_config: Callable[..., Config], redis_url: str, tmp_path: Path) -> None:

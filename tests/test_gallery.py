@@ -29,8 +29,10 @@ from werkzeug.serving import make_server
 
 import depthq.ops.gallery as gallery
 from depthq.config import Config
+from depthq.contract import recent_key
 from depthq.depthmap import DepthMap
 from producer.enqueue import Enqueuer
+from testkit.clips import write_clip, write_undecodable_clip
 from testkit.photos import write_jpeg
 from testkit.tiny_model import expected_depth
 from tests.browser import chromium
@@ -58,10 +60,15 @@ def compute(config: Config, redis_client: Redis, tiny_backend: Backend) -> Calla
     return run
 
 
-def make_app(config: Config, size: int = 48, refresh_s: float = 5.0) -> Flask:
+def make_app(config: Config, size: int = 48, refresh_s: float = 5.0, **kwargs: Any) -> Flask:
     app = Flask("test-gallery")
     bp = gallery.gallery_blueprint(
-        output_dir=config.output.dir, watch_root=config.producer.watch, size=size, refresh_s=refresh_s
+        output_dir=config.output.dir,
+        watch_root=config.producer.watch,
+        size=size,
+        refresh_s=refresh_s,
+        clip_extensions=config.video.extensions,
+        **kwargs,
     )
     app.register_blueprint(bp, url_prefix="/gallery")
     return app
@@ -162,13 +169,65 @@ def test_odd_values_in_a_sidecar_reach_the_page_as_null(config: Config) -> None:
     assert card["depth"] == {"min": None, "max": None, "median": None, "unit": None}
 
 
-def test_a_video_clips_sidecar_is_passed_over_not_shown_as_a_broken_photo(config: Config, compute) -> None:
-    """A `<clip>.json` (`kind: "clip"`) is no photo's result: the page has no card for it yet, and the
-    photos beside it are listed as ever."""
-    compute(write_jpeg(config.producer.watch / "photo.jpg"))
-    (config.output.dir / "clip.mp4.json").write_text(json.dumps({"kind": "clip", "source": "clip.mp4"}))
-    results = client_for(config).get("/gallery/results.json").get_json()["results"]
-    assert [card["source"] for card in results] == ["photo.jpg"]
+def test_a_clip_is_a_card_with_its_numbers_named_newest_by_redis_and_its_videos_served_with_ranges(
+    config: Config, compute, redis_client: Redis
+) -> None:
+    """A photo, then a clip (36 frames, its 35 mm focal length in its metadata), then a clip no decoder
+    reads, through the real producer and worker: the list of newest results in Redis names the clip once
+    its assemble job is done, and the gallery, reading that list, shows the clip's numbers and serves the
+    clip and its depth preview as files a <video> can seek in."""
+    watch = config.producer.watch
+    compute(write_jpeg(watch / "photo.jpg"))
+    compute(write_clip(watch / "trips" / "walk.mp4", width=64, height=48, frames=36, focal_35mm=26))
+    compute(write_undecodable_clip(watch / "alien.mov"))
+    newest = [s.decode() for s in redis_client.lrange(recent_key(config.queue.name), 0, -1)]
+    assert newest[:2] == ["alien.mov", "trips/walk.mp4"] and newest[-1] == "photo.jpg"
+
+    def recent(n: int) -> list[str]:
+        return [s.decode() for s in redis_client.lrange(recent_key(config.queue.name), 0, n - 1)]
+
+    client = make_app(config, recent=recent).test_client()
+    failed, card, photo = client.get("/gallery/results.json").get_json()["results"]
+    meta = sidecar(config, "trips/walk.mp4")
+    assert (card["source"], card["kind"], photo["source"], photo["kind"]) == (
+        "trips/walk.mp4",
+        "clip",
+        "photo.jpg",
+        "result",
+    )
+    assert (card["frames"], card["frame_count"], card["every_nth"], card["fps"]) == (36, 36, 1, 30.0)
+    assert (card["width"], card["height"]) == (64, 48)
+    assert card["focal_length_source"] == "metadata" and card["focal_length_35mm"] == pytest.approx(26)
+    assert card["focal_length_px"] == meta["focal_length_px"] and card["fov_deg"] == meta["fov_deg"]
+    assert card["depth"] == {k: meta["depth"][k] for k in ("min", "max", "median", "unit")}
+    assert card["hosts"] == [{"host": meta["workers"][0]["host"], "frames": 36}]
+    assert card["thumb_url"] is None and "preview_url" not in card and "result_url" not in card
+    # The failed clip: its error, and the clip itself rather than a thumbnail a video has none of.
+    assert (failed["source"], failed["kind"], failed["thumb_url"]) == ("alien.mov", "error", None)
+    assert failed["clip_url"].startswith("/gallery/clip/alien.mov?v=")
+
+    stored = {
+        card["video_url"]: (config.output.dir / "trips" / "walk.mp4.preview.mp4").read_bytes(),
+        card["clip_url"]: (watch / "trips" / "walk.mp4").read_bytes(),
+    }
+    for url, data in stored.items():
+        whole = client.get(url)
+        assert whole.status_code == 200 and whole.mimetype == "video/mp4" and whole.data == data, url
+        assert whole.headers["Accept-Ranges"] == "bytes"
+        part = client.get(url, headers={"Range": "bytes=100-199"})
+        assert part.status_code == 206 and part.data == data[100:200], url
+        assert part.headers["Content-Range"] == f"bytes 100-199/{len(data)}"
+        tail = client.get(url, headers={"Range": "bytes=-10"})
+        assert tail.status_code == 206 and tail.data == data[-10:]
+    assert client.get(failed["clip_url"]).mimetype == "video/quicktime"
+    for url in (
+        "/gallery/clip/photo.jpg",  # not a clip: the clip route serves clips only
+        "/gallery/clip/../inbox/trips/walk.mp4",
+        "/gallery/clip/trips/none.mp4",
+        "/gallery/clip-preview/photo.jpg",
+        "/gallery/clip-preview/../out/trips/walk.mp4.preview.mp4",
+    ):
+        assert client.get(url, follow_redirects=True).status_code == 404, url
 
 
 def test_the_listing_is_cached_between_refreshes(config: Config, compute) -> None:
@@ -400,6 +459,63 @@ def test_the_page_shows_results_as_they_land(
         artifacts = Path(os.environ["TEST_ARTIFACTS"])
         artifacts.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, artifacts / "gallery.png")
+
+
+def test_a_clip_plays_beside_its_depth_preview_and_both_seek(
+    config: Config, compute, browser: Any, served: str, tmp_path: Path
+) -> None:
+    """The clip's card in a browser: both videos load from the server's range responses and seek, and
+    the card shows the clip's numbers as its sidecar has them."""
+    from playwright.sync_api import expect
+
+    compute(write_clip(config.producer.watch / "walk.mp4", width=64, height=48, frames=30, focal_35mm=26))
+    meta = sidecar(config, "walk.mp4")
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    crashes: list[str] = []
+    page.on("pageerror", lambda exc: crashes.append(str(exc)))
+    statuses: dict[str, list[int]] = {}
+    page.on("response", lambda response: statuses.setdefault(response.url.split("?")[0], []).append(response.status))
+    page.goto(served)
+
+    card = page.locator("article.card.clip")
+    expect(card.locator(".name")).to_have_text("clipwalk.mp4")  # the badge, then the name
+    expect(card.locator(".frames")).to_have_text("30")
+    expect(card.locator(".fps")).to_have_text("30 fps")
+    expect(card.locator(".focal")).to_have_text(f"{meta['focal_length_px']:.0f} px (metadata)")
+    expect(card.locator(".focal35")).to_have_text("26 mm")
+    expect(card.locator(".range")).to_have_text(f"{meta['depth']['min']:.2f} m \u2013 {meta['depth']['max']:.2f} m")
+    expect(card.locator(".hosts")).to_have_text(f"{meta['workers'][0]['host']} (30)")
+    videos = card.locator("video")
+    expect(videos).to_have_count(2)
+    assert card.locator("img").count() == 0
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('article.card.clip video')].every(v => v.readyState >= 1)",
+        timeout=10_000,
+    )
+    for i in range(2):
+        seeked = videos.nth(i).evaluate(
+            """async (v) => {
+                const at = v.duration / 2;
+                v.currentTime = at;
+                await new Promise((done) => v.addEventListener("seeked", done, { once: true }));
+                return { at, now: v.currentTime, width: v.videoWidth, height: v.videoHeight, duration: v.duration };
+            }"""
+        )
+        assert seeked["now"] == pytest.approx(seeked["at"], abs=0.05)
+        assert seeked["duration"] == pytest.approx(1.0, abs=0.05)  # 30 frames at 30 fps
+        assert (seeked["width"], seeked["height"]) == (64, 48)
+    for route in ("clip", "clip-preview"):
+        answered = statuses[served + route + "/walk.mp4"]
+        assert 206 in answered and all(s in (200, 206) for s in answered), (route, answered)
+    assert not crashes
+    shot = tmp_path / "gallery-clip.png"
+    card.screenshot(path=str(shot))
+    context.close()
+    if os.environ.get("TEST_ARTIFACTS"):
+        artifacts = Path(os.environ["TEST_ARTIFACTS"])
+        artifacts.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, artifacts / "gallery-clip.png")
 
 
 def test_the_result_page_measures_between_two_clicked_pixels(

@@ -17,12 +17,16 @@ from redis import Redis
 from rq import Worker
 from rq.job import Job
 
+import depthq.ops.status as status_module
 from depthq.cli import main
+from depthq.clip_jobs import chunk_job_ids
 from depthq.config import Config
 from depthq.contract import SERIALIZER, Completion, completions_key, make_queue, record_completion, watches_key
-from depthq.ops.status import Status, gather
+from depthq.ops.status import ClipRow, Status, gather
 from producer.enqueue import Enqueuer
+from testkit.clips import write_clip
 from testkit.photos import write_jpeg
+from worker import clip_job
 from worker.backends import Backend, Prediction
 from worker.store import OutputStore
 from worker.worker import build_worker
@@ -205,3 +209,111 @@ def test_the_tables_fit_80_columns_without_cutting_a_name(
         artifacts = Path(os.environ["TEST_ARTIFACTS"])
         artifacts.mkdir(parents=True, exist_ok=True)
         (artifacts / "status-80.txt").write_text(table)
+
+
+def test_a_clip_in_progress_shows_its_frames_done_its_chunks_and_the_hosts_on_it(
+    make_config: Callable[..., Config],
+    redis_client: Redis,
+    redis_url: str,
+    tiny_backend: Backend,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A clip of 10 frames in chunks of 4 (4, 4, 2), deep in folders, on a Mac-length host name: looked at
+    before any work, in the middle of each chunk, while it is assembled, and at 80 columns."""
+    monkeypatch.setattr(socket, "gethostname", lambda: "mac-mini-studio.local")
+    config = make_config(video={"chunk_frames": 4})
+    clip = "trips/2024-06 Lisbon/VID_20240612_153012.mp4"
+    Enqueuer(config, redis_client).submit(write_clip(config.producer.watch / clip, frames=10))
+
+    (waiting,) = gather(redis_client, config).clips
+    assert (waiting.source, waiting.lane, waiting.frames_done, waiting.frames) == (clip, "live", 0, 10)
+    assert (waiting.chunks_done, waiting.chunks, waiting.chunks_running, waiting.hosts) == (0, 3, 0, {})
+    assert not waiting.assembling
+
+    seen: list[ClipRow] = []
+    tables: list[str] = []
+
+    def look() -> None:
+        (row,) = gather(redis_client, config).clips
+        seen.append(row)
+        if len(seen) == 5:  # chunk 2's first frame: chunk 1 is done
+            monkeypatch.setenv("COLUMNS", "80")
+            assert main(["status", "--redis-url", redis_url]) == 0
+            tables.append(capsys.readouterr().out)
+            assert main(["status", "--json", "--redis-url", redis_url]) == 0
+            tables.append(capsys.readouterr().out)
+
+    worker = build_worker(config, redis_client, WatchedBackend(tiny_backend, look))
+    worker.work(burst=True, max_jobs=2, with_scheduler=False)  # two of the three chunks
+    assert len(seen) == 8  # a look per frame computed
+    host = "mac-mini-studio"
+    first, second = seen[0], seen[4]
+    assert (first.frames_done, first.chunks_done, first.chunks_running, first.hosts) == (0, 0, 1, {host: 0})
+    assert (second.frames_done, second.chunks_done, second.chunks_running, second.hosts) == (4, 1, 1, {host: 4})
+    (after_two,) = gather(redis_client, config).clips
+    assert (after_two.frames_done, after_two.chunks_done, after_two.chunks_running) == (8, 2, 0)
+    assert after_two.hosts == {host: 8}
+
+    table, as_json = tables
+    lines = table.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in table, table
+    top = next(i for i, line in enumerate(lines) if line.startswith("1 clip(s) in progress"))
+    header = lines[top + 2]
+    assert [cell.strip() for cell in header.split("┃")[1:-1]] == ["clip", "frames", "chunks", "hosts"], table
+    rows = lines[top + 4 : lines.index(next(line for line in lines[top:] if line.startswith("└")))]
+    # Frames done of the clip's, its chunks, its host whole; the clip's name folded down its column, whole.
+    assert re.fullmatch(r"│ trips/2024-06 +│ +4/10 │ 1/3 done, 1 running +│ mac-mini-studio +│", rows[0]), table
+    assert "".join(row.split("│")[1].strip() for row in rows) == clip.replace(" ", ""), table
+    (listed,) = json.loads(as_json)["clips"]
+    assert (listed["source"], listed["frames_done"], listed["frames"], listed["hosts"]) == (clip, 4, 10, {host: 4})
+
+    assembling: list[ClipRow] = []
+    focal = clip_job.clip_focal_px
+
+    def looking_focal(*args: Any, **kwargs: Any) -> Any:
+        assembling.extend(gather(redis_client, config).clips)
+        return focal(*args, **kwargs)
+
+    monkeypatch.setattr(clip_job, "clip_focal_px", looking_focal)
+    build_worker(config, redis_client, tiny_backend).work(burst=True, with_scheduler=False)
+    (row,) = assembling
+    assert row.assembling and (row.frames_done, row.chunks_done, row.hosts) == (10, 3, {host: 10})
+    assert gather(redis_client, config).clips == []
+    assert json.loads((config.output.dir / (clip + ".json")).read_text())["frames_computed"] == 10
+
+
+def test_clips_are_listed_oldest_first_from_both_lanes_and_the_rest_counted(
+    make_config: Callable[..., Config],
+    redis_client: Redis,
+    redis_url: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Live first, each lane oldest first; past CLIPS_SHOWN the rest are counted, not read."""
+    config = make_config(video={"chunk_frames": 4})
+    watch = config.producer.watch
+    first = Enqueuer(config, redis_client).submit(write_clip(watch / "a.mp4", frames=5))
+    Enqueuer(config, redis_client).submit(write_clip(watch / "b.mov", frames=3))
+    Enqueuer(config, redis_client, lane="backfill").submit(write_clip(watch / "old/c.mkv", frames=9))
+    clips = gather(redis_client, config).clips
+    assert [(c.source, c.lane, c.frames, c.chunks) for c in clips] == [
+        ("a.mp4", "live", 5, 2),
+        ("b.mov", "live", 3, 1),
+        ("old/c.mkv", "backfill", 9, 3),
+    ]
+    monkeypatch.setattr(status_module, "CLIPS_SHOWN", 2)
+    status = gather(redis_client, config)
+    assert [c.source for c in status.clips] == ["a.mp4", "b.mov"] and status.clips_not_shown == 1
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["status", "--redis-url", redis_url]) == 0
+    table = capsys.readouterr().out
+    assert "3 clip(s) in progress" in table and "and 1 more, not shown" in table
+    assert "old/c.mkv" not in table
+
+    # Its first chunk's job deleted (from the dashboard, say): how many frames are done is not known.
+    Job.fetch(chunk_job_ids(first.job_id, 1)[0], connection=redis_client, serializer=SERIALIZER).delete()
+    (unknown, _) = gather(redis_client, config).clips
+    assert (unknown.source, unknown.frames_done, unknown.frames) == ("a.mp4", None, 5)
+    assert main(["status", "--redis-url", redis_url]) == 0
+    assert re.search(r"^│ a\.mp4 +│ +\?/5 │", capsys.readouterr().out, re.M)

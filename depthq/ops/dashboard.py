@@ -5,18 +5,23 @@ serializer. Its own basic auth compares passwords with `!=` and covers only its 
 applied here, to the whole app, with a constant-time comparison. waitress serves it: rq-dashboard's
 own runner is Flask's development server, not meant to run for weeks. Its pages get a link to the
 gallery, and its Jobs tab opens on depthq's live queue instead of rq's `default` (see `_point_at_depthq`).
+A job's page gets its data from depthq (`_job_data`): rq-dashboard's own fails on a clip's assemble job.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
-from flask import Flask, Response, redirect, request, url_for
+from flask import Flask, Response, current_app, jsonify, redirect, request, url_for
 from markupsafe import escape
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
 from werkzeug.wrappers import Response as Redirect
 
 from depthq.config import Config, ConfigError, read_password_file
@@ -126,6 +131,67 @@ def _point_at_depthq(app: Flask, live_queue: str) -> None:
         return response
 
 
+def _escaped(value: Any) -> Any:
+    """Every string in a JSON value with &, < and > as HTML entities, the structure kept: enough where
+    a page puts it into an element's content, and a string holding JSON (a job's metadata) stays JSON."""
+    if isinstance(value, str):
+        return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    if isinstance(value, dict):
+        return {key: _escaped(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escaped(item) for item in value]
+    return value
+
+
+def _job_data(app: Flask) -> None:
+    """The data of rq-dashboard's job page, answered by depthq.
+
+    rq-dashboard 0.9.0 answers 500 for any job with dependencies under rq 3, which returns the ids
+    already decoded where it decodes them again (Parallels/rq-dashboard#522, fixed after 0.9.0): a
+    clip's assemble job is one, so its page would show nothing. This answers the same fields, with the
+    dependencies sorted (chunk order) and one round trip for which of them still exist, however many
+    chunks a clip has. Its page puts the description, metadata, result and error into the page as HTML
+    (underscore's `<%= %>`, where its job list escapes them): a job's description is a file's name,
+    which anyone who can drop a file names, so the strings here are escaped, and show as written.
+    """
+    from rq_dashboard.web import format_job_description, serialize_date
+
+    def job_info(instance_number: int, job_id: str) -> Response | tuple[Response, int]:
+        connection = current_app.redis_conn
+        try:
+            job = Job.fetch(job_id, connection=connection, serializer=SERIALIZER)
+        except NoSuchJobError:
+            return jsonify(error=f"no job {job_id}"), 404
+        latest = job.latest_result()
+        status = job.get_status()
+        data: dict[str, Any] = {
+            "id": job.id,
+            "created_at": serialize_date(job.created_at),
+            "enqueued_at": serialize_date(job.enqueued_at),
+            "started_at": serialize_date(job.started_at),
+            "ended_at": serialize_date(job.ended_at),
+            "origin": job.origin,
+            "status": status.value if status is not None else None,
+            "result": job.return_value(),
+            "exc_info": latest.exc_string if latest else None,
+            "description": format_job_description(job),
+            "metadata": json.dumps(job.get_meta()),
+        }
+        dependencies = sorted(job.dependency_ids)
+        if dependencies:
+            with connection.pipeline(transaction=False) as pipe:
+                for dependency in dependencies:
+                    pipe.exists(Job.key_for(dependency))
+                exists = pipe.execute()
+            data["depends_on"] = dependencies
+            data["depends_on_status"] = ["active" if found else "expired" for found in exists]
+        response = jsonify(_escaped(data))
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    app.view_functions["rq_dashboard.job_info"] = job_info
+
+
 def create_app(config: Config, redis_url: str, allow_no_auth: bool = False) -> Flask:
     """The WSGI app. Refuses to face a network without a password unless told to (`--no-auth`)."""
     from rq_dashboard.cli import make_flask_app
@@ -154,6 +220,7 @@ def create_app(config: Config, redis_url: str, allow_no_auth: bool = False) -> F
             size=settings.gallery_size,
             refresh_s=settings.refresh_s,
             recent=lambda n: [s.decode() for s in app.redis_conn.lrange(recent_key(config.queue.name), 0, n - 1)],
+            clip_extensions=config.video.extensions,
         ),
         url_prefix="/gallery",
     )
@@ -162,6 +229,7 @@ def create_app(config: Config, redis_url: str, allow_no_auth: bool = False) -> F
     if settings.username is not None and settings.password_file is not None:
         _basic_auth(app, settings.username, read_password_file(settings.password_file, "dashboard.password_file"))
     _point_at_depthq(app, lane_queue_name(config.queue.name, "live"))
+    _job_data(app)
     log.info("dashboard for redis %s, queue %s", redact(redis_url), config.queue.name)
     return app
 

@@ -5,6 +5,10 @@ an open page costs a few stats, not a listing of an output tree of a million fil
 shows comes from the output folder alone: it shows what the store holds, not what the queue believes.
 Only while that list is empty (a new Redis) is the tree listed, as before. It runs on the producer
 side: Pillow and pillow_heif, never numpy or torch.
+
+A video clip's card (its sidecar says `kind: "clip"`) plays the clip beside its depth preview
+(`<clip>.preview.mp4`). Both are served as files, with range requests, which a browser's <video> needs
+to seek.
 """
 
 from __future__ import annotations
@@ -20,17 +24,19 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pillow_heif
-from flask import Blueprint, Response, abort, jsonify, render_template, request, url_for
+from flask import Blueprint, Response, abort, jsonify, render_template, request, send_file, url_for
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from depthq.camera import back_project
+from depthq.clip_jobs import preview_path
+from depthq.clip_sidecar import ClipSidecar
 from depthq.contract import ERROR_SUFFIX, OUTPUT_SUFFIXES, PayloadError, output_path, safe_relative
 from depthq.depthmap import DepthMap
 from depthq.sidecar import Sidecar, number, section, text
@@ -55,6 +61,15 @@ _DECODE_SLOTS = 4
 _WARNED_MAX = 1024
 
 _SIDECAR_SUFFIX = OUTPUT_SUFFIXES["json"]
+# What a browser is told each clip container is (an unknown one is sent as bytes, and may still play).
+_VIDEO_TYPES = {
+    "mp4": "video/mp4",
+    "m4v": "video/mp4",
+    "mov": "video/quicktime",
+    "mkv": "video/x-matroska",
+    "webm": "video/webm",
+    "avi": "video/x-msvideo",
+}
 _DECODE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError)
 
 
@@ -139,10 +154,10 @@ def _scan(output_dir: Path) -> Iterator[_Found]:
 UNSHOWABLE_ERRORS = frozenset({"bad_input", "refused"})
 
 
-def _card(found: _Found, record: dict[str, Any]) -> dict[str, Any] | None:
+def _card(found: _Found, record: dict[str, Any], is_clip: Callable[[str], bool]) -> dict[str, Any] | None:
     """What the page shows of one record: typed fields only, so nothing else from the file reaches it.
-    None for a result that is no photo's (a video clip's sidecar, `kind: "clip"`): the page has no card
-    for those yet, and must not fail over one."""
+    A clip's result (`kind: "clip"`) is a card of its own kind; a clip's error file shows the clip
+    itself, never a thumbnail, which a video has none of."""
     card: dict[str, Any] = {
         "source": found.source,
         "kind": found.kind,
@@ -157,7 +172,12 @@ def _card(found: _Found, record: dict[str, Any]) -> dict[str, Any] | None:
         if card["error"]["type"] in UNSHOWABLE_ERRORS:
             # The worker could not decode or read it: neither can the thumbnailer, so ask for nothing.
             card["thumb_url"] = None
+        if is_clip(found.source):
+            card.update(thumb_url=None, clip_url=url_for(".clip", source=found.source, v=found.mtime_ns))
         return card
+    clip = ClipSidecar.from_dict(record, source=found.source)
+    if clip is not None:
+        return _clip_card(card, found, clip)
     sidecar = Sidecar.from_dict(record, source=found.source)
     if sidecar is None:
         return None
@@ -185,6 +205,36 @@ def _card(found: _Found, record: dict[str, Any]) -> dict[str, Any] | None:
     return card
 
 
+def _clip_card(card: dict[str, Any], found: _Found, clip: ClipSidecar) -> dict[str, Any]:
+    """A clip's card: the clip and its depth preview as videos, and the clip's numbers."""
+    hosts: dict[str, int] = {}
+    for worker in clip.workers:
+        if worker.get("host"):
+            hosts[worker["host"]] = hosts.get(worker["host"], 0) + (worker.get("frames") or 0)
+    depth = clip.depth
+    card.update(
+        kind="clip",
+        thumb_url=None,
+        clip_url=url_for(".clip", source=found.source, v=found.mtime_ns),
+        video_url=url_for(".clip_preview", source=found.source, v=found.mtime_ns),
+        width=clip.width,
+        height=clip.height,
+        frames=clip.frames_computed,
+        frame_count=clip.frame_count,
+        every_nth=clip.every_nth,
+        fps=clip.fps,
+        fov_deg=clip.fov_deg,
+        focal_length_px=clip.focal_length_px,
+        focal_length_source=clip.focal_length_source,
+        focal_length_35mm=clip.focal_length_35mm,
+        depth={key: depth.get(key) for key in ("min", "max", "median", "unit")},
+        hosts=[{"host": host, "frames": frames} for host, frames in sorted(hosts.items())],
+        model={key: text(clip.model.get(key)) for key in ("name", "backend", "device")},
+        warnings=list(clip.warnings),
+    )
+    return card
+
+
 class _Listing:
     """The latest results, rescanned at most every `ttl_s` however many tabs poll.
 
@@ -194,10 +244,16 @@ class _Listing:
     """
 
     def __init__(
-        self, output_dir: Path, size: int, ttl_s: float, recent: Callable[[int], list[str]] | None = None
+        self,
+        output_dir: Path,
+        size: int,
+        ttl_s: float,
+        recent: Callable[[int], list[str]] | None = None,
+        is_clip: Callable[[str], bool] = lambda source: False,
     ) -> None:
         self.output_dir = output_dir
         self.recent = recent
+        self.is_clip = is_clip
         self.size = size
         self.ttl_s = ttl_s
         self._lock = threading.Lock()
@@ -229,7 +285,7 @@ class _Listing:
             found = self._named(found, record)
             if found.source in seen:
                 continue
-            card = _card(found, record)
+            card = _card(found, record, self.is_clip)
             if card is None:
                 continue
             seen.add(found.source)
@@ -338,11 +394,18 @@ def gallery_blueprint(
     size: int,
     refresh_s: float,
     recent: Callable[[int], list[str]] | None = None,
+    clip_extensions: Iterable[str] = (),
 ) -> Blueprint:
     """The gallery's routes, to mount at `/gallery`. `refresh_s` is how often an open page polls for
     new results; the listing is cached for half of it, so any number of tabs cost one look.
-    `recent(n)` names the n photos with the newest outputs (Redis); without it the tree is listed."""
-    listing = _Listing(output_dir, size, refresh_s / 2, recent)
+    `recent(n)` names the n photos with the newest outputs (Redis); without it the tree is listed.
+    `clip_extensions` (`video.extensions`) are the files served as clips, and only they."""
+    clip_suffixes = {e.lower().lstrip(".") for e in clip_extensions}
+
+    def is_clip(source: str) -> bool:
+        return PurePosixPath(source).suffix.lower().lstrip(".") in clip_suffixes
+
+    listing = _Listing(output_dir, size, refresh_s / 2, recent, is_clip)
     cache = _ThumbCache(_THUMB_CACHE_BYTES)
     decode_slots = threading.BoundedSemaphore(_DECODE_SLOTS)
     bp = Blueprint("gallery", __name__, template_folder="templates")
@@ -384,6 +447,15 @@ def gallery_blueprint(
         except PayloadError:
             abort(404)
 
+    def video_response(root: Path, path: Path) -> Response:
+        """The file itself, with range requests (a <video> seeks by them) and its container's type."""
+        real = _inside(root, path)
+        mimetype = _VIDEO_TYPES.get(real.suffix.lower().lstrip("."), "application/octet-stream")
+        response = send_file(real, mimetype=mimetype, conditional=True)
+        # URLs carry the result's version (?v=mtime), as thumbnails' do.
+        response.headers["Cache-Control"] = "private, max-age=86400"
+        return response
+
     @bp.get("/")
     def page() -> str:
         return render_template("gallery.html", initial=payload(), results_url=url_for(".results"))
@@ -397,6 +469,19 @@ def gallery_blueprint(
     @bp.get("/thumb/<path:source>")
     def thumb(source: str) -> Response:
         return thumbnail_response(watch_root, watch_root.joinpath(*relative(source)))
+
+    @bp.get("/clip/<path:source>")
+    def clip(source: str) -> Response:
+        """A clip from the watched folder, as it is: a browser plays what its codecs allow."""
+        if not is_clip(source):
+            abort(404)
+        return video_response(watch_root, watch_root.joinpath(*relative(source)))
+
+    @bp.get("/clip-preview/<path:source>")
+    def clip_preview(source: str) -> Response:
+        """A clip's depth preview, `<clip>.preview.mp4` (H.264)."""
+        relative(source)
+        return video_response(output_dir, preview_path(output_dir, source))
 
     @bp.get("/preview/<path:source>")
     def preview(source: str) -> Response:

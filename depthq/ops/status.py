@@ -2,7 +2,8 @@
 
 Everything comes from what rq already keeps (queue, registries, worker records) plus the completions
 workers record (`contract.record_completion`), so any host that reaches Redis can ask, and nothing
-has to be running besides Redis.
+has to be running besides Redis. Clips in progress come from their assemble jobs, which wait in rq's
+deferred registry until every chunk job has ended, and from those chunk jobs' states.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from rich.text import Text
 from rq import Queue, Worker
 from rq.exceptions import NoSuchJobError
 from rq.intermediate_queue import IntermediateQueue
-from rq.job import Job
+from rq.job import Job, JobStatus
 
+from depthq.clip_jobs import ClipPart, chunk_job_ids, is_assemble_job, plan_chunks
 from depthq.config import Config
 from depthq.contract import (
     ALERTS,
@@ -34,6 +36,8 @@ from depthq.contract import (
     SERIALIZER,
     WORKER_FIELDS,
     Completion,
+    Lane,
+    PayloadError,
     alert_key,
     completions_key,
     inflight_key,
@@ -49,6 +53,10 @@ WINDOWS_MIN = (5, 60)
 # worker columns (or a failed job's 41-character id and its timestamp) still leave the photo and the
 # error room to be read rather than folded into slivers.
 WIDE_CONSOLE = 120
+
+# Clips shown in progress (the rest are counted). Each costs one small read per chunk job (a 10-minute
+# clip has about 1,100), which bounds what a look at a queue of many clips costs.
+CLIPS_SHOWN = 8
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,28 @@ class WorkerRow:
     # An rq worker that is not depthq's (a plain `rq worker`): it cannot run depthq's jobs, and any it
     # takes fail without a result until the producer sends them again.
     foreign: bool = False
+
+
+@dataclass(frozen=True)
+class ClipRow:
+    """A clip with pending jobs, as its chunk jobs in Redis say (nothing on disk is read).
+
+    `frames` is the clip's computed frames and `frames_done` those of its finished chunks (None when the
+    chunk size cannot be read back: the clip's first chunk job is gone). `hosts` maps each host that
+    finished or runs one of its chunks to the frames it finished. `assembling`: every chunk has ended
+    and the assemble job runs.
+    """
+
+    source: str
+    lane: str
+    frames: int
+    frames_done: int | None
+    chunks: int
+    chunks_done: int
+    chunks_running: int
+    chunks_failed: int
+    hosts: dict[str, int] = field(default_factory=dict)
+    assembling: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,6 +156,9 @@ class Status:
     # Watcher host -> (inotify watches, folders under the watch root) at its last rescan (Linux).
     watches: dict[str, tuple[int, int]] = field(default_factory=dict)
     lanes: dict[str, LaneStatus] = field(default_factory=dict)
+    # At most CLIPS_SHOWN clips in progress, oldest first, and how many more have pending jobs.
+    clips: list[ClipRow] = field(default_factory=list)
+    clips_not_shown: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -242,6 +275,7 @@ def gather(connection: Redis, config: Config, now: float | None = None) -> Statu
     completions = [Completion.from_member(m) for m in raw]
     lanes = {lane: _lane(connection, make_queue(connection, config, lane), now) for lane in LANES}
     ages = [lane.oldest_queued_age_s for lane in lanes.values() if lane.oldest_queued_age_s is not None]
+    clips, clips_not_shown = _clips(connection, config)
     return Status(
         queue=name,
         queued=sum(lane.queued for lane in lanes.values()),
@@ -260,6 +294,8 @@ def gather(connection: Redis, config: Config, now: float | None = None) -> Statu
             host.decode(): tuple(int(n) for n in counts.split()[:2])  # type: ignore[misc]
             for host, counts in connection.hgetall(watches_key(name)).items()
         },
+        clips=clips,
+        clips_not_shown=clips_not_shown,
     )
 
 
@@ -275,6 +311,123 @@ def _lane(connection: Redis, queue: Queue, now: float) -> LaneStatus:
         failed=queue.failed_job_registry.count,
         oldest_queued_age_s=_age(oldest.enqueued_at, now) if oldest else None,
     )
+
+
+@dataclass(frozen=True)
+class _PendingClip:
+    lane: Lane
+    assemble_id: str
+    assembling: bool
+    source: str
+    part: ClipPart
+    counts: list[int] | None
+    created_at: datetime
+
+
+def _clips(connection: Redis, config: Config) -> tuple[list[ClipRow], int]:
+    """The clips whose assemble job runs or waits for its chunks, at most CLIPS_SHOWN: live first, then
+    those assembling, then the oldest; and how many more there are. Whatever the queue holds: three reads
+    of each lane's registries, then one round trip for the shown clips' assemble and first chunk jobs and
+    one for each of their chunk jobs' status and meta (HMGET, not the whole job)."""
+    listed: list[tuple[Lane, str, bool]] = []
+    total = 0
+    for lane in LANES:
+        queue = make_queue(connection, config, lane)
+        running = [j for j in queue.started_job_registry.get_job_ids(cleanup=False) if is_assemble_job(j)]
+        deferred = queue.deferred_job_registry
+        waiting = [j for j in deferred.get_job_ids(0, CLIPS_SHOWN - 1, cleanup=False) if is_assemble_job(j)]
+        listed += [(lane, j, True) for j in running] + [(lane, j, False) for j in waiting]
+        total += len(running) + deferred.get_job_count(cleanup=False)
+    listed = listed[:CLIPS_SHOWN]
+    ids = [jid for _, jid, _ in listed]
+    jobs = Job.fetch_many([*ids, *(chunk_job_ids(jid, 1)[0] for jid in ids)], connection, SERIALIZER)
+    pending = []
+    for (lane, jid, assembling), assemble, first in zip(listed, jobs[: len(ids)], jobs[len(ids) :], strict=True):
+        part = _clip_part(assemble)
+        source = job_source(assemble) if assemble is not None else None
+        if assemble is None or part is None or part.part != "assemble" or source is None:
+            continue  # over since the registry was read, or no clip's
+        counts = _chunk_counts(part, _clip_part(first))
+        created = assemble.created_at or datetime.now(UTC)
+        pending.append(_PendingClip(lane, jid, assembling, source, part, counts, created))
+    # The registry orders by the second a clip was enqueued; the job's own time orders clips of one second.
+    pending.sort(key=lambda c: (LANES.index(c.lane), not c.assembling, c.created_at))
+    with connection.pipeline(transaction=False) as pipe:
+        for clip in pending:
+            for chunk in chunk_job_ids(clip.assemble_id, clip.part.chunks):
+                pipe.hmget(Job.key_for(chunk), "status", "meta")
+        replies = iter(pipe.execute())
+    clips = [_clip_row(clip, [next(replies) for _ in range(clip.part.chunks)]) for clip in pending]
+    return clips, max(total - len(listed), 0)
+
+
+def _clip_part(job: Job | None) -> ClipPart | None:
+    """The clip a job is part of, or None for a job that is gone, not ours or not a clip's."""
+    try:
+        payload = job.args[0] if job is not None and job.args else None
+    except Exception:  # rq decodes lazily: a pickled or foreign job fails here
+        return None
+    if not isinstance(payload, dict) or payload.get("clip") is None:
+        return None
+    try:
+        return ClipPart.from_dict(payload["clip"])
+    except PayloadError:
+        return None
+
+
+def _chunk_counts(clip: ClipPart, first: ClipPart | None) -> list[int] | None:
+    """Each chunk's computed frames: the producer's plan made again, with the first chunk's size as the
+    chunk size (every chunk has it but the last). None without the first chunk's job."""
+    if first is None or first.part != "chunk" or first.count < 1:
+        return None
+    plan = plan_chunks(clip.frame_count, clip.every_nth, first.count)
+    return [count for _, count in plan] if len(plan) == clip.chunks else None
+
+
+# A chunk job over without its frames: the assemble then records the clip as failed.
+_OVER_UNDONE = {JobStatus.FAILED.value, JobStatus.STOPPED.value, JobStatus.CANCELED.value}
+
+
+def _clip_row(clip: _PendingClip, chunks: list[list[bytes | None]]) -> ClipRow:
+    """A clip's row from its chunk jobs' (status, meta), in chunk order."""
+    done = running = failed = frames_done = 0
+    hosts: dict[str, int] = {}
+    for index, (status, meta) in enumerate(chunks):
+        state = status.decode() if status else None
+        host = _host(meta)
+        if state == JobStatus.FINISHED.value:
+            done += 1
+            frames = clip.counts[index] if clip.counts is not None else 0
+            frames_done += frames
+            if host is not None:
+                hosts[host] = hosts.get(host, 0) + frames
+        elif state == JobStatus.STARTED.value:
+            running += 1
+            if host is not None:
+                hosts.setdefault(host, 0)
+        elif state in _OVER_UNDONE:
+            failed += 1
+    return ClipRow(
+        source=clip.source,
+        lane=clip.lane,
+        frames=clip.part.frames,
+        frames_done=frames_done if clip.counts is not None else None,
+        chunks=clip.part.chunks,
+        chunks_done=done,
+        chunks_running=running,
+        chunks_failed=failed,
+        hosts=dict(sorted(hosts.items())),
+        assembling=clip.assembling,
+    )
+
+
+def _host(meta: bytes | None) -> str | None:
+    """The host a chunk job ran on, as the worker's `stage` recorded it in job.meta."""
+    try:
+        host = SERIALIZER.loads(meta).get("host") if meta else None
+    except (ValueError, AttributeError):
+        return None
+    return host if isinstance(host, str) else None
 
 
 def _redis_full(connection: Redis) -> list[str]:
@@ -329,6 +482,8 @@ def render(status: Status, console: Console) -> None:
         collectors = ", ".join(f"{n} ({_seconds(s)} ago)" for n, s in sorted(t.collectors_idle_s.items()))
         summary.add_row("collectors", collectors or "[red]none has run[/red]")
     console.print(summary)
+    if status.clips or status.clips_not_shown:
+        console.print(_clips_table(status.clips, status.clips_not_shown))
     console.print(_workers_table(status.workers, console.width))
 
     rates = Table(title="throughput and latency", title_justify="left")
@@ -350,6 +505,33 @@ def render(status: Status, console: Console) -> None:
 
 # The photo column's least width in the full table: narrower, a path folds into a column of slivers.
 _PHOTO_MIN = 20
+
+
+def _clips_table(rows: list[ClipRow], more: int) -> Table:
+    """One row per clip in progress: frames done of the clip's, its chunks, the hosts on it. The clip's
+    name folds as a photo's does; each host is whole on a line of its own, as a worker's name is."""
+    table = Table(
+        title=f"{len(rows) + more} clip(s) in progress",
+        title_justify="left",
+        caption=f"and {more} more, not shown" if more else None,
+        caption_justify="left",
+    )
+    table.add_column("clip", overflow="fold", min_width=_PHOTO_MIN)
+    table.add_column("frames", justify="right", no_wrap=True)
+    table.add_column("chunks")
+    table.add_column("hosts", no_wrap=True)
+    for clip in rows:
+        if clip.assembling:
+            chunks = Text("all done, assembling")
+        else:
+            chunks = Text(f"{clip.chunks_done}/{clip.chunks} done")
+            if clip.chunks_running:
+                chunks.append(f", {clip.chunks_running} running")
+        if clip.chunks_failed:
+            chunks.append(f", {clip.chunks_failed} failed", style="red")
+        done = "?" if clip.frames_done is None else str(clip.frames_done)
+        table.add_row(Text(clip.source), f"{done}/{clip.frames}", chunks, Text("\n".join(clip.hosts) or "-"))
+    return table
 
 
 def _worker_cells(w: WorkerRow) -> dict[str, str]:
