@@ -8,7 +8,8 @@ a chunk whose frames an earlier run staged returns at once on the worker, so not
 
 The assemble job depends on every chunk job with `allow_failure` (rq's `Dependency`): Redis holds the
 fan-in, no depthq process waits on it, and the assemble runs once every chunk has ended, well or not,
-so a bad clip never leaves a job deferred for ever. The clip is probed here, on the watcher's host,
+so a bad clip never leaves a job deferred for ever; it then goes to the front of its lane, so a clip whose
+frames are all done is not held behind a backlog. The clip is probed here, on the watcher's host,
 with PyAV alone (`producer.clip_probe`: no numpy).
 """
 
@@ -102,7 +103,7 @@ class ClipEnqueuer:
             assemble_id,
             replace(payload, clip=assemble.to_dict()),
             describe(payload.source, assemble),
-            Dependency(jobs=ids, allow_failure=True),
+            Dependency(jobs=ids, allow_failure=True, enqueue_at_front=True),
         )
         log.info("enqueued %s as %d chunk job(s) and assemble job %s", payload.source, len(ids), assemble_id)
         return "enqueued", assemble_id
