@@ -27,6 +27,7 @@ from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Dependency, Job, JobStatus
 
 from depthq.clip_jobs import (
+    CHUNK_RECORD,
     ClipPart,
     assemble_job_id,
     chunk_job_id,
@@ -34,6 +35,7 @@ from depthq.clip_jobs import (
     computed_frames,
     describe,
     plan_chunks,
+    staging_folder,
 )
 from depthq.config import Config
 from depthq.contract import JOB_FUNCTION, SERIALIZER, JobPayload
@@ -152,10 +154,18 @@ class ClipEnqueuer:
                 job = self._fetch(jid)
                 if job is None:
                     continue
-                if job.get_status(refresh=False) in _PENDING:
-                    return jid
+                status = job.get_status(refresh=False)
+                if status in _PENDING or (status == JobStatus.FINISHED and self._staged(payload, part)):
+                    return jid  # running, or done with its frames still staged for the assemble
                 self.delete(job)
         return jid
+
+    def _staged(self, payload: JobPayload, part: ClipPart) -> bool:
+        """Whether this chunk's frames are staged for this version of the clip (its record is there): a
+        chunk job that finished once is no proof, since an assemble (or `depthq audit --repair`) removes
+        the staging folder when it is done with it."""
+        folder = staging_folder(self.config.output.dir, payload.source, payload.sha256)
+        return (folder / CHUNK_RECORD.format(part.index)).is_file()
 
     def _enqueue(self, jid: str, payload: JobPayload, description: str, depends_on: Dependency | None = None) -> None:
         q = self.config.queue

@@ -346,3 +346,67 @@ def test_an_assemble_left_waiting_on_chunks_that_are_gone_is_made_again_and_the_
     run_worker()
     assert json.loads((config.output.dir / "orphaned.mp4.json").read_text())["frames_computed"] == 6
     _end(config, redis_client)
+
+
+def test_a_lost_assemble_is_made_again_without_computing_the_staged_chunks_again(
+    config: Config,
+    redis_client: Redis,
+    enqueue: Callable[[Path], Any],
+    tiny_backend: Any,
+    run_worker: Callable[[], Any],
+) -> None:
+    from worker.worker import build_worker
+
+    clip = write_clip(config.producer.watch / "staged.mp4", frames=6)  # two chunks of 4 and 2
+    first = enqueue(clip)
+    build_worker(config, redis_client, tiny_backend).work(burst=True, max_jobs=2, with_scheduler=False)
+    assert not (config.output.dir / "staged.mp4.json").exists()
+    Job.fetch(first.job_id, connection=redis_client, serializer=SERIALIZER).delete()  # the assemble, lost
+    assert enqueue(clip).outcome == "enqueued"
+    run_worker()
+    assert json.loads((config.output.dir / "staged.mp4.json").read_text())["frames_computed"] == 6
+    base = first.job_id.removesuffix("-clip")
+    for index in range(2):  # each chunk computed once: the remade clip kept their staged frames
+        chunk = Job.fetch(f"{base}-c{index:05d}", connection=redis_client, serializer=SERIALIZER)
+        assert len(chunk.results()) == 1
+    _end(config, redis_client)
+
+
+class FailsFirst:
+    """The tiny model, failing its first `n` predictions as a passing fault would (a device hiccup)."""
+
+    def __init__(self, inner: Any, n: int):
+        self.inner, self.left = inner, n
+        self.name, self.device, self.model_name = inner.name, inner.device, inner.model_name
+        self.warnings, self.input_size = inner.warnings, inner.input_size
+
+    def load(self) -> None:
+        self.inner.load()
+
+    def predict(self, rgb: np.ndarray) -> Prediction:
+        if self.left:
+            self.left -= 1
+            raise RuntimeError("the device hiccuped")
+        return self.inner.predict(rgb)
+
+
+def test_depthq_failed_retry_of_a_clip_makes_the_clip_again_and_it_finishes(
+    make_config: Callable[..., Config], redis_client: Redis, tiny_backend: Any, run_worker: Callable[[], Any]
+) -> None:
+    from depthq.ops import failed
+    from worker.worker import build_worker
+
+    once = make_config(worker={"retries": 0}, video={"chunk_frames": 4})
+    clip = write_clip(once.producer.watch / "hiccup.mp4", frames=6)
+    Enqueuer(once, redis_client).submit(clip)
+    build_worker(once, redis_client, FailsFirst(tiny_backend, 1)).work(burst=True, with_scheduler=False)
+    error = json.loads((once.output.dir / "hiccup.mp4.error.json").read_text())["error"]
+    assert "the device hiccuped" in error["message"]
+    assert [row.source for row in failed.list_failed(redis_client, once)] == ["hiccup.mp4"]
+    assert not _staging(once.output.dir)
+
+    failed.retry(redis_client, once, ["hiccup.mp4"])
+    build_worker(once, redis_client, tiny_backend).work(burst=True, with_scheduler=False)
+    assert json.loads((once.output.dir / "hiccup.mp4.json").read_text())["frames_computed"] == 6
+    assert not (once.output.dir / "hiccup.mp4.error.json").exists()  # superseded by the result
+    _end(once, redis_client)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rq.job import Job
+from rq.job import Job, JobStatus
 
 from depthq.clip_jobs import (
     CHUNK_RECORD,
@@ -248,10 +248,14 @@ def _drop(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def _failed_here(root: Path, source: str, stamp: dict[str, int]) -> bool:
-    """Whether a chunk recorded this version of the clip as bad (its error file)."""
+def _failed_chunks(root: Path, p: JobPayload, stamp: dict[str, int], job: Job | None) -> bool:
+    """Whether a chunk of this run failed (and so recorded the clip's error file): by the chunk jobs'
+    own statuses, since an error file from an earlier run (retried since with `depthq failed retry`)
+    says nothing of this one. Without a job (a test calling in directly), by the error file."""
+    if job is not None:
+        return any(chunk.get_status(refresh=False) == JobStatus.FAILED for chunk in job.fetch_dependencies())
     try:
-        return recorded_stamp(json.loads(output_path(root, source, "error").read_bytes())) == stamp
+        return recorded_stamp(json.loads(output_path(root, p.source, "error").read_bytes())) == stamp
     except (OSError, ValueError):
         return False
 
@@ -267,7 +271,7 @@ def _assemble(rt: Runtime, files: ClipFiles, p: JobPayload, part: ClipPart, job:
     except (SourceGoneError, SupersededError):
         _drop(staging)  # its chunks' frames describe a file that is gone or no longer this
         raise
-    if _failed_here(root, p.source, stamp):
+    if _failed_chunks(root, p, stamp, job):
         _drop(staging)
         log.info("%s: a chunk recorded the clip's error; nothing to assemble", p.source)
         return {"source": p.source, "aliases": [], "timings_ms": {"queue_wait": ms(wait)}}

@@ -1,6 +1,7 @@
 """`depthq failed list|retry|purge`: the failed registry, by photo rather than by job id.
 
-A retried job runs again with its original payload. A bad photo fails again unless it was fixed;
+A retried job runs again with its original payload; a clip's failed job (a chunk, its assemble or its
+refusal) makes its clip's jobs again instead. A bad photo fails again unless it was fixed;
 a photo that failed for a passing reason (a model file missing, a full disk) then succeeds. With the
 redis transport the photo's bytes were freed with its error, so a retry sends them again from this
 host's folder for the job's root: run it where the photos are (the producer's host).
@@ -153,8 +154,32 @@ def _resend_photo(connection: Redis, config: Config, jid: str) -> None:
         tx.execute()
 
 
+def _retry_clip(connection: Redis, config: Config, jid: str) -> bool:
+    """A clip's failed job is retried as its clip: the clip's jobs are made again (chunks still staged
+    are kept), since a chunk run again alone would have no assemble after it. False for a photo's job."""
+    try:
+        payload = JobPayload.from_dict(Job.fetch(jid, connection=connection, serializer=SERIALIZER).args[0])
+    except (NoSuchJobError, PayloadError, LookupError, TypeError):
+        return False
+    if payload.clip is None:
+        return False
+    from producer.enqueue import Enqueuer, SourceError  # the producer's path, as `depthq enqueue` takes
+
+    try:
+        path = root_folder(config, payload.root).joinpath(*safe_relative(payload.source).parts)
+        Enqueuer(config, connection).submit(path, force=True)
+    except (PayloadError, SourceError, OSError) as exc:
+        raise LookupError(
+            f"{payload.source}: the clip cannot be read here ({exc}); run `depthq failed retry` where the "
+            "clips are (the producer's host)"
+        ) from None
+    return True
+
+
 def retry(connection: Redis, config: Config, ids: list[str], everything: bool = False) -> list[str]:
     def resend_and_requeue(registry: FailedJobRegistry, jid: str) -> None:
+        if _retry_clip(connection, config, jid):
+            return
         _resend_photo(connection, config, jid)
         attempts.forget(connection, config.queue.name, jid)  # the user asks for a fresh start
         registry.requeue(jid)
