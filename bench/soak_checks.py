@@ -44,7 +44,7 @@ SHOWN = 25
 # One line per computed photo, from logger `worker.job`: `<source>: depth <min>-<max> m, <timings> ms (job <id>)`.
 # A photo computed, or a clip assembled (its chunks may run again after a fault; its assemble once).
 COMPUTED = re.compile(
-    r"^(?P<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ +\S*\[(?P<pid>\d+)\] worker\.(?:clip_)?job: "
+    r"^(?P<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ +\S*\[(?P<pid>\d+)\] worker\.(?:job|clip_assembly): "
     r"(?P<source>.+): (?:depth \S+-\S+ m|clip of \d+ frames assembled, .*), \{.*\} ms(?: \(job (?P<job>[^)\s]+)\))?$"
 )
 _POLL_S = 1.0

@@ -9,6 +9,7 @@ The parser itself imports neither side: `models convert`'s choices come from `de
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -162,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
         "files; never deletes outputs",
     )
 
+    # The collector's child process (redis transport): assembles one clip from the request on stdin.
+    assemble = sub.add_parser("assemble-clip", help=argparse.SUPPRESS)
+    _add_common(assemble)
+    assemble.add_argument("--into", required=True, type=Path, help="the output folder")
+    assemble.add_argument("--clip", required=True, type=Path, help="the clip on this host")
     failed = sub.add_parser("failed", help="the failed jobs: list, retry or purge them")
     fsub = failed.add_subparsers(dest="failed_command", required=True)
     fl = fsub.add_parser("list", help="failed jobs with their photo and error")
@@ -208,6 +214,14 @@ def cmd_collect(config: Config, args: argparse.Namespace) -> int:
         return 2
     Collector(config, _connect(config), role="collect").run(_stop_event())
     return 0
+
+
+def cmd_assemble_clip(config: Config, args: argparse.Namespace) -> int:
+    """A clip's assembly for the collector (`producer.collector`), in a process of its own so that the
+    watcher never loads numpy: the request (JSON) on stdin, 0 when done with, 75 to be asked again."""
+    from worker.clip_assembly import assemble_requested
+
+    return assemble_requested(json.load(sys.stdin), args.into, args.clip)
 
 
 def cmd_work(config: Config, args: argparse.Namespace) -> int:
@@ -396,6 +410,7 @@ _COMMANDS = {
     "up": cmd_up,
     "watch": cmd_watch,
     "collect": cmd_collect,
+    "assemble-clip": cmd_assemble_clip,
     "work": cmd_work,
     "enqueue": cmd_enqueue,
     "models": cmd_models,

@@ -69,6 +69,10 @@ class ClipPart:
     frame_count_exact: bool
     focal_35mm: float | None = None
     message: str | None = None
+    # The redis transport sends a chunk its own slice of the clip (`producer.clip_slicer`), whose frame 0
+    # is the clip's frame `offset`, shown at `offset_time_s`; 0 where the worker reads the whole clip.
+    offset: int = 0
+    offset_time_s: float = 0.0
 
     @property
     def frame_rate(self) -> Fraction:
@@ -119,6 +123,29 @@ class ClipPart:
         ):
             raise PayloadError(f"a clip job's `clip` is not a part of a clip: {data}")
         return part
+
+
+# The redis transport: a result's file kinds for a clip. A staged file (a frame's depth, a chunk's
+# record) is "staged:<first 12 hex digits of the clip's sha256>:<name in the staging folder>"; the
+# assemble job's request to the collector is ASSEMBLE_KIND.
+STAGED_PREFIX = "staged:"
+ASSEMBLE_KIND = "assemble"
+
+
+def staged_kind(sha256: str, name: str) -> str:
+    return f"{STAGED_PREFIX}{sha256[:12]}:{name}"
+
+
+def parse_staged_kind(kind: str) -> tuple[str, str] | None:
+    """(sha256 prefix, name) of a staged file's kind; None for any other kind, or a name that would
+    leave the staging folder."""
+    if not kind.startswith(STAGED_PREFIX):
+        return None
+    sha, _, name = kind[len(STAGED_PREFIX) :].partition(":")
+    ok = len(sha) == 12 and all(c in "0123456789abcdef" for c in sha)
+    if not ok or not name or "/" in name or name.startswith(".") or not name.endswith((".npy", ".json")):
+        return None
+    return sha, name
 
 
 def source_tag(source: str) -> str:

@@ -15,7 +15,10 @@ with PyAV alone (`producer.clip_probe`: no numpy).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -38,8 +41,10 @@ from depthq.clip_jobs import (
     staging_folder,
 )
 from depthq.config import Config
-from depthq.contract import JOB_FUNCTION, SERIALIZER, JobPayload
+from depthq.contract import JOB_FUNCTION, SERIALIZER, JobPayload, file_sha256
 from producer.clip_probe import ClipError, ClipInfo, probe
+from producer.clip_slicer import slice_chunk
+from producer.sending import Sender
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,8 @@ ClipOutcome = Literal["enqueued", "duplicate", "refused"]
 # Long enough to probe a clip and enqueue a 10-minute clip's chunks; a producer killed meanwhile holds
 # the clip back no longer than this.
 _MAKING_TTL_S = 120
+# Clips whose hash is remembered (producer.sending keeps photos' the same way).
+_HASHES_KEPT = 256
 _PENDING = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
 
 
@@ -55,13 +62,32 @@ class ClipEnqueuer:
     """One lane's clip jobs: `queue` is the lane's, `delete` the enqueuer's way of dropping an old job."""
 
     def __init__(
-        self, config: Config, connection: Redis, queue: Queue, retry: Retry | None, delete: Callable[[Job], None]
+        self,
+        config: Config,
+        connection: Redis,
+        queue: Queue,
+        retry: Retry | None,
+        delete: Callable[[Job], None],
+        sender: Sender,
     ):
         self.config = config
         self.connection = connection
         self.queue = queue
         self.retry = retry
         self.delete = delete
+        self.sender = sender
+        self._hashes: OrderedDict[tuple[str, int, int], str] = OrderedDict()
+
+    def hash(self, path: Path, source: str, st: os.stat_result) -> tuple[str, None]:
+        """The clip's SHA-256, read in blocks (a clip is never read whole into memory, nor sent whole),
+        remembered by (name, size, mtime) so a clip sent a few chunks at a time is not hashed at every look."""
+        key = (source, st.st_size, st.st_mtime_ns)
+        sha = self._hashes.get(key)
+        if sha is None:
+            sha = self._hashes[key] = file_sha256(path)
+            if len(self._hashes) > _HASHES_KEPT:
+                self._hashes.popitem(last=False)
+        return sha, None
 
     def submit(self, path: Path, payload: JobPayload) -> tuple[ClipOutcome, str]:
         """The clip's jobs, unless they are pending already: (outcome, the assemble job's id)."""
@@ -86,7 +112,7 @@ class ClipEnqueuer:
         try:
             info = probe(path)
         except ClipError as exc:
-            return self._refuse(assemble_id, payload, str(exc))
+            return self._refuse(assemble_id, payload, str(exc), path)
         video = self.config.video
         if info.frame_count > video.max_frames:
             return self._refuse(
@@ -94,12 +120,23 @@ class ClipEnqueuer:
                 payload,
                 f"{path}: {info.frame_count} frames, more than video.max_frames ({video.max_frames}); "
                 "raise video.max_frames, set video.every_nth, or cut the clip shorter",
+                path,
             )
         chunks = plan_chunks(info.frame_count, video.every_nth, video.chunk_frames)
-        ids = [
-            self._chunk(chunk_job_id(base, index), payload, self._part(info, "chunk", index, start, count, len(chunks)))
-            for index, (start, count) in enumerate(chunks)
-        ]
+        ids = []
+        for index, (start, count) in enumerate(chunks):
+            jid, part = chunk_job_id(base, index), self._part(info, "chunk", index, start, count, len(chunks))
+            if not self.sender.collected:
+                ids.append(self._chunk(jid, payload, part))
+                continue
+            try:
+                sent = self._send_chunk(path, jid, payload, part)
+            except ClipError as exc:
+                return self._refuse(assemble_id, payload, str(exc), path)
+            if not sent:
+                log.debug("%s: chunk %d of %d waits for room in Redis", payload.source, index + 1, len(chunks))
+                return "deferred", assemble_id
+            ids.append(jid)
         assemble = self._part(info, "assemble", 0, 0, computed_frames(info.frame_count, video.every_nth), len(chunks))
         self._enqueue(
             assemble_id,
@@ -130,9 +167,13 @@ class ClipEnqueuer:
             focal_35mm=info.focal_length_35mm,
         )
 
-    def _refuse(self, assemble_id: str, payload: JobPayload, message: str) -> tuple[ClipOutcome, str]:
-        """The producer's reason, recorded as the clip's error file by a worker (as for a photo it cannot
-        read), under the assemble job's id so a second look finds it pending."""
+    def _refuse(self, assemble_id: str, payload: JobPayload, message: str, path: Path) -> tuple[ClipOutcome, str]:
+        """The producer's reason, recorded as the clip's error file: by the producer itself where the
+        sender records refusals (the redis transport), else by a worker (as for a photo the producer
+        cannot read), under the assemble job's id so a second look finds it pending."""
+        with contextlib.suppress(OSError):
+            if self.sender.refuse_here(payload.source, path.stat(), message.removeprefix(f"{path}: ")):
+                return "refused", assemble_id
         log.warning("%s", message)
         part = ClipPart(
             part="refused", index=0, start=0, count=0, chunks=0, frames=0, every_nth=1, width=0, height=0,
@@ -159,6 +200,27 @@ class ClipEnqueuer:
                     return jid  # running, or done with its frames still staged for the assemble
                 self.delete(job)
         return jid
+
+    def _send_chunk(self, path: Path, jid: str, payload: JobPayload, part: ClipPart) -> bool:
+        """The redis transport: the chunk's own packets (`producer.clip_slicer`, lossless: never decoded)
+        into Redis beside its job, if Redis has room for them; False if not (the clip waits on disk, and
+        the next look goes on from here). A chunk pending, or done with its frames staged or on their
+        way to the collector, is kept. Raises ClipError for a clip that cannot be cut (a variable frame
+        rate that a slice reads differently)."""
+        job = self._fetch(jid)
+        if job is not None:
+            status = job.get_status(refresh=False)
+            done = status == JobStatus.FINISHED and (self._staged(payload, part) or self.sender.result_waiting(jid))
+            if status in _PENDING or done:
+                return True
+            self.delete(job)
+        sliced = slice_chunk(path, part.start, part.count, part.every_nth)
+        if not self.sender.has_room(len(sliced.data)):
+            return False
+        part = replace(part, offset=sliced.first_index, offset_time_s=sliced.first_time_s)
+        self.sender.put(jid, sliced.data)
+        self._enqueue(jid, replace(payload, clip=part.to_dict()), describe(payload.source, part))
+        return True
 
     def _staged(self, payload: JobPayload, part: ClipPart) -> bool:
         """Whether this chunk's frames are staged for this version of the clip (its record is there): a

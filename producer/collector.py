@@ -16,8 +16,11 @@ gets an error file saying so, and is acknowledged. No single result holds up the
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -26,12 +29,14 @@ import zstandard
 from redis import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from depthq.clip_jobs import ASSEMBLE_KIND, parse_staged_kind, staging_folder
 from depthq.config import Config
 from depthq.contract import (
     COLLECTOR_GROUP,
     COMPRESSED_KINDS,
     ERROR_KIND,
     OUTPUT_SUFFIXES,
+    JobPayload,
     PayloadError,
     alert_key,
     error_record,
@@ -39,10 +44,11 @@ from depthq.contract import (
     photo_key,
     result_key,
     results_stream,
+    root_folder,
     safe_relative,
 )
 from depthq.environment import describe, free_space, is_environment_failure
-from depthq.files import json_bytes, remove_stale_temps, write_outputs
+from depthq.files import atomic_bytes, json_bytes, remove_stale_temps, write_outputs
 from depthq.outage import Outage
 
 log = logging.getLogger(__name__)
@@ -55,6 +61,8 @@ _KNOWN_KINDS = frozenset(OUTPUT_SUFFIXES) | {ERROR_KIND}
 # While the output disk refuses writes, the results held back are tried again after this long, doubling.
 _RETRY_FIRST_S = 1.0
 _RETRY_MAX_S = 30.0
+# `depthq assemble-clip`'s "ask again later" (sysexits' TEMPFAIL), as `worker.clip_assembly` returns it.
+EXIT_LATER = 75
 # How long `depthq status` shows that the output refuses writes after the last refusal.
 _ALERT_TTL_S = 900
 
@@ -204,16 +212,26 @@ class Collector:
         self._forget(entry_id, jid)
         self.collected += 1
         what = "error file" if ERROR_KIND in files else f"{len(files)} file(s)"
-        log.info("collected %s: %s (job %s)", source, what, jid)
+        # A clip's staged frames come one result each: said at DEBUG, its assembly at INFO (worker.clip_assembly).
+        staged_only = all(parse_staged_kind(kind) is not None for kind in files)
+        log.log(logging.DEBUG if staged_only else logging.INFO, "collected %s: %s (job %s)", source, what, jid)
         return True
 
     def _write(self, source: str, jid: str, files: dict[str, bytes], taken_over: bool) -> bool:
         """The files, or, if this result can never be written here, an error file naming why. False if
         the disk refuses writes for now (full, read-only, failing): nothing is the photo's fault then."""
+        if ASSEMBLE_KIND in files:
+            return self._assemble(source, jid, files[ASSEMBLE_KIND])
         try:
-            if taken_over and remove_stale_temps(self.output_root, source, files):
+            staged = {kind: data for kind, data in files.items() if parse_staged_kind(kind) is not None}
+            for kind, data in staged.items():
+                sha, name = parse_staged_kind(kind) or ("", "")
+                atomic_bytes(staging_folder(self.output_root, source, sha) / name, data)
+            outputs = {kind: data for kind, data in files.items() if kind not in staged}
+            if taken_over and remove_stale_temps(self.output_root, source, outputs):
                 log.info("collector: removed the temporary files of an interrupted write of %s", source)
-            write_outputs(self.output_root, source, files)
+            if outputs:
+                write_outputs(self.output_root, source, outputs)
         except OSError as exc:
             if is_environment_failure(exc):
                 self._disk_trouble(exc)
@@ -231,6 +249,47 @@ class Collector:
             record = error_record(source, jid, "unwritable_result", message)
             return self._write(source, jid, {ERROR_KIND: json_bytes(record)}, taken_over=False)
         self._disk_trouble(None)
+        return True
+
+    def _assemble(self, source: str, jid: str, request: bytes) -> bool:
+        """A clip's assembly, asked for by its assemble job: here, where its staging folder and outputs
+        are, in a child process (`depthq assemble-clip`), so the watcher beside this collector never
+        loads numpy. False to be asked again (the disk refuses writes, or a chunk's files are not all
+        collected yet); a child that fails otherwise gives the clip an error file saying so."""
+        try:
+            payload = JobPayload.from_dict(json.loads(request)["payload"])
+            clip = root_folder(self.config, payload.root).joinpath(*safe_relative(payload.source).parts)
+        except (ValueError, LookupError, TypeError, PayloadError) as exc:
+            log.error("collector: %s: an assemble request that is not one (%s); dropped", source, exc)
+            return True
+        command = [
+            sys.executable,
+            "-m",
+            "depthq",
+            "assemble-clip",
+            "--into",
+            str(self.output_root),
+            "--clip",
+            str(clip),
+        ]
+        timeout = 2 * self.config.queue.job_timeout_s
+        try:
+            # Its log goes where this collector's goes (stderr, inherited): one log for the whole host.
+            done = subprocess.run(command, input=request, stdout=subprocess.DEVNULL, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            log.error("collector: %s: its assembly ran past %d s; asked again later", source, timeout)
+            return False
+        if done.returncode == EXIT_LATER:
+            return False
+        if done.returncode != 0:
+            message = (
+                f"{source}: the clip could not be assembled (depthq assemble-clip exited {done.returncode}; its "
+                "log says why); `depthq failed retry` it once fixed"
+            )
+            log.error("collector: %s", message)
+            stamp = {"size": payload.size, "mtime": int(payload.mtime)}
+            record = error_record(source, jid, "assembly_failed", message, stamp)
+            return self._write(source, jid, {ERROR_KIND: json_bytes(record)}, taken_over=False)
         return True
 
     def _disk_trouble(self, exc: OSError | None) -> None:
@@ -260,10 +319,12 @@ class Collector:
         files: dict[str, bytes] = {}
         for raw_kind, data in stored.items():
             kind = _text(raw_kind)
-            if kind not in _KNOWN_KINDS:
+            staged = parse_staged_kind(kind)
+            if kind not in _KNOWN_KINDS and staged is None and kind != ASSEMBLE_KIND:
                 log.warning("collector: %s: result has an unknown file kind %r; skipped", source, kind)
                 continue
-            files[kind] = self.decompressor.decompress(data) if kind in COMPRESSED_KINDS else data
+            packed = kind in COMPRESSED_KINDS or (staged is not None and staged[1].endswith(".npy"))
+            files[kind] = self.decompressor.decompress(data) if packed else data
         return files
 
     def _forget(self, entry_id: Any, jid: str | None) -> None:

@@ -116,7 +116,7 @@ class Enqueuer:
         self._add_alias = connection.register_script(_ADD_ALIAS)
         self.sender: Sender = sender_for(config, connection)
         self.clip_extensions = frozenset(clip_extensions(config))
-        self.clips = ClipEnqueuer(config, connection, self.queue, self.retry, self._delete)
+        self.clips = ClipEnqueuer(config, connection, self.queue, self.retry, self._delete, self.sender)
 
     def relative(self, path: Path) -> tuple[str, str | None]:
         """The photo's name under the watch root, and why the producer must not read it (or None).
@@ -225,14 +225,16 @@ class Enqueuer:
         before = path.stat()
         if not force and is_finished(self.config.output.dir, source, before):
             return Submitted("done", "", source)
-        if unreadable is None:
+        # A clip is never sent whole: its chunks are, each within the in-flight limits (producer.clip_enqueue).
+        clip = self.is_clip(source)
+        if unreadable is None and not clip:
             unreadable = self.sender.cannot_send(before)
-        if unreadable is None and not self.sender.has_room(before.st_size):
+        if unreadable is None and not clip and not self.sender.has_room(before.st_size):
             return Submitted("deferred", "", source)  # held on disk until the collector frees room
         sha, data = "", None
         if unreadable is None:
             try:
-                sha, data = self.sender.read(path, source, before)
+                sha, data = self.clips.hash(path, source, before) if clip else self.sender.read(path, source, before)
             except PermissionError:
                 unreadable = "permission denied"
         if unreadable is not None:

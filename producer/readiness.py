@@ -21,8 +21,8 @@ from depthq.config import Config
 
 
 def clip_extensions(config: Config) -> list[str]:
-    """The clip extensions the watcher takes: none unless `video.enabled` and the shared transport."""
-    if not config.video.enabled or config.transport.mode != "shared":
+    """The clip extensions the watcher takes: none unless `video.enabled`."""
+    if not config.video.enabled:
         return []
     return [e.lower().lstrip(".") for e in config.video.extensions]
 
@@ -38,8 +38,7 @@ class Eligibility:
 
     @classmethod
     def of(cls, config: Config) -> Eligibility:
-        """What the watcher takes under `config`: photos, and video clips where `video.enabled` and the
-        transport carries them (the shared one; the redis transport sends no clips yet)."""
+        """What the watcher takes under `config`: photos, and video clips where `video.enabled`."""
         return cls([*config.producer.extensions, *clip_extensions(config)], config.producer.ignore)
 
     def ignored(self, name: str) -> bool:

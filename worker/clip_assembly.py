@@ -28,7 +28,7 @@ import numpy as np
 
 from depthq.clip_jobs import CHUNK_RECORD, STAGED_FRAME, ClipPart, depth_folder, preview_path, staging_folder
 from depthq.clip_sidecar import FRAME_FILE_PATTERN, ClipSidecar, FrameDepth
-from depthq.contract import JobPayload, output_path
+from depthq.contract import JobPayload, error_record, output_path, recorded_stamp, source_stamp
 from depthq.files import (
     atomic_bytes,
     is_temp_name,
@@ -39,7 +39,7 @@ from depthq.files import (
 )
 from worker.clip_camera import ClipFocal, clip_focal_px, rescale_depth
 from worker.clip_preview import PreviewWriter, clip_depth_range
-from worker.errors import BadClipError
+from worker.errors import BadClipError, EnvironmentUnavailableError
 from worker.formats import exr_bytes, npy_bytes
 from worker.runtime import ms
 from worker.store import output_failures
@@ -70,6 +70,11 @@ class Assembly:
 def drop_staging(output_root: Path, source: str, sha256: str) -> None:
     """The clip's staging folder, gone: assembled, or its frames describe a file that is gone or changed."""
     shutil.rmtree(staging_folder(output_root, source, sha256), ignore_errors=True)
+
+
+class ChunkNotStagedError(RuntimeError):
+    """A chunk's record is not in the staging folder (yet): its job ended without staging its frames, or,
+    with the redis transport, its result is not collected yet. The assembly is tried again."""
 
 
 def read_record(path: Path, sha256: str) -> dict[str, Any] | None:
@@ -103,8 +108,8 @@ def assemble(a: Assembly, fence: Callable[[], None] | None = None) -> ClipSideca
     for index in range(part.chunks):
         record = read_record(staging / CHUNK_RECORD.format(index), p.sha256)
         if record is None:
-            raise RuntimeError(
-                f"{p.source}: chunk {index + 1} of {part.chunks} ended without staging its frames; "
+            raise ChunkNotStagedError(
+                f"{p.source}: chunk {index + 1} of {part.chunks} has not staged its frames; "
                 "the assemble is retried, and recorded as failed after worker.retries"
             )
         records.append(record)
@@ -254,3 +259,67 @@ def _sidecar(
         job_id=job_id,
         warnings=warnings,
     )
+
+
+# `depthq assemble-clip`'s exit code for "not now": the output disk refuses writes, or a chunk's staged
+# files are not all collected yet. The collector keeps the request and asks again (sysexits' TEMPFAIL).
+EXIT_LATER = 75
+
+
+def assemble_requested(request: dict[str, Any], output_root: Path, clip: Path) -> int:
+    """The redis transport's assembly, in the collector's child process (`depthq assemble-clip`), on the
+    host that has the clip, the staging folder and the outputs. `request` is what the assemble job sent
+    (`worker.clip_job`). Returns 0 when the request is done with (assembled, or nothing to assemble: the
+    clip gone, rewritten, already assembled, a chunk failed, or the clip bad, with its error file), and
+    EXIT_LATER to be asked again."""
+    p = JobPayload.from_dict(request["payload"])
+    part = ClipPart.from_dict(p.clip)
+    stamp = {"size": p.size, "mtime": int(p.mtime)}
+    try:
+        now: dict[str, int] | None = source_stamp(clip.stat())
+    except FileNotFoundError:
+        now = None
+    why = None
+    if now != stamp:
+        why = "the clip is gone, or changed since its jobs were made"
+    elif request.get("failed"):
+        why = "a chunk failed and recorded the clip's error"
+    elif _assembled(output_root, p, stamp):
+        why = "already assembled (the request came twice)"
+    if why is not None:
+        drop_staging(output_root, p.source, p.sha256)
+        log.info("%s: nothing to assemble: %s", p.source, why)
+        return 0
+    job_id = str(request["job_id"])
+    assembly = Assembly(
+        output_root,
+        p,
+        part,
+        job_id,
+        stamp,
+        int(request["model_side"]),
+        float(request["job_timeout_s"]),
+        float(request.get("queue_wait_s", 0.0)),
+    )
+    try:
+        assemble(assembly)
+    except (EnvironmentUnavailableError, ChunkNotStagedError) as exc:
+        log.warning("%s; asked again later", exc)
+        return EXIT_LATER
+    except BadClipError as exc:
+        with output_failures(output_root):
+            atomic_bytes(
+                output_path(output_root, p.source, "error"),
+                json_bytes(error_record(p.source, job_id, "bad_input", str(exc), stamp)),
+            )
+        drop_staging(output_root, p.source, p.sha256)
+        log.warning("%s", exc)
+    return 0
+
+
+def _assembled(output_root: Path, p: JobPayload, stamp: dict[str, int]) -> bool:
+    try:
+        record = json.loads(output_path(output_root, p.source, "json").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return recorded_stamp(record) == stamp and record.get("sha256") == p.sha256

@@ -224,16 +224,25 @@ class RedisResultStore:
     def write_error(self, source: str, error: dict[str, Any]) -> None:
         self._send(source, {ERROR_KIND: json_bytes(error)})
 
-    def _send(self, source: str, files: dict[str, bytes]) -> None:
+    def send(self, source: str, files: dict[str, bytes], entry: str | None = None) -> None:
+        """Files of the job's that are not a photo's set (a clip's staged frames and records, its
+        assemble request), as one result of their own: under `entry` (default: the job's id), which
+        the collector frees on its own. Fenced as the job's result is. Staged `.npy` depth is
+        compressed, as a photo's npy is."""
+        packed = {k: self.compressor.compress(v) if k.endswith(".npy") else v for k, v in files.items()}
+        self._send(source, packed, entry)
+
+    def _send(self, source: str, files: dict[str, bytes], entry: str | None = None) -> None:
+        result = entry or self.job_id
         keys = [
             Job.key_for(self.job_id),
-            result_key(self.queue_name, self.job_id),
+            result_key(self.queue_name, result),
             results_stream(self.queue_name),
             inflight_key(self.queue_name),
         ]
         size = sum(len(v) for v in files.values())
         fields = [x for kind, data in files.items() for x in (kind, data)]
-        args = [self.worker_name, self.ttl_s, self.job_id, source, size, *fields]
+        args = [self.worker_name, self.ttl_s, result, source, size, *fields]
         owner = self.connection.eval(_SEND_RESULT, len(keys), *keys, *args)
         if owner is not None:
             raise HandedOverError(self.job_id, owner.decode() if isinstance(owner, bytes) else str(owner))
