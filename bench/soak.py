@@ -4,12 +4,12 @@
 the CPU), its output folder a real tmpfs. For `--minutes`, files arrive the ways users write them
 (bench/soak_load.py) while faults hit it one at a time (bench/soak_faults.py): a worker SIGKILLed, a
 worker SIGSTOPped, the embedded Redis SIGKILLed, the output disk full, `depthq up` SIGKILLed and
-SIGTERMed, each started again, and (shared transport) a worker SIGKILLed in the middle of a clip's
-chunk. Any exit of `depthq up` that the soak did not cause is recorded and the service restarted.
-Then the load stops, the queue drains, and every end state is checked (bench/soak_checks.py):
-`depthq audit`, the soak's own ledger of every file against the outputs, rq's failed registries, no
-photo computed twice, `depthq up` never exiting by itself, and after the final SIGTERM no process left
-behind and the tmpfs unmounting.
+SIGTERMed, each started again, and a worker SIGKILLed in the middle of a clip's chunk. Any exit of
+`depthq up` that the soak did not cause is recorded and the service restarted. Then the load stops,
+the queue drains, and every end state is checked (bench/soak_checks.py): `depthq audit`, the soak's
+own ledger of every file against the outputs, rq's failed registries, no photo computed twice (nor a
+clip assembled twice), `depthq up` never exiting by itself, and after the final SIGTERM no process
+left behind and the tmpfs unmounting.
 
 It prints a timeline, a table of the faults with their recovery times, the counts, and each check
 with the files it failed on; it exits 1 if any check failed. Needs root (the tmpfs mount). It is not
@@ -53,7 +53,7 @@ from bench.soak_checks import (
     stayed_up,
     unfinished,
 )
-from bench.soak_faults import CLIP_FAULT, FAULTS, FaultContext, FaultRun, FaultSettings
+from bench.soak_faults import FAULTS, FaultContext, FaultRun, FaultSettings
 from bench.soak_load import Load
 from bench.soak_record import Ledger, Timeline
 from bench.soak_service import Service, ServiceError, Tmpfs, describe, tmpfs_unavailable_reason, wait_until
@@ -205,8 +205,6 @@ def soak(options: SoakOptions) -> SoakReport:
     unknown = [f for f in o.faults if f not in FAULTS]
     if unknown:
         raise ValueError(f"unknown fault(s) {unknown}; known: {', '.join(FAULTS)}")
-    if o.transport != "shared" and CLIP_FAULT in o.faults:
-        raise ValueError(f"{CLIP_FAULT}: clips travel over the shared transport only")
     reason = tmpfs_unavailable_reason()
     if reason is not None:
         raise SoakUnavailable(reason)
@@ -224,8 +222,7 @@ def soak(options: SoakOptions) -> SoakReport:
     size_mb = o.tmpfs_mb or max(256, int(o.minutes * o.files_per_min * 0.5))
     tmpfs = Tmpfs(output, size_mb)
     ledger = Ledger(watch)
-    # The redis transport carries no clips (its watcher does not take them): no clip is written.
-    load = Load(ledger, timeline, output, o.seed, o.files_per_min, o.settle_ms, clips=o.transport == "shared")
+    load = Load(ledger, timeline, output, o.seed, o.files_per_min, o.settle_ms)
     service = Service(
         root,
         root / "config.yaml",
@@ -458,12 +455,11 @@ def parse(argv: Sequence[str], quick: bool = False) -> SoakOptions:
     parser.add_argument("--transport", choices=("shared", "redis"), default="shared")
     parser.add_argument("--workers", type=int, default=SoakOptions.workers)
     parser.add_argument("--seed", type=int, default=SoakOptions.seed)
-    parser.add_argument("--faults", help=f"comma list of: {', '.join(FAULTS)} (default: all the transport has)")
+    parser.add_argument("--faults", default=",".join(FAULTS), help=f"comma list of: {', '.join(FAULTS)}")
     parser.add_argument("--keep", type=Path, help="an empty folder to run in and keep (logs, ledger, outputs)")
     parser.add_argument("--files-per-min", type=float, default=SoakOptions.files_per_min)
     args = parser.parse_args(list(argv))
-    every = [f for f in FAULTS if args.transport == "shared" or f != CLIP_FAULT]
-    faults = tuple(f.strip() for f in (args.faults or ",".join(every)).split(",") if f.strip())
+    faults = tuple(f.strip() for f in args.faults.split(",") if f.strip())
     unknown = [f for f in faults if f not in FAULTS]
     if unknown:
         parser.error(f"unknown fault(s) {unknown}; choose from {', '.join(FAULTS)}")

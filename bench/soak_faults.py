@@ -348,9 +348,6 @@ def up_term(ctx: FaultContext) -> FaultRun:
     return _finish(ctx, run, lambda: _photo_done(ctx, probe), f"{probe} (dropped while depthq up was down) done")
 
 
-# Clips travel over the shared transport only: this fault is not the redis transport's.
-CLIP_FAULT = "clip-chunk-kill"
-
 FAULTS: dict[str, Fault] = {
     "worker-kill": Fault(
         worker_kill,

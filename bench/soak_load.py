@@ -126,14 +126,12 @@ class Load:
         seed: int,
         files_per_min: float,
         settle_ms: int,
-        clips: bool = True,
     ) -> None:
         self.ledger = ledger
         self.timeline = timeline
         self.output = output
         self.rng = random.Random(seed)
         self.files_per_s = files_per_min / 60.0
-        self.clips = clips
         # Pauses of a slow writer stay under the settle time, as the producer's promise asks.
         self.max_pause_s = max(0.02, 0.6 * settle_ms / 1000.0)
         self.errors: list[str] = []
@@ -169,7 +167,7 @@ class Load:
 
     def _run(self) -> None:
         started = time.monotonic()
-        ops = [op for op in WEIGHTS if self.clips or op != "clip"]
+        ops = list(WEIGHTS)
         weights = [WEIGHTS[o] for o in ops]
         while not self._stop.is_set():
             try:

@@ -269,14 +269,6 @@ def _video(config: Config) -> Iterator[Check]:
     if not config.video.enabled:
         yield Check("video", "ok", "clips are left alone (video.enabled: false)")
         return
-    if config.transport.mode != "shared":
-        yield Check(
-            "video",
-            "warn",
-            f"clips are not taken: the {config.transport.mode} transport carries none yet",
-            "use transport.mode: shared for clips, or set video.enabled: false to say you want none",
-        )
-        return
     try:
         import av
     except ImportError as exc:

@@ -144,13 +144,3 @@ def test_little_free_space_is_warned_of_with_the_fix(
         _, lines = doctor(capsys, "--config", str(config_file), "--no-model")
     (low,) = [line for line in lines["folders"] if "output.dir" in line]
     assert low.startswith("warn folders") and "GiB free; free space there, or point output.dir" in low
-
-
-def test_clips_over_the_redis_transport_are_warned_of_with_the_fix(
-    make_config: Callable[..., Config], write_config_file: Callable[..., Path], capsys: pytest.CaptureFixture[str]
-) -> None:
-    config_file = write_config_file(make_config(), "doctor.yaml", transport={"mode": "redis"})
-    _, lines = doctor(capsys, "--config", str(config_file), "--no-model")
-    (video,) = lines["video"]
-    assert video.startswith("warn video") and "clips are not taken: the redis transport" in video
-    assert "transport.mode: shared" in video and "video.enabled: false" in video
