@@ -13,7 +13,8 @@ Five measurements, each beside its own baseline in the same run:
 3. **Peak RSS of a worker on a 4K clip**, a fresh `python -m bench.standin` process each, over clips of
    16 and 48 frames and one 4K photo: a worker that held the clip would grow with its length.
 4. **1, 2 and 3 workers** (stand-ins of 300 ms a frame, each its own process) on one clip, shared
-   transport: the redis transport carries no clips yet.
+   transport; and 4b, **1, 2 and 3 worker hosts over the redis transport**, as `bench scaleout` runs
+   photos: network namespaces that share no disk (root and iproute2; skipped without them).
 5. **Flicker** on a static scene whose frames differ only by sensor noise, with a stand-in whose FOV
    estimate jitters (normal, 2 degrees) as a real one does: the frame-to-frame change of the median
    depth with one camera per clip (depthq's outputs) against per-frame FOV (each frame at its own).
@@ -220,6 +221,36 @@ def scale(redis_url: str, frames: int, chunk: int) -> list[tuple[int, float]]:
     return rows
 
 
+def scale_hosts(frames: int, chunk: int) -> list[tuple[int, float]] | str:
+    """Seconds from a clip dropped on host a to its sidecar there, with 1, 2 and 3 worker hosts over the
+    redis transport (network namespaces, testkit/cluster.py: the hosts share no disk), stand-ins of
+    300 ms a frame; or why it cannot run here (it needs root and iproute2)."""
+    from bench.scaleout import WORKER_HOSTS, _standin_argv
+    from testkit.cluster import cluster
+    from testkit.netns import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        return reason
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="depthq-bench-video-hosts-") as tmp:
+        root = Path(tmp)
+        model = build_tiny_model(root / "model")
+        with cluster(root / "c", model, ("a", *WORKER_HOSTS)) as c:
+            c.start_redis()
+            c.start_producer(video={"chunk_frames": chunk})
+            for n, host in enumerate(WORKER_HOSTS, start=1):
+                c.start_worker(host, argv=_standin_argv(c, host))
+                wait_for(lambda n=n: c.workers_ready(n), f"{n} worker host(s)", timeout=180)
+                staged = root / f"clip{n}.mp4"
+                write_scene_clip(staged, 640, 360, frames, noise=2.0, seed=n)
+                t0 = time.perf_counter()
+                staged.rename(c.inbox / staged.name)  # dropped whole, as a copy into the folder would be
+                wait_for((c.out / staged.name).with_suffix(".mp4.json").exists, f"{staged.name}", timeout=600)
+                rows.append((n, time.perf_counter() - t0))
+    return rows
+
+
 class JitteringStandIn(StandInBackend):
     """The stand-in, with a FOV estimate that wanders frame to frame (normal, `sigma_deg`), and an inverse
     depth that moves with each frame's noise as a real model's does a little."""
@@ -271,6 +302,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         cpu = non_model_cpu(url, 8 if quick else 24)
         mem = memory(url, quick)
         sc = scale(url, 24 if quick else 48, 8)
+        hosts = scale_hosts(24 if quick else 48, 8)
         fl = flicker(url, 30 if quick else 120)
     print_table(
         "1. Frames per second end to end, tiny DepthPro on the CPU, one worker (640 x 360)",
@@ -301,6 +333,15 @@ def run(quick: bool = False) -> dict[str, Any]:
         ["workers", "seconds", "speed-up", "ideal"],
         [[w, f"{s:.1f}", f"{one / s:.2f}x", f"{w}x"] for w, s in sc],
     )
+    if isinstance(hosts, str):
+        console.print(f"4b. worker hosts over the redis transport: skipped: {hosts}")
+    else:
+        one_host = hosts[0][1]
+        print_table(
+            "4b. One clip over 1, 2 and 3 worker hosts, redis transport (namespaces, 300 ms a frame, chunks of 8)",
+            ["worker hosts", "seconds", "speed-up", "ideal"],
+            [[n, f"{s:.1f}", f"{one_host / s:.2f}x", f"{n}x"] for n, s in hosts],
+        )
     jitter = f"static scene, FOV jitter 2 deg ({fl['frames']} frames)"
     print_table(
         f"5. Flicker: mean frame-to-frame change of the median depth, {jitter}",
@@ -313,4 +354,4 @@ def run(quick: bool = False) -> dict[str, Any]:
             ]
         ],
     )
-    return {"throughput": tp, "cpu": cpu, "memory": mem, "scale": sc, "flicker": fl}
+    return {"throughput": tp, "cpu": cpu, "memory": mem, "scale": sc, "hosts": hosts, "flicker": fl}

@@ -104,13 +104,14 @@ class Cluster:
         except RedisError:
             return False
 
-    def start_producer(self, name: str = "producer", **transport: Any) -> None:
+    def start_producer(self, name: str = "producer", video: dict[str, Any] | None = None, **transport: Any) -> None:
         config = {
             "redis": {"url": self.redis_url},
             "producer": {"watch": str(self.inbox), "settle_ms": 100, "rescan_s": 30},
             "output": {"dir": str(self.out)},
             "model": {"path": str(self.model)},
             "transport": {"mode": "redis", **transport},
+            "video": video or {},
         }
         self._spawn(name, "a", [sys.executable, "-m", "depthq.cli", "watch"], self.a, config)
 
