@@ -16,16 +16,20 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from redis import Redis
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
+from depthq.clip_jobs import is_staging_name
 from depthq.config import load_config
 from depthq.contract import SERIALIZER, inflight_key, results_stream
+from testkit.clips import write_clip
 from testkit.cluster import Cluster, cluster
 from testkit.netns import unavailable_reason
 from testkit.photos import write_jpeg
+from testkit.tiny_model import expected_depth
 from testkit.waiting import wait_for
 from tests.endstate import settle
 
@@ -88,6 +92,25 @@ def test_fifty_photos_dropped_on_a_come_back_from_b_and_c(hosts: Cluster) -> Non
     # b and c never saw a's folders: the workers' own output folders were never made either.
     assert not (c.root / "b" / "no-output-here").exists() and not (c.root / "c" / "no-output-here").exists()
     _settle(c)
+
+
+def test_a_clip_dropped_on_a_is_computed_on_b_and_c_and_assembled_on_a(hosts: Cluster) -> None:
+    """The producer sends each chunk its own packets across the network, never the clip; b and c send
+    each frame's depth back; a's collector assembles the clip where its outputs are."""
+    c = hosts
+    staged = write_clip(c.root / "walk.mp4", width=64, height=48, frames=40)  # 3 chunks of 16
+    (c.inbox / "clips").mkdir(parents=True, exist_ok=True)
+    staged.rename(c.inbox / "clips" / "walk.mp4")  # dropped whole, as a copy into the folder would be
+    sidecar = c.out / "clips" / "walk.mp4.json"
+    c.wait(sidecar.exists, "the clip's sidecar on host a", timeout=180)
+    meta = json.loads(sidecar.read_text())
+    assert meta["frames_computed"] == 40 and {w["host"] for w in meta["workers"]} <= {"b", "c"}
+    depth = sorted((c.out / "clips" / "walk.mp4.depth").iterdir())
+    assert [f.name for f in depth] == [f"{k:06d}.npy" for k in range(1, 41)]
+    np.testing.assert_allclose(np.load(depth[0]), expected_depth(64, 48), rtol=1e-5)
+    assert (c.out / "clips" / "walk.mp4.preview.mp4").stat().st_size > 0
+    _settle(c)  # the sidecar lands before the staging folder goes, and that before the request is acknowledged
+    assert not [p for p in c.out.rglob("*") if is_staging_name(p.name)]
 
 
 def test_a_worker_cut_off_mid_job_is_recovered_by_the_other(hosts: Cluster) -> None:
