@@ -252,11 +252,17 @@ class Load:
             return False
         return finished_kind(self.output, entry.rel, st) == "json"
 
+    def _done_photo(self, entry: Entry) -> bool:
+        """A finished photo: what the photo patterns copy, overwrite and move (under photo names; a clip
+        copied to a name ending .jpg is a bad photo, whatever the ledger would think)."""
+        return entry.pattern != "clip" and self._done(entry)
+
     def _queued(self, entry: Entry) -> bool:
-        """Written moments ago and not finished yet: very likely still in the queue."""
+        """Written moments ago and not finished yet: very likely still in the queue (a photo: the photo
+        patterns move and delete these under photo names)."""
         with self._counter_lock:
             recent = {rel for _, rel in self._recent}
-        return entry.rel in recent and not self._done(entry)
+        return entry.rel in recent and entry.pattern != "clip" and not self._done(entry)
 
     # ------------------------------------------------------------------ patterns
 
@@ -341,7 +347,7 @@ class Load:
 
     def _old_mtime_over(self) -> int:
         """`cp -p` of another photo over a finished one: new content, and an mtime older than the old one's."""
-        entry = self.ledger.pick(self.rng, self._done)
+        entry = self.ledger.pick(self.rng, self._done_photo)
         if entry is None:
             return self._old_mtime()
         data = self._photo(self.rng, not_size=entry.size)
@@ -364,7 +370,7 @@ class Load:
 
     def _copy_done(self) -> int:
         """A byte-identical copy of a finished photo under another name."""
-        entry = self.ledger.pick(self.rng, self._done)
+        entry = self.ledger.pick(self.rng, self._done_photo)
         if entry is None:
             return self._plain()
         rel = self._name(self.rng)
@@ -385,7 +391,7 @@ class Load:
 
     def _overwrite(self) -> int:
         """New content under a finished photo's name (a re-export, an edit saved over the original)."""
-        entry = self.ledger.pick(self.rng, self._done)
+        entry = self.ledger.pick(self.rng, self._done_photo)
         if entry is None:
             return self._plain()
         self.ledger.path(entry.rel).write_bytes(self._photo(self.rng, not_size=entry.size))
@@ -412,7 +418,7 @@ class Load:
         return 0 if entry is None else self._move(entry, "move-queued")
 
     def _move_done(self) -> int:
-        entry = self.ledger.pick(self.rng, self._done)
+        entry = self.ledger.pick(self.rng, self._done_photo)
         return self._plain() if entry is None else self._move(entry, "move-done")
 
     def _delete_queued(self) -> int:

@@ -344,3 +344,35 @@ def test_long_names_travel_through_redis_and_come_back_done(
     assert (sidecar.name == name + ".json") == (length <= MAX_KEPT_NAME)
     assert enqueuer.submit(photo).outcome == "done"
     assert_end_state(producer_config, redis_client)
+
+
+def test_a_job_whose_worker_died_just_after_sending_its_result_ends_as_done_on_the_next_worker(
+    producer_config: Config, worker_config: Config, redis_client: Redis, tiny_backend: Backend
+) -> None:
+    """The result and the done marker go in one step: once the collector has freed the photo's bytes, the
+    worker the job is handed to finds it done, not its photo gone (found by the chaos soak: a worker
+    SIGKILLed between the two steps left a good photo in the failed registry)."""
+    from depthq.sidecar import Sidecar
+    from worker.transport import AlreadyDoneError, RedisTransport
+
+    photo = write_jpeg(producer_config.producer.watch / "sent.jpg", seed=4)
+    jid = Enqueuer(producer_config, redis_client).submit(photo).job_id
+    payload = JobPayload.from_dict(Job.fetch(jid, connection=redis_client, serializer=SERIALIZER).args[0])
+    first = RedisTransport(worker_config, redis_client, "b.torch.1")
+    redis_client.hset(Job.key_for(jid), "worker_name", "b.torch.1")  # b took it, computed, sent, and died
+    store = first.store(jid)
+    store.write_data("sent.jpg", np.ones((4, 4), np.float32), b"png", ["npy", "preview", "json"])
+    stat = photo.stat()
+    sidecar = Sidecar(
+        source="sent.jpg", sha256=payload.sha256, source_stat={"size": stat.st_size, "mtime": int(stat.st_mtime)},
+        width=4, height=4, fov_deg=60.0, fov_vertical_deg=60.0, focal_length_px=3.5, focal_length_source="model",
+        focal_length_35mm=None, fov_model_deg=60.0, camera=None, depth={"unit": "m", "min": 1.0, "max": 1.0},
+        model={"name": "tiny"}, worker={"host": "b", "name": "b.torch.1"},
+    )  # fmt: skip
+    store.write_sidecar("sent.jpg", sidecar)
+    Collector(producer_config, redis_client).collect_new()
+    assert (producer_config.output.dir / "sent.jpg.json").exists()
+    assert not redis_client.exists(photo_key(producer_config.queue.name, jid))  # freed with the result
+    redis_client.hset(Job.key_for(jid), "worker_name", "c.torch.1")  # handed to c
+    with pytest.raises(AlreadyDoneError):
+        RedisTransport(worker_config, redis_client, "c.torch.1").read(payload, jid)

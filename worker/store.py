@@ -24,6 +24,7 @@ from rq.job import Job
 from depthq.contract import (
     COMPRESSED_KINDS,
     ERROR_KIND,
+    done_key,
     inflight_key,
     output_path,
     result_key,
@@ -180,14 +181,18 @@ class OutputStore:
 
 # The result goes in only if the job is still this worker's: a worker cut off mid-job, whose job
 # another worker has taken over, must not send a second result when its network comes back.
+# A photo's own result also marks its job done (KEYS[5], for ARGV[6] seconds when not 0), in the same
+# step: a worker killed just after sending leaves a job whose bytes the collector may free at once, and
+# the worker it is handed to must then find it done, not its photo gone.
 _SEND_RESULT = """
 local owner = redis.call('HGET', KEYS[1], 'worker_name')
 if owner and owner ~= '' and owner ~= ARGV[1] then return owner end
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[2], unpack(ARGV, 6))
+redis.call('HSET', KEYS[2], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('XADD', KEYS[3], '*', 'job', ARGV[3], 'source', ARGV[4])
 redis.call('HINCRBY', KEYS[4], ARGV[3], ARGV[5])
+if ARGV[6] ~= '0' then redis.call('SET', KEYS[5], ARGV[4], 'EX', ARGV[6]) end
 return false
 """
 
@@ -201,8 +206,19 @@ class RedisResultStore:
     new photos back while Redis holds enough.
     """
 
-    def __init__(self, connection: Redis, queue_name: str, job_id: str, worker_name: str, ttl_s: int, zstd_level: int):
+    def __init__(
+        self,
+        connection: Redis,
+        queue_name: str,
+        job_id: str,
+        worker_name: str,
+        ttl_s: int,
+        zstd_level: int,
+        done_ttl_s: int = 86400,
+    ):
         self.connection = connection
+        # How long the job's done marker lives (`queue.result_ttl_s`, as the job's own `_drain_aliases` sets it).
+        self.done_ttl_s = max(done_ttl_s, 60)
         self.queue_name = queue_name
         self.job_id = job_id
         self.worker_name = worker_name
@@ -239,10 +255,12 @@ class RedisResultStore:
             result_key(self.queue_name, result),
             results_stream(self.queue_name),
             inflight_key(self.queue_name),
+            done_key(self.queue_name, self.job_id),
         ]
         size = sum(len(v) for v in files.values())
         fields = [x for kind, data in files.items() for x in (kind, data)]
-        args = [self.worker_name, self.ttl_s, result, source, size, *fields]
+        done_for = self.done_ttl_s if entry is None and "json" in files else 0
+        args = [self.worker_name, self.ttl_s, result, source, size, done_for, *fields]
         owner = self.connection.eval(_SEND_RESULT, len(keys), *keys, *args)
         if owner is not None:
             raise HandedOverError(self.job_id, owner.decode() if isinstance(owner, bytes) else str(owner))

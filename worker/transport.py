@@ -266,6 +266,7 @@ class RedisTransport:
 
     def store(self, job_id: str, p: JobPayload | None = None, photo: Photo | None = None) -> RedisResultStore:
         t = self.config.transport
+        q = self.config.queue
         return RedisResultStore(
-            self.connection, self.config.queue.name, job_id, self.worker_name, t.blob_ttl_s, t.zstd_level
+            self.connection, q.name, job_id, self.worker_name, t.blob_ttl_s, t.zstd_level, q.result_ttl_s
         )
