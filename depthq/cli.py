@@ -370,9 +370,20 @@ def cmd_failed(config: Config, args: argparse.Namespace) -> int:
     if not args.jobs and not args.all:
         print(f"depthq failed {args.failed_command}: name job ids or photos, or pass --all", file=sys.stderr)
         return 2
-    action = failed.retry if args.failed_command == "retry" else failed.purge
     try:
-        done = action(connection, config, args.jobs, everything=args.all)
+        if args.failed_command == "retry":
+            from producer.enqueue import Enqueuer
+
+            enqueuer = Enqueuer(config, connection)
+            done = failed.retry(
+                connection,
+                config,
+                args.jobs,
+                everything=args.all,
+                resubmit_clip=lambda p: enqueuer.submit(p, force=True),
+            )
+        else:
+            done = failed.purge(connection, config, args.jobs, everything=args.all)
     except LookupError as exc:
         print(f"depthq: {exc}", file=sys.stderr)
         return 1

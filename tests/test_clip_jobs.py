@@ -405,7 +405,8 @@ def test_depthq_failed_retry_of_a_clip_makes_the_clip_again_and_it_finishes(
     assert [row.source for row in failed.list_failed(redis_client, once)] == ["hiccup.mp4"]
     assert not _staging(once.output.dir)
 
-    failed.retry(redis_client, once, ["hiccup.mp4"])
+    enqueuer = Enqueuer(once, redis_client)
+    failed.retry(redis_client, once, ["hiccup.mp4"], resubmit_clip=lambda path: enqueuer.submit(path, force=True))
     build_worker(once, redis_client, tiny_backend).work(burst=True, with_scheduler=False)
     assert json.loads((once.output.dir / "hiccup.mp4.json").read_text())["frames_computed"] == 6
     assert not (once.output.dir / "hiccup.mp4.error.json").exists()  # superseded by the result

@@ -26,7 +26,7 @@ from depthq.ops.status import ClipRow, Status, gather
 from producer.enqueue import Enqueuer
 from testkit.clips import write_clip
 from testkit.photos import write_jpeg
-from worker import clip_job
+from worker import clip_assembly
 from worker.backends import Backend, Prediction
 from worker.store import OutputStore
 from worker.worker import build_worker
@@ -269,13 +269,13 @@ def test_a_clip_in_progress_shows_its_frames_done_its_chunks_and_the_hosts_on_it
     assert (listed["source"], listed["frames_done"], listed["frames"], listed["hosts"]) == (clip, 4, 10, {host: 4})
 
     assembling: list[ClipRow] = []
-    focal = clip_job.clip_focal_px
+    focal = clip_assembly.clip_focal_px
 
     def looking_focal(*args: Any, **kwargs: Any) -> Any:
         assembling.extend(gather(redis_client, config).clips)
         return focal(*args, **kwargs)
 
-    monkeypatch.setattr(clip_job, "clip_focal_px", looking_focal)
+    monkeypatch.setattr(clip_assembly, "clip_focal_px", looking_focal)
     build_worker(config, redis_client, tiny_backend).work(burst=True, with_scheduler=False)
     (row,) = assembling
     assert row.assembling and (row.frames_done, row.chunks_done, row.hosts) == (10, 3, {host: 10})

@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from redis import Redis
@@ -154,7 +155,12 @@ def _resend_photo(connection: Redis, config: Config, jid: str) -> None:
         tx.execute()
 
 
-def _retry_clip(connection: Redis, config: Config, jid: str) -> bool:
+# Makes a clip's jobs again from its file on this host (the producer's `Enqueuer.submit(path, force=True)`,
+# which the CLI hands in: depthq's operations reach the producer only through the CLI).
+ClipResubmit = Callable[[Path], object]
+
+
+def _retry_clip(connection: Redis, config: Config, jid: str, resubmit: ClipResubmit | None) -> bool:
     """A clip's failed job is retried as its clip: the clip's jobs are made again (chunks still staged
     are kept), since a chunk run again alone would have no assemble after it. False for a photo's job."""
     try:
@@ -163,12 +169,13 @@ def _retry_clip(connection: Redis, config: Config, jid: str) -> bool:
         return False
     if payload.clip is None:
         return False
-    from producer.enqueue import Enqueuer, SourceError  # the producer's path, as `depthq enqueue` takes
-
+    if resubmit is None:
+        raise LookupError(
+            f"{payload.source}: a clip's job is retried by making the clip's jobs again; run `depthq failed retry`"
+        )
     try:
-        path = root_folder(config, payload.root).joinpath(*safe_relative(payload.source).parts)
-        Enqueuer(config, connection).submit(path, force=True)
-    except (PayloadError, SourceError, OSError) as exc:
+        resubmit(root_folder(config, payload.root).joinpath(*safe_relative(payload.source).parts))
+    except (PayloadError, ValueError, OSError) as exc:
         raise LookupError(
             f"{payload.source}: the clip cannot be read here ({exc}); run `depthq failed retry` where the "
             "clips are (the producer's host)"
@@ -176,9 +183,15 @@ def _retry_clip(connection: Redis, config: Config, jid: str) -> bool:
     return True
 
 
-def retry(connection: Redis, config: Config, ids: list[str], everything: bool = False) -> list[str]:
+def retry(
+    connection: Redis,
+    config: Config,
+    ids: list[str],
+    everything: bool = False,
+    resubmit_clip: ClipResubmit | None = None,
+) -> list[str]:
     def resend_and_requeue(registry: FailedJobRegistry, jid: str) -> None:
-        if _retry_clip(connection, config, jid):
+        if _retry_clip(connection, config, jid, resubmit_clip):
             return
         _resend_photo(connection, config, jid)
         attempts.forget(connection, config.queue.name, jid)  # the user asks for a fresh start
