@@ -5,9 +5,10 @@ decodes its frames (one seek, then forward), runs the model on each, computes ea
 with the one metric function (`worker.depth.metric_depth`) at the frame's own focal length (the
 container's 35 mm equivalent where it has one), and stages it in the clip's staging folder
 (`depthq.clip_jobs.staging_folder`), writing its chunk record last. The assemble job, which rq starts
-once every chunk has ended, picks the clip's one focal length (`worker.clip_camera.clip_focal_px`),
-rescales each staged frame to it (exact: depth is proportional to f_px), writes `<clip>.depth/`, the
-preview with one colour scale, and the clip sidecar last, atomically, then removes the staging folder.
+once every chunk has ended, has the clip assembled where its outputs are (`worker.clip_assembly`): here
+with the shared transport; with the redis transport, where a worker has no disk, its chunks read their
+own slice of the clip from Redis and send each staged file back through it, and the assemble job asks
+the collector on the producer's host to assemble the clip there.
 
 Fencing is a photo's: a job handed to another worker, or a clip rewritten since it was enqueued, lands
 nothing (`SupersededError`: the new version has jobs of its own). A chunk whose clip is bad records the
