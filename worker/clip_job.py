@@ -170,11 +170,9 @@ class _RedisStaging:
     as a photo's result is (only while the job is still this worker's)."""
 
     def __init__(self, rt: Runtime, p: JobPayload, job_id: str):
-        t = rt.config.transport
-        self.store = RedisResultStore(
-            rt.connection, rt.config.queue.name, job_id, rt.worker_name, t.blob_ttl_s, t.zstd_level
-        )
-        self.p, self.job_id = p, job_id
+        store = rt.transports[p.transport].store(job_id)
+        assert isinstance(store, RedisResultStore)
+        self.store, self.p, self.job_id = store, p, job_id
 
     def frame(self, number: int, depth: np.ndarray) -> None:
         name = STAGED_FRAME.format(number)
@@ -184,7 +182,9 @@ class _RedisStaging:
 
     def record(self, record: dict[str, Any]) -> None:
         name = CHUNK_RECORD.format(record["chunk"])
-        self.store.send(self.p.source, {staged_kind(self.p.sha256, name): json_bytes(record)})
+        # Done with it: a second run of the chunk (its worker killed just after) finds it so once the
+        # collector has freed the chunk's bytes.
+        self.store.send(self.p.source, {staged_kind(self.p.sha256, name): json_bytes(record)}, done=True)
 
 
 @contextlib.contextmanager
@@ -305,7 +305,6 @@ def _request_assembly(rt: Runtime, p: JobPayload, part: ClipPart, job: Job | Non
     removes the staging folder."""
     wait = queue_wait_s(job)
     job_id = job.id if job else "local"
-    t = rt.config.transport
     request = {
         "payload": p.to_dict(),
         "job_id": job_id,
@@ -314,7 +313,8 @@ def _request_assembly(rt: Runtime, p: JobPayload, part: ClipPart, job: Job | Non
         "queue_wait_s": wait,
         "failed": _failed_chunks(None, p, _stamp_of(p), job),
     }
-    store = RedisResultStore(rt.connection, rt.config.queue.name, job_id, rt.worker_name, t.blob_ttl_s, t.zstd_level)
+    store = rt.transports[p.transport].store(job_id)
+    assert isinstance(store, RedisResultStore)
     store.send(p.source, {ASSEMBLE_KIND: json_bytes(request)})
     log.info("%s: assembly of %d chunk(s) asked of the collector (job %s)", p.source, part.chunks, job_id)
     return {"source": p.source, "aliases": [], "timings_ms": {"queue_wait": ms(wait)}}

@@ -240,15 +240,15 @@ class RedisResultStore:
     def write_error(self, source: str, error: dict[str, Any]) -> None:
         self._send(source, {ERROR_KIND: json_bytes(error)})
 
-    def send(self, source: str, files: dict[str, bytes], entry: str | None = None) -> None:
+    def send(self, source: str, files: dict[str, bytes], entry: str | None = None, done: bool = False) -> None:
         """Files of the job's that are not a photo's set (a clip's staged frames and records, its
         assemble request), as one result of their own: under `entry` (default: the job's id), which
-        the collector frees on its own. Fenced as the job's result is. Staged `.npy` depth is
-        compressed, as a photo's npy is."""
+        the collector frees on its own. Fenced as the job's result is; `done` marks the job done with
+        it, as a photo's sidecar does. Staged `.npy` depth is compressed, as a photo's npy is."""
         packed = {k: self.compressor.compress(v) if k.endswith(".npy") else v for k, v in files.items()}
-        self._send(source, packed, entry)
+        self._send(source, packed, entry, done)
 
-    def _send(self, source: str, files: dict[str, bytes], entry: str | None = None) -> None:
+    def _send(self, source: str, files: dict[str, bytes], entry: str | None = None, done: bool | None = None) -> None:
         result = entry or self.job_id
         keys = [
             Job.key_for(self.job_id),
@@ -259,7 +259,9 @@ class RedisResultStore:
         ]
         size = sum(len(v) for v in files.values())
         fields = [x for kind, data in files.items() for x in (kind, data)]
-        done_for = self.done_ttl_s if entry is None and "json" in files else 0
+        if done is None:
+            done = entry is None and "json" in files  # a photo's whole set, its sidecar last
+        done_for = self.done_ttl_s if done else 0
         args = [self.worker_name, self.ttl_s, result, source, size, done_for, *fields]
         owner = self.connection.eval(_SEND_RESULT, len(keys), *keys, *args)
         if owner is not None:
