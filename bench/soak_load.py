@@ -442,31 +442,30 @@ class Load:
             )
         return len(forms)
 
-    def _clip(self, frames: int | None = None) -> int:
-        """A video clip (H.264 in MP4 of random noise), written as `.part` and renamed into place."""
+    def _clip(self) -> int:
+        self._write_clip(self.rng.randint(*CLIP_FRAMES))
+        return 1
+
+    def _write_clip(self, frames: int) -> str:
+        """A video clip (H.264 in MP4 of random noise), written as `.part` and renamed into place; its name."""
         rng = self.rng
         rel = f"{rng.choice(FOLDERS[:3])}/CLIP_{self._n():05d}.mp4".lstrip("/")
-        count = frames or rng.randint(*CLIP_FRAMES)
         seed = self._seed()
-
-        def write(path: Path, _: bytes) -> None:
-            part = path.with_name(path.name + ".part")
-            write_noise_clip(part, seed, count, rng.randrange(64, 161, 2), rng.randrange(48, 121, 2))
-            part.rename(path)
-
+        width, height = rng.randrange(64, 161, 2), rng.randrange(48, 121, 2)
         self.ledger.claim(rel)
         try:
-            write(self._path(rel), b"")
+            path = self._path(rel)
+            part = path.with_name(path.name + ".part")
+            write_noise_clip(part, seed, frames, width, height)
+            part.rename(path)
             self._record(rel, "clip", False)
         finally:
             self.ledger.release(rel)
-        return 1
+        return rel
 
     def clip_now(self) -> str:
         """Write a long clip at once (a fault wants a worker in the middle of one of its chunks); its name."""
-        before = {e.rel for e in self.ledger.all()}
-        self._clip(FAULT_CLIP_FRAMES)
-        return next(e.rel for e in self.ledger.all() if e.rel not in before)
+        return self._write_clip(FAULT_CLIP_FRAMES)
 
     def _long_name(self) -> int:
         """A name of 200 to 255 bytes, extension included: up to the file system's own limit."""
