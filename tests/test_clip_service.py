@@ -84,11 +84,12 @@ def test_a_worker_sigkilled_mid_chunk_and_the_clip_still_completes_once(tmp_path
         frames = sorted((out / "slow.mp4.depth").iterdir())
         assert [f.name for f in frames] == [f"{k:06d}.exr" for k in range(1, FRAMES + 1)]
         assert meta["depth"]["min"] == meta["depth"]["max"] == pytest.approx(expected_depth(64, 48), rel=1e-6)
+        # Settled first: the sidecar lands before the assemble job's own end is recorded in rq.
+        settle(settings, redis, service=proc, log=log, timeout=120)
         # The killed chunk ran again; the assemble once.
         assemble = Job.fetch(meta["job_id"], connection=redis, serializer=SERIALIZER)
         assert len(assemble.results()) == 1
         assert log.read_text().count("slow.mp4: clip of 8 frames assembled") == 1
-        settle(settings, redis, service=proc, log=log, timeout=120)
         assert not [p for p in out.rglob("*") if is_staging_name(p.name)]
     finally:
         assert stop(proc) == 0
