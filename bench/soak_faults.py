@@ -28,7 +28,7 @@ from rq.job import Job
 from bench.soak_load import Load
 from bench.soak_record import Timeline
 from bench.soak_service import LEFTOVER_GRACE_S, Service, ServiceError, Tmpfs, describe, wait_until
-from depthq.clip_jobs import is_clip_job
+from depthq.clip_jobs import is_assemble_job, is_clip_job
 from depthq.contract import SERIALIZER, finished_kind
 
 # A burst asked for before a worker fault, so that the worker hit is most likely in the middle of a job.
@@ -171,11 +171,10 @@ def _restart(ctx: FaultContext, run: FaultRun, why: str) -> None:
         run.failures.append(f"{run.name}: depthq up did not start again: {exc}")
 
 
-def worker_kill(ctx: FaultContext) -> FaultRun:
-    pid, jid, source = _busy_worker(ctx)
-    if pid is None:
-        return FaultRun("worker-kill", ctx.timeline.now(), failures=["worker-kill: no worker to kill"])
-    run = FaultRun("worker-kill", ctx.timeline.add(f"worker-kill: SIGKILL worker pid {pid} (job {jid}, {source})"))
+def _kill(ctx: FaultContext, name: str, pid: int, doing: str, source: str | None, what: str) -> FaultRun:
+    """SIGKILL a busy worker; recovered once as many workers are registered again and `source` (the
+    photo or clip it held) has its output."""
+    run = FaultRun(name, ctx.timeline.add(f"{name}: SIGKILL worker pid {pid} ({doing})"))
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     run.end, run.workers_hit = run.start, {pid}
@@ -183,8 +182,15 @@ def worker_kill(ctx: FaultContext) -> FaultRun:
         ctx,
         run,
         lambda: _workers_back(ctx, {pid}) and _photo_done(ctx, source),
-        f"{ctx.settings.workers} workers registered again, and {source or 'no photo'} done",
+        f"{ctx.settings.workers} workers registered again, and {what} done",
     )
+
+
+def worker_kill(ctx: FaultContext) -> FaultRun:
+    pid, jid, source = _busy_worker(ctx)
+    if pid is None:
+        return FaultRun("worker-kill", ctx.timeline.now(), failures=["worker-kill: no worker to kill"])
+    return _kill(ctx, "worker-kill", pid, f"job {jid}, {source}", source, source or "no photo")
 
 
 def clip_chunk_kill(ctx: FaultContext) -> FaultRun:
@@ -197,7 +203,7 @@ def clip_chunk_kill(ctx: FaultContext) -> FaultRun:
         for w in ctx.service.registered():
             with contextlib.suppress(RedisError):
                 jid = w.get_current_job_id()
-                if jid and is_clip_job(jid) and not jid.endswith("-clip"):
+                if jid and is_clip_job(jid) and not is_assemble_job(jid):
                     found.append((w.pid, jid))
                     return True
         return False
@@ -207,18 +213,7 @@ def clip_chunk_kill(ctx: FaultContext) -> FaultRun:
             "clip-chunk-kill", ctx.timeline.now(), failures=[f"clip-chunk-kill: no worker on a chunk of {source}"]
         )
     pid, jid = found[-1]
-    run = FaultRun(
-        "clip-chunk-kill", ctx.timeline.add(f"clip-chunk-kill: SIGKILL worker pid {pid} (chunk {jid}, {source})")
-    )
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    run.end, run.workers_hit = run.start, {pid}
-    return _finish(
-        ctx,
-        run,
-        lambda: _workers_back(ctx, {pid}) and _photo_done(ctx, source),
-        f"{ctx.settings.workers} workers registered again, and the clip {source} done",
-    )
+    return _kill(ctx, "clip-chunk-kill", pid, f"chunk {jid}, {source}", source, f"the clip {source}")
 
 
 def worker_stop(ctx: FaultContext) -> FaultRun:

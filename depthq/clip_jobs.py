@@ -42,6 +42,12 @@ STAGING_MARK = ".chunks-"
 _ASSEMBLE_SUFFIX = "-clip"
 
 
+def upright_size(width: int, height: int, rotation: int) -> tuple[int, int]:
+    """(width, height) in pixels of a stored frame once turned by `rotation` degrees: what the depth maps
+    and the preview are."""
+    return (height, width) if rotation in (90, 270) else (width, height)
+
+
 @dataclass(frozen=True)
 class ClipPart:
     """Which part of a clip a job is, and the clip as the producer probed it.
@@ -80,11 +86,11 @@ class ClipPart:
 
     @property
     def upright_width(self) -> int:
-        return self.height if self.rotation in (90, 270) else self.width
+        return upright_size(self.width, self.height, self.rotation)[0]
 
     @property
     def upright_height(self) -> int:
-        return self.width if self.rotation in (90, 270) else self.height
+        return upright_size(self.width, self.height, self.rotation)[1]
 
     @property
     def last(self) -> int:

@@ -30,6 +30,7 @@ from av.container import InputContainer
 from av.video.frame import VideoFrame
 from av.video.stream import VideoStream
 
+from depthq.clip_jobs import upright_size
 from depthq.clips import ffmpeg_reason, rotation, video_stream
 
 CLIP_EXTENSIONS = frozenset({"mp4", "mov", "m4v", "mkv", "webm", "avi"})
@@ -81,11 +82,11 @@ class ClipInfo:
     @property
     def upright_width(self) -> int:
         """Width in pixels once turned by `rotation`: what the depth map and preview are."""
-        return self.height if self.rotation in (90, 270) else self.width
+        return upright_size(self.width, self.height, self.rotation)[0]
 
     @property
     def upright_height(self) -> int:
-        return self.width if self.rotation in (90, 270) else self.height
+        return upright_size(self.width, self.height, self.rotation)[1]
 
 
 def is_clip(path: Path | str) -> bool:

@@ -3,8 +3,8 @@
 A soak once lost 33 of 1,981 photos while every test passed: the tests checked the files written, not
 the system afterwards. So a test that runs jobs ends with `assert_end_state`: every job finished,
 nothing failed but the test's own bad inputs, nothing waits (to run, to retry, for the collector, as a
-copy of another job), no temporary file is left in the output, and the service, if one runs, is still
-up. `settle` first waits (bounded) for a running service to get there.
+copy of another job), no temporary file or clip staging folder is left in the output, and the service,
+if one runs, is still up. `settle` first waits (bounded) for a running service to get there.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from rq.exceptions import DeserializationError
 from rq.job import Job, JobStatus
 from rq.registry import DeferredJobRegistry, FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
+from depthq.clip_jobs import is_staging_name
 from depthq.config import Config
 from depthq.contract import (
     LANES,
@@ -98,6 +99,11 @@ def temporary_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and is_temp_name(p.name)) if root.exists() else []
 
 
+def staging_folders(root: Path) -> list[Path]:
+    """Clips' staging folders anywhere under `root`: each goes once its clip is assembled, or is over."""
+    return sorted(p for p in root.rglob("*") if p.is_dir() and is_staging_name(p.name)) if root.exists() else []
+
+
 def assert_end_state(
     config: Config,
     connection: Redis,
@@ -117,6 +123,8 @@ def assert_end_state(
     assert not unexpected, f"jobs failed that are no bad input: {unexpected}{where}"
     temps = temporary_files(config.output.dir)
     assert not temps, f"temporary files left in the output: {temps}{where}"
+    staging = staging_folders(config.output.dir)
+    assert not staging, f"clip staging folders left in the output: {staging}{where}"
 
 
 def settle(

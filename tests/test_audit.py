@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from redis import Redis
 from rq.job import Job, JobStatus
@@ -35,8 +34,9 @@ from producer.audit import KINDS, audit, repair
 from producer.enqueue import Enqueuer
 from producer.index import INDEX_NAME, PhotoIndex
 from producer.watcher import Watcher
+from testkit.backends import Failing, Looking
 from testkit.photos import write_jpeg
-from worker.backends import Backend, Prediction
+from worker.backends import Backend
 from worker.worker import build_worker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,36 +71,6 @@ def _audit(config: Config, redis_client: Redis, **kwargs: Any) -> dict[str, Any]
 
 def _sources(report: dict[str, Any], kind: str) -> list[str]:
     return sorted(item["source"] for item in report["items"].get(kind, []))
-
-
-class _Failing:
-    """The tiny model, except that it falls over: an unexpected error, which rq retries."""
-
-    def __init__(self, inner: Backend):
-        self.name, self.device, self.model_name = inner.name, inner.device, inner.model_name
-        self.input_size, self.warnings = inner.input_size, inner.warnings
-
-    def load(self) -> None:
-        pass
-
-    def predict(self, rgb: np.ndarray) -> Prediction:
-        raise RuntimeError("the model fell over")
-
-
-class _Looking:
-    """The tiny model, which runs an audit in the middle of its forward pass: the job is running."""
-
-    def __init__(self, inner: Backend, look: Callable[[], None]):
-        self.inner, self.look = inner, look
-        self.name, self.device, self.model_name = inner.name, inner.device, inner.model_name
-        self.input_size, self.warnings = inner.input_size, inner.warnings
-
-    def load(self) -> None:
-        pass
-
-    def predict(self, rgb: np.ndarray) -> Prediction:
-        self.look()
-        return self.inner.predict(rgb)
 
 
 @pytest.fixture
@@ -221,7 +191,7 @@ def test_a_photo_rewritten_while_its_old_job_waits_is_no_duplicate(config: Confi
 def test_a_running_job_is_running(config: Config, redis_client: Redis, tiny_backend: Backend) -> None:
     seen: list[dict[str, Any]] = []
     Enqueuer(config, redis_client).submit(write_jpeg(config.producer.watch / "a.jpg", width=32, height=24))
-    _work(config, redis_client, _Looking(tiny_backend, lambda: seen.append(_audit(config, redis_client))))
+    _work(config, redis_client, Looking(tiny_backend, lambda: seen.append(_audit(config, redis_client))))
     (during,) = seen
     assert during["ok"] is True and _found(during) == {"photos": 1, "running": 1}
     assert during["items"]["running"][0]["lane"] == "live"
@@ -233,7 +203,7 @@ def test_a_job_waiting_out_its_back_off_is_retrying(
 ) -> None:
     config = make_config(worker={"retries": 2, "retry_backoff_s": [3600]})
     jid = Enqueuer(config, redis_client).submit(write_jpeg(config.producer.watch / "a.jpg", width=32, height=24)).job_id
-    _work(config, redis_client, _Failing(tiny_backend))
+    _work(config, redis_client, Failing(tiny_backend))
     assert Job.fetch(jid, connection=redis_client, serializer=SERIALIZER).get_status() == JobStatus.SCHEDULED
     report = _audit(config, redis_client)
     assert report["ok"] is True and _found(report) == {"photos": 1, "retrying": 1}
@@ -245,7 +215,7 @@ def test_a_failed_job_with_its_error_file_is_an_error_and_without_it_failed(
 ) -> None:
     config = make_config(worker={"retries": 0})
     jid = Enqueuer(config, redis_client).submit(write_jpeg(config.producer.watch / "a.jpg", width=32, height=24)).job_id
-    _work(config, redis_client, _Failing(tiny_backend))
+    _work(config, redis_client, Failing(tiny_backend))
     report = _audit(config, redis_client)
     assert report["ok"] is True and _found(report) == {"photos": 1, "errors": 1}
     assert report["items"]["errors"][0]["error"] == "RuntimeError: the model fell over"

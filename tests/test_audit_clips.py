@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from redis import Redis
 from rq.job import Job, JobStatus
@@ -26,8 +25,9 @@ from producer.audit import audit, repair
 from producer.enqueue import Enqueuer
 from producer.index import INDEX_NAME
 from producer.watcher import Watcher
+from testkit.backends import Failing, Looking
 from testkit.clips import write_clip
-from worker.backends import Backend, Prediction
+from worker.backends import Backend
 from worker.worker import build_worker
 
 CHUNK = 4
@@ -78,36 +78,6 @@ def _done(config: Config, redis_client: Redis, backend: Backend, *names: str) ->
     for name in names:
         assert output_path(config.output.dir, name, "json").exists()
     return clips
-
-
-class _Looking:
-    """The tiny model, which runs an audit before each frame: a chunk is running."""
-
-    def __init__(self, inner: Backend, look: Callable[[], None]):
-        self.inner, self.look = inner, look
-        self.name, self.device, self.model_name = inner.name, inner.device, inner.model_name
-        self.input_size, self.warnings = inner.input_size, inner.warnings
-
-    def load(self) -> None:
-        pass
-
-    def predict(self, rgb: np.ndarray) -> Prediction:
-        self.look()
-        return self.inner.predict(rgb)
-
-
-class _Failing:
-    """The tiny model, except that it falls over: an unexpected error, which rq retries."""
-
-    def __init__(self, inner: Backend):
-        self.name, self.device, self.model_name = inner.name, inner.device, inner.model_name
-        self.input_size, self.warnings = inner.input_size, inner.warnings
-
-    def load(self) -> None:
-        pass
-
-    def predict(self, rgb: np.ndarray) -> Prediction:
-        raise RuntimeError("the model fell over")
 
 
 def test_a_done_clip_audits_clean_its_depth_folder_and_preview_are_its_outputs(
@@ -165,7 +135,7 @@ def test_a_clip_whose_chunk_runs_is_running_and_its_staging_folder_is_no_leftove
     clip = _clip(config)
     jid = Enqueuer(config, redis_client).submit(clip).job_id
     seen: list[dict[str, Any]] = []
-    looking = _Looking(tiny_backend, lambda: seen.append(_audit(config, redis_client)))
+    looking = Looking(tiny_backend, lambda: seen.append(_audit(config, redis_client)))
     _work(config, redis_client, looking, max_jobs=3)  # the chunks, not the assemble
     assert len(seen) == FRAMES
     for during in seen:
@@ -190,7 +160,7 @@ def test_a_clip_whose_chunks_wait_out_a_back_off_is_retrying(
 ) -> None:
     config = make_config(worker={"retries": 2, "retry_backoff_s": [3600]}, video={"chunk_frames": CHUNK})
     jid = Enqueuer(config, redis_client).submit(_clip(config)).job_id
-    _work(config, redis_client, _Failing(tiny_backend))
+    _work(config, redis_client, Failing(tiny_backend))
     assert _status(redis_client, jid) == JobStatus.DEFERRED
     report = _audit(config, redis_client)
     assert report["ok"] is True and _found(report) == {"photos": 1, "retrying": 1}
@@ -259,7 +229,7 @@ def test_a_lost_clip_is_made_again_by_repair_and_keeps_the_chunks_it_staged(
     assert after["items"]["queued"][0]["lane"] == "backfill"
 
     computed: list[int] = []
-    _work(config, redis_client, _Looking(tiny_backend, lambda: computed.append(1)))
+    _work(config, redis_client, Looking(tiny_backend, lambda: computed.append(1)))
     assert len(computed) == FRAMES - 2 * CHUNK  # only the chunk that was never staged
     assert not staging.exists()
     assert _found(_audit(config, redis_client)) == {"photos": 1, "done": 1}

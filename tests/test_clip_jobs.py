@@ -21,10 +21,11 @@ import pytest
 from redis import Redis
 from rq.job import Job
 
-from depthq.clip_jobs import assemble_job_id, clip_job_base, is_staging_name
+from depthq.clip_jobs import assemble_job_id, clip_job_base
 from depthq.config import Config
 from depthq.contract import SERIALIZER, file_sha256
 from producer.enqueue import Enqueuer
+from testkit.backends import Around
 from testkit.clips import (
     write_audio_only_clip,
     write_clip,
@@ -33,7 +34,7 @@ from testkit.clips import (
     write_zero_frame_clip,
 )
 from testkit.tiny_model import FOV_DEG, INVERSE_DEPTH, expected_depth
-from tests.endstate import assert_end_state
+from tests.endstate import assert_end_state, staging_folders
 from worker.backends.base import Prediction
 
 CHUNK = 4
@@ -57,15 +58,6 @@ def enqueue(config: Config, redis_client: Redis) -> Callable[[Path], Any]:
 def _exr(path: Path) -> np.ndarray:
     with OpenEXR.File(str(path)) as exr:
         return np.asarray(exr.channels()["Z"].pixels)
-
-
-def _staging(out: Path) -> list[Path]:
-    return [p for p in out.rglob("*") if is_staging_name(p.name)] if out.exists() else []
-
-
-def _end(config: Config, redis: Redis, bad: tuple[str, ...] = ()) -> None:
-    assert_end_state(config, redis, bad)
-    assert not _staging(config.output.dir), "a clip's staging folder was left behind"
 
 
 def _preview_frames(path: Path) -> int:
@@ -101,7 +93,7 @@ def test_a_clip_gets_every_frame_at_the_closed_form_one_focal_length_a_preview_a
     assemble = Job.fetch(submitted.job_id, connection=redis_client, serializer=SERIALIZER)
     assert assemble.get_status() == "finished" and len(assemble.results()) == 1
     assert meta["job_id"] == submitted.job_id
-    _end(config, redis_client)
+    assert_end_state(config, redis_client)
     # Done means done: the clip's next look adds nothing.
     assert enqueue(clip).outcome == "done"
 
@@ -119,19 +111,15 @@ def test_the_clips_35mm_focal_length_and_rotation_are_used(
     assert meta["focal_length_source"] == "metadata" and meta["focal_length_35mm"] == pytest.approx(26)
     for f in sorted((config.output.dir / "IMG_0001.MOV.depth").iterdir()):
         np.testing.assert_allclose(_exr(f), expected_depth(48, 64, 26), rtol=1e-5)
-    _end(config, redis_client)
+    assert_end_state(config, redis_client)
 
 
-class JitteringFov:
+class JitteringFov(Around):
     """The tiny model with a FOV estimate that wanders from frame to frame, as a real one does."""
 
     def __init__(self, inner: Any, fovs: list[float]):
-        self.inner, self.fovs, self.calls = inner, fovs, 0
-        self.name, self.device, self.model_name = inner.name, inner.device, inner.model_name
-        self.warnings, self.input_size = inner.warnings, inner.input_size
-
-    def load(self) -> None:
-        self.inner.load()
+        super().__init__(inner)
+        self.fovs, self.calls = fovs, 0
 
     def predict(self, rgb: np.ndarray) -> Prediction:
         prediction = self.inner.predict(rgb)
@@ -160,7 +148,7 @@ def test_each_frame_is_rescaled_to_the_median_fov_and_keeps_its_own_estimate_in_
     # One camera: every frame's depth is the closed form at the clip's focal length, none at its own.
     for f in sorted((config.output.dir / "static.mkv.depth").iterdir()):
         np.testing.assert_allclose(_exr(f), f_px / (INVERSE_DEPTH * 64), rtol=1e-5)
-    _end(config, redis_client)
+    assert_end_state(config, redis_client)
 
 
 @pytest.mark.parametrize(
@@ -192,7 +180,7 @@ def test_a_bad_clip_ends_with_its_error_file_and_nothing_half_written(
     assert says.lower() in error["error"]["message"].lower()
     assert error["source_stat"]["size"] == path.stat().st_size
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [f"{name}.error.json"]
-    _end(config, redis_client, bad=(name,))
+    assert_end_state(config, redis_client, bad=(name,))
 
 
 def test_a_clip_over_max_frames_is_refused_naming_the_setting(
@@ -204,7 +192,7 @@ def test_a_clip_over_max_frames_is_refused_naming_the_setting(
     run_worker()
     message = json.loads((short.output.dir / "long.mkv.error.json").read_text())["error"]["message"]
     assert "8 frames" in message and "video.max_frames (5)" in message
-    _end(short, redis_client, bad=("long.mkv",))
+    assert_end_state(short, redis_client, bad=("long.mkv",))
 
 
 def test_a_clip_rewritten_before_its_chunks_run_lands_only_its_new_version(
@@ -219,19 +207,15 @@ def test_a_clip_rewritten_before_its_chunks_run_lands_only_its_new_version(
     meta = json.loads((config.output.dir / "take.mp4.json").read_text())
     assert meta["frames_computed"] == 9 and meta["sha256"] == file_sha256(clip)
     assert len(list((config.output.dir / "take.mp4.depth").iterdir())) == 9
-    _end(config, redis_client)
+    assert_end_state(config, redis_client)
 
 
-class DeletesTheClip:
+class DeletesTheClip(Around):
     """The tiny model, deleting the clip once it has computed `after` frames: a clip deleted mid-way."""
 
     def __init__(self, inner: Any, clip: list[Path], after: int):
-        self.inner, self.clip, self.after, self.calls = inner, clip, after, 0
-        self.name, self.device, self.model_name = inner.name, inner.device, inner.model_name
-        self.warnings, self.input_size = inner.warnings, inner.input_size
-
-    def load(self) -> None:
-        self.inner.load()
+        super().__init__(inner)
+        self.clip, self.after, self.calls = clip, after, 0
 
     def predict(self, rgb: np.ndarray) -> Prediction:
         self.calls += 1
@@ -258,7 +242,7 @@ def test_a_clip_deleted_mid_way_leaves_no_output_and_no_staging(
     out = config.output.dir
     assert not (out / "gone.mp4.json").exists() and not (out / "gone.mp4.depth").exists()
     assert not (out / "gone.mp4.error.json").exists()  # gone is no fault of the clip: as for a photo
-    _end(config, redis_client)
+    assert_end_state(config, redis_client)
 
 
 def test_a_chunk_staged_by_an_earlier_attempt_is_not_computed_again(
@@ -276,7 +260,7 @@ def test_a_chunk_staged_by_an_earlier_attempt_is_not_computed_again(
     assert enqueue(clip).outcome == "enqueued"  # its assemble is over, and the clip has no result
     run_worker()
     assert len(list((config.output.dir / "again.mp4.depth").iterdir())) == 6
-    _end(config, redis_client)
+    assert_end_state(config, redis_client)
 
 
 def test_every_nth_frame_is_computed_numbered_in_order_and_the_preview_keeps_the_clips_length(
@@ -295,19 +279,11 @@ def test_every_nth_frame_is_computed_numbered_in_order_and_the_preview_keeps_the
     assert _preview_frames(preview) == 5
     with av.open(str(preview)) as container:
         assert container.streams.video[0].average_rate == 15  # fps / every_nth: as long as the clip
-    _end(halves, redis_client)
+    assert_end_state(halves, redis_client)
 
 
-class MetersOnly:
+class MetersOnly(Around):
     """A meters-only model (the hub's Core ML exports): 1/meters, and no FOV."""
-
-    def __init__(self, inner: Any):
-        self.inner = inner
-        self.name, self.device, self.model_name = inner.name, inner.device, inner.model_name
-        self.warnings, self.input_size = inner.warnings, inner.input_size
-
-    def load(self) -> None:
-        self.inner.load()
 
     def predict(self, rgb: np.ndarray) -> Prediction:
         side = self.input_size
@@ -327,7 +303,7 @@ def test_a_model_without_fov_keeps_each_frames_depth_and_the_sidecar_says_so(
     assert any("per-frame depth" in w for w in meta["warnings"])
     for f in sorted((config.output.dir / "meters.mp4.depth").iterdir()):
         np.testing.assert_allclose(_exr(f), 2.0, rtol=1e-6)  # 1 / 0.5 m, as the model said
-    _end(config, redis_client)
+    assert_end_state(config, redis_client)
 
 
 def test_an_assemble_left_waiting_on_chunks_that_are_gone_is_made_again_and_the_clip_finishes(
@@ -345,7 +321,7 @@ def test_an_assemble_left_waiting_on_chunks_that_are_gone_is_made_again_and_the_
     assert (again.outcome, again.job_id) == ("enqueued", first.job_id)
     run_worker()
     assert json.loads((config.output.dir / "orphaned.mp4.json").read_text())["frames_computed"] == 6
-    _end(config, redis_client)
+    assert_end_state(config, redis_client)
 
 
 def test_a_lost_assemble_is_made_again_without_computing_the_staged_chunks_again(
@@ -369,19 +345,15 @@ def test_a_lost_assemble_is_made_again_without_computing_the_staged_chunks_again
     for index in range(2):  # each chunk computed once: the remade clip kept their staged frames
         chunk = Job.fetch(f"{base}-c{index:05d}", connection=redis_client, serializer=SERIALIZER)
         assert len(chunk.results()) == 1
-    _end(config, redis_client)
+    assert_end_state(config, redis_client)
 
 
-class FailsFirst:
+class FailsFirst(Around):
     """The tiny model, failing its first `n` predictions as a passing fault would (a device hiccup)."""
 
     def __init__(self, inner: Any, n: int):
-        self.inner, self.left = inner, n
-        self.name, self.device, self.model_name = inner.name, inner.device, inner.model_name
-        self.warnings, self.input_size = inner.warnings, inner.input_size
-
-    def load(self) -> None:
-        self.inner.load()
+        super().__init__(inner)
+        self.left = n
 
     def predict(self, rgb: np.ndarray) -> Prediction:
         if self.left:
@@ -403,11 +375,11 @@ def test_depthq_failed_retry_of_a_clip_makes_the_clip_again_and_it_finishes(
     error = json.loads((once.output.dir / "hiccup.mp4.error.json").read_text())["error"]
     assert "the device hiccuped" in error["message"]
     assert [row.source for row in failed.list_failed(redis_client, once)] == ["hiccup.mp4"]
-    assert not _staging(once.output.dir)
+    assert not staging_folders(once.output.dir)
 
     enqueuer = Enqueuer(once, redis_client)
     failed.retry(redis_client, once, ["hiccup.mp4"], resubmit_clip=lambda path: enqueuer.submit(path, force=True))
     build_worker(once, redis_client, tiny_backend).work(burst=True, with_scheduler=False)
     assert json.loads((once.output.dir / "hiccup.mp4.json").read_text())["frames_computed"] == 6
     assert not (once.output.dir / "hiccup.mp4.error.json").exists()  # superseded by the result
-    _end(once, redis_client)
+    assert_end_state(once, redis_client)

@@ -21,7 +21,6 @@ import pytest
 from redis import Redis
 from rq.job import Job
 
-from depthq.clip_jobs import is_staging_name
 from depthq.config import Config
 from depthq.contract import SERIALIZER, file_sha256, inflight_key
 from producer.collector import Collector
@@ -61,12 +60,6 @@ def _exr(path: Path) -> np.ndarray:
         return np.asarray(exr.channels()["Z"].pixels)
 
 
-def _end(config: Config, redis: Redis, bad: tuple[str, ...] = ()) -> None:
-    assert_end_state(config, redis, bad)
-    out = config.output.dir
-    assert not [p for p in out.rglob("*") if is_staging_name(p.name)], "a staging folder was left behind"
-
-
 def test_a_clip_travels_through_redis_and_is_assembled_on_the_producers_host(
     producer_config: Config, worker_config: Config, redis_client: Redis, tiny_backend: Any
 ) -> None:
@@ -91,7 +84,7 @@ def test_a_clip_travels_through_redis_and_is_assembled_on_the_producers_host(
     assert {w["host"] for w in meta["workers"]} and sum(w["frames"] for w in meta["workers"]) == 10
     assemble = Job.fetch(submitted.job_id, connection=redis_client, serializer=SERIALIZER)
     assert assemble.get_status() == "finished" and len(assemble.results()) == 1
-    _end(producer_config, redis_client)
+    assert_end_state(producer_config, redis_client)
     assert Enqueuer(producer_config, redis_client).submit(clip).outcome == "done"
 
 
@@ -119,7 +112,7 @@ def test_the_producer_sends_a_clip_a_few_chunks_at_a_time_within_the_inflight_li
     meta = json.loads((config.output.dir / "long.mp4.json").read_text())
     assert meta["frames_computed"] == 11
     assert meta["focal_length_px"] == pytest.approx(0.5 * 64 / math.tan(math.radians(FOV_DEG / 2)))
-    _end(config, redis_client)
+    assert_end_state(config, redis_client)
 
 
 def test_a_bad_clip_is_refused_by_the_producer_with_its_error_file(
@@ -131,7 +124,7 @@ def test_a_bad_clip_is_refused_by_the_producer_with_its_error_file(
     assert error["source"] == "voice.mp4" and "no video stream" in error["error"]["message"]
     assert error["source_stat"]["size"] == clip.stat().st_size
     _run(producer_config, worker_config, redis_client, tiny_backend)
-    _end(producer_config, redis_client)
+    assert_end_state(producer_config, redis_client)
 
 
 def test_a_clip_rewritten_before_its_assembly_lands_nothing_of_the_old_version(
@@ -148,4 +141,4 @@ def test_a_clip_rewritten_before_its_assembly_lands_nothing_of_the_old_version(
     _run(producer_config, worker_config, redis_client, tiny_backend)
     meta = json.loads((producer_config.output.dir / "take.mp4.json").read_text())
     assert meta["frames_computed"] == 9 and meta["sha256"] == file_sha256(clip)
-    _end(producer_config, redis_client)
+    assert_end_state(producer_config, redis_client)

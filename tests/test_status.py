@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from redis import Redis
 from rq import Worker
@@ -24,29 +23,13 @@ from depthq.config import Config
 from depthq.contract import SERIALIZER, Completion, completions_key, make_queue, record_completion, watches_key
 from depthq.ops.status import ClipRow, Status, gather
 from producer.enqueue import Enqueuer
+from testkit.backends import Looking
 from testkit.clips import write_clip
 from testkit.photos import write_jpeg
 from worker import clip_assembly
-from worker.backends import Backend, Prediction
+from worker.backends import Backend
 from worker.store import OutputStore
 from worker.worker import build_worker
-
-
-class WatchedBackend:
-    """The tiny model, calling back in the middle of its forward pass: that is when a user would look."""
-
-    def __init__(self, inner: Backend, during: Callable[[], None]):
-        self.inner = inner
-        self.during = during
-        self.name, self.device, self.model_name = inner.name, inner.device, inner.model_name
-        self.input_size, self.warnings = inner.input_size, inner.warnings
-
-    def load(self) -> None:
-        pass
-
-    def predict(self, rgb: np.ndarray) -> Prediction:
-        self.during()
-        return self.inner.predict(rgb)
 
 
 @pytest.fixture
@@ -60,9 +43,7 @@ def test_a_running_job_shows_its_stage_and_worker(
     seen: list[Status] = []
     looked_at: list[float] = []
     stages: list[str] = []
-    backend = WatchedBackend(
-        tiny_backend, lambda: (looked_at.append(time.time()), seen.append(gather(redis_client, config)))
-    )
+    backend = Looking(tiny_backend, lambda: (looked_at.append(time.time()), seen.append(gather(redis_client, config))))
     submitted = Enqueuer(config, redis_client).submit(write_jpeg(config.producer.watch / "a.jpg", width=64, height=48))
 
     def meta() -> dict[str, Any]:
@@ -173,7 +154,7 @@ def test_the_tables_fit_80_columns_without_cutting_a_name(
             assert main(["status", "--redis-url", redis_url]) == 0
             tables[width] = capsys.readouterr().out
 
-    worker = build_worker(config, redis_client, WatchedBackend(tiny_backend, look))
+    worker = build_worker(config, redis_client, Looking(tiny_backend, look))
     worker.work(burst=True, with_scheduler=False)
     foreign.register_death()
 
@@ -244,7 +225,7 @@ def test_a_clip_in_progress_shows_its_frames_done_its_chunks_and_the_hosts_on_it
             assert main(["status", "--json", "--redis-url", redis_url]) == 0
             tables.append(capsys.readouterr().out)
 
-    worker = build_worker(config, redis_client, WatchedBackend(tiny_backend, look))
+    worker = build_worker(config, redis_client, Looking(tiny_backend, look))
     worker.work(burst=True, max_jobs=2, with_scheduler=False)  # two of the three chunks
     assert len(seen) == 8  # a look per frame computed
     host = "mac-mini-studio"

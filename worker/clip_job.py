@@ -46,11 +46,10 @@ from depthq.files import (
 from worker.backends.base import describe_model
 from worker.clip_assembly import Assembly, assemble, drop_staging, read_record
 from worker.clip_frames import chunk_frames
-from worker.depth import depth_stats, metric_depth
+from worker.depth import depth_stats, metric_depth_of
 from worker.errors import (
     BadClipError,
     BadInputError,
-    ModelOutputError,
     RefusedJobError,
     SourceGoneError,
     SourceUnavailableError,
@@ -234,19 +233,7 @@ def _chunk(
                 prediction = rt.backend.predict(frame.rgb)
             t_inferred = time.perf_counter()
             height, width = frame.rgb.shape[:2]
-            try:
-                md = metric_depth(
-                    prediction.inverse_depth,
-                    width,
-                    height,
-                    prediction.fov_deg,
-                    part.focal_35mm,
-                    already_metric=prediction.already_metric,
-                )
-            except ValueError as exc:
-                raise BadClipError(f"{p.source}, frame {index}: {exc}") from None
-            except ModelOutputError as exc:
-                raise ModelOutputError(f"{p.source}, frame {index}: {exc}") from None
+            md = metric_depth_of(f"{p.source}, frame {index}", prediction, width, height, part.focal_35mm)
             stats = depth_stats(md.depth, rt.backend.input_size)
             number = index // part.every_nth + 1
             t_post = time.perf_counter()

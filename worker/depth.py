@@ -16,7 +16,8 @@ import numpy as np
 
 from depthq.camera import Camera, pinhole
 from worker.array_ops import Array, ops_for
-from worker.errors import ModelOutputError
+from worker.backends.base import Prediction
+from worker.errors import BadInputError, ModelOutputError
 
 # The diagonal of a 36 x 24 mm frame, in mm.
 _FULL_FRAME_DIAGONAL_MM = math.hypot(36.0, 24.0)
@@ -136,6 +137,27 @@ def metric_depth(
         fov_deg=fov_from_focal_px(f_px, width),
         fov_vertical_deg=fov_from_focal_px(f_px, height),
     )
+
+
+def metric_depth_of(
+    name: str, prediction: Prediction, width: int, height: int, focal_length_35mm: float | None
+) -> MetricDepth:
+    """`metric_depth` of one photo or one frame of a clip, its refusals named for it (`name`: "a.jpg",
+    "clip.mp4, frame 12"): a size or focal length it cannot use is the input's fault (BadInputError,
+    recorded once), a FOV no camera has the model's (ModelOutputError)."""
+    try:
+        return metric_depth(
+            prediction.inverse_depth,
+            width,
+            height,
+            prediction.fov_deg,
+            focal_length_35mm,
+            already_metric=prediction.already_metric,
+        )
+    except ValueError as exc:
+        raise BadInputError(f"{name}: {exc}") from None
+    except ModelOutputError as exc:
+        raise ModelOutputError(f"{name}: {exc}") from None
 
 
 def depth_stats(depth: np.ndarray, model_side: int) -> dict[str, Any]:

@@ -38,12 +38,11 @@ from depthq.contract import (
 from depthq.sidecar import Sidecar
 from worker import clip_job
 from worker.backends.base import Prediction, describe_model
-from worker.depth import MetricDepth, depth_stats, metric_depth
+from worker.depth import MetricDepth, depth_stats, metric_depth_of
 from worker.errors import (
     BadInputError,
     EnvironmentUnavailableError,
     ExpectedError,
-    ModelOutputError,
     OutputUnavailableError,
     RefusedJobError,
     SourceGoneError,
@@ -173,23 +172,6 @@ def _read_photo(rt: Runtime, transport: Transport, p: JobPayload, job: Job | Non
         raise
 
 
-def _metric(p: JobPayload, image: LoadedImage, prediction: Prediction) -> MetricDepth:
-    """The one metric math (`worker.depth`), its refusals named for the photo."""
-    try:
-        return metric_depth(
-            prediction.inverse_depth,
-            image.width,
-            image.height,
-            prediction.fov_deg,
-            image.focal_length_35mm,
-            already_metric=prediction.already_metric,
-        )
-    except ValueError as exc:
-        raise BadInputError(f"{p.source}: {exc}") from None
-    except ModelOutputError as exc:
-        raise ModelOutputError(f"{p.source}: {exc}") from None
-
-
 def _describe(
     rt: Runtime,
     p: JobPayload,
@@ -262,7 +244,7 @@ def _compute(rt: Runtime, p: JobPayload, job: Job | None) -> JobResult:
         "writing",
         {"queue_wait": ms(queue_wait), "decode": ms(t_decoded - t0), "inference": ms(t_inferred - t_decoded)},
     )
-    md = _metric(p, image, prediction)
+    md = metric_depth_of(p.source, prediction, image.width, image.height, image.focal_length_35mm)
     preview = preview_png(md.depth, rt.backend.input_size)
     depth = md.depth
     camera = md.camera
