@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     enq.add_argument("paths", nargs="+", type=Path, help="files or folders")
     enq.add_argument("--force", action="store_true", help="recompute even if already done")
 
-    models = sub.add_parser("models", help="Core ML models for Mac workers: download, list, convert")
+    models = sub.add_parser("models", help="Core ML models for Mac workers: download, list, convert, check")
     msub = models.add_subparsers(dest="models_command", required=True)
     dl = msub.add_parser("download", help="fetch a Core ML DepthPro into model.cache_dir (idempotent)")
     _add_common(dl)
@@ -131,6 +131,30 @@ def build_parser() -> argparse.ArgumentParser:
         default="canonical",
         choices=conversion.CONTRACTS,
         help="canonical: inverse depth + FOV (EXIF-aware, the default); meters: the hub exports' I/O",
+    )
+    cv.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the short check that ends a conversion (one scene through the package and the checkpoint)",
+    )
+    ck = msub.add_parser(
+        "check",
+        help="run a Core ML package and the checkpoint it came from on the same photos; compare depth and FOV",
+        description="Exits 1 when an error is past its limit. The limits' defaults follow what the package is "
+        "(float32 1e-4, float16 0.5%%, int8 and palettize8 2%% median depth error; see the README); "
+        "off macOS the package runs in depthq's MIL executor.",
+    )
+    _add_common(ck, "model")
+    ck.add_argument("package", type=Path, help="the .mlpackage to check")
+    ck.add_argument("--against", help="the checkpoint (hub id or folder); default: the one the package records")
+    ck.add_argument("--photos", type=Path, help="a folder of photos (default: built-in synthetic scenes)")
+    ck.add_argument("--scenes", type=int, default=3, help="how many built-in scenes, 1 to 3 (default 3)")
+    ck.add_argument("--max-median", type=float, help="median relative depth error allowed")
+    ck.add_argument("--max-p95", type=float, help="95th-percentile relative depth error allowed")
+    ck.add_argument("--max-fov-error", type=float, help="FOV error allowed, degrees")
+    ck.add_argument("--json", type=Path, help="also write the report to this file, as JSON")
+    ck.add_argument(
+        "--float32", action="store_true", help="off macOS: execute every op in float32, whatever the package declares"
     )
 
     dash = sub.add_parser("dashboard", help="rq-dashboard and the results gallery (/gallery) for the configured Redis")
@@ -310,10 +334,10 @@ def _under_watch(path: Path, config: Config) -> PurePath:
 
 
 def cmd_models(config: Config, args: argparse.Namespace) -> int:
-    from depthq.model_commands import convert_command, download_command, list_command
+    from depthq.model_commands import check_command, convert_command, download_command, list_command
     from worker.errors import ModelUnavailableError
 
-    commands = {"download": download_command, "list": list_command, "convert": convert_command}
+    commands = {"download": download_command, "list": list_command, "convert": convert_command, "check": check_command}
     try:
         return commands[args.models_command](config, args)
     except ModelUnavailableError as exc:

@@ -1,4 +1,4 @@
-"""`depthq models download | list | convert`: the model management a Mac mini owner needs, as commands.
+"""`depthq models download | list | convert | check`: the model management a Mac mini owner needs, as commands.
 
 Only the CLI imports this, for `depthq models`; it hands the work to the worker's catalog and converter,
 which it imports inside each command, as every depthq module that reaches into `worker/` does.
@@ -7,10 +7,13 @@ which it imports inside each command, as every depthq module that reaches into `
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -87,6 +90,69 @@ def list_command(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+class CheckFailed(Exception):
+    """A package computes something else than its checkpoint, past the check's limits."""
+
+
+def _limits(args: argparse.Namespace, kind: str) -> Any:
+    from worker.model_check import Limits
+
+    default = Limits.for_kind(kind)
+    return Limits(
+        median=default.median if getattr(args, "max_median", None) is None else args.max_median,
+        p95=default.p95 if getattr(args, "max_p95", None) is None else args.max_p95,
+        fov_deg=default.fov_deg if getattr(args, "max_fov_error", None) is None else args.max_fov_error,
+    )
+
+
+def check_command(config: Config, args: argparse.Namespace) -> int:
+    from worker.errors import ModelUnavailableError
+    from worker.model_check import SCENES, check_package, render
+
+    if not args.package.is_dir():
+        raise ModelUnavailableError(f"{args.package}: no such package (an .mlpackage is a folder)")
+    if not 1 <= args.scenes <= len(SCENES):
+        raise ModelUnavailableError(f"--scenes {args.scenes}: 1 to {len(SCENES)}")
+    report = check_package(
+        args.package,
+        against=args.against,
+        photos=args.photos,
+        scenes=SCENES[: args.scenes],
+        float32=args.float32,
+        device=config.model.device,
+        cache_dir=config.model.cache_dir,
+        limits_for=lambda kind: _limits(args, kind),
+        progress=lambda name: print(f"checking {name} ...", file=sys.stderr),
+    )
+    render(report)
+    if args.json:
+        args.json.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    return 1 if report.failures() else 0
+
+
+def _short_check(config: Config, output: Path) -> Callable[[Path], None]:
+    """The check that ends `models convert`: one scene, the default limits for what was made. It runs on
+    the saved package before that replaces `output`; the report names `output`."""
+
+    def verify(package: Path) -> None:
+        from worker.model_check import SCENES, check_package, render
+
+        with tempfile.TemporaryDirectory(prefix="depthq-check-") as scratch:  # Core ML's compiled copy, on macOS
+            report = check_package(
+                package,
+                against=str(config.model.path),
+                scenes=SCENES[:1],
+                device=config.model.device,
+                cache_dir=Path(scratch),
+            )
+        report.package = output
+        render(report)
+        if report.failures():
+            raise CheckFailed("; ".join(report.failures()))
+
+    return verify
+
+
 def convert_command(config: Config, args: argparse.Namespace) -> int:
     from worker.convert import convert
     from worker.errors import ModelUnavailableError
@@ -97,8 +163,21 @@ def convert_command(config: Config, args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         report = convert(
-            config.model, output, compression=args.compression, precision=args.precision, contract=args.contract
+            config.model,
+            output,
+            compression=args.compression,
+            precision=args.precision,
+            contract=args.contract,
+            verify=None if args.no_check else _short_check(config, output),
         )
+    except CheckFailed as exc:
+        print(
+            f"depthq: the converted package computes something else than {config.model.path}: {exc}. It is kept "
+            f"aside as {output}.failed-check (no worker picks it up) and {output} was left as it was; "
+            "`depthq models check` it with --photos to see more, or convert again",
+            file=sys.stderr,
+        )
+        return 1
     except ImportError as exc:  # torch and transformers are imported only when converting
         raise ModelUnavailableError(
             f"converting needs PyTorch and transformers ({exc}); pip install -e '.[torch]' on any machine, "

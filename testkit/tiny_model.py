@@ -121,10 +121,42 @@ def released_geometry_config() -> DepthProConfig:
     )
 
 
-def build_released_geometry_model(folder: Path, seed: int = 0) -> Path:
-    """Random weights (so preprocessing and every resize show in the output) at the released geometry."""
+def build_released_geometry_model(folder: Path, seed: int = 0, plausible: bool = False) -> Path:
+    """Random weights (so preprocessing and every resize show in the output) at the released geometry.
+
+    `plausible` rescales the two heads' last layers so that, like DepthPro's, the canonical inverse
+    depth is positive everywhere (1 +- 0.15 across a photo) and the FOV a camera's (about 60 degrees,
+    varying with the photo): relative depth errors and FOV errors then mean what they mean for the
+    released weights, while every pixel still depends on the whole network."""
     torch.manual_seed(seed)
     model = DepthProForDepthEstimation(released_geometry_config(), use_fov_model=True).eval()
+    if plausible:
+        make_plausible(model)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     return folder
+
+
+def make_plausible(model: DepthProForDepthEstimation) -> None:
+    """Scale each head's last layer to an output of the wanted mean and spread (measured on one input)."""
+    size = RELEASED_INPUT_SIZE
+    x = torch.linspace(-1, 1, size)
+    scene = torch.stack([x[None, :].expand(size, size), x[:, None].expand(size, size), (x[None, :] * x[:, None])])[None]
+    depth_last = model.head.layers[-2]
+    fov_last = model.fov_model.head.layers[-1]
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        depth_last.register_forward_hook(lambda _m, _i, out: seen.__setitem__("depth", out.detach())),
+        fov_last.register_forward_hook(lambda _m, _i, out: seen.__setitem__("fov", out.detach())),
+    ]
+    with torch.no_grad():
+        model(pixel_values=scene)
+        for hook in hooks:
+            hook.remove()
+        for layer, key, mean, spread in ((depth_last, "depth", 1.0, 0.15), (fov_last, "fov", 60.0, 5.0)):
+            out = seen[key] - layer.bias.reshape(1, -1, 1, 1)
+            # The FOV head answers one number per photo: its size, not its spread, sets the scale.
+            size_now = float(out.std()) if out.numel() > 1 else float(out.abs().mean())
+            scale = spread / max(size_now, 1e-6)
+            layer.weight.mul_(scale)
+            layer.bias.fill_(mean - scale * float(out.mean()))

@@ -132,3 +132,21 @@ def extra_input_export(path: Path, size: int = SIZE) -> Path:
 
     inputs = [ct.ImageType(name="image", shape=(1, 3, size, size)), ct.TensorType(name="mask", shape=(1, 2))]
     return _save(prog, inputs, path)
+
+
+def flip_resize_corners(package: Path, path: Path) -> Path:
+    """A copy of `package` whose every bilinear resize has the other corner alignment: the lowering
+    mistake a converter could make, as the Mac would receive it (the spec itself edited, weights as they were)."""
+    model = ct.models.MLModel(str(package), skip_model_load=True)
+    spec = model.get_spec()
+    main = spec.mlProgram.functions["main"]
+    block = main.block_specializations[main.opset]
+    consts = {op.outputs[0].name: op for op in block.operations if op.type == "const"}
+    # Resizes may share one constant: each is flipped once.
+    names = {op.inputs["align_corners"].arguments[0].name for op in block.operations if op.type == "upsample_bilinear"}
+    assert names, f"{package} has no bilinear resize to flip"
+    for name in names:
+        flag = consts[name].attributes["val"].immediateValue.tensor.bools
+        flag.values[0] = not flag.values[0]
+    ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True).save(str(path))
+    return path

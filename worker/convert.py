@@ -16,6 +16,7 @@ traced graph for any left, and checks the traced module against the original bef
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ import shutil
 import tempfile
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,12 +151,17 @@ def convert(
     compression: Compression = "none",
     precision: Precision = "float16",
     contract: Contract = "canonical",
+    verify: Callable[[Path], None] | None = None,
 ) -> ConvertReport:
     """Convert `model.path` (hub id or local checkpoint) to `output` (.mlpackage), atomically.
 
     `canonical` (the default) outputs canonical inverse depth and FOV, so workers can use EXIF focal
     lengths. `meters` reproduces the hub exports' I/O (`image`, `originalWidth` -> `depthMeters`).
     Each stage is logged as it starts and ends: at full size the whole takes minutes.
+
+    `verify` is called with the saved package before it replaces `output` (`depthq models check`): if it
+    raises, the package is kept aside as `<output>.failed-check` (a name no worker picks up) and a
+    model already at `output` stays as it was.
     """
     import coremltools as ct
     import numpy as np
@@ -271,6 +277,18 @@ def convert(
     staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
     try:
         mlmodel.save(str(staging / output.name))
+        if verify is not None:
+            # The check loads the checkpoint again and runs the package: free the conversion's copies first.
+            del mlmodel, net, wrapped
+            gc.collect()
+            stage("checking the package against the checkpoint")
+            try:
+                verify(staging / output.name)
+            except Exception:
+                aside = output.with_name(output.name + ".failed-check")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(staging / output.name, aside)
+                raise
         if output.exists():  # set the old one aside first: a worker never finds no model there
             os.replace(output, staging / "previous.mlpackage")
         os.replace(staging / output.name, output)
