@@ -58,6 +58,28 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def released_geometry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DepthPro at the released geometry with tiny widths, heads made plausible (testkit.tiny_model), and
+    a model card naming its licence: the checkpoint every Core ML conversion test converts."""
+    from testkit.tiny_model import build_released_geometry_model
+
+    folder = build_released_geometry_model(tmp_path_factory.mktemp("released-geometry"), plausible=True)
+    (folder / "README.md").write_text("---\nlicense: apple-amlr\n---\n# a model card\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def released_float16(released_geometry: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """`released_geometry` converted as `depthq models convert` does by default (float16, no check):
+    its ConvertReport. One conversion for the tests of the converter and of `depthq models check`."""
+    from depthq.config import ModelConfig
+    from worker.convert import convert
+
+    package = tmp_path_factory.mktemp("coreml") / "Released.mlpackage"
+    return convert(ModelConfig(path=str(released_geometry)), package)
+
+
+@pytest.fixture(scope="session")
 def tiny_backend(tiny_model: Path) -> Any:
     """The tiny model loaded and warmed once, as a worker would: for tests that run a worker in-process."""
     from worker.worker import load_backend

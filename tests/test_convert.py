@@ -15,8 +15,8 @@ import torch
 from transformers.models.depth_pro import modeling_depth_pro
 
 from depthq.config import ModelConfig
-from testkit.tiny_model import RELEASED_INPUT_SIZE, build_released_geometry_model, released_geometry_config
-from worker.convert import DEPTH_OUTPUT, FOV_OUTPUT, PARITY_TOLERANCE, ConvertReport, convert, exploding_ops
+from testkit.tiny_model import RELEASED_INPUT_SIZE, released_geometry_config
+from worker.convert import DEPTH_OUTPUT, FOV_OUTPUT, PARITY_TOLERANCE, ConvertReport, exploding_ops
 from worker.convert import split_patches as sliced_split
 from worker.coreml_spec import feature_info, read_contract, read_spec
 from worker.preprocess import model_input
@@ -25,15 +25,13 @@ SIDE = RELEASED_INPUT_SIZE
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = build_released_geometry_model(tmp_path_factory.mktemp("released-geometry"))
-    (folder / "README.md").write_text("---\nlicense: apple-amlr\n---\n# a model card\n")
-    return folder
+def weights(released_geometry: Path) -> Path:
+    return released_geometry
 
 
 @pytest.fixture(scope="module")
-def converted(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> ConvertReport:
-    return convert(ModelConfig(path=str(weights)), tmp_path_factory.mktemp("coreml") / "Released.mlpackage")
+def converted(released_float16: ConvertReport) -> ConvertReport:
+    return released_float16
 
 
 def test_the_released_geometry_is_what_the_model_asks_for() -> None:

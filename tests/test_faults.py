@@ -80,6 +80,18 @@ def _stage(redis_client: Redis, jid: str) -> str | None:
     return Job.fetch(jid, connection=redis_client, serializer=SERIALIZER).get_meta(refresh=True).get("stage")
 
 
+def _what_happened(redis_client: Redis, jid: str, folder: Path) -> str:
+    """The job's state, the registries that hold it, and the tail of each worker's log."""
+    job = Job.fetch(jid, connection=redis_client, serializer=SERIALIZER)
+    keys = sorted(k.decode() for k in redis_client.scan_iter("rq:*"))
+    lines = [f"job {jid}: status {job.get_status()}, worker {job.worker_name}, retries left {job.retries_left}"]
+    lines.append("rq keys: " + ", ".join(keys))
+    for log in sorted(folder.glob("worker*.log")):
+        lines.append(f"--- {log.name} ---")
+        lines += log.read_text(errors="replace").splitlines()[-25:]
+    return "\n".join(lines)
+
+
 def _started_by(redis_client: Redis, jid: str) -> str | None:
     job = Job.fetch(jid, connection=redis_client, serializer=SERIALIZER)
     return job.worker_name if job.get_status() == JobStatus.STARTED else None
@@ -93,12 +105,17 @@ def test_worker_killed_mid_job_is_recovered_by_another(
     wait_for(lambda: bool(redis_client.keys("rq:worker:*")), "the first worker", 60)
     jid = Enqueuer(config, redis_client).submit(photo).job_id
     wait_for(lambda: _started_by(redis_client, jid) is not None, "the job to start", 60)
+    # The victim itself took it: a process left over from another test on this Redis would show here.
+    assert str(_started_by(redis_client, jid)).endswith(f".{victim.pid}")
     rescuer = spawn_worker()
     victim.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     victim.wait()
     sidecar = config.output.dir / "big.jpg.json"
-    wait_for(sidecar.exists, "the job to be completed by the other worker", 120)
+    try:
+        wait_for(sidecar.exists, "the job to be completed by the other worker", 120)
+    except AssertionError as exc:  # once seen in CI, never here: say what the job and the workers did
+        raise AssertionError(f"{exc}\n{_what_happened(redis_client, jid, config.output.dir.parent)}") from None
     recovery_s = time.monotonic() - killed_at
     record_property("recovery_after_sigkill_s", round(recovery_s, 1))
     meta = json.loads(sidecar.read_text())

@@ -17,61 +17,70 @@ import io
 import json
 import shutil
 import sys
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from depthq.cli import main
-from testkit.tiny_model import build_released_geometry_model
 
 pytestmark = pytest.mark.skipif(sys.platform == "darwin", reason="off macOS the check runs in the MIL executor")
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def workspace(tmp_path_factory: pytest.TempPathFactory, released_geometry: Path) -> Path:
+    """A folder with a config.yaml naming the checkpoint as model.path, for the CLI."""
     folder = tmp_path_factory.mktemp("model-check")
-    build_released_geometry_model(folder / "checkpoint", plausible=True)
-    yield folder
+    (folder / "config.yaml").write_text(f"model:\n  path: {released_geometry}\n  device: cpu\n")
+    return folder
 
 
-def _cli(workspace: Path, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    """Run `depthq` in-process from an empty folder (no config.yaml), the checkpoint as model.path."""
-    (workspace / "config.yaml").write_text(f"model:\n  path: {workspace / 'checkpoint'}\n  device: cpu\n")
-    rc = main([*argv, "--config", str(workspace / "config.yaml")])
-    return rc, " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+def _cli(workspace: Path, *argv: str) -> tuple[int, str]:
+    """Run `depthq` in-process, its output captured by hand (capsys is function-scoped; some runs are
+    module fixtures) and unwrapped (rich wraps long lines)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main([*argv, "--config", str(workspace / "config.yaml")])
+    return rc, " ".join(out.getvalue().split())
 
 
-def _check(
-    workspace: Path, capsys: pytest.CaptureFixture[str], package: Path, *more: str
-) -> tuple[int, dict[str, Any]]:
+def _check(workspace: Path, package: Path, *more: str) -> tuple[int, dict[str, Any]]:
     report = workspace / f"{package.name}.json"
-    rc, _ = _cli(workspace, capsys, "models", "check", str(package), "--scenes", "1", "--json", str(report), *more)
+    rc, _ = _cli(workspace, "models", "check", str(package), "--scenes", "1", "--json", str(report), *more)
     return rc, json.loads(report.read_text())
 
 
 @pytest.fixture(scope="module")
 def float32_conversion(workspace: Path) -> tuple[int, str, Path]:
-    """`depthq models convert --precision float32`, with the short check that ends it (its output is
-    captured by hand: capsys is function-scoped)."""
-    out = io.StringIO()
+    """`depthq models convert --precision float32`, with the short check that ends it."""
     package = workspace / "f32.mlpackage"
-    (workspace / "config.yaml").write_text(f"model:\n  path: {workspace / 'checkpoint'}\n  device: cpu\n")
-    with contextlib.redirect_stdout(out):
-        argv = ["models", "convert", "--precision", "float32", "--output", str(package)]
-        rc = main([*argv, "--config", str(workspace / "config.yaml")])
-    return rc, " ".join(out.getvalue().split()), package
+    rc, out = _cli(workspace, "models", "convert", "--precision", "float32", "--output", str(package))
+    return rc, out, package
 
 
-def _convert(workspace: Path, name: str, precision: str, compression: str) -> Path:
-    from depthq.config import ModelConfig
-    from worker.convert import convert
+@dataclass(frozen=True)
+class SetAside:
+    rc: int
+    out: str
+    output: Path
+    before: list[Path]  # what `output` held before the conversion
 
-    package = workspace / f"{name}.mlpackage"
-    model = ModelConfig(path=str(workspace / "checkpoint"), device="cpu")
-    convert(model, package, compression=compression, precision=precision)  # type: ignore[arg-type]
-    return package
+
+@pytest.fixture(scope="module")
+def palettize8_set_aside(workspace: Path, float32_conversion: tuple[int, str, Path]) -> SetAside:
+    """`depthq models convert --compression palettize8` over an existing package, its short check given
+    limits of zero: no package meets them, so it fails as it would for a wrong conversion. (One
+    conversion serves twice: the package set aside is then checked, with the real limits, below.)"""
+    from worker import model_check
+
+    output = workspace / "kept.mlpackage"
+    shutil.copytree(float32_conversion[2], output)
+    before = sorted(p.relative_to(output) for p in output.rglob("*"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(model_check.DEFAULT_LIMITS, "palettize8", (0.0, 0.0, 0.0))
+        rc, out = _cli(workspace, "models", "convert", "--compression", "palettize8", "--output", str(output))
+    return SetAside(rc, out, output, before)
 
 
 def test_convert_ends_with_a_check_that_a_float32_package_passes(float32_conversion: tuple[int, str, Path]) -> None:
@@ -83,11 +92,11 @@ def test_convert_ends_with_a_check_that_a_float32_package_passes(float32_convers
 
 
 def test_a_float32_package_computes_what_torch_computes(
-    workspace: Path, float32_conversion: tuple[int, str, Path], capsys: pytest.CaptureFixture[str]
+    workspace: Path, released_geometry: Path, float32_conversion: tuple[int, str, Path]
 ) -> None:
-    rc, report = _check(workspace, capsys, float32_conversion[2])
+    rc, report = _check(workspace, float32_conversion[2])
     assert rc == 0, report["failures"]
-    assert report["kind"] == "float32" and report["against"] == str(workspace / "checkpoint")
+    assert report["kind"] == "float32" and report["against"] == str(released_geometry)
     # Measured: median 1.2e-7, max 1.1e-5 relative; FOV equal to 1e-5 degrees.
     assert report["max"] < 1e-4
     assert report["worst_fov_error_deg"] < 1e-3
@@ -96,71 +105,73 @@ def test_a_float32_package_computes_what_torch_computes(
     assert 30 < item["fov_torch"] < 120 and not item["fixed_fov"]  # a camera's FOV: the depth used it
 
 
+def test_a_failed_short_check_sets_the_new_package_aside_and_keeps_the_old_one(
+    workspace: Path, palettize8_set_aside: SetAside
+) -> None:
+    made = palettize8_set_aside
+    assert made.rc == 1
+    assert "FAILED" in made.out
+    assert sorted(p.relative_to(made.output) for p in made.output.rglob("*")) == made.before  # untouched
+    aside = made.output.with_name(made.output.name + ".failed-check")
+    assert (aside / "Manifest.json").is_file()
+    assert not list(workspace.glob(".kept.mlpackage.*"))  # no staging folder left
+
+
 @pytest.mark.parametrize(
-    ("precision", "compression", "decoder", "median", "p95", "fov"),
+    ("kind", "decoder", "median", "p95", "fov"),
     [
         # Measured: median 2.9e-4, p95 8.7e-4, FOV 0.005 deg (float16 holds 64 deg to 0.03 deg).
-        ("float16", "none", None, 2e-3, 5e-3, 0.1),
+        ("float16", None, 2e-3, 5e-3, 0.1),
         # Measured: median 1.5e-3, p95 4.7e-3, FOV 0.07 deg.
-        ("float16", "palettize8", "constexpr_lut_to_dense", 1e-2, 3e-2, 0.5),
+        ("palettize8", "constexpr_lut_to_dense", 1e-2, 3e-2, 0.5),
         # Measured: median 1.5e-3, p95 6.0e-3, FOV 0.03 deg.
-        ("float16", "int8", "constexpr_affine_dequantize", 1e-2, 3e-2, 0.5),
+        ("int8", "constexpr_affine_dequantize", 1e-2, 3e-2, 0.5),
     ],
-    ids=["float16", "palettize8", "int8"],
 )
 def test_float16_and_compressed_packages_stay_within_their_measured_error(
     workspace: Path,
-    capsys: pytest.CaptureFixture[str],
-    precision: str,
-    compression: str,
+    released_geometry: Path,
+    released_float16: Any,
+    palettize8_set_aside: SetAside,
+    kind: str,
     decoder: str | None,
     median: float,
     p95: float,
     fov: float,
 ) -> None:
+    from depthq.config import ModelConfig
+    from worker.convert import convert
     from worker.mil_executor import ProgramExecutor
 
-    package = _convert(workspace, compression if compression != "none" else precision, precision, compression)
+    if kind == "float16":  # the session's default conversion
+        package = released_float16.output
+    elif kind == "palettize8":  # the conversion whose zero-limit check set it aside
+        package = workspace / "p8.mlpackage"
+        shutil.copytree(palettize8_set_aside.output.with_name("kept.mlpackage.failed-check"), package)
+    else:
+        package = workspace / f"{kind}.mlpackage"
+        convert(ModelConfig(path=str(released_geometry)), package, compression=kind)  # type: ignore[arg-type]
     if decoder is not None:  # the compressed weights are decoded by the executor, not left out
         assert ProgramExecutor(package).op_types()[decoder] > 0
-    rc, report = _check(workspace, capsys, package)
+    rc, report = _check(workspace, package)
     assert rc == 0, report["failures"]
-    assert report["kind"] == (compression if compression != "none" else "float16")
+    assert report["kind"] == kind
     assert report["median"] < median and report["p95"] < p95
     assert report["worst_fov_error_deg"] < fov
     assert report["median"] > 1e-6  # float16 shows: the executor did not run these in float32
 
 
 def test_a_package_whose_resizes_lost_their_corner_alignment_fails_the_check(
-    workspace: Path, float32_conversion: tuple[int, str, Path], capsys: pytest.CaptureFixture[str]
+    workspace: Path, float32_conversion: tuple[int, str, Path]
 ) -> None:
     from tests.coreml_models import flip_resize_corners
 
     broken = flip_resize_corners(float32_conversion[2], workspace / "broken.mlpackage")
-    rc, report = _check(workspace, capsys, broken)
+    rc, report = _check(workspace, broken)
     assert rc == 1
     assert any("median depth error" in failure for failure in report["failures"])
     # Measured: median 1.6e-2, p95 6.7e-2, FOV off by 0.22 deg, against a median limit of 1e-4.
     assert report["median"] > 100 * report["limits"]["median"]
-
-
-def test_a_failed_short_check_sets_the_new_package_aside_and_keeps_the_old_one(
-    workspace: Path, float32_conversion: tuple[int, str, Path], capsys: pytest.CaptureFixture[str], monkeypatch
-) -> None:
-    from worker import model_check
-
-    output = workspace / "kept.mlpackage"
-    shutil.copytree(float32_conversion[2], output)
-    before = sorted(p.relative_to(output) for p in output.rglob("*"))
-    # No package meets limits of zero: the short check fails as it would for a wrong conversion.
-    monkeypatch.setitem(model_check.DEFAULT_LIMITS, "float32", (0.0, 0.0, 0.0))
-    rc, out = _cli(workspace, capsys, "models", "convert", "--precision", "float32", "--output", str(output))
-    assert rc == 1
-    assert "FAILED" in out
-    assert sorted(p.relative_to(output) for p in output.rglob("*")) == before  # the old package, untouched
-    aside = workspace / "kept.mlpackage.failed-check"
-    assert (aside / "Manifest.json").is_file()
-    assert not list(workspace.glob(".kept.mlpackage.*"))  # no staging folder left
 
 
 def test_a_package_that_names_no_checkpoint_needs_against(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
