@@ -122,7 +122,7 @@ def check_command(config: Config, args: argparse.Namespace) -> int:
         device=config.model.device,
         cache_dir=config.model.cache_dir,
         limits_for=lambda kind: _limits(args, kind),
-        progress=lambda name: print(f"checking {name} ...", file=sys.stderr),
+        progress=lambda line: print(line, file=sys.stderr),
     )
     render(report)
     if args.json:

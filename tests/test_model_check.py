@@ -181,3 +181,24 @@ def test_a_package_that_names_no_checkpoint_needs_against(workspace: Path, capsy
     rc = main(["models", "check", str(package), "--config", str(workspace / "config.yaml")])
     assert rc == 2
     assert "--against" in capsys.readouterr().err
+
+
+def test_photos_of_another_size_are_judged_on_the_pixels_the_package_is_given(
+    workspace: Path, float32_conversion: tuple[int, str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    from worker.model_check import scene
+
+    photos = workspace / "photos"
+    photos.mkdir()
+    Image.fromarray(scene("street", 1536)).resize((1200, 900)).save(photos / "street.jpg", quality=92)
+    (photos / "notes.txt").write_text("not a photo")
+    rc, report = _check(workspace, float32_conversion[2], "--photos", str(photos))
+    assert rc == 0, report["failures"]
+    (item,) = report["items"]
+    assert (item["name"], item["width"], item["height"]) == ("street.jpg", 1200, 900)
+    # Measured: 7.5e-8 on the same 8-bit pixels; 2.3e-3 against torch given the photo's own floats.
+    assert item["median"] < 1e-5
+    assert item["median_vs_torch_worker"] > 100 * item["median"]
+    assert "skipping" in capsys.readouterr().err  # the text file, named, and the check went on

@@ -7,9 +7,10 @@ depth maps in meters and the fields of view are then compared. On macOS the pack
 itself; elsewhere in depthq's MIL executor (`worker.mil_executor`), which shows whether the program
 means what the torch model means, though not how the Neural Engine rounds, nor how fast it is.
 
-Without photos the check uses synthetic scenes drawn at the model's input size: both backends then see
-the same pixels, and the errors are the package's alone. A photo of another size adds the Core ML image
-input's 8-bit rounding of the resized photo, which a Mac adds as well.
+Without photos the check uses synthetic scenes drawn at the model's input size. A photo of another size
+reaches a Core ML image input as its resize in 8 bits (`inputs_for`), which torch takes in floats: the
+errors judged are those on the same 8-bit pixels, the package's own, and the error against a torch
+worker given the photo itself is shown beside them.
 
 The model tooling uses this; the worker never does.
 """
@@ -78,6 +79,9 @@ class ItemResult:
     seconds_torch: float
     # The depth was compared at FALLBACK_FOV_DEG: the torch model's FOV was none a camera has.
     fixed_fov: bool = False
+    # A photo of another size than the model's, into an image input: the median error against what a
+    # torch worker computes from the photo itself (the errors above compare the same 8-bit pixels).
+    median_vs_torch_worker: float | None = None
 
     @property
     def fov_error_deg(self) -> float | None:
@@ -186,15 +190,25 @@ class _Photo:
     focal_length_35mm: float | None
 
 
-def _photos(folder: Path) -> Iterator[_Photo]:
+def _photos(folder: Path, skipped: Callable[[str], None]) -> Iterator[_Photo]:
+    """The folder's photos, upright, with their EXIF focal length; a file that is no photo is named
+    through `skipped` and left out. None at all is an error: there would be nothing to compare."""
+    from worker.errors import BadInputError
     from worker.images import load_image
 
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise ModelUnavailableError(f"--photos {folder}: no photos there")
-    for path in files:
-        loaded = load_image(path.read_bytes(), path.name, max_pixels=200_000_000)
+    if not folder.is_dir():
+        raise ModelUnavailableError(f"--photos {folder}: no such folder")
+    found = 0
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        try:
+            loaded = load_image(path.read_bytes(), path.name, max_pixels=200_000_000)
+        except (BadInputError, OSError) as exc:
+            skipped(f"skipping {path}: {exc}")
+            continue
+        found += 1
         yield _Photo(path.name, loaded.rgb, loaded.focal_length_35mm)
+    if not found:
+        raise ModelUnavailableError(f"--photos {folder}: no photo there that this worker could read")
 
 
 class _PackageRunner:
@@ -217,6 +231,14 @@ class _PackageRunner:
     @property
     def input_size(self) -> int:
         return self.backend.input_size
+
+    def image_pixels(self, rgb: np.ndarray) -> np.ndarray | None:
+        """The 8-bit pixels an image input is given for `rgb` (`inputs_for`'s resize), when they are not
+        `rgb` itself; None for a tensor input, which takes the same floats torch does."""
+        contract = self.backend.contract
+        if not contract.input_is_image or rgb.shape[:2] == (contract.input_size, contract.input_size):
+            return None
+        return np.asarray(self.backend.inputs_for(rgb)[contract.image_input])
 
     def predict(self, rgb: np.ndarray) -> Prediction:
         if self.executor is None:
@@ -251,6 +273,20 @@ def _depth(prediction: Prediction, width: int, height: int, focal_35mm: float | 
         focal_35mm,
         already_metric=prediction.already_metric,
     )
+
+
+def _relative_error(
+    got: Prediction, want: Prediction, item: _Photo, width: int, height: int
+) -> tuple[np.ndarray, bool]:
+    """|depth_package - depth_torch| / depth_torch at the photo's size, each through the metric math
+    with its own FOV (or the photo's EXIF focal length); and whether the FOV was FALLBACK_FOV_DEG's
+    because the torch model answered none a camera has."""
+    fixed = not _valid_fov(want.fov_deg) and item.focal_length_35mm is None
+    fov_want = FALLBACK_FOV_DEG if fixed else want.fov_deg
+    fov_got = FALLBACK_FOV_DEG if fixed and not got.already_metric else got.fov_deg
+    depth_want = _depth(want, width, height, item.focal_length_35mm, fov_want)
+    depth_got = _depth(got, width, height, item.focal_length_35mm, fov_got)
+    return np.abs(depth_got.depth - depth_want.depth) / depth_want.depth, fixed
 
 
 def _valid_fov(fov: float | None) -> bool:
@@ -294,25 +330,27 @@ def check_package(
             f"{reference.input_size}x{reference.input_size}: they are not the same model; "
             "name its checkpoint with --against"
         )
-    items = _photos(photos) if photos else (_Photo(n, scene(n, runner.input_size), None) for n in scenes)
+    say = progress or (lambda _line: None)
+    items = _photos(photos, say) if photos else (_Photo(n, scene(n, runner.input_size), None) for n in scenes)
     errors: list[np.ndarray] = []
     for item in items:
-        if progress:
-            progress(item.name)
+        say(f"checking {item.name} ...")
         height, width = item.rgb.shape[:2]
         started = time.perf_counter()
         got = runner.predict(item.rgb)
         seconds_package = time.perf_counter() - started
+        # The package's own error is judged on the pixels it was given: a Core ML image input takes the
+        # resized photo in 8 bits, which torch then sees too. What a torch worker computes from the photo
+        # itself is the second comparison, shown beside it.
+        pixels = runner.image_pixels(item.rgb)
         started = time.perf_counter()
-        want = reference.predict(item.rgb)
+        want = reference.predict(item.rgb if pixels is None else pixels)
         seconds_torch = time.perf_counter() - started
-        fixed = not _valid_fov(want.fov_deg) and item.focal_length_35mm is None
-        fov_want = FALLBACK_FOV_DEG if fixed else want.fov_deg
-        fov_got = FALLBACK_FOV_DEG if fixed and not got.already_metric else got.fov_deg
-        depth_want = _depth(want, width, height, item.focal_length_35mm, fov_want)
-        depth_got = _depth(got, width, height, item.focal_length_35mm, fov_got)
-        relative = np.abs(depth_got.depth - depth_want.depth) / depth_want.depth
-        errors.append(relative.reshape(-1))
+        relative, fixed = _relative_error(got, want, item, width, height)
+        versus_worker = None
+        if pixels is not None:
+            versus_worker = float(np.median(_relative_error(got, reference.predict(item.rgb), item, width, height)[0]))
+        errors.append(relative.reshape(-1)[:: max(1, relative.size // 1_000_000)])
         median, p95 = np.percentile(relative, [50, 95])
         report.items.append(
             ItemResult(
@@ -329,11 +367,12 @@ def check_package(
                 seconds_package=seconds_package,
                 seconds_torch=seconds_torch,
                 fixed_fov=fixed,
+                median_vs_torch_worker=versus_worker,
             )
         )
     every = np.concatenate(errors)
     report.median, report.p95 = (float(v) for v in np.percentile(every, [50, 95]))
-    report.max = float(every.max())
+    report.max = max(item.max for item in report.items)
     if runner.executor is not None:
         report.executor_peak_bytes = runner.executor.stats.peak_live_bytes
     return report
@@ -375,6 +414,12 @@ def render(report: CheckReport, out: Any = None) -> None:
             f"{item.seconds_package:.1f} s / {item.seconds_torch:.1f} s",
         )
     console.print(table)
+    for item in report.items:
+        if item.median_vs_torch_worker is not None:
+            console.print(
+                f"{item.name}: against a torch worker given the photo itself (not its 8-bit resize), median "
+                f"{item.median_vs_torch_worker:.2e}: Core ML's image input takes the resized photo in 8 bits"
+            )
     if any(item.fixed_fov for item in report.items):
         console.print(
             f"* the torch model's FOV is none a camera has (random weights?): depth compared at {FALLBACK_FOV_DEG} deg"
