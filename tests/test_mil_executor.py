@@ -634,7 +634,9 @@ def test_evaluated_ops_match_torch(converted: Callable[[str, str], Converted], p
     run = converted("block", precision)
     types = run.executor.op_types()
     assert set(types) >= EVALUATED_OPS, sorted(types)
-    assert run.executor.stats.by_source["depthq"] == 0
+    # gelu is depthq's (coremltools evaluates its exact mode one element at a time); the rest coremltools'.
+    assert run.executor.stats.by_source["depthq"] == sum(n for op, n in types.items() if op in OWN_OPS)
+    assert run.executor.stats.by_source["coremltools"] > 0
     for case in BLOCK.cases:
         _assert_matches(run.got[case.id], run.want[case.id], precision, BLOCK, case.id)
 

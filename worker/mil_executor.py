@@ -11,6 +11,9 @@ How each op runs:
 - `conv`, `conv_transpose`, `crop`, `upsample_bilinear` and the weight-decompression ops
   (`constexpr_lut_to_dense`, `constexpr_affine_dequantize`) are implemented here from the MIL op
   specification, not from coremltools' lowering, so a wrong lowering cannot hide behind itself;
+- so is `gelu`, for speed: coremltools evaluates its exact mode with Python's `math.erf` one element
+  at a time (`np.vectorize`), which at DepthPro's full size is two billion calls and, per op, an
+  object array of 83 million Python floats;
 - an op neither knows stops the run, naming the op and where it is.
 
 Each op runs in the dtype the program declares: a float16 program keeps every value in float16, as
@@ -44,6 +47,7 @@ OWN_OPS = (
     "upsample_bilinear",
     "constexpr_lut_to_dense",
     "constexpr_affine_dequantize",
+    "gelu",
 )
 # Ops that sum many products: in a float16 program they take float16 operands and accumulate in float32.
 _ACCUMULATING = frozenset({"conv", "conv_transpose", "linear", "matmul"})
@@ -144,6 +148,9 @@ class ProgramExecutor:
                 values[var.name] = value
                 live += value.nbytes
             stats.peak_live_bytes = max(stats.peak_live_bytes, live)
+            for var in op.outputs:  # an output nothing reads (a split's unused part) goes at once
+                if var.name not in self._last_read:
+                    live -= values.pop(var.name).nbytes
             for var in _input_vars(op):
                 if self._last_read.get(var.name) == index and var.name in values:
                     live -= values.pop(var.name).nbytes
@@ -415,6 +422,26 @@ def _upsample_bilinear(args: Mapping[str, Any]) -> np.ndarray:
     return _resize_axis(wide, x.ndim - 1, out_w, align, half)
 
 
+def _gelu(args: Mapping[str, Any]) -> np.ndarray:
+    """`gelu` (iOS15): EXACT 0.5 x (1 + erf(x / sqrt(2))), TANH_APPROXIMATION
+    0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), SIGMOID_APPROXIMATION x sigmoid(1.702 x).
+    Computed in float32 and rounded to the op's dtype by the caller, as one float16 op would be."""
+    import torch
+
+    x = torch.from_numpy(np.asarray(args["x"], dtype=np.float32))
+    mode = str(args.get("mode") or "EXACT")
+    with torch.no_grad():
+        if mode == "EXACT":
+            out = 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+        elif mode == "TANH_APPROXIMATION":
+            out = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+        elif mode == "SIGMOID_APPROXIMATION":
+            out = x * torch.sigmoid(1.702 * x)
+        else:
+            raise UnknownOpError(f"gelu: mode {mode!r} is not in the MIL specification")
+    return out.numpy()
+
+
 def _unpack_bits(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:
     """Indices packed one byte at a time from the least significant bit up, as the spec lays them out."""
     bits = np.unpackbits(np.asarray(packed, dtype=np.uint8), bitorder="little")[: nbits * count]
@@ -451,4 +478,5 @@ _OWN: dict[str, Callable[[Mapping[str, Any]], np.ndarray]] = {
     "upsample_bilinear": _upsample_bilinear,
     "constexpr_lut_to_dense": _lut_to_dense,
     "constexpr_affine_dequantize": _affine_dequantize,
+    "gelu": _gelu,
 }
