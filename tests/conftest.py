@@ -14,9 +14,16 @@ from redis import Redis
 from depthq.config import Config, load_config
 from depthq.redis_server import EmbeddedRedis
 
+# The longest files, started first: CI's two test processes take whole files, and one of these begun
+# last would leave the other process idle for minutes at the end. Each file's own order is kept.
+FIRST = ("test_soak.py", "test_redis_outage.py", "test_model_check.py", "test_supervisor.py", "test_faults.py")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Core ML prediction exists only on macOS: those tests run there and are skipped, not faked, elsewhere."""
+    """Longest files first (FIRST); and Core ML prediction exists only on macOS: those tests run there
+    and are skipped, not faked, elsewhere."""
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: order within a file kept
     if sys.platform == "darwin":
         return
     skip = pytest.mark.skip(reason="needs macOS: Core ML prediction is only supported on macOS")
