@@ -246,14 +246,23 @@ class _PackageRunner:
         return self.backend.prediction_from(self.executor.predict(self.backend.inputs_for(rgb)))
 
 
-def package_kind(package: Path, metadata: dict[str, str], executor: Any) -> str:
-    """float32, float16, or the compression the package records: what its limits are chosen by."""
+def package_kind(package: Path, metadata: dict[str, str]) -> str:
+    """The compression the package records, else float16 or float32 as its program computes (read from
+    the spec, on any platform): what its limits are chosen by."""
+    from coremltools.proto import MIL_pb2
+
+    from worker.coreml_spec import read_spec
+
     compression = metadata.get("depthq.compression")
     if compression and compression != "none":
         return compression
-    if executor is not None:
-        return executor.precision
-    return "float16"
+    program = read_spec(package).mlProgram
+    blocks = program.functions["main"].block_specializations if "main" in program.functions else {}
+    for block in blocks.values():
+        for op in block.operations:
+            if any(out.type.tensorType.dataType == MIL_pb2.DataType.FLOAT16 for out in op.outputs):
+                return "float16"
+    return "float32"
 
 
 def _torch_backend(source: str, device: str) -> Backend:
@@ -315,7 +324,7 @@ def check_package(
             f"{package} records no checkpoint it was converted from (depthq.source); name one with --against "
             "(a hub id such as apple/DepthPro-hf, or a local checkpoint folder)"
         )
-    kind = package_kind(package, metadata, runner.executor)
+    kind = package_kind(package, metadata)
     report = CheckReport(
         package=package,
         against=source,
