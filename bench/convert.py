@@ -201,6 +201,7 @@ def check_once(package: Path, checkpoint: Path, scenes: int, report: Path) -> di
         "f_px_error": max(f_px) if f_px else None,
         "fixed_fov": any(i["fixed_fov"] for i in items),
         "fov_torch": [i["fov_torch"] for i in items],
+        "fov_package": [i["fov_package"] for i in items],
         "executor_s": sum(i["seconds_package"] for i in items),
         "executor_peak_bytes": data["executor_peak_bytes"],
         "torch_s": sum(i["seconds_torch"] for i in items),
@@ -301,9 +302,12 @@ def run(quick: bool = False) -> dict[str, Any]:
             console.print(f"  spec: inputs {r['inputs']}; outputs {r['outputs']}")
         c = r.get("check")
         if c and "error" not in c:
-            fovs = ", ".join(f"{f:.2f}" for f in c["fov_torch"] if f is not None)
+            fovs = ", ".join(
+                "-" if f is None or g is None else f"{g:.3f} / {f:.3f}"
+                for f, g in zip(c["fov_torch"], c["fov_package"], strict=True)
+            )
             console.print(
-                f"  check: {c['runtime']}; torch FOV {fovs} deg"
+                f"  check: {c['runtime']}; FOV package / torch {fovs} deg"
                 + ("; depth compared at a fixed 60 deg (torch's FOV no camera's)" if c["fixed_fov"] else "")
                 + (f"; past its limits: {'; '.join(c['failures'])}" if c["failures"] else "")
             )
