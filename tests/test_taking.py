@@ -7,6 +7,8 @@ maintenance, and a frozen worker that wakes up to find its job already another's
 
 from __future__ import annotations
 
+import os
+import signal
 import zlib
 from collections.abc import Callable
 
@@ -15,8 +17,8 @@ from redis import Redis
 from rq.job import JobStatus
 
 from depthq.config import Config
-from depthq.contract import make_queue, taking_key
-from depthq.taking import alive_key, give_back_dead, give_back_process
+from depthq.contract import make_queue, short_hostname, taking_key
+from depthq.taking import alive_key, expire_started, give_back_dead, give_back_process
 from producer.enqueue import Enqueuer
 from testkit.photos import write_jpeg
 from tests.endstate import assert_end_state
@@ -118,7 +120,9 @@ def test_a_worker_that_wakes_to_find_its_job_given_back_and_taken_does_not_start
     assert frozen.prepare_execution(job) is None  # it wakes: the job is the other's now
     assert other.prepare_execution(job) is not None
     assert not redis_client.exists(other.taking_key)
-    assert job.get_status() == JobStatus.QUEUED  # started by the other's perform_job, not by the frozen one
+    started = make_queue(redis_client, config).fetch_job(jid)
+    assert started is not None and started.get_status() == JobStatus.STARTED
+    assert started.worker_name == other.name  # not the frozen one
 
 
 def test_a_worker_that_wakes_to_find_its_job_given_back_but_untaken_starts_it(
@@ -131,3 +135,33 @@ def test_a_worker_that_wakes_to_find_its_job_given_back_but_untaken_starts_it(
     job = make_queue(redis_client, config).fetch_job(jid)
     assert frozen.prepare_execution(job) is not None  # nobody took it meanwhile: it takes it back
     assert make_queue(redis_client, config).count == 0
+
+
+def test_a_worker_killed_the_moment_it_starts_its_job_leaves_it_to_be_handed_over(
+    config: Config, redis_client: Redis, redis_url: str, tiny_backend: Backend
+) -> None:
+    """A worker process SIGKILLed right after its job left its taking list, before it ran a line of the
+    job (the chaos soak's mid-chunk kill polls for exactly that moment): the job is abandoned like one
+    killed mid-prediction, handed over once `depthq up` saw the death, and done by another worker. The
+    job must never be left "queued" in no lane, where rq's cleanup passes it over."""
+    (jid,) = _enqueue(config, redis_client, "a.jpg")
+    child = os.fork()
+    if child == 0:  # the victim: its own connection, its own name (the name carries the pid)
+        try:
+            victim = build_worker(config, Redis.from_url(redis_url), tiny_backend)
+            _take(victim)
+            job = make_queue(victim.connection, config).fetch_job(jid)
+            assert job is not None and victim.prepare_execution(job) is not None
+            os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(1)  # only if the above failed: the parent then sees exit 1, not SIGKILL
+    _, status = os.waitpid(child, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    assert make_queue(redis_client, config).count == 0 and not redis_client.keys(taking_key(config.queue.name, "*"))
+    # What `depthq up` does when it sees a worker die, then any worker's maintenance hands the job on.
+    host = short_hostname()
+    assert give_back_process(redis_client, config.queue.name, host, child) == []  # nothing was left taken
+    assert expire_started(redis_client, host, child) == [jid]
+    build_worker(config, redis_client, tiny_backend).work(burst=True)
+    assert (config.output.dir / "a.jpg.json").exists()
+    assert_end_state(config, redis_client)

@@ -253,7 +253,12 @@ class DepthWorker(SimpleWorker):
     def prepare_execution(self, job: Job) -> Execution | None:
         """rq's, with the job's id leaving the taking list in the same transaction that records the job as
         started: never in neither. None when the job is no longer this worker's to start: it was given
-        back while this worker was stopped, and another worker took it meanwhile."""
+        back while this worker was stopped, and another worker took it meanwhile.
+
+        "Started" means both of rq's records: the execution in the started registry, and the job's status.
+        rq itself sets the status a round trip later (`prepare_job_execution`), and its abandoned-job
+        cleanup passes over a registry entry whose job is not STARTED; a worker killed between the two
+        left its job "queued" in no lane, never to run (the chaos soak's mid-chunk kill found one)."""
         with self.connection.pipeline() as pipe:
             while True:
                 try:
@@ -268,6 +273,7 @@ class DepthWorker(SimpleWorker):
                         return None
                     pipe.multi()
                     execution = Execution.create(job, self.get_heartbeat_ttl(job), pipeline=pipe, worker_name=self.name)
+                    job.prepare_for_execution(self.name, pipeline=pipe)
                     self.set_state(WorkerStatus.BUSY, pipeline=pipe)
                     pipe.lrem(self.taking_key, 1, job.id)
                     pipe.execute()
