@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from coremltools.converters.mil import Builder as mb
+from coremltools.converters.mil.mil import Function
 from torch import nn
 
 from worker.mil_executor import OWN_OPS, ProgramExecutor, UnknownOpError, load_program
@@ -678,3 +679,36 @@ def test_an_op_it_cannot_run_names_itself(folder: Path, op_type: str) -> None:
     assert executor.op_types()[op_type] == 1
     with pytest.raises(UnknownOpError, match=rf"{op_type} \('the_resize'\), has no evaluator"):
         executor.predict({"x": np.ones((1, 2, 4, 4), dtype=np.float32)})
+
+
+class WideRows(nn.Module):
+    """A ViT's row reductions at DepthPro's width, on activations as large as a trained model's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(1024)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.norm(x), (x * 0.5).softmax(-1)
+
+
+def test_float16_row_reductions_do_not_overflow_on_large_activations(folder: Path) -> None:
+    """Rows 1024 wide with a spread of 20: their sum of squares (~4e5) is past float16's largest
+    (65504). coremltools' float16 layer_norm evaluator overflows there and returns beta for the whole
+    row; the executor reduces in float32, so a trained float16 package is judged on its meaning."""
+    module = _seeded(WideRows, 0)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 4, 1024, generator=generator) * 20
+    package = folder / "wide-rows-float16.mlpackage"
+    _convert(module, {"x": x}, ["normed", "weights"], "float16", package)
+    executor, got = _run(package, {"x": x.numpy()})
+    assert {"layer_norm", "softmax"} <= set(executor.op_types())
+    want = dict(zip(["normed", "weights"], _reference(module, [x]), strict=True))
+    for name in want:
+        assert np.isfinite(got[name]).all(), name
+        # one rounding of the float16 input (std 20: steps of 2**-6) and one of the result
+        assert _max_error(got[name], want[name]) <= 5e-3 * float(np.abs(want[name]).max()), name
+    # What coremltools' own evaluator makes of the same float16 row: the overflow this test guards against.
+    with Function({}, opset_version=ct.target.macOS13):
+        evaluated = mb.layer_norm(x=x[0].numpy().astype(np.float16), axes=[-1], epsilon=np.float16(1e-5)).val
+    assert not np.isfinite(evaluated).all() or np.abs(evaluated).max() == 0

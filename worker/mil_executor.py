@@ -14,6 +14,10 @@ How each op runs:
 - so is `gelu`, for speed: coremltools evaluates its exact mode with Python's `math.erf` one element
   at a time (`np.vectorize`), which at DepthPro's full size is two billion calls and, per op, an
   object array of 83 million Python floats;
+- and `layer_norm` and `softmax`, which reduce over a row: coremltools' evaluators reduce in the
+  program's dtype, and a float16 layer_norm's sum of squares overflows to inf once a 1024-wide row's
+  spread passes ~8 (trained ViTs have such activations), collapsing the output to beta; here they
+  reduce in float32 and round the result, as a GPU's or Neural Engine's normalisation does not overflow;
 - an op neither knows stops the run, naming the op and where it is.
 
 Each op runs in the dtype the program declares: a float16 program keeps every value in float16, as
@@ -48,6 +52,8 @@ OWN_OPS = (
     "constexpr_lut_to_dense",
     "constexpr_affine_dequantize",
     "gelu",
+    "layer_norm",
+    "softmax",
 )
 # Ops that sum many products: in a float16 program they take float16 operands and accumulate in float32.
 _ACCUMULATING = frozenset({"conv", "conv_transpose", "linear", "matmul"})
@@ -442,6 +448,34 @@ def _gelu(args: Mapping[str, Any]) -> np.ndarray:
     return out.numpy()
 
 
+def _layer_norm(args: Mapping[str, Any]) -> np.ndarray:
+    """`layer_norm` (iOS15): gamma (x - E[x]) / sqrt(Var[x] + epsilon) + beta over `axes` (default all),
+    the variance a population's. Reduced in float32; the caller rounds the result to the op's dtype."""
+    x = np.asarray(args["x"], dtype=np.float32)
+    axes_in = args.get("axes")
+    axes = tuple(range(x.ndim)) if axes_in is None else tuple(sorted({int(a) % x.ndim for a in np.atleast_1d(axes_in)}))
+    epsilon = args.get("epsilon")
+    centred = x - x.mean(axis=axes, keepdims=True)
+    out = centred / np.sqrt(
+        np.square(centred).mean(axis=axes, keepdims=True) + np.float32(1e-5 if epsilon is None else epsilon)
+    )
+    normalized = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
+    if args.get("gamma") is not None:
+        out *= np.asarray(args["gamma"], dtype=np.float32).reshape(normalized)
+    if args.get("beta") is not None:
+        out += np.asarray(args["beta"], dtype=np.float32).reshape(normalized)
+    return out
+
+
+def _softmax(args: Mapping[str, Any]) -> np.ndarray:
+    """`softmax` (iOS15) along `axis` (default -1), less the row's maximum first. Summed in float32."""
+    x = np.asarray(args["x"], dtype=np.float32)
+    axis = int(args["axis"]) if args.get("axis") is not None else -1
+    out = np.exp(x - x.max(axis=axis, keepdims=True))
+    out /= out.sum(axis=axis, keepdims=True)
+    return out
+
+
 def _unpack_bits(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:
     """Indices packed one byte at a time from the least significant bit up, as the spec lays them out."""
     bits = np.unpackbits(np.asarray(packed, dtype=np.uint8), bitorder="little")[: nbits * count]
@@ -479,4 +513,6 @@ _OWN: dict[str, Callable[[Mapping[str, Any]], np.ndarray]] = {
     "constexpr_lut_to_dense": _lut_to_dense,
     "constexpr_affine_dequantize": _affine_dequantize,
     "gelu": _gelu,
+    "layer_norm": _layer_norm,
+    "softmax": _softmax,
 }
