@@ -17,7 +17,7 @@ import io
 import json
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +172,27 @@ def test_a_package_whose_resizes_lost_their_corner_alignment_fails_the_check(
     assert any("median depth error" in failure for failure in report["failures"])
     # Measured: median 1.6e-2, p95 6.7e-2, FOV off by 0.22 deg, against a median limit of 1e-4.
     assert report["median"] > 100 * report["limits"]["median"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "changed"),
+    [
+        ([], {}),
+        (["--max-median", "0.25"], {"median": 0.25}),
+        (["--max-p95", "0.5"], {"p95": 0.5}),
+        (["--max-fov-error", "2"], {"fov_deg": 2.0}),
+        (["--max-median", "0", "--max-p95", "0", "--max-fov-error", "0"], {"median": 0, "p95": 0, "fov_deg": 0}),
+    ],
+)
+def test_each_max_flag_replaces_its_own_limit_for_every_kind(flags: list[str], changed: dict[str, float]) -> None:
+    """The flags reach the limits the check judges by (a limit of 0 included); the others stay the kind's."""
+    from depthq.cli import build_parser
+    from depthq.model_commands import _limits
+    from worker.model_check import DEFAULT_LIMITS, Limits
+
+    args = build_parser().parse_args(["models", "check", "some.mlpackage", *flags])
+    for kind in DEFAULT_LIMITS:
+        assert _limits(args, kind) == replace(Limits.for_kind(kind), **changed), kind
 
 
 def test_a_package_that_names_no_checkpoint_needs_against(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
