@@ -277,6 +277,12 @@ def _input_vars(op: Any) -> Iterable[Any]:
 # --- the ops implemented here, from the MIL op specification --------------------------------------
 
 
+def _arg(args: Mapping[str, Any], name: str, default: Any) -> Any:
+    """An optional input: the spec's default where the op leaves it out or the reader gives None."""
+    value = args.get(name)
+    return default if value is None else value
+
+
 def _ints(value: Any, default: int, count: int) -> list[int]:
     if value is None:
         return [default] * count
@@ -292,9 +298,9 @@ def _conv(args: Mapping[str, Any]) -> np.ndarray:
     dims = x.ndim - 2
     strides = _ints(args.get("strides"), 1, dims)
     dilations = _ints(args.get("dilations"), 1, dims)
-    groups = int(args.get("groups", 1) if args.get("groups") is not None else 1)
+    groups = int(_arg(args, "groups", 1))
     pads = _conv_pads(
-        str(args.get("pad_type", "valid")), args.get("pad"), x.shape[2:], weight.shape[2:], strides, dilations
+        str(_arg(args, "pad_type", "valid")), args.get("pad"), x.shape[2:], weight.shape[2:], strides, dilations
     )
     tx = torch.from_numpy(np.ascontiguousarray(x))
     # torch's F.pad takes the last dimension first.
@@ -349,8 +355,8 @@ def _conv_transpose(args: Mapping[str, Any]) -> np.ndarray:
     dims = x.ndim - 2
     strides = _ints(args.get("strides"), 1, dims)
     dilations = _ints(args.get("dilations"), 1, dims)
-    groups = int(args.get("groups") if args.get("groups") is not None else 1)
-    pad_type = str(args.get("pad_type", "valid"))
+    groups = int(_arg(args, "groups", 1))
+    pad_type = str(_arg(args, "pad_type", "valid"))
     kernel = weight.shape[2:]
     full_size = [
         (n - 1) * s + (k - 1) * d + 1 for n, k, s, d in zip(x.shape[2:], kernel, strides, dilations, strict=True)
@@ -417,11 +423,10 @@ def _upsample_bilinear(args: Mapping[str, Any]) -> np.ndarray:
     """`upsample_bilinear` (iOS16): output floor(H * scale), floor(W * scale); grid spacing recomputed
     from the sizes; align_corners (default True) and half_pixel_centers (default not align_corners)."""
     x = args["x"]
-    align = bool(args.get("align_corners", True) if args.get("align_corners") is not None else True)
-    half = args.get("half_pixel_centers")
-    half = (not align) if half is None else bool(half)
-    scale_h = float(args.get("scale_factor_height", 1) if args.get("scale_factor_height") is not None else 1)
-    scale_w = float(args.get("scale_factor_width", 1) if args.get("scale_factor_width") is not None else 1)
+    align = bool(_arg(args, "align_corners", True))
+    half = bool(_arg(args, "half_pixel_centers", not align))
+    scale_h = float(_arg(args, "scale_factor_height", 1))
+    scale_w = float(_arg(args, "scale_factor_width", 1))
     out_h, out_w = math.floor(x.shape[-2] * scale_h), math.floor(x.shape[-1] * scale_w)
     wide = x.astype(np.float32)
     wide = _resize_axis(wide, x.ndim - 2, out_h, align, half)
@@ -452,13 +457,9 @@ def _layer_norm(args: Mapping[str, Any]) -> np.ndarray:
     """`layer_norm` (iOS15): gamma (x - E[x]) / sqrt(Var[x] + epsilon) + beta over `axes` (default all),
     the variance a population's. Reduced in float32; the caller rounds the result to the op's dtype."""
     x = np.asarray(args["x"], dtype=np.float32)
-    axes_in = args.get("axes")
-    axes = tuple(range(x.ndim)) if axes_in is None else tuple(sorted({int(a) % x.ndim for a in np.atleast_1d(axes_in)}))
-    epsilon = args.get("epsilon")
+    axes = tuple(sorted({int(a) % x.ndim for a in np.atleast_1d(_arg(args, "axes", range(x.ndim)))}))
     centred = x - x.mean(axis=axes, keepdims=True)
-    out = centred / np.sqrt(
-        np.square(centred).mean(axis=axes, keepdims=True) + np.float32(1e-5 if epsilon is None else epsilon)
-    )
+    out = centred / np.sqrt(np.square(centred).mean(axis=axes, keepdims=True) + np.float32(_arg(args, "epsilon", 1e-5)))
     normalized = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
     if args.get("gamma") is not None:
         out *= np.asarray(args["gamma"], dtype=np.float32).reshape(normalized)
@@ -470,7 +471,7 @@ def _layer_norm(args: Mapping[str, Any]) -> np.ndarray:
 def _softmax(args: Mapping[str, Any]) -> np.ndarray:
     """`softmax` (iOS15) along `axis` (default -1), less the row's maximum first. Summed in float32."""
     x = np.asarray(args["x"], dtype=np.float32)
-    axis = int(args["axis"]) if args.get("axis") is not None else -1
+    axis = int(_arg(args, "axis", -1))
     out = np.exp(x - x.max(axis=axis, keepdims=True))
     out /= out.sum(axis=axis, keepdims=True)
     return out
