@@ -38,6 +38,7 @@ from worker.depth import (
     focal_px_from_35mm,
     focal_px_from_fov,
     fov_from_focal_px,
+    is_camera_fov,
 )
 from worker.errors import ModelOutputError
 
@@ -104,7 +105,7 @@ def clip_focal_px(
         raise ValueError(f"a clip of {width} x {height} pixels has no frames to measure")
     frames = tuple(None if fov is None else float(fov) for fov in fov_estimates_deg)
     for index, fov in enumerate(frames):
-        if fov is not None and not 0.0 < fov < 180.0:
+        if fov is not None and not is_camera_fov(fov):
             raise ModelOutputError(
                 f"the model answered a field of view of {fov!r} degrees for frame {index}, which no camera has "
                 "(0 to 180): its output is wrong, not the clip. Check the model's weights"

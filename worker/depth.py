@@ -51,6 +51,11 @@ class MetricDepth:
         return pinhole(self.focal_length_px, width, height)
 
 
+def is_camera_fov(fov_deg: float | None) -> bool:
+    """Whether a FOV estimate is one a camera could have (0 to 180 degrees; NaN and inf are not)."""
+    return fov_deg is not None and 0.0 < fov_deg < 180.0
+
+
 def focal_px_from_fov(fov_deg: float, width: int) -> float:
     """Focal length in pixels from the horizontal FOV in degrees of an image `width` pixels wide."""
     return 0.5 * width / math.tan(0.5 * math.radians(fov_deg))
@@ -76,7 +81,7 @@ def _focal(
         return float(focal_px), "clip"
     if focal_35mm is not None and math.isfinite(focal_35mm) and focal_35mm > 0:
         return focal_px_from_35mm(focal_35mm, width, height), "exif"
-    if fov_deg is not None and 0.0 < fov_deg < 180.0:
+    if is_camera_fov(fov_deg):
         return focal_px_from_fov(fov_deg, width), "model"
     return None
 

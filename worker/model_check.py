@@ -17,7 +17,6 @@ The model tooling uses this; the worker never does.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +29,7 @@ import numpy as np
 from depthq.config import ModelConfig
 from worker.backends.base import Backend, Prediction
 from worker.backends.coreml_backend import CoreMLBackend, can_predict_here
-from worker.depth import focal_px_from_fov, metric_depth
+from worker.depth import focal_px_from_fov, is_camera_fov, metric_depth
 from worker.errors import ModelUnavailableError
 
 # Default limits, by what the package is: relative depth error (median, p95) and FOV error (degrees).
@@ -290,16 +289,12 @@ def _relative_error(
     """|depth_package - depth_torch| / depth_torch at the photo's size, each through the metric math
     with its own FOV (or the photo's EXIF focal length); and whether the FOV was FALLBACK_FOV_DEG's
     because the torch model answered none a camera has."""
-    fixed = not _valid_fov(want.fov_deg) and item.focal_length_35mm is None
+    fixed = not is_camera_fov(want.fov_deg) and item.focal_length_35mm is None
     fov_want = FALLBACK_FOV_DEG if fixed else want.fov_deg
     fov_got = FALLBACK_FOV_DEG if fixed and not got.already_metric else got.fov_deg
     depth_want = _depth(want, width, height, item.focal_length_35mm, fov_want)
     depth_got = _depth(got, width, height, item.focal_length_35mm, fov_got)
     return np.abs(depth_got.depth - depth_want.depth) / depth_want.depth, fixed
-
-
-def _valid_fov(fov: float | None) -> bool:
-    return fov is not None and math.isfinite(fov) and 0 < fov < 180
 
 
 def check_package(
@@ -371,8 +366,8 @@ def check_package(
                 max=float(relative.max()),
                 fov_package=got.fov_deg,
                 fov_torch=want.fov_deg,
-                f_px_package=focal_px_from_fov(got.fov_deg, width) if _valid_fov(got.fov_deg) else None,
-                f_px_torch=focal_px_from_fov(want.fov_deg, width) if _valid_fov(want.fov_deg) else None,
+                f_px_package=focal_px_from_fov(got.fov_deg, width) if is_camera_fov(got.fov_deg) else None,
+                f_px_torch=focal_px_from_fov(want.fov_deg, width) if is_camera_fov(want.fov_deg) else None,
                 seconds_package=seconds_package,
                 seconds_torch=seconds_torch,
                 fixed_fov=fixed,
