@@ -7,6 +7,7 @@ which it imports inside each command, as every depthq module that reaches into `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -95,14 +96,11 @@ class CheckFailed(Exception):
 
 
 def _limits(args: argparse.Namespace, kind: str) -> Any:
+    """The kind's default limits, each --max-* flag given replacing its own."""
     from worker.model_check import Limits
 
-    default = Limits.for_kind(kind)
-    return Limits(
-        median=default.median if getattr(args, "max_median", None) is None else args.max_median,
-        p95=default.p95 if getattr(args, "max_p95", None) is None else args.max_p95,
-        fov_deg=default.fov_deg if getattr(args, "max_fov_error", None) is None else args.max_fov_error,
-    )
+    given = {"median": args.max_median, "p95": args.max_p95, "fov_deg": args.max_fov_error}
+    return dataclasses.replace(Limits.for_kind(kind), **{k: v for k, v in given.items() if v is not None})
 
 
 def check_command(config: Config, args: argparse.Namespace) -> int:
